@@ -1,0 +1,209 @@
+"""Model adapter: the small contract FDFO needs from a diffusers flow-matching text-to-image model.
+
+Usage::
+
+    model = SD3Adapter.from_pretrained("stabilityai/stable-diffusion-3.5-medium", device="cuda")
+    cond = model.encode_prompts(["a cat"])
+    v = model.velocity(x, sigma, cond, guidance_scale=1.0)
+
+Any model that provides the ``FlowModel`` members works with the sampler and learner (compose, don't
+inherit): SD3 / SD3.5 is implemented here; FLUX-like models need only their own ``encode_prompts``,
+``velocity`` and ``decode``.
+
+Conventions (SD3's): ``sigma`` runs from 1 (noise) to 0 (data); the model's velocity is
+``v ~ noise - data``; an Euler step from sigma t to s is ``x + (s - t) * v``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Protocol, Sequence
+
+import torch
+
+# The reference's LoRA targets: the joint-attention projections of every SD3 transformer block.
+LORA_TARGET_MODULES = (
+    "to_q",
+    "to_k",
+    "to_v",
+    "to_out.0",
+    "add_q_proj",
+    "add_k_proj",
+    "add_v_proj",
+    "to_add_out",
+)
+
+
+@dataclass
+class PromptEmbeds:
+    """Text conditioning for a batch of B prompts.
+
+    tokens: [B, L, D] per-token embeddings; pooled: [B, P] pooled embedding.
+    """
+
+    tokens: torch.Tensor
+    pooled: torch.Tensor
+
+    def __len__(self) -> int:
+        return self.tokens.shape[0]
+
+    def index(self, idx: torch.Tensor | slice | list[int]) -> "PromptEmbeds":
+        return PromptEmbeds(self.tokens[idx], self.pooled[idx])
+
+    def repeat(self, n: int) -> "PromptEmbeds":
+        """Each prompt repeated n times in place: [p0, p0, p1, p1, ...] for n = 2."""
+        return PromptEmbeds(self.tokens.repeat_interleave(n, 0), self.pooled.repeat_interleave(n, 0))
+
+    def to(self, device: torch.device | str) -> "PromptEmbeds":
+        return PromptEmbeds(self.tokens.to(device), self.pooled.to(device))
+
+
+class FlowModel(Protocol):
+    """What the sampler and learner use of a flow-matching text-to-image model."""
+
+    transformer: torch.nn.Module  # the velocity network; the only module FDFO trains
+    device: torch.device
+    latent_shape: tuple[int, int, int]  # (C, H, W) of one latent
+
+    def encode_prompts(self, prompts: Sequence[str]) -> PromptEmbeds: ...
+
+    def velocity(
+        self,
+        x: torch.Tensor,
+        sigma: torch.Tensor,
+        cond: PromptEmbeds,
+        guidance_scale: float = 1.0,
+    ) -> torch.Tensor: ...
+
+    def sigmas(self, num_steps: int) -> torch.Tensor: ...
+
+    def decode(self, latents: torch.Tensor) -> torch.Tensor: ...
+
+
+class SD3Adapter:
+    """Stable Diffusion 3 / 3.5 through the components of a ``StableDiffusion3Pipeline``.
+
+    Text encoding uses the pipeline's own ``encode_prompt`` (CLIP-L, CLIP-G, T5); the velocity is the
+    ``SD3Transformer2DModel`` output with timestep = 1000 * sigma; with guidance w != 1 it is
+    ``v_neg + w * (v_pos - v_neg)`` with the empty prompt as negative; decoding undoes SD3's latent
+    scaling and maps the VAE output from [-1, 1] to [0, 1].
+    """
+
+    def __init__(
+        self,
+        pipe,
+        device: str | torch.device = "cpu",
+        dtype: torch.dtype = torch.float32,
+        height: int | None = None,
+        width: int | None = None,
+        max_sequence_length: int = 256,
+        prompt_encoder: Callable[[Sequence[str]], PromptEmbeds] | None = None,
+    ):
+        """``prompt_encoder`` replaces the pipeline's CLIP/T5 ``encode_prompt`` (e.g. a sentence encoder for a
+        small model); ``pipe.vae = None`` means the model works in pixel space (latents are images in [-1, 1])."""
+        self.pipe = pipe
+        self.prompt_encoder = prompt_encoder
+        self.device = torch.device(device)
+        self.dtype = dtype
+        self.max_sequence_length = max_sequence_length
+        pipe.to(self.device, dtype)
+        for module in (pipe.text_encoder, pipe.text_encoder_2, pipe.text_encoder_3, pipe.vae, pipe.transformer):
+            if module is not None:
+                module.requires_grad_(False)
+                module.eval()
+        self.transformer = pipe.transformer
+        cfg = pipe.transformer.config
+        scale = pipe.vae_scale_factor if pipe.vae is not None else 1
+        height = height or cfg.sample_size * scale
+        width = width or cfg.sample_size * scale
+        if height % (scale * cfg.patch_size) or width % (scale * cfg.patch_size):
+            raise ValueError(
+                f"image size {height}x{width} must be a multiple of vae_scale_factor * patch_size = "
+                f"{scale * cfg.patch_size}; pick e.g. {height - height % (scale * cfg.patch_size)}"
+            )
+        self.latent_shape = (cfg.in_channels, height // scale, width // scale)
+        self._empty: PromptEmbeds | None = None
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        path: str,
+        device: str | torch.device = "cuda",
+        dtype: torch.dtype = torch.bfloat16,
+        resolution: int = 512,
+        max_sequence_length: int = 256,
+    ) -> "SD3Adapter":
+        """Load SD3 / SD3.5 from a hub id (e.g. ``stabilityai/stable-diffusion-3.5-medium``) or a local path."""
+        from diffusers import StableDiffusion3Pipeline
+
+        pipe = StableDiffusion3Pipeline.from_pretrained(path, torch_dtype=dtype)
+        return cls(pipe, device, dtype, resolution, resolution, max_sequence_length)
+
+    @classmethod
+    def tiny(cls, seed: int = 0) -> "SD3Adapter":
+        """The offline random-weight SD3 (32x32 images) used by tests and the CPU smoke preset."""
+        from actors.tiny import MAX_TOKENS, tiny_sd3_pipeline
+
+        return cls(tiny_sd3_pipeline(seed), "cpu", torch.float32, max_sequence_length=MAX_TOKENS)
+
+    @torch.no_grad()
+    def encode_prompts(self, prompts: Sequence[str]) -> PromptEmbeds:
+        if self.prompt_encoder is not None:
+            emb = self.prompt_encoder(list(prompts))
+            return PromptEmbeds(emb.tokens.to(self.device, self.dtype), emb.pooled.to(self.device, self.dtype))
+        tokens, _, pooled, _ = self.pipe.encode_prompt(
+            prompt=list(prompts),
+            prompt_2=None,
+            prompt_3=None,
+            device=self.device,
+            do_classifier_free_guidance=False,
+            max_sequence_length=self.max_sequence_length,
+        )
+        return PromptEmbeds(tokens.to(self.dtype), pooled.to(self.dtype))
+
+    def _transformer_out(self, x: torch.Tensor, sigma: torch.Tensor, cond: PromptEmbeds) -> torch.Tensor:
+        timestep = (sigma.to(self.device) * 1000.0).expand(x.shape[0]).to(self.dtype)
+        return self.transformer(
+            hidden_states=x.to(self.dtype),
+            encoder_hidden_states=cond.tokens,
+            pooled_projections=cond.pooled,
+            timestep=timestep,
+            return_dict=False,
+        )[0]
+
+    def velocity(
+        self,
+        x: torch.Tensor,
+        sigma: torch.Tensor,
+        cond: PromptEmbeds,
+        guidance_scale: float = 1.0,
+    ) -> torch.Tensor:
+        """v(x, sigma | prompt) for a batch x: [B, C, H, W]; sigma: scalar or [B]. Returns float32."""
+        sigma = torch.as_tensor(sigma, dtype=torch.float32)
+        if guidance_scale == 1.0:
+            return self._transformer_out(x, sigma, cond).float()
+        if self._empty is None:
+            self._empty = self.encode_prompts([""])
+        neg = PromptEmbeds(
+            self._empty.tokens.expand(len(cond), -1, -1), self._empty.pooled.expand(len(cond), -1)
+        )
+        both = PromptEmbeds(torch.cat([neg.tokens, cond.tokens]), torch.cat([neg.pooled, cond.pooled]))
+        sigma2 = sigma.expand(x.shape[0]).repeat(2) if sigma.ndim else sigma
+        v_neg, v_pos = self._transformer_out(torch.cat([x, x]), sigma2, both).float().chunk(2)
+        return v_neg + guidance_scale * (v_pos - v_neg)
+
+    def sigmas(self, num_steps: int) -> torch.Tensor:
+        """The scheduler's sigma schedule: [num_steps + 1] floats from 1 down to 0 (shifted, SD3.5: 3.0)."""
+        scheduler = self.pipe.scheduler
+        scheduler.set_timesteps(num_steps, device="cpu")
+        return scheduler.sigmas.detach().clone().float()
+
+    @torch.no_grad()
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        """Latents [B, C, h, w] -> images [B, 3, H, W] float32 in [0, 1]."""
+        vae = self.pipe.vae
+        if vae is None:  # pixel-space model
+            return (latents.float() / 2 + 0.5).clamp(0, 1)
+        z = latents.to(self.device, self.dtype) / vae.config.scaling_factor + vae.config.shift_factor
+        images = vae.decode(z, return_dict=False)[0]
+        return (images.float() / 2 + 0.5).clamp(0, 1)

@@ -1,0 +1,105 @@
+"""The sampler: churned pairs with the current policy weights, held until their rewards arrive.
+
+Usage (plain class; the Ray runtime wraps it with ``ray.remote``)::
+
+    sampler = Sampler(model, cfg.sampling, cfg.lora)
+    job, images = sampler.sample(prompts=[...], prompt_ids=[...], pair_ids=[...], seeds=[...])
+    ...score images [2P, H, W, 3] uint8 (pair-major, branch-minor) elsewhere...
+    batch, dropped = sampler.complete(job=job, rewards=rewards)   # Arrow rows of the finite pairs
+
+Trajectories (x_i, v_i for every step) stay in this process until ``complete``; only images leave it, and
+only the finished Arrow batch goes to the learner.
+"""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass
+
+import numpy as np
+import pyarrow as pa
+import torch
+
+from actors.adapter import FlowModel
+from actors.models import DTYPES, build_model
+from actors.sampling import PairTrajectory, sample_pairs
+from learner.batch import to_arrow
+from learner.weights import Weights, add_lora
+from rewards.base import to_uint8
+
+
+@dataclass
+class _Pending:
+    traj: PairTrajectory
+    prompts: list[str]
+    prompt_ids: list[int]
+    pair_ids: list[int]
+    version: int
+
+
+class Sampler:
+    def __init__(self, model, sampling, lora=None, index: int = 0):
+        """model: a FlowModel, or a ``ModelConfig`` to build one here (inside a Ray actor, on its own device);
+        sampling: ``SamplingConfig``; lora: ``LoraSettings`` (None or disabled = full weights)."""
+        if not hasattr(model, "velocity"):
+            model = build_model(model)
+        self.model = model
+        self.cfg = sampling
+        self.index = index
+        if lora is not None and lora.enabled:
+            add_lora(model.transformer, lora.rank, lora.alpha, tuple(lora.target_modules), lora.init)
+        else:
+            model.transformer.requires_grad_(True)  # marks the full weights as the broadcast set
+        model.transformer.eval()
+        w = Weights.of(model.transformer, version=0)
+        self.version, self.checksum = 0, w.checksum
+        self._pending: dict[int, _Pending] = {}
+        self._jobs = itertools.count()
+
+    def set_weights(self, weights: Weights) -> dict:
+        """Load a broadcast version; returns {version, checksum} as proof of what this sampler now holds."""
+        self.checksum = weights.load_into(self.model.transformer)
+        self.version = weights.version
+        return {"version": self.version, "checksum": self.checksum, "sampler": self.index}
+
+    def sample(self, prompts: list[str], prompt_ids: list[int], pair_ids: list[int], seeds: list[int]) -> tuple[int, np.ndarray]:
+        """Sample P pairs; returns (job id, images uint8 [2P, H, W, 3], branches of a pair adjacent) and keeps
+        the trajectories until ``complete``."""
+        traj = sample_pairs(
+            self.model,
+            prompts,
+            seeds,
+            num_steps=self.cfg.num_steps,
+            gamma=self.cfg.gamma,
+            guidance_scale=self.cfg.guidance_scale,
+            record_dtype=DTYPES[self.cfg.record_dtype],
+        )
+        images = to_uint8(self.model.decode(traj.x_final.flatten(0, 1)))   # [2P, H, W, 3]
+        job = next(self._jobs)
+        self._pending[job] = _Pending(traj, list(prompts), list(prompt_ids), list(pair_ids), self.version)
+        return job, images
+
+    def complete(self, job: int, rewards) -> tuple[pa.RecordBatch | None, list[int]]:
+        """Turn job's pairs into Arrow rows. rewards: [2P] or [P, 2] scores, or the ``RewardOutput`` of the images
+        ``sample`` returned; pairs with a non-finite reward are left out and their pair ids returned (the caller
+        counts them as dropped). Returns (batch, or None if no pair is left; dropped pair ids)."""
+        p = self._pending.pop(job)
+        scores = getattr(rewards, "scores", rewards)
+        rewards = np.asarray(scores, dtype=np.float64).reshape(len(p.pair_ids), 2)
+        ok = np.isfinite(rewards).all(1)
+        dropped = [pid for pid, k in zip(p.pair_ids, ok) if not k]
+        if not ok.any():
+            return None, dropped
+        keep = torch.from_numpy(np.flatnonzero(ok))
+        t = p.traj
+        traj = PairTrajectory(t.xs[keep], t.vs[keep], t.sigmas, t.x_final[keep], [t.seeds[i] for i in keep])
+        pick = lambda seq: [seq[i] for i in keep]  # noqa: E731
+        batch = to_arrow(traj, rewards[ok], pick(p.prompt_ids), pick(p.pair_ids), pick(p.prompts), p.version, self.cfg.guidance_scale)
+        return batch, dropped
+
+    def forget(self, job: int) -> list[int]:
+        """Drop a job whose rewards will never come; returns its pair ids."""
+        return self._pending.pop(job).pair_ids
+
+    def pending_pairs(self) -> int:
+        return sum(len(p.pair_ids) for p in self._pending.values())

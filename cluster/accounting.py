@@ -1,0 +1,83 @@
+"""Where every pair went: ``requested = trained + dropped (by reason) + in_flight``; nothing disappears silently."""
+
+from __future__ import annotations
+
+import time
+from collections import Counter
+from contextlib import contextmanager
+
+import numpy as np
+
+# interrupted: in flight when a run stopped (a resumed run reports them instead of forgetting them)
+DROP_REASONS = ("stale", "reward_failure", "non_finite_reward", "actor_lost", "interrupted")
+
+
+class Ledger:
+    def __init__(self):
+        self.requested = 0
+        self.trained = 0
+        self.dropped: Counter[str] = Counter()
+
+    def request(self, n: int) -> None:
+        self.requested += n
+
+    def train(self, n: int) -> None:
+        self.trained += n
+
+    def drop(self, reason: str, n: int) -> None:
+        if reason not in DROP_REASONS:
+            raise ValueError(f"unknown drop reason {reason!r}; one of {DROP_REASONS}")
+        if n:
+            self.dropped[reason] += n
+
+    @property
+    def in_flight(self) -> int:
+        return self.requested - self.trained - sum(self.dropped.values())
+
+    def check(self, in_flight: int = 0) -> None:
+        """Raise unless requested == trained + dropped + in_flight."""
+        if self.in_flight != in_flight:
+            raise AssertionError(f"accounting broken: {self.summary()} but {in_flight} pairs are in flight")
+
+    def summary(self) -> dict:
+        return {
+            "pairs_requested": self.requested,
+            "pairs_trained": self.trained,
+            "pairs_dropped": dict(sorted(self.dropped.items())),
+            "pairs_in_flight": self.in_flight,
+        }
+
+    def line(self) -> str:
+        drops = ", ".join(f"{k} {v}" for k, v in sorted(self.dropped.items())) or "none"
+        return f"pairs requested {self.requested} = trained {self.trained} + dropped {sum(self.dropped.values())} ({drops}) + in flight {self.in_flight}"
+
+
+class Timers:
+    """Named wall-clock timers: ``with timers("sample"): ...``; ``timers.pop()`` -> {"perf/sample_s": ...}."""
+
+    def __init__(self):
+        self.totals: Counter[str] = Counter()
+
+    @contextmanager
+    def __call__(self, name: str):
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.totals[name] += time.perf_counter() - t0
+
+    def pop(self) -> dict[str, float]:
+        out = {f"perf/{k}_s": v for k, v in self.totals.items()}
+        self.totals.clear()
+        return out
+
+
+def reward_drop_reason(reasons: list) -> str:
+    """Why a pair's reward is unusable: the scorer failed (raised / timed out) or it returned a non-finite value."""
+    text = " ".join(str(r) for r in reasons if r)
+    return "non_finite_reward" if (not text or "non-finite" in text) else "reward_failure"
+
+
+def bad_reward_pairs(rewards: np.ndarray) -> np.ndarray:
+    """[P, 2] rewards -> [P] bool: the pair cannot be trained on (some branch non-finite)."""
+    return ~np.isfinite(np.asarray(rewards, dtype=np.float64)).all(1)

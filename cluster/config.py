@@ -1,0 +1,254 @@
+"""The one typed configuration tree of an fdfo run, its YAML presets and ``key=value`` overrides.
+
+Usage::
+
+    cfg = load_config("cluster/configs/tiny-cpu.yaml", ["train.lr=1e-4", "runtime.num_samplers=2"])
+
+Every field is a frozen dataclass field with a one-line doc. Unknown keys are errors that name the key and
+list the valid ones; batch arithmetic is derived (and checked) in ``Batching``, the only place it lives.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+CONFIG_DIR = Path(__file__).parent / "configs"
+DEFAULT_PRESET = "tiny-cpu"
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    kind: Literal["sd3", "sd3_tiny", "shapes"] = "sd3_tiny"  # sd3: SD3/3.5 from `path`; sd3_tiny: random offline SD3; shapes: shipped demo model
+    path: str | None = None  # hub id or local directory of a StableDiffusion3Pipeline (kind sd3)
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"  # compute dtype of the frozen weights
+    device: str = "auto"  # "auto" = cuda when the actor has a GPU, else cpu
+    resolution: int = 512  # image height and width (kind sd3)
+    max_sequence_length: int = 256  # T5 tokens (kind sd3)
+    seed: int = 0  # weight seed of the random tiny model (kind sd3_tiny)
+
+
+@dataclass(frozen=True)
+class LoraSettings:
+    enabled: bool = True  # False = full fine-tuning of the transformer
+    rank: int = 32  # LoRA rank r
+    alpha: float = 64.0  # LoRA alpha (scale alpha / r)
+    init: str = "gaussian"  # peft init_lora_weights
+    target_modules: tuple[str, ...] = ("to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out")  # attention projections
+
+
+@dataclass(frozen=True)
+class SamplingConfig:
+    num_steps: int = 40  # N Euler steps (all recorded and trained on)
+    gamma: float = 0.0025  # churn strength per step (last step 0)
+    guidance_scale: float = 1.0  # CFG weight w; 1.0 = no CFG; inference must use the same w
+    pairs_per_call: int = 4  # pairs a sampler generates per batched call
+    record_dtype: Literal["float32", "bfloat16", "float16"] = "float32"  # dtype of x_i, v_i in the Arrow batch
+
+
+@dataclass(frozen=True)
+class RewardConfig:
+    preset: str | None = "jpeg"  # named weighted combination (jpeg, pickscore, vlm_alignment, combined, shapes); None = use components
+    components: tuple[dict, ...] = ()  # explicit [{name, weight, **kwargs}, ...]; overrides preset when non-empty
+
+
+@dataclass(frozen=True)
+class PromptConfig:
+    source: str = "builtin:tiny"  # builtin:<name> or a text file with one prompt per line
+    eval_source: str | None = None  # held-out prompts for evaluation (same forms); None = source
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    lr: float = 3e-5  # AdamW learning rate: the main knob (ALGORITHM.md §9)
+    betas: tuple[float, float] = (0.9, 0.999)  # AdamW betas
+    weight_decay: float = 1e-4  # AdamW weight decay
+    adam_eps: float = 1e-8  # AdamW epsilon
+    grad_clip: float = 1.0  # max global grad norm
+    epsilon: float = 0.03  # SPO trust-region epsilon
+    kl_weight: float = 0.0  # weight of mean((v_theta - v_base)^2) against the frozen base model
+    pairs_per_epoch: int = 432  # pairs sampled per epoch (the reference: 432 pairs = 864 images)
+    updates_per_epoch: int = 4  # optimizer steps per epoch, each on a global shuffle share of (image, step) rows
+    micro_batch_rows: int = 64  # (branch, step) rows per forward/backward; gradients accumulate over an update
+    epochs: int = 1000  # epochs to run
+    amp: bool = True  # bf16 autocast for the forward on CUDA (ignored on CPU)
+    max_policy_lag: int | None = None  # max (learner version - sample version) at any update; None = 2*updates_per_epoch - 1
+    checkpoint_every: int = 0  # save every K updates (0 = only at the end)
+
+
+@dataclass(frozen=True)
+class RuntimeConfig:
+    local: bool = False  # True = one process, no Ray (debug mode: breakpoint() works)
+    address: str | None = None  # Ray address; None = connect to a running cluster if any, else start a local one
+    num_samplers: int = 1  # sampler actors at start (min of the pool)
+    max_samplers: int | None = None  # autoscaling ceiling for samplers; None = num_samplers
+    num_reward_actors: int = 1  # reward actors per scorer
+    sampler_num_gpus: float = 0.0  # GPUs per sampler actor
+    sampler_num_cpus: float = 1.0  # CPUs per sampler actor
+    reward_num_gpus: float = 0.0  # GPUs per reward actor
+    reward_num_cpus: float = 0.5  # CPUs per reward actor
+    learner_num_gpus: float = 0.0  # GPUs for the learner actor
+    learner_num_cpus: float = 1.0  # CPUs for the learner actor
+    reward_max_batch: int = 32  # images per reward call
+    reward_max_wait_s: float = 0.05  # longest a reward request waits for its batch to fill
+    reward_timeout_s: float = 300.0  # a reward call slower than this fails its pairs (dropped: reward_failure)
+    torch_threads: int = 1  # torch intra-op threads per actor
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    name: str = "fdfo"  # run name (dashboard actor prefix, output folder)
+    seed: int = 0  # run seed: pair noise, shuffles
+    output_dir: str = "runs"  # where checkpoints, TensorBoard logs and plots go
+    model: ModelConfig = field(default_factory=ModelConfig)
+    lora: LoraSettings = field(default_factory=LoraSettings)
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)
+    reward: RewardConfig = field(default_factory=RewardConfig)
+    prompts: PromptConfig = field(default_factory=PromptConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
+
+
+@dataclass(frozen=True)
+class Batching:
+    """Derived batch arithmetic, checked once. Rows are (branch, step) training rows."""
+
+    pairs_per_epoch: int
+    pairs_per_update: int
+    rows_per_update: int
+    micro_batches_per_update: int
+    max_policy_lag: int
+
+    @classmethod
+    def of(cls, cfg: RunConfig) -> "Batching":
+        t, N = cfg.train, cfg.sampling.num_steps
+        if t.pairs_per_epoch < 1 or t.updates_per_epoch < 1 or t.micro_batch_rows < 1:
+            raise ValueError("train.pairs_per_epoch, train.updates_per_epoch and train.micro_batch_rows must be >= 1")
+        rows = 2 * t.pairs_per_epoch * N
+        if rows % t.updates_per_epoch:
+            raise ValueError(
+                f"an epoch has 2 branches x {t.pairs_per_epoch} pairs x {N} steps = {rows} rows, which "
+                f"train.updates_per_epoch = {t.updates_per_epoch} does not divide; choose pairs_per_epoch so that "
+                f"2 * pairs_per_epoch * num_steps is a multiple of updates_per_epoch"
+            )
+        per_update = rows // t.updates_per_epoch
+        lag = 2 * t.updates_per_epoch - 1 if t.max_policy_lag is None else t.max_policy_lag
+        if lag < t.updates_per_epoch - 1:
+            raise ValueError(
+                f"train.max_policy_lag = {lag} is below updates_per_epoch - 1 = {t.updates_per_epoch - 1}: even pairs "
+                "sampled with the current weights reach that lag by the last update of an epoch; raise it"
+            )
+        return cls(
+            pairs_per_epoch=t.pairs_per_epoch,
+            pairs_per_update=t.pairs_per_epoch // t.updates_per_epoch,
+            rows_per_update=per_update,
+            micro_batches_per_update=-(-per_update // t.micro_batch_rows),
+            max_policy_lag=lag,
+        )
+
+
+def _coerce(tp: Any, value: Any, key: str) -> Any:
+    """Check/convert a YAML value to the annotated type ``tp``; raise naming ``key``."""
+    origin = typing.get_origin(tp)
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ValueError(f"config key {key!r} is a section; give a mapping, got {value!r}")
+        return _build(tp, value, key + ".")
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for a in args:
+            if a is type(None):
+                continue
+            try:
+                return _coerce(a, value, key)
+            except (ValueError, TypeError) as e:
+                errors.append(str(e))
+        raise ValueError(f"config key {key!r}: {value!r} fits none of {tp}: {errors}")
+    if origin is Literal:
+        if value not in typing.get_args(tp):
+            raise ValueError(f"config key {key!r} must be one of {typing.get_args(tp)}, got {value!r}")
+        return value
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)):
+            raise ValueError(f"config key {key!r} wants a list, got {value!r}")
+        args = typing.get_args(tp)
+        if len(args) == 2 and args[1] is Ellipsis:
+            return tuple(_coerce(args[0], v, key) for v in value)
+        if len(args) != len(value):
+            raise ValueError(f"config key {key!r} wants {len(args)} values, got {len(value)}")
+        return tuple(_coerce(a, v, key) for a, v in zip(args, value))
+    if tp is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    if tp is float and isinstance(value, str):
+        try:
+            return float(value)  # YAML reads "3e-5" as a string
+        except ValueError:
+            pass
+    if tp is dict and isinstance(value, dict):
+        return dict(value)
+    if tp in (int, str, bool) and type(value) is tp:
+        return value
+    raise ValueError(f"config key {key!r} wants {getattr(tp, '__name__', tp)}, got {value!r}")
+
+
+def _build(cls: type, data: dict, prefix: str = "") -> Any:
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    unknown = [k for k in data if k not in names]
+    if unknown:
+        raise ValueError(f"unknown config key {prefix + unknown[0]!r}; valid keys here: {', '.join(prefix + n for n in names)}")
+    return cls(**{k: _coerce(hints[k], v, prefix + k) for k, v in data.items()})
+
+
+def _merge(base: dict, extra: dict) -> dict:
+    out = dict(base)
+    for k, v in extra.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def resolve_preset(name_or_path: str | None) -> Path:
+    """A preset name (``tiny-cpu``) or a YAML path -> the YAML path, or an error listing the presets."""
+    if name_or_path is None:
+        name_or_path = DEFAULT_PRESET
+    path = Path(name_or_path)
+    if path.suffix in (".yaml", ".yml") and path.exists():
+        return path
+    preset = CONFIG_DIR / f"{name_or_path}.yaml"
+    if preset.exists():
+        return preset
+    known = ", ".join(sorted(p.stem for p in CONFIG_DIR.glob("*.yaml")))
+    raise FileNotFoundError(f"no config file or preset {name_or_path!r}; presets: {known}")
+
+
+def load_config(name_or_path: str | None = None, overrides: list[str] = ()) -> RunConfig:
+    """Read a YAML preset (default ``tiny-cpu``), apply ``a.b=value`` overrides (values parsed as YAML)."""
+    data = yaml.safe_load(resolve_preset(name_or_path).read_text()) or {}
+    for item in overrides:
+        if "=" not in item:
+            raise ValueError(f"override {item!r} must look like section.key=value (e.g. train.lr=1e-4)")
+        key, raw = item.split("=", 1)
+        node: dict = {}
+        cursor = node
+        parts = key.strip().split(".")
+        for p in parts[:-1]:
+            cursor = cursor.setdefault(p, {})
+        cursor[parts[-1]] = yaml.safe_load(raw)
+        data = _merge(data, node)
+    cfg = _build(RunConfig, data)
+    Batching.of(cfg)  # fail on bad arithmetic before any resource is taken
+    return cfg
+
+
+def to_dict(cfg: RunConfig) -> dict:
+    """Plain JSON-able dict (tuples become lists) for checkpoints and logs."""
+    return yaml.safe_load(yaml.safe_dump(dataclasses.asdict(cfg)))

@@ -1,0 +1,34 @@
+"""Which prompt and seed each pair gets: prompts in a fresh seeded order each pass, pair ids counting up."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from actors.sampling import pair_seed
+
+
+class PairSchedule:
+    def __init__(self, prompts: list[str], seed: int, start_pair_id: int = 0):
+        if not prompts:
+            raise ValueError("no prompts to sample from")
+        self.prompts = prompts
+        self.seed = seed
+        self.next_pair_id = start_pair_id
+
+    def _prompt_index(self, pair_id: int) -> int:
+        n = len(self.prompts)
+        order = np.random.default_rng([self.seed, pair_id // n]).permutation(n)
+        return int(order[pair_id % n])
+
+    def take(self, n: int) -> dict:
+        """Keyword arguments for ``Sampler.sample`` for the next n pairs."""
+        ids = list(range(self.next_pair_id, self.next_pair_id + n))
+        self.next_pair_id += n
+        pidx = [self._prompt_index(i) for i in ids]
+        prompts = [self.prompts[i] for i in pidx]
+        return {
+            "prompts": prompts,
+            "prompt_ids": pidx,
+            "pair_ids": ids,
+            "seeds": [pair_seed(self.seed, p, i) for p, i in zip(prompts, ids)],
+        }

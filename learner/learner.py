@@ -1,0 +1,176 @@
+"""The learner: FDFO updates on Arrow batches of velocity pairs, versioned weights out.
+
+Usage (plain class; the Ray runtime wraps it with ``ray.remote``)::
+
+    learner = Learner(model, cfg.train, Batching.of(cfg), cfg.lora, seed=cfg.seed)
+    metrics = learner.train_epoch(record_batch, ...)   # updates_per_epoch AdamW steps
+    weights = learner.weights()                                  # version = optimizer steps taken
+
+An epoch's pairs are flattened into (branch, step) rows, shuffled globally and split evenly over
+``updates_per_epoch`` optimizer steps (the reference's arithmetic); each step accumulates gradients over
+micro-batches of ``micro_batch_rows``. A pair is only trained on if it stays within ``max_policy_lag`` of the
+learner's version for the whole epoch; otherwise it is dropped as stale and reported.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+
+import pyarrow as pa
+import torch
+
+from actors.adapter import FlowModel, PromptEmbeds
+from learner.batch import from_arrow
+from learner.loss import fdfo_loss
+from learner.weights import Weights, add_lora
+
+
+class Learner:
+    def __init__(self, model, train, batching, lora=None, seed: int = 0):
+        """model: FlowModel or a ``ModelConfig`` to build here; train: ``TrainConfig``; batching: ``Batching``;
+        lora: ``LoraSettings`` or None (full fine-tuning)."""
+        if not hasattr(model, "velocity"):
+            from actors.models import build_model
+
+            model = build_model(model)
+        self.model = model
+        self.cfg = train
+        self.batching = batching
+        self.seed = seed
+        tr = model.transformer
+        self.lora = lora is not None and lora.enabled
+        if self.lora:
+            add_lora(tr, lora.rank, lora.alpha, tuple(lora.target_modules), lora.init)
+        else:
+            tr.requires_grad_(True)
+        self.base = copy.deepcopy(tr).requires_grad_(False) if (train.kl_weight > 0 and not self.lora) else None
+        tr.train()
+        self.params = [p for p in tr.parameters() if p.requires_grad]
+        self.opt = torch.optim.AdamW(
+            self.params, lr=train.lr, betas=tuple(train.betas), weight_decay=train.weight_decay, eps=train.adam_eps
+        )
+        self.version = 0
+        self._embeds: dict[str, PromptEmbeds] = {}
+
+    # -- helpers -------------------------------------------------------------------------------------------
+    def _cond(self, prompts: list[str]) -> PromptEmbeds:
+        """Prompt embeddings, encoded once per distinct prompt and cached (they are never shipped in batches)."""
+        new = sorted({p for p in prompts if p not in self._embeds})
+        if new:
+            emb = self.model.encode_prompts(new)
+            for i, p in enumerate(new):
+                self._embeds[p] = emb.index(slice(i, i + 1))
+        rows = [self._embeds[p] for p in prompts]
+        return PromptEmbeds(torch.cat([r.tokens for r in rows]), torch.cat([r.pooled for r in rows]))
+
+    def _autocast(self):
+        dev = self.model.device
+        if self.cfg.amp and dev.type == "cuda":
+            return torch.autocast("cuda", dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    def _base_velocity(self, x, sigma, cond, w) -> torch.Tensor:
+        with torch.no_grad():
+            if self.lora:
+                self.model.transformer.disable_adapters()
+                try:
+                    return self.model.velocity(x, sigma, cond, w)
+                finally:
+                    self.model.transformer.enable_adapters()
+            trained, self.model.transformer = self.model.transformer, self.base
+            try:
+                return self.model.velocity(x, sigma, cond, w)
+            finally:
+                self.model.transformer = trained
+
+    # -- the update ------------------------------------------------------------------------------------------
+    def stale_mask(self, policy_version: torch.Tensor) -> torch.Tensor:
+        """True for rows that would exceed max_policy_lag at this epoch's last update."""
+        worst_version = self.version + self.cfg.updates_per_epoch - 1
+        return worst_version - policy_version > self.batching.max_policy_lag
+
+    def train_epoch(self, *batches: pa.RecordBatch) -> dict:
+        """Run ``updates_per_epoch`` optimizer steps on the rows of ``batches``; returns metrics, the trained and
+        stale pair ids, and the new weights' checksum. (Batches are positional so that Ray resolves object refs.)"""
+        table = pa.Table.from_batches(batches)
+        tb = from_arrow(table)
+        stale = self.stale_mask(tb.policy_version)
+        stale_pairs = sorted(set(tb.pair_id[stale].tolist()))
+        keep = torch.nonzero(~stale).squeeze(1)
+        R, N = len(keep), tb.x.shape[1]
+        out = {"stale_pair_ids": stale_pairs, "trained_pair_ids": sorted(set(tb.pair_id[keep].tolist()))}
+        if R == 0:
+            return out | {"updates": 0}
+        w = float(tb.guidance_scale[0])
+        if not torch.all(tb.guidance_scale == w):
+            raise ValueError("one epoch mixes guidance scales; sampling.guidance_scale must be the same on every sampler")
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.version)
+        order = torch.randperm(R * N, generator=g)             # global shuffle over (branch, step) rows
+        sums: dict[str, float] = {}
+        grad_norms, lag_sum, lag_max = [], 0.0, 0
+        dev = self.model.device
+        for chunk in torch.tensor_split(order, self.cfg.updates_per_epoch):
+            if len(chunk) == 0:
+                continue
+            self.opt.zero_grad(set_to_none=True)
+            for mb in torch.split(chunk, self.cfg.micro_batch_rows):
+                r, i = keep[mb // N], mb % N                    # row of the table, step index
+                x = tb.x[r, i].to(dev)                          # [B, C, H, W]
+                v = tb.v[r, i].to(dev)                          # [B, C, H, W]
+                sigma = tb.sigmas[r, i].to(dev)                 # [B]
+                d = tb.d[r].to(dev)                             # [B, C, H, W]
+                dR = tb.dR[r].to(dev)                           # [B]
+                lag = self.version - tb.policy_version[r]       # [B] staleness of each row at this update
+                lag_sum, lag_max = lag_sum + float(lag.sum()), max(lag_max, int(lag.max()))
+                cond = self._cond([tb.prompt[j] for j in r.tolist()])
+                with self._autocast():
+                    v_theta = self.model.velocity(x, sigma, cond, w)
+                v_base = self._base_velocity(x, sigma, cond, w) if self.cfg.kl_weight > 0 else None
+                loss, m = fdfo_loss(v_theta, v, d, dR, self.cfg.epsilon, v_base, self.cfg.kl_weight)
+                share = len(mb) / len(chunk)
+                (loss * share).backward()
+                for k, val in m.items():
+                    if k == "log_rho_abs_max":
+                        sums[k] = max(sums.get(k, 0.0), float(val))
+                    else:
+                        sums[k] = sums.get(k, 0.0) + float(val) * share / self.cfg.updates_per_epoch
+            gn = torch.nn.utils.clip_grad_norm_(self.params, self.cfg.grad_clip)
+            if not torch.isfinite(gn):
+                raise FloatingPointError(f"non-finite gradient norm at learner version {self.version}; lower train.lr")
+            grad_norms.append(float(gn))
+            self.opt.step()
+            self.version += 1
+        out.update({f"learner/{k}": v for k, v in sums.items()})
+        out.update(
+            {
+                "updates": len(grad_norms),
+                "learner/grad_norm": sum(grad_norms) / len(grad_norms),
+                "learner/version": self.version,
+                "learner/policy_lag_mean": lag_sum / (R * N),
+                "learner/policy_lag_max": lag_max,
+                "learner/rows": R * N,
+                "reward/mean": float(tb.reward[keep].mean()),
+                "checksum": self.weights().checksum,
+            }
+        )
+        return out
+
+    def weights(self) -> Weights:
+        return Weights.of(self.model.transformer, self.version)
+
+    def weights_info(self) -> tuple[int, str]:
+        """(version, checksum) without shipping the tensors."""
+        return self.version, self.weights().checksum
+
+    def save(self, run_dir: str, state: dict, config: dict) -> str:
+        """Checkpoint weights, optimizer and ``state`` under ``run_dir``; returns the folder."""
+        from learner.checkpoint import save_checkpoint
+
+        return str(save_checkpoint(run_dir, self, state, config))
+
+    def load(self, folder: str) -> dict:
+        """Restore from a checkpoint folder; returns its saved ``state``."""
+        from learner.checkpoint import load_checkpoint
+
+        return load_checkpoint(folder, self)

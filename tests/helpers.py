@@ -1,0 +1,45 @@
+"""Test helpers: an analytic 1-D Gaussian flow that satisfies the FlowModel contract."""
+
+from __future__ import annotations
+
+import torch
+
+from actors.adapter import PromptEmbeds
+
+
+class Offset(torch.nn.Module):
+    """The trainable part of the toy flow: a velocity offset b (one scalar)."""
+
+    def __init__(self):
+        super().__init__()
+        self.b = torch.nn.Parameter(torch.zeros(1))
+
+
+class GaussianFlow:
+    """Rectified flow x_t = (1 - t) x0 + t n for data x0 ~ N(mu, s^2), with its exact velocity plus an offset b.
+
+    E[x0 | x_t] and E[n | x_t] are Gaussian conditionals, so v(x, t) = E[n - x0 | x_t = x] in closed form:
+    with a = 1 - t and var = a^2 s^2 + t^2, v = (t - a s^2) (x - a mu) / var - mu.
+    """
+
+    def __init__(self, mu: float = 0.5, s: float = 0.3, num_steps: int = 1, shape=(1, 1, 1)):
+        self.mu, self.s = mu, s
+        self.transformer = Offset()
+        self.device = torch.device("cpu")
+        self.latent_shape = shape
+
+    def encode_prompts(self, prompts):
+        return PromptEmbeds(torch.zeros(len(prompts), 1, 1), torch.zeros(len(prompts), 1))
+
+    def velocity(self, x, sigma, cond, guidance_scale=1.0):
+        t = torch.as_tensor(sigma, dtype=torch.float32).reshape(-1, *([1] * (x.ndim - 1))) if torch.as_tensor(sigma).ndim else torch.as_tensor(sigma, dtype=torch.float32)
+        a = 1 - t
+        var = a * a * self.s**2 + t * t
+        v = (t - a * self.s**2) * (x - a * self.mu) / var - self.mu
+        return v + self.transformer.b
+
+    def sigmas(self, num_steps):
+        return torch.linspace(1.0, 0.0, num_steps + 1)
+
+    def decode(self, latents):
+        return latents.float()
