@@ -101,5 +101,7 @@ class Sampler:
         """Drop a job whose rewards will never come; returns its pair ids."""
         return self._pending.pop(job).pair_ids
 
-    def pending_pairs(self) -> int:
-        return sum(len(p.pair_ids) for p in self._pending.values())
+    def status(self) -> dict:
+        """What this sampler holds: weight version and checksum, and pairs awaiting rewards."""
+        return {"sampler": self.index, "version": self.version, "checksum": self.checksum,
+                "pending_pairs": sum(len(p.pair_ids) for p in self._pending.values())}

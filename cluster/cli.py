@@ -46,7 +46,7 @@ def main(argv: list[str] | None = None) -> int:
         from cluster.runtime import run_ray
 
         result = run_ray(cfg, resume=args.resume)
-    summary = {k: v for k, v in result.items() if k in ("ledger", "version", "final", "paths")}
+    summary = {k: v for k, v in result.items() if k in ("ledger", "version", "final", "paths", "samplers")}
     print(json.dumps(summary, indent=2, default=str))
     if args.summary_json:
         with open(args.summary_json, "w") as f:

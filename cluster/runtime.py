@@ -202,11 +202,28 @@ def run_ray(cfg: RunConfig, resume: bool = False) -> dict:
             add_sampler()
 
     while epoch < cfg.train.epochs:
-        # 1. Keep samplers busy, at most one epoch of pairs ahead of the learner (beyond that they wait).
+        # 1. Start an update when an epoch's worth of pairs is ready. The last epoch waits until everything
+        #    requested has landed and takes all of it, so a run never ends with pairs in flight.
+        have = sum(n for _, n in ready)
+        final = epoch == cfg.train.epochs - 1
+        landed = ledger.requested - sum(ledger.dropped.values()) >= target and not jobs
+        if train_ref is None and ready and ((have >= batching.pairs_per_epoch and not final) or (final and landed)):
+            take, n_take = [], 0
+            while ready and (final or n_take < batching.pairs_per_epoch):
+                ref, n = ready.pop(0)
+                take.append(ref)
+                n_take += n
+            train_ref, train_started, train_pairs = learner.train_epoch.remote(*take), time.perf_counter(), n_take
+        if train_ref is None and not ready and landed:
+            break  # everything requested was dropped: nothing left to train on
+
+        # 2. Keep samplers busy, at most one epoch of pairs ahead of the learner (beyond that they wait).
         ahead = sum(n for _, n in ready) + sum(len(j.pair_ids) for j in jobs.values())
         for i, actor in list(pool.actors.items()):
             # requested - dropped = trained + ahead: what the run still needs is target minus that
             room = min(batching.pairs_per_epoch - ahead, target - (ledger.requested - sum(ledger.dropped.values())))
+            if train_ref is not None and final:
+                room = 0                          # the last epoch is training: nothing more will be trained
             if room <= 0 or pool.busy[i] >= 2:
                 continue
             req = schedule.take(min(cfg.sampling.pairs_per_call, room))
@@ -219,19 +236,6 @@ def run_ray(cfg: RunConfig, resume: bool = False) -> dict:
             batch_ref, dropped_ref = actor.complete.options(num_returns=2).remote(job=job_ref, rewards=out_ref)
             jobs[dropped_ref] = Job(i, req["pair_ids"], job_ref, out_ref, batch_ref, dropped_ref)
             pool.busy[i] += 1
-
-        # 2. Start an update when an epoch's worth of pairs is ready (the last epoch takes what is left).
-        have = sum(n for _, n in ready)
-        last = ledger.requested - sum(ledger.dropped.values()) >= target and not jobs
-        if train_ref is None and ready and (have >= batching.pairs_per_epoch or last):
-            take, n_take = [], 0
-            while ready and n_take < batching.pairs_per_epoch:
-                ref, n = ready.pop(0)
-                take.append(ref)
-                n_take += n
-            train_ref, train_started, train_pairs = learner.train_epoch.remote(*take), time.perf_counter(), n_take
-        if train_ref is None and not jobs and not ready and ledger.requested - sum(ledger.dropped.values()) >= target:
-            break  # everything requested was dropped: nothing left to train on
 
         # 3. Wait for whatever finishes first.
         waiting = list(jobs) + ([train_ref] if train_ref is not None else [])
@@ -262,6 +266,9 @@ def run_ray(cfg: RunConfig, resume: bool = False) -> dict:
                 ledger.train(trained)
                 metrics.trained.inc(trained, tags=metrics.tags) if trained else None
                 step_s = time.perf_counter() - train_started
+                if not m.get("updates"):          # every pair was stale: no update, not an epoch
+                    log.info("all %d pairs of the batch were stale (max_policy_lag %d); sampling again", stale, batching.max_policy_lag)
+                    continue
                 if m.get("updates"):
                     version, checksum = m["learner/version"], m.pop("checksum")
                     with timers("broadcast"):
@@ -338,6 +345,9 @@ def run_ray(cfg: RunConfig, resume: bool = False) -> dict:
     progress.close()
     ledger.check()
     final = _save(learner, runlog.dir, cfg, epoch, schedule, ledger)
+    samplers = ray.get([a.status.remote() for a in pool.actors.values()])   # final proof of what each holds
+    for handle in [learner, *rewards, *pool.actors.values()]:
+        ray.kill(handle)                          # free the resources now, not at garbage collection
     runlog.close()
     log.info(ledger.line())
     summary = {
@@ -346,6 +356,7 @@ def run_ray(cfg: RunConfig, resume: bool = False) -> dict:
         "version": version,
         "final": {k: v for k, v in (history[-1] if history else {}).items() if isinstance(v, (int, float))},
         "paths": {"run_dir": str(runlog.dir), "checkpoint": final},
+        "samplers": samplers,
     }
     return summary
 

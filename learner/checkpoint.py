@@ -61,7 +61,11 @@ def save_checkpoint(run_dir: str | Path, learner, state: dict, config: dict) -> 
         from peft.utils import get_peft_model_state_dict
 
         layers = {k: v.detach().cpu().contiguous() for k, v in get_peft_model_state_dict(tr).items()}
-        StableDiffusion3Pipeline.save_lora_weights(str(folder), transformer_lora_layers=layers, safe_serialization=True)
+        # the adapter config (rank, alpha, targets) rides along, so loaders use alpha / r, not a scale of 1
+        meta = tr.peft_config["default"].to_dict()
+        StableDiffusion3Pipeline.save_lora_weights(
+            str(folder), transformer_lora_layers=layers, safe_serialization=True, transformer_lora_adapter_metadata=meta
+        )
     else:
         tr.save_pretrained(str(folder / "transformer"), safe_serialization=True)
     _save_optimizer(learner.opt, folder)

@@ -1,0 +1,24 @@
+#!/usr/bin/env bash
+# Everything fdfo needs on a fresh machine, idempotent: the project venv (.venv) with the CPU torch pinned
+# first (so nothing pulls a CUDA build), the project itself (editable, so Ray workers import it), and the
+# separate vLLM venv the judge's tests serve from. Usage: bash .ci/setup.sh
+set -euo pipefail
+cd "$(dirname "$0")/.."
+VENV="${FDFO_VENV:-$PWD/.venv}"
+PY="${FDFO_PYTHON:-python3}"
+if [[ ! -x "$VENV/bin/python" ]]; then
+  "$PY" -m venv "$VENV"
+  "$VENV/bin/python" -m pip install --quiet --upgrade pip
+fi
+# torch first and pinned: the CPU wheel (a GPU machine installs its CUDA build of 2.13.0 before this script).
+"$VENV/bin/python" -m pip install --quiet "torch==2.13.0"
+"$VENV/bin/python" -m pip install --quiet -e ".[test]"
+# PyPI's torchvision builds are CUDA-only and crash beside the CPU torch; nothing of ours needs it.
+if "$VENV/bin/python" -m pip show torchvision >/dev/null 2>&1; then
+  echo "removing torchvision from $VENV (pulled in by a dependency; it does not load beside the CPU torch)" >&2
+  "$VENV/bin/python" -m pip uninstall --quiet -y torchvision
+fi
+"$VENV/bin/python" -c "import torch; assert torch.__version__.startswith('2.13.0'), torch.__version__"
+export FDFO_VLLM_VENV="${FDFO_VLLM_VENV:-$HOME/.cache/fdfo/vllm-venv}"
+bash .ci/vllm_env.sh >/dev/null
+echo "fdfo ready: $VENV (vLLM venv: $FDFO_VLLM_VENV)" >&2

@@ -1,0 +1,36 @@
+"""The typed config: presets load, overrides apply, unknown keys and bad arithmetic fail with the fix named."""
+
+import pytest
+
+from cluster.config import Batching, load_config
+
+
+def test_presets_load_and_overrides_apply():
+    cfg = load_config("tiny-cpu", ["train.lr=1e-4", "runtime.num_samplers=2", "train.betas=[0.8, 0.9]"])
+    assert cfg.train.lr == 1e-4 and cfg.runtime.num_samplers == 2 and cfg.train.betas == (0.8, 0.9)
+    for preset in ("sd35m-combined", "sd35m-pickscore"):
+        c = load_config(preset)
+        assert c.model.path == "stabilityai/stable-diffusion-3.5-medium"
+        b = Batching.of(c)
+        # the reference: 432 pairs per epoch, 4 updates, each on 216 images x 40 steps = 8640 rows
+        assert (b.pairs_per_epoch, b.pairs_per_update, b.rows_per_update) == (432, 108, 8640)
+
+
+def test_unknown_key_is_named_with_the_valid_ones():
+    with pytest.raises(ValueError, match=r"unknown config key 'train.lrr'; valid keys here: train.lr, "):
+        load_config("tiny-cpu", ["train.lrr=1"])
+    with pytest.raises(ValueError, match=r"unknown config key 'bogus'"):
+        load_config("tiny-cpu", ["bogus=1"])
+
+
+def test_wrong_types_and_bad_arithmetic_explain_themselves():
+    with pytest.raises(ValueError, match=r"config key 'sampling.num_steps' wants int"):
+        load_config("tiny-cpu", ["sampling.num_steps=many"])
+    with pytest.raises(ValueError, match=r"2 branches x 3 pairs x 8 steps = 48 rows, which train.updates_per_epoch = 5"):
+        load_config("tiny-cpu", ["train.pairs_per_epoch=3", "train.updates_per_epoch=5"])
+    with pytest.raises(ValueError, match="max_policy_lag = 0 is below updates_per_epoch - 1 = 1"):
+        load_config("tiny-cpu", ["train.max_policy_lag=0"])
+    with pytest.raises(FileNotFoundError, match="presets: .*tiny-cpu"):
+        load_config("no-such-preset")
+    with pytest.raises(ValueError, match="section.key=value"):
+        load_config("tiny-cpu", ["train.lr"])

@@ -1,0 +1,111 @@
+"""The Ray runtime end to end on a local Ray instance with the tiny SD3: versions, accounting, metrics,
+checkpoints, staleness, a lost sampler and resume."""
+
+import json
+import threading
+import time
+import urllib.request
+
+import pytest
+import torch
+
+from actors.adapter import SD3Adapter
+from actors.tiny import tiny_sd3_pipeline
+from cluster.config import load_config
+from learner.weights import add_lora
+
+BASE = ["train.epochs=4", "train.pairs_per_epoch=8", "train.updates_per_epoch=2", "sampling.pairs_per_call=4",
+        "sampling.num_steps=4", "runtime.num_samplers=2", "runtime.sampler_num_cpus=1", "runtime.learner_num_cpus=1"]
+
+
+def run(tmp_path, extra, resume=False):
+    from cluster.runtime import run_ray
+
+    cfg = load_config("tiny-cpu", BASE + [f"output_dir={tmp_path}"] + extra)
+    return cfg, run_ray(cfg, resume=resume)
+
+
+def test_end_to_end_versions_accounting_metrics_checkpoint(ray_local, tmp_path):
+    cfg, out = run(tmp_path, ["lora.enabled=true", "lora.rank=4", "lora.alpha=8", "train.lr=1e-2", "train.checkpoint_every=4"])
+    ledger = out["ledger"]
+    assert ledger["pairs_requested"] == ledger["pairs_trained"] + sum(ledger["pairs_dropped"].values())
+    assert ledger["pairs_trained"] == 32 and ledger["pairs_in_flight"] == 0
+    assert out["version"] == 8 and [h["learner/version"] for h in out["history"]] == [2, 4, 6, 8]
+    # every sampler holds the final version, proven by checksum
+    statuses = out["samplers"]
+    assert [s["sampler"] for s in statuses] == [0, 1]
+    final_checksum = json.loads((tmp_path / "tiny-cpu" / "checkpoints" / "v000008" / "state.json").read_text())["checksum"]
+    assert all(s["version"] == 8 and s["checksum"] == final_checksum and s["pending_pairs"] == 0 for s in statuses)
+    # the metrics endpoint serves the run's gauges and counters (export is periodic: poll)
+    url, text = f"http://127.0.0.1:{ray_local['metrics_port']}/metrics", ""
+    for _ in range(40):
+        text = urllib.request.urlopen(url, timeout=5).read().decode()
+        if "fdfo_weight_version" in text and "fdfo_pairs_trained" in text:
+            break
+        time.sleep(1)
+    assert "fdfo_weight_version" in text and "fdfo_pairs_trained" in text and "fdfo_reward_component_mean" in text
+    # the LoRA checkpoint loads into a fresh diffusers pipeline and reproduces the trained velocity
+    folder = tmp_path / "tiny-cpu" / "checkpoints" / "v000008"
+    assert (folder / "pytorch_lora_weights.safetensors").exists()
+    pipe = tiny_sd3_pipeline(seed=0)
+    pipe.load_lora_weights(str(folder))
+    loaded = SD3Adapter(pipe)
+    from safetensors.torch import load_file
+
+    trained = SD3Adapter.tiny(seed=0)
+    add_lora(trained.transformer, 4, 8)
+    trained.transformer.load_state_dict(load_file(str(folder / "trainable.safetensors")), strict=False)
+    x = torch.randn(2, 16, 16, 16, generator=torch.Generator().manual_seed(0))
+    cond = trained.encode_prompts(["a red circle", "a black cat"])
+    v_trained = trained.velocity(x, torch.tensor(0.5), cond)
+    v_loaded = loaded.velocity(x, torch.tensor(0.5), cond)
+    v_base = SD3Adapter.tiny(seed=0).velocity(x, torch.tensor(0.5), cond)
+    assert torch.allclose(v_loaded, v_trained, atol=1e-5)
+    assert not torch.allclose(v_trained, v_base, atol=1e-5)          # the LoRA did change the model
+
+
+def test_slow_learner_never_trains_beyond_max_policy_lag(ray_local, tmp_path):
+    # one row per micro-batch makes the learner slow; samplers keep sampling during its updates, and with
+    # max_policy_lag = updates_per_epoch - 1 those pairs are too old by the time they would be trained
+    cfg, out = run(tmp_path, ["train.micro_batch_rows=1", "train.max_policy_lag=1"])
+    ledger = out["ledger"]
+    assert ledger["pairs_trained"] >= 24 and ledger["pairs_dropped"].get("stale", 0) > 0
+    assert set(ledger["pairs_dropped"]) == {"stale"}
+    assert ledger["pairs_requested"] == ledger["pairs_trained"] + ledger["pairs_dropped"]["stale"]
+    assert max(h["learner/policy_lag_max"] for h in out["history"] if h.get("updates")) <= 1
+
+
+def test_killed_sampler_costs_only_its_pairs(ray_local, tmp_path):
+    import ray
+
+    result = {}
+    t = threading.Thread(target=lambda: result.update(out=run(tmp_path, ["train.epochs=8", "train.pairs_per_epoch=16", "sampling.num_steps=8"])[1]))
+    t.start()
+    history = tmp_path / "tiny-cpu" / "history.jsonl"
+    for _ in range(600):
+        if history.exists() and history.read_text().count("\n") >= 2:
+            break
+        time.sleep(0.1)
+    victim = ray.get_actor("fdfo/sampler/1")
+    while ray.get(victim.status.remote())["pending_pairs"] == 0:   # kill it while it holds pairs
+        time.sleep(0.01)
+    ray.kill(victim)
+    t.join(timeout=300)
+    ledger = result["out"]["ledger"]
+    assert set(ledger["pairs_dropped"]) == {"actor_lost"} and ledger["pairs_dropped"]["actor_lost"] > 0
+    assert ledger["pairs_requested"] == ledger["pairs_trained"] + ledger["pairs_dropped"]["actor_lost"]
+    assert len(result["out"]["history"]) == 8
+    # the lost sampler was replaced (indices are not reused) and the replacement got the current weights
+    assert [s["sampler"] for s in result["out"]["samplers"]] == [0, 2]
+    assert all(s["version"] == result["out"]["version"] for s in result["out"]["samplers"])
+
+
+def test_resume_continues_counters_and_weights(ray_local, tmp_path):
+    _, first = run(tmp_path, ["train.epochs=2"])
+    assert first["version"] == 4
+    _, second = run(tmp_path, ["train.epochs=4"], resume=True)
+    assert second["version"] == 8 and [h["epoch"] for h in second["history"]] == [2, 3]
+    assert second["ledger"]["pairs_trained"] == 32
+    assert second["ledger"]["pairs_requested"] == 32 + sum(second["ledger"]["pairs_dropped"].values())
+    with pytest.raises(FileNotFoundError, match="no checkpoint"):
+        run(tmp_path / "fresh", ["train.epochs=1"], resume=True)
