@@ -13,6 +13,7 @@ fi
 # torch first and pinned: the CPU wheel (a GPU machine installs its CUDA build of 2.13.0 before this script).
 "$VENV/bin/python" -m pip install --quiet "torch==2.13.0"
 "$VENV/bin/python" -m pip install --quiet -e ".[test]"
+"$VENV/bin/python" -m pip install --quiet --no-deps rapidocr-onnxruntime==1.4.4   # OCR reward (see pyproject)
 # PyPI's torchvision builds are CUDA-only and crash beside the CPU torch; nothing of ours needs it.
 if "$VENV/bin/python" -m pip show torchvision >/dev/null 2>&1; then
   echo "removing torchvision from $VENV (pulled in by a dependency; it does not load beside the CPU torch)" >&2

@@ -1,0 +1,16 @@
+"""Reward models behind one signature; importing the package registers the built-in scorers.
+
+Scorer modules import torch/transformers/onnxruntime/vllm only inside their constructors, so ``import rewards``
+stays light and never imports vLLM.
+"""
+
+from rewards.base import REGISTRY, Reward, RewardOutput, build_reward, check_images, combine, register, to_uint8
+from rewards import jpeg  # noqa: F401  (registers jpeg_compressibility)
+from rewards import shapes  # noqa: F401  (registers shapes_judge, shapes_exact, shapes_count)
+from rewards import clip  # noqa: F401  (registers pickscore, clipscore, hpsv2, aesthetic)
+from rewards import combined  # noqa: F401  (registers weighted_sum; PRESETS, build_preset)
+from rewards import imagereward  # noqa: F401  (registers imagereward)
+from rewards import ocr  # noqa: F401  (registers ocr)
+from rewards import vlm_judge  # noqa: F401  (registers vlm_judge)
+
+__all__ = ["REGISTRY", "Reward", "RewardOutput", "build_reward", "check_images", "combine", "register", "to_uint8"]

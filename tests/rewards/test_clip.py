@@ -1,0 +1,124 @@
+"""PickScore, CLIPScore, HPSv2 and aesthetic on tiny random CLIPs: shapes, determinism, formulas by hand."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from rewards.clip import CLIPScore, HPSv2, PickScore, Aesthetic, AestheticHead, openclip_to_hf, tiny_clip
+
+IMGS = np.random.default_rng(0).integers(0, 256, (3, 40, 56, 3), dtype=np.uint8)
+PROMPTS = ["a cat", "a red car on a street", "two dogs"]
+
+
+def by_hand_embeddings(model, processor, images, prompts):
+    """Preprocess with PIL + numpy (shortest edge to 32, bicubic; centre crop; normalise), then embed."""
+    ip = processor.image_processor
+    pixels = []
+    for im in images:
+        pil = Image.fromarray(im)
+        w, h = pil.size
+        s = 32 / min(w, h)
+        pil = pil.resize((int(w * s), int(h * s)), Image.BICUBIC)  # long side truncated, as CLIP does
+        w, h = pil.size
+        left, top = (w - 32) // 2, (h - 32) // 2
+        x = np.asarray(pil.crop((left, top, left + 32, top + 32)), np.float32) / 255.0
+        pixels.append(((x - np.array(ip.image_mean)) / np.array(ip.image_std)).transpose(2, 0, 1))
+    with torch.no_grad():
+        img = model.get_image_features(pixel_values=torch.tensor(np.stack(pixels), dtype=torch.float32))
+        tok = processor.tokenizer(prompts, padding=True, return_tensors="pt")
+        txt = model.get_text_features(**tok)
+    img, txt = getattr(img, "pooler_output", img).numpy(), getattr(txt, "pooler_output", txt).numpy()
+    img /= np.linalg.norm(img, axis=1, keepdims=True)
+    txt /= np.linalg.norm(txt, axis=1, keepdims=True)
+    return img, txt
+
+
+def test_pickscore_formula_by_hand():
+    pick = PickScore.tiny(seed=0)
+    out = pick.score(IMGS, PROMPTS)
+    assert out.scores.shape == (3,) and out.scores.dtype == np.float64
+    img, txt = by_hand_embeddings(pick.clip.model, pick.clip.processor, IMGS, PROMPTS)
+    cos = (img * txt).sum(1)
+    scale = float(np.exp(pick.clip.model.logit_scale.item()))
+    assert scale == pytest.approx(np.exp(2.6592), rel=1e-4)  # CLIP's initial temperature log(1/0.07)
+    np.testing.assert_allclose(out.scores, scale * cos, atol=2e-4)
+    assert np.ptp(out.scores) > 0.1
+
+
+def test_determinism_and_seed_dependence():
+    a, b = PickScore.tiny(0).score(IMGS, PROMPTS), PickScore.tiny(0).score(IMGS, PROMPTS)
+    c = PickScore.tiny(1).score(IMGS, PROMPTS)
+    np.testing.assert_array_equal(a.scores, b.scores)
+    assert not np.allclose(a.scores, c.scores)
+
+
+def test_clipscore_and_hpsv2_formulas():
+    clip = CLIPScore.tiny(seed=0)
+    hps = HPSv2.tiny(seed=0)
+    cos = hps.score(IMGS, PROMPTS).scores
+    np.testing.assert_allclose(cos, PickScore.tiny(0).score(IMGS, PROMPTS).info["cosine"], atol=1e-6)
+    assert (cos < 0).any() and (cos > 0).any()  # so the clamp below is exercised
+    np.testing.assert_allclose(clip.score(IMGS, PROMPTS).scores, 100 * np.maximum(cos, 0), atol=1e-5)
+
+
+def test_aesthetic_is_the_mlp_on_the_normalised_image_embedding(tmp_path):
+    aes = Aesthetic.tiny(seed=0)
+    out = aes.score(IMGS, PROMPTS)
+    img, _ = by_hand_embeddings(aes.clip.model, aes.clip.processor, IMGS, PROMPTS)
+    with torch.no_grad():
+        expected = aes.head(torch.tensor(img))[:, 0].numpy()
+    np.testing.assert_allclose(out.scores, expected, atol=1e-5)
+    np.testing.assert_allclose(out.scores, aes.score(IMGS, ["ignored"] * 3).scores)  # prompts play no part
+    # The published head file has keys layers.0.weight ... layers.7.bias; loaded with weights_only=True.
+    torch.save({f"layers.{k}": v for k, v in aes.head.state_dict().items()}, tmp_path / "head.pth")
+    model, processor = tiny_clip(0)
+    again = Aesthetic(head=str(tmp_path / "head.pth"), model=model, processor=processor, device="cpu", dtype="float32")
+    np.testing.assert_allclose(again.score(IMGS, PROMPTS).scores, out.scores, atol=1e-6)
+
+
+def hf_to_openclip(sd: dict, n_text: int, n_vision: int) -> dict:
+    """The inverse renaming, written independently, to produce an OpenCLIP-layout checkpoint for the test."""
+    out = {"token_embedding.weight": sd["text_model.embeddings.token_embedding.weight"],
+           "positional_embedding": sd["text_model.embeddings.position_embedding.weight"],
+           "text_projection": sd["text_projection.weight"].T, "visual.proj": sd["visual_projection.weight"].T,
+           "logit_scale": sd["logit_scale"], "visual.class_embedding": sd["vision_model.embeddings.class_embedding"],
+           "visual.conv1.weight": sd["vision_model.embeddings.patch_embedding.weight"],
+           "visual.positional_embedding": sd["vision_model.embeddings.position_embedding.weight"]}
+    for k in ("weight", "bias"):
+        out[f"ln_final.{k}"] = sd[f"text_model.final_layer_norm.{k}"]
+        out[f"visual.ln_pre.{k}"] = sd[f"vision_model.pre_layrnorm.{k}"]
+        out[f"visual.ln_post.{k}"] = sd[f"vision_model.post_layernorm.{k}"]
+    for src, dst, n in (("text_model", "transformer", n_text), ("vision_model", "visual.transformer", n_vision)):
+        for i in range(n):
+            s, d = f"{src}.encoder.layers.{i}.", f"{dst}.resblocks.{i}."
+            for k in ("weight", "bias"):
+                out[d + f"attn.in_proj_{k}"] = torch.cat([sd[s + f"self_attn.{p}_proj.{k}"] for p in "qkv"])
+                out[d + f"attn.out_proj.{k}"] = sd[s + f"self_attn.out_proj.{k}"]
+                out[d + f"ln_1.{k}"], out[d + f"ln_2.{k}"] = sd[s + f"layer_norm1.{k}"], sd[s + f"layer_norm2.{k}"]
+                out[d + f"mlp.c_fc.{k}"], out[d + f"mlp.c_proj.{k}"] = sd[s + f"mlp.fc1.{k}"], sd[s + f"mlp.fc2.{k}"]
+    return {k: v.clone().contiguous() for k, v in out.items()}
+
+
+def test_hpsv2_loads_an_openclip_checkpoint(tmp_path):
+    model, processor = tiny_clip(seed=3)
+    model.config.save_pretrained(tmp_path / "base")
+    ckpt = hf_to_openclip(model.state_dict(), 2, 2)
+    torch.save({"state_dict": {f"module.{k}": v for k, v in ckpt.items()}}, tmp_path / "HPS_tiny.pt")
+    ref = HPSv2(model=model, processor=processor, device="cpu", dtype="float32").score(IMGS, PROMPTS).scores
+    loaded = HPSv2(checkpoint=str(tmp_path / "HPS_tiny.pt"), base=str(tmp_path / "base"), processor=processor,
+                   device="cpu", dtype="float32")
+    np.testing.assert_allclose(loaded.score(IMGS, PROMPTS).scores, ref, atol=1e-6)
+    assert len(openclip_to_hf(ckpt, 2, 2)) == len([k for k in model.state_dict() if "position_ids" not in k])
+
+
+def test_missing_weights_fail_with_the_fix():
+    with pytest.raises(FileNotFoundError, match="download it and pass its path"):
+        HPSv2(checkpoint="/nope/HPS_v2.1_compressed.pt")
+    with pytest.raises(ValueError, match="exactly one of checkpoint"):
+        HPSv2()
+    with pytest.raises(ValueError, match="aesthetic needs head="):
+        Aesthetic()
+    assert isinstance(AestheticHead(dim=8), torch.nn.Sequential)

@@ -1,0 +1,86 @@
+"""ImageReward on a tiny random BLIP: shape, determinism, the head formula by hand, checkpoint conversion."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from rewards.imagereward import MEAN, STD, ImageReward, convert_imagereward_checkpoint, tiny_config
+
+IMGS = np.random.default_rng(0).integers(0, 256, (3, 48, 40, 3), dtype=np.uint8)
+PROMPTS = ["a cat", "a red car on a street", "two dogs " * 30]  # the last one is truncated to 35 tokens
+
+
+@pytest.fixture(scope="module")
+def reward():
+    return ImageReward.tiny(seed=0)
+
+
+def test_shape_determinism_and_standardisation(reward):
+    out = reward.score(IMGS, PROMPTS)
+    assert out.scores.shape == (3,) and out.scores.dtype == np.float64
+    np.testing.assert_array_equal(out.scores, ImageReward.tiny(seed=0).score(IMGS, PROMPTS).scores)
+    assert np.abs(out.scores - ImageReward.tiny(seed=1).score(IMGS, PROMPTS).scores).max() > 1e-2
+    np.testing.assert_allclose(out.scores, (out.info["raw"] - 0.16717362830052426) / 1.0333394966054072)
+    assert np.ptp(out.scores) > 0
+
+
+def test_head_by_hand(reward):
+    """The MLP has no activations: it is one affine map of the [CLS] output, computed here in numpy."""
+    m = reward.model
+    pixels = reward.image_processor(images=list(IMGS), return_tensors="pt")["pixel_values"]
+    tok = reward.tokenizer(PROMPTS, padding="max_length", truncation=True, max_length=35, return_tensors="pt")
+    assert tok["input_ids"].shape == (3, 35)
+    with torch.no_grad():
+        img = m.vision_model(pixel_values=pixels).last_hidden_state
+        h = m.text_encoder(input_ids=tok["input_ids"], attention_mask=tok["attention_mask"],
+                           encoder_hidden_states=img, is_decoder=False).last_hidden_state[:, 0].numpy()
+    linears = [l for l in m.mlp if isinstance(l, torch.nn.Linear)]
+    x = h.astype(np.float64)
+    for lin in linears:
+        x = x @ lin.weight.detach().double().numpy().T + lin.bias.detach().double().numpy()
+    np.testing.assert_allclose(reward.score(IMGS, PROMPTS).scores, (x[:, 0] - MEAN) / STD, atol=1e-5)
+    # The image matters: cross-attention makes the [CLS] output depend on the picture.
+    other = reward.score(IMGS[::-1].copy(), PROMPTS).scores
+    assert np.abs(other - reward.score(IMGS, PROMPTS).scores).max() > 1e-2
+
+
+def to_original(sd: dict) -> dict:
+    """This module's keys back to the authors' names (written independently of original_to_hf)."""
+    vit = {"layer_norm1": "norm1", "self_attn.qkv": "attn.qkv", "self_attn.projection": "attn.proj",
+           "layer_norm2": "norm2", "mlp.fc1": "mlp.fc1", "mlp.fc2": "mlp.fc2"}
+    out = {"blip.text_decoder.cls.predictions.bias": torch.zeros(3)}  # a BLIP head ImageReward does not use
+    for k, v in sd.items():
+        if k.startswith("vision_model.encoder.layers."):
+            i, rest = k.removeprefix("vision_model.encoder.layers.").split(".", 1)
+            name, kind = rest.rsplit(".", 1)
+            out[f"blip.visual_encoder.blocks.{i}.{vit[name]}.{kind}"] = v
+        elif k.startswith("vision_model.embeddings.patch_embedding."):
+            out["blip.visual_encoder.patch_embed.proj." + k.rsplit(".", 1)[1]] = v
+        elif k == "vision_model.embeddings.class_embedding":
+            out["blip.visual_encoder.cls_token"] = v
+        elif k == "vision_model.embeddings.position_embedding":
+            out["blip.visual_encoder.pos_embed"] = v
+        elif k.startswith("vision_model.post_layernorm."):
+            out["blip.visual_encoder.norm." + k.rsplit(".", 1)[1]] = v
+        elif k.startswith("text_encoder."):
+            out["blip." + k] = v
+        else:
+            out[k] = v
+    return {k: v.clone() for k, v in out.items()}
+
+
+def test_convert_authors_checkpoint_roundtrip(reward, tmp_path):
+    torch.save({"state_dict": to_original(reward.model.state_dict())}, tmp_path / "ImageReward.pt")
+    out_dir = convert_imagereward_checkpoint(str(tmp_path / "ImageReward.pt"), str(tmp_path / "hf"),
+                                             config=tiny_config(len(reward.tokenizer)))
+    loaded = ImageReward(model=out_dir, tokenizer=reward.tokenizer, device="cpu", dtype="float32")
+    np.testing.assert_allclose(loaded.score(IMGS, PROMPTS).scores, reward.score(IMGS, PROMPTS).scores, atol=1e-6)
+
+
+def test_missing_model_names_the_fix():
+    with pytest.raises(ValueError, match="convert_imagereward_checkpoint"):
+        ImageReward()
+    with pytest.raises(FileNotFoundError, match="download it and pass its path"):
+        ImageReward(model="/nope/ImageReward-hf")
