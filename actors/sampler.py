@@ -22,7 +22,7 @@ import torch
 
 from actors.adapter import FlowModel
 from actors.models import DTYPES, build_model
-from actors.sampling import PairTrajectory, sample_pairs
+from actors.sampling import PairTrajectory, generate_images, sample_pairs
 from learner.batch import to_arrow
 from learner.weights import Weights, add_lora
 from rewards.base import to_uint8
@@ -53,6 +53,7 @@ class Sampler:
         model.transformer.eval()
         w = Weights.of(model.transformer, version=0)
         self.version, self.checksum = 0, w.checksum
+        self._broadcast_names = sorted(w.tensors)          # what the learner trains and broadcasts
         self._pending: dict[int, _Pending] = {}
         self._jobs = itertools.count()
 
@@ -65,6 +66,8 @@ class Sampler:
     def sample(self, prompts: list[str], prompt_ids: list[int], pair_ids: list[int], seeds: list[int]) -> tuple[int, np.ndarray]:
         """Sample P pairs; returns (job id, images uint8 [2P, H, W, 3], branches of a pair adjacent) and keeps
         the trajectories until ``complete``."""
+        if self.version < 0:
+            raise RuntimeError(f"sampler {self.index} holds no verified weights (the last transfer failed); refusing to sample")
         traj = sample_pairs(
             self.model,
             prompts,
@@ -78,6 +81,10 @@ class Sampler:
         job = next(self._jobs)
         self._pending[job] = _Pending(traj, list(prompts), list(prompt_ids), list(pair_ids), self.version)
         return job, images
+
+    def generate(self, prompts: list[str], seeds: list[int], num_steps: int) -> np.ndarray:
+        """Plain Euler images uint8 [N, H, W, 3] with the current weights (evaluation, not training)."""
+        return generate_images(self.model, prompts, seeds, num_steps, self.cfg.guidance_scale)
 
     def complete(self, job: int, rewards) -> tuple[pa.RecordBatch | None, list[int]]:
         """Turn job's pairs into Arrow rows. rewards: [2P] or [P, 2] scores, or the ``RewardOutput`` of the images
@@ -100,6 +107,29 @@ class Sampler:
     def forget(self, job: int) -> list[int]:
         """Drop a job whose rewards will never come; returns its pair ids."""
         return self._pending.pop(job).pair_ids
+
+    # -- full weights over a collective group (see learner/collective.py); LoRA goes through set_weights
+    def join_weight_group(self, *, rank: int, world_size: int, master_addr: str, master_port: int, backend: str = "gloo") -> None:
+        from learner.collective import WeightGroup
+
+        self.leave_weight_group()
+        self._group = WeightGroup(rank, world_size, master_addr, master_port, backend=backend)
+
+    def receive_weights(self) -> dict:
+        """Receive the learner's broadcast in place; the group verifies the checksum (a mismatch raises and this
+        sampler refuses to sample until a verified version arrives)."""
+        params = dict(self.model.transformer.named_parameters())
+        tensors = {n: params[n].data for n in self._broadcast_names}
+        self.version = -1                                  # undefined until the transfer is verified
+        with torch.no_grad():
+            version, checksum = self._group.receive(tensors)
+        self.version, self.checksum = version, checksum
+        return {"version": self.version, "checksum": self.checksum, "sampler": self.index}
+
+    def leave_weight_group(self) -> None:
+        if getattr(self, "_group", None) is not None:
+            self._group.close()
+            self._group = None
 
     def status(self) -> dict:
         """What this sampler holds: weight version and checksum, and pairs awaiting rewards."""

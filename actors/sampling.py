@@ -116,3 +116,41 @@ def sample_pairs(
         x_final=x.float().cpu().view(P, 2, C, H, W),
         seeds=[int(s) for s in seeds],
     )
+
+
+@torch.no_grad()
+def sample_euler(
+    model: FlowModel,
+    prompts: Sequence[str],
+    seeds: Sequence[int],
+    num_steps: int = 40,
+    guidance_scale: float = 1.0,
+) -> torch.Tensor:
+    """Plain Euler sampling (no churn), one sample per prompt: what inference and evaluation use.
+
+    Sample p starts from the same eps as the pair with seed ``seeds[p]`` would. Returns final latents [P, C, H, W].
+    """
+    if len(prompts) != len(seeds):
+        raise ValueError(f"{len(prompts)} prompts but {len(seeds)} seeds: pass one seed per prompt")
+    C, H, W = model.latent_shape
+    x = torch.stack([torch.randn((C, H, W), generator=torch.Generator().manual_seed(int(s))) for s in seeds]).to(model.device)
+    cond = model.encode_prompts(list(prompts))
+    sigmas = model.sigmas(num_steps)
+    for i in range(num_steps):
+        t, s = float(sigmas[i]), float(sigmas[i + 1])
+        x = churn_step(x.float(), model.velocity(x, torch.tensor(t), cond, guidance_scale), t, s, 0.0, None)
+    return x.float().cpu()
+
+
+def generate_images(model: FlowModel, prompts: Sequence[str], seeds: Sequence[int], num_steps: int,
+                    guidance_scale: float = 1.0, batch: int = 64):
+    """uint8 images [len(prompts), H, W, 3], one per (prompt, seed), plain Euler: inference and evaluation."""
+    import numpy as np
+
+    from rewards.base import to_uint8
+
+    out = []
+    for i in range(0, len(prompts), batch):
+        latents = sample_euler(model, prompts[i : i + batch], seeds[i : i + batch], num_steps, guidance_scale)
+        out.append(to_uint8(model.decode(latents)))
+    return np.concatenate(out)

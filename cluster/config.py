@@ -85,7 +85,7 @@ class TrainConfig:
 @dataclass(frozen=True)
 class RuntimeConfig:
     local: bool = False  # True = one process, no Ray (debug mode: breakpoint() works)
-    address: str | None = None  # Ray address; None = connect to a running cluster if any, else start a local one
+    address: str | None = None  # Ray address; None = RAY_ADDRESS or a running cluster if any, else a new local one; "local" = always a new local one
     num_samplers: int = 1  # sampler actors at start (min of the pool)
     max_samplers: int | None = None  # autoscaling ceiling for samplers; None = num_samplers
     num_reward_actors: int = 1  # reward actors per scorer
@@ -99,6 +99,17 @@ class RuntimeConfig:
     reward_max_wait_s: float = 0.05  # longest a reward request waits for its batch to fill
     reward_timeout_s: float = 300.0  # a reward call slower than this fails its pairs (dropped: reward_failure)
     torch_threads: int = 1  # torch intra-op threads per actor
+    weight_sync: Literal["auto", "object_store", "collective"] = "auto"  # auto: LoRA via the object store, full weights via a gloo/NCCL group
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    every_epochs: int = 0  # held-out evaluation during training every K epochs (0 = only before and after)
+    num_prompts: int = 32  # held-out prompts per evaluation (from prompts.eval_source)
+    seeds_per_prompt: int = 4  # images per prompt (diversity is measured across them)
+    num_steps: int | None = None  # Euler steps; None = sampling.num_steps
+    seed: int = 1234  # fixes the evaluation prompts and seeds, so before/after numbers are paired
+    metrics: tuple[dict, ...] = ()  # extra scorers the run does not train on, e.g. [{name: shapes_exact}]
 
 
 @dataclass(frozen=True)
@@ -113,6 +124,7 @@ class RunConfig:
     prompts: PromptConfig = field(default_factory=PromptConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
 
 
 @dataclass(frozen=True)

@@ -24,6 +24,7 @@ from actors.models import build_model
 from actors.sampler import Sampler
 from cluster.accounting import Ledger, Timers
 from cluster.config import Batching, RunConfig, to_dict
+from cluster.evaluate import heldout_reward, plot_learning_curve
 from cluster.prompts import load_prompts
 from cluster.schedule import PairSchedule
 from learner.learner import Learner
@@ -116,6 +117,9 @@ def run_local(cfg: RunConfig, resume: bool = False) -> dict:
     if resume:
         start_epoch = resume_state(learner, runlog.dir, schedule, ledger)
     sampler.set_weights(learner.weights())        # both sides start from the same adapter (version 0 or resumed)
+    gen = lambda prompts, seeds, steps: sampler.generate(prompts, seeds, steps)  # noqa: E731
+    before = heldout_reward(cfg, gen, reward.score, runlog.dir / "heldout_before.png")
+    log.info("held-out reward before: %.4f", before["eval/reward/mean"])
     t_start, history = time.perf_counter(), []
     for epoch in range(start_epoch, cfg.train.epochs):
         batches, raw = [], []
@@ -137,22 +141,39 @@ def run_local(cfg: RunConfig, resume: bool = False) -> dict:
         with timers("update"):
             metrics = learner.train_epoch(*batches) if batches else {"stale_pair_ids": [], "trained_pair_ids": []}
         ledger.drop("stale", len(metrics.pop("stale_pair_ids")))
-        ledger.train(len(metrics.pop("trained_pair_ids")))
+        metrics["pairs_trained"] = len(metrics.pop("trained_pair_ids"))
+        ledger.train(metrics["pairs_trained"])
         with timers("broadcast"):
             sampler.set_weights(learner.weights())
         ledger.check()
         flat = np.concatenate(raw) if raw else np.array([np.nan])
         metrics.update(timers.pop())
         metrics.update({"epoch": epoch, "reward/mean": float(flat.mean()), "perf/wall_s": time.perf_counter() - t_start})
+        if cfg.eval.every_epochs and (epoch + 1) % cfg.eval.every_epochs == 0:
+            metrics.update(heldout_reward(cfg, gen, reward.score))
         runlog.scalars(epoch, metrics)
         history.append(metrics)
         log.info("epoch %d reward %.4f loss %.4g clip %.3f version %d", epoch, metrics["reward/mean"],
                  metrics.get("learner/loss", float("nan")), metrics.get("learner/clip_frac", float("nan")), learner.version)
     final = learner.save(str(runlog.dir), checkpoint_state(cfg.train.epochs, schedule, ledger), to_dict(cfg))
-    runlog.close()
+    after = heldout_reward(cfg, gen, reward.score, runlog.dir / "heldout_after.png")
+    report = finish_report(runlog, history, before, after)
     log.info(ledger.line())
     return {"history": history, "ledger": ledger.summary(), "version": learner.version, "learner": learner,
-            "sampler": sampler, "paths": {"run_dir": str(runlog.dir), "checkpoint": final}}
+            "sampler": sampler, "final": report, "paths": {"run_dir": str(runlog.dir), "checkpoint": final, **report["paths"]}}
+
+
+def finish_report(runlog: RunLog, history: list[dict], before: dict, after: dict) -> dict:
+    """Held-out reward before/after, the grids and the learning curve, logged and returned."""
+    if history:
+        history[-1].update({k: v for k, v in after.items() if k.startswith("eval/")})
+    curve = plot_learning_curve(history, runlog.dir / "learning_curve.png") if history else None
+    runlog.close()
+    b, a = before["eval/reward/mean"], after["eval/reward/mean"]
+    log.info("held-out reward before %.4f -> after %.4f (%+.4f); grids %s, %s; learning curve %s",
+             b, a, a - b, before.get("grid"), after.get("grid"), curve)
+    return {"heldout_reward_before": b, "heldout_reward_after": a, "heldout_reward_gain": a - b,
+            "paths": {"grid_before": before.get("grid"), "grid_after": after.get("grid"), "learning_curve": curve}}
 
 
 def checkpoint_state(epoch: int, schedule: PairSchedule, ledger: Ledger) -> dict:

@@ -37,7 +37,8 @@ from ray.exceptions import RayActorError, RayError
 from actors.sampler import Sampler
 from cluster.accounting import Ledger, Timers, reward_drop_reason
 from cluster.config import Batching, RunConfig, to_dict
-from cluster.driver import RunLog, checkpoint_state, resume_state, reward_specs, setup_process
+from cluster.driver import RunLog, checkpoint_state, finish_report, resume_state, reward_specs, setup_process
+from cluster.evaluate import heldout_reward
 from cluster.prompts import load_prompts
 from cluster.schedule import PairSchedule
 from learner.learner import Learner
@@ -52,10 +53,12 @@ def connect(runtime_cfg, num_cpus_needed: float) -> None:
     if ray.is_initialized():
         return
     address = runtime_cfg.address or os.environ.get("RAY_ADDRESS")
-    if address:
+    if address and address != "local":
         ray.init(address=address, namespace=NAMESPACE)
         return
     try:
+        if address == "local":
+            raise ConnectionError("asked for a new local instance")
         ray.init(address="auto", namespace=NAMESPACE)
     except ConnectionError:
         # A laptop: logical CPUs are scheduling tokens, so give at least what the pools ask for.
@@ -166,6 +169,7 @@ def run_ray(cfg: RunConfig, resume: bool = False) -> dict:
         epoch = resume_state(learner, runlog.dir, schedule, ledger, load=lambda f: ray.get(learner.load.remote(f)))
 
     pool = Pool()
+    sync = WeightSync(learner, collective=_use_collective(cfg))
     weights_ref = learner.weights.remote()             # put once: every sampler reads this same object
     version, checksum = ray.get(learner.weights_info.remote())
 
@@ -173,12 +177,27 @@ def run_ray(cfg: RunConfig, resume: bool = False) -> dict:
         i = pool.next_index
         pool.next_index += 1
         actor = _sampler_actor(cfg, i)
-        proof = ray.get(actor.set_weights.remote(weights=weights_ref))   # a late joiner loads the current version
-        _check_proof(proof, version, checksum)
+        # a late joiner loads the current version through the object store before it samples
+        if weights_ref is not None:               # the object of the current version: check against it
+            _check_proof(ray.get(actor.set_weights.remote(weights=weights_ref)), version, checksum)
+        else:  # collective mode keeps no copy: take the learner's newest (load_into verifies its checksum)
+            proof = ray.get(actor.set_weights.remote(weights=learner.weights.remote()))
+            if proof["version"] < version:
+                raise RuntimeError(f"late sampler {i} loaded version {proof['version']}, older than {version}")
         pool.actors[i], pool.busy[i] = actor, 0
+        sync.members_changed = True
 
     for _ in range(rt.num_samplers):
         add_sampler()
+
+    def gen(prompts, seeds, steps):               # held-out evaluation runs on a sampler and a reward actor
+        return ray.get(next(iter(pool.actors.values())).generate.remote(prompts=prompts, seeds=seeds, num_steps=steps))
+
+    def score(images, prompts):
+        return ray.get(rewards[0].score.remote(images=images, prompts=prompts))
+
+    before = heldout_reward(cfg, gen, score, runlog.dir / "heldout_before.png")
+    log.info("held-out reward before: %.4f", before["eval/reward/mean"])
 
     jobs: dict[ray.ObjectRef, Job] = {}
     ready: list[tuple[ray.ObjectRef, int]] = []       # (Arrow batch ref, pairs in it)
@@ -190,6 +209,7 @@ def run_ray(cfg: RunConfig, resume: bool = False) -> dict:
     last_ckpt = version
 
     def lose_sampler(i: int) -> None:
+        sync.members_changed = True
         pool.actors.pop(i, None)
         pool.busy.pop(i, None)
         for ref, job in list(jobs.items()):
@@ -261,6 +281,7 @@ def run_ray(cfg: RunConfig, resume: bool = False) -> dict:
                         continue
                 train_ref = None
                 stale, trained = len(m.pop("stale_pair_ids")), len(m.pop("trained_pair_ids"))
+                m["pairs_trained"] = trained
                 ledger.drop("stale", stale)
                 metrics.drop("stale", stale)
                 ledger.train(trained)
@@ -272,10 +293,7 @@ def run_ray(cfg: RunConfig, resume: bool = False) -> dict:
                 if m.get("updates"):
                     version, checksum = m["learner/version"], m.pop("checksum")
                     with timers("broadcast"):
-                        weights_ref = learner.weights.remote()
-                        proofs = ray.get([a.set_weights.remote(weights=weights_ref) for a in pool.actors.values()])
-                        for p in proofs:
-                            _check_proof(p, version, checksum)
+                        weights_ref = sync.broadcast(pool, version, checksum)
                 # -- log the epoch
                 wall = time.perf_counter() - epoch_start
                 epoch_start = time.perf_counter()
@@ -296,6 +314,8 @@ def run_ray(cfg: RunConfig, resume: bool = False) -> dict:
                     }
                 )
                 comp_sums.clear()
+                if cfg.eval.every_epochs and (epoch + 1) % cfg.eval.every_epochs == 0:
+                    m.update(heldout_reward(cfg, gen, score))
                 _export(metrics, m, trained)
                 runlog.scalars(epoch, m)
                 history.append(m)
@@ -345,20 +365,80 @@ def run_ray(cfg: RunConfig, resume: bool = False) -> dict:
     progress.close()
     ledger.check()
     final = _save(learner, runlog.dir, cfg, epoch, schedule, ledger)
+    after = heldout_reward(cfg, gen, score, runlog.dir / "heldout_after.png")
     samplers = ray.get([a.status.remote() for a in pool.actors.values()])   # final proof of what each holds
+    sync.close(pool)
     for handle in [learner, *rewards, *pool.actors.values()]:
         ray.kill(handle)                          # free the resources now, not at garbage collection
-    runlog.close()
+    report = finish_report(runlog, history, before, after)
+    paths = report.pop("paths")
     log.info(ledger.line())
     summary = {
         "history": history,
         "ledger": ledger.summary(),
         "version": version,
-        "final": {k: v for k, v in (history[-1] if history else {}).items() if isinstance(v, (int, float))},
-        "paths": {"run_dir": str(runlog.dir), "checkpoint": final},
+        "final": {**report, **{k: v for k, v in (history[-1] if history else {}).items() if isinstance(v, (int, float))}},
+        "paths": {"run_dir": str(runlog.dir), "checkpoint": final, **paths},
         "samplers": samplers,
     }
     return summary
+
+
+def _use_collective(cfg: RunConfig) -> bool:
+    mode = cfg.runtime.weight_sync
+    return mode == "collective" or (mode == "auto" and not cfg.lora.enabled)
+
+
+class WeightSync:
+    """Versioned weight broadcast. LoRA (tens of MB): ``ray.put`` once via ``learner.weights()``, every sampler
+    loads the same object. Full weights: a gloo (CPU) / NCCL (GPU) group between the learner and the samplers,
+    re-formed as a new generation whenever the sampler set changed. Either way each sampler returns the
+    version and checksum it now holds, and a mismatch stops the run."""
+
+    def __init__(self, learner, collective: bool):
+        self.learner = learner
+        self.collective = collective
+        self.members_changed = True
+        self.members: list[int] = []
+
+    def _form(self, pool: Pool) -> None:
+        import torch
+
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        addr, port = ray.get(self.learner.weight_group_address.remote())
+        self.members = sorted(pool.actors)
+        world = 1 + len(self.members)
+        joins = [self.learner.join_weight_group.remote(world_size=world, master_addr=addr, master_port=port, backend=backend)]
+        joins += [pool.actors[i].join_weight_group.remote(rank=r + 1, world_size=world, master_addr=addr,
+                                                          master_port=port, backend=backend)
+                  for r, i in enumerate(self.members)]
+        ray.get(joins)                              # every rank must be joining at once
+        self.members_changed = False
+
+    def broadcast(self, pool: Pool, version: int, checksum: str):
+        """Bring every sampler to ``version``; returns the object-store ref of the weights if that path was used."""
+        if self.collective and pool.actors:
+            try:
+                if self.members_changed or sorted(pool.actors) != self.members:
+                    self._form(pool)
+                sent = self.learner.send_weights.remote()
+                proofs = ray.get([pool.actors[i].receive_weights.remote() for i in self.members] + [sent])
+                for p in proofs[:-1]:
+                    _check_proof(p, version, checksum)
+                return None
+            except RayError as e:  # a member died mid-transfer: re-form next time, deliver this version by object store
+                log.warning("collective weight broadcast failed (%s); falling back to the object store", e)
+                self.members_changed = True
+        ref = self.learner.weights.remote()
+        proofs = ray.get([a.set_weights.remote(weights=ref) for a in pool.actors.values()])
+        for p in proofs:
+            _check_proof(p, version, checksum)
+        return ref
+
+    def close(self, pool: Pool) -> None:
+        if self.collective and self.members:
+            ray.get([self.learner.leave_weight_group.remote()] +
+                    [pool.actors[i].leave_weight_group.remote() for i in self.members if i in pool.actors])
 
 
 def _check_proof(proof: dict, version: int, checksum: str) -> None:
@@ -414,6 +494,7 @@ def _autoscale(pool: Pool, waited_for_data: float, step_s: float, max_samplers: 
             i = idle[-1]
             ray.kill(pool.actors.pop(i))
             pool.busy.pop(i)
+            sync.members_changed = True
             log.info("autoscale: learner is the bottleneck: released sampler %d, %d left", i, len(pool.actors))
     return 0.0
 

@@ -163,6 +163,32 @@ class Learner:
         """(version, checksum) without shipping the tensors."""
         return self.version, self.weights().checksum
 
+    # -- full-weight broadcast over a collective group (gloo on CPU, NCCL on GPU); LoRA uses the object store
+    def weight_group_address(self) -> tuple[str, int]:
+        """(node ip, free port) for a new weight-group generation with this learner as rank 0."""
+        from learner.collective import free_port, node_ip
+
+        ip = node_ip()
+        return ip, free_port(ip)
+
+    def join_weight_group(self, *, world_size: int, master_addr: str, master_port: int, backend: str = "gloo") -> None:
+        from learner.collective import WeightGroup
+
+        if getattr(self, "_group", None) is not None:
+            self._group.close()
+        self._group = WeightGroup(0, world_size, master_addr, master_port, backend=backend)
+
+    def send_weights(self) -> dict:
+        """Broadcast the trainable tensors to every sampler of the group; returns {version, checksum}."""
+        tensors = {n: p.detach() for n, p in self.model.transformer.named_parameters() if p.requires_grad}
+        checksum = self._group.send(tensors, version=self.version)
+        return {"version": self.version, "checksum": checksum}
+
+    def leave_weight_group(self) -> None:
+        if getattr(self, "_group", None) is not None:
+            self._group.close()
+            self._group = None
+
     def save(self, run_dir: str, state: dict, config: dict) -> str:
         """Checkpoint weights, optimizer and ``state`` under ``run_dir``; returns the folder."""
         from learner.checkpoint import save_checkpoint

@@ -23,14 +23,14 @@ def eval_reward(model, n=48) -> float:
 
 def test_debug_loop_raises_jpeg_compressibility(tmp_path):
     logging.disable(logging.INFO)
-    cfg = load_config("tiny-cpu", ["runtime.local=true", "train.epochs=30", f"output_dir={tmp_path}"])
+    cfg = load_config("tiny-cpu", ["runtime.local=true", f"output_dir={tmp_path}", "eval.num_prompts=4"])
     before = eval_reward(build_model(cfg.model))
     out = run_local(cfg)
     after = eval_reward(out["sampler"].model)
-    # measured: -1.573 -> -1.48 kB (60 epochs reached -1.44); a shuffled-reward control moved +0.008
-    assert after > before + 0.04, (before, after)
-    assert out["ledger"] == {"pairs_requested": 480, "pairs_trained": 480, "pairs_dropped": {}, "pairs_in_flight": 0}
-    assert out["version"] == 60
+    # measured over the preset's 60 epochs: -1.573 -> -1.441 kB (seed 1: -1.392); a shuffled-reward control -1.577
+    assert after > before + 0.08, (before, after)
+    assert out["ledger"] == {"pairs_requested": 960, "pairs_trained": 960, "pairs_dropped": {}, "pairs_in_flight": 0}
+    assert out["version"] == 120
     hist = [h["learner/log_rho_abs_mean"] for h in out["history"]]
     assert np.all(np.isfinite(hist)) and max(hist) < 0.5
-    assert (tmp_path / "tiny-cpu" / "history.jsonl").read_text().count("\n") == 30
+    assert (tmp_path / "tiny-cpu" / "history.jsonl").read_text().count("\n") == 60

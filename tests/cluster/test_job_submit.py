@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.cluster.conftest import free_port
+from tests.conftest import free_port
 
 ROOT = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
@@ -57,5 +57,24 @@ def test_ray_job_submit_runs_to_success(tmp_path):
         assert summary["version"] == 4 and summary["ledger"]["pairs_trained"] == 32
         assert "pairs requested 32 = trained 32" in logs
     finally:
-        subprocess.run([BIN / "ray", "stop", "--force"], env=env, capture_output=True, timeout=120)
+        stop_cluster(ray_tmp)
         shutil.rmtree(ray_tmp, ignore_errors=True)
+
+
+def stop_cluster(temp_dir: str) -> None:
+    """Stop only the processes of the cluster this test started (`ray stop` would stop every Ray on the machine)."""
+    import psutil
+
+    procs = []
+    for p in psutil.process_iter(["cmdline", "cwd"]):
+        try:
+            text = " ".join(p.info["cmdline"] or []) + " " + (p.info["cwd"] or "")
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            continue
+        if temp_dir in text:
+            procs.append(p)
+    for p in procs:
+        p.terminate()
+    _, alive = psutil.wait_procs(procs, timeout=30)
+    for p in alive:
+        p.kill()

@@ -124,13 +124,6 @@ def assert_identical(learner, samplers) -> str:
 
 
 @pytest.fixture(scope="module")
-def ray_local():
-    ray.init(num_cpus=2, include_dashboard=False)
-    yield
-    ray.shutdown()
-
-
-@pytest.fixture(scope="module")
 def actors(ray_local):
     learner = LearnerActor.remote()
     samplers = [SamplerActor.remote(seed=1), SamplerActor.remote(seed=2)]

@@ -164,10 +164,10 @@ def test_built_from_spec_with_plain_kwargs():
     assert out.scores.shape == (2,) and (out.scores < 0).all()
 
 
-def test_works_as_a_ray_async_actor():
+def test_works_as_a_ray_async_actor(ray_local):
     """What the launch code does: ray.remote(RewardBatcher) with plain kwargs; concurrent calls get batched."""
     ray = pytest.importorskip("ray")
-    ray.init(num_cpus=1, include_dashboard=False, log_to_driver=False)
+    actor = None
     try:
         actor = ray.remote(RewardBatcher).options(name="reward_test_0").remote(
             reward_spec={"name": "jpeg_compressibility"}, max_batch_size=4, max_wait_s=0.5)
@@ -175,6 +175,7 @@ def test_works_as_a_ray_async_actor():
         outs = ray.get(refs, timeout=120)
         stats = ray.get(actor.stats.remote())
     finally:
-        ray.shutdown()
+        if actor is not None:
+            ray.kill(actor)
     assert [o.scores.shape for o in outs] == [(2,), (2,)]
     assert stats["requests"] == 2 and stats["images"] == 4 and stats["batches"] == 1  # merged in the actor

@@ -151,14 +151,14 @@ def test_inprocess_vllm_engine_equals_transformers(model_dir, hf_scores, tmp_pat
     np.testing.assert_allclose(scores, hf_scores.scores, atol=TOL, rtol=0)
 
 
-def test_ray_reward_actor_with_vllm_runtime_env_equals_transformers(model_dir, hf_scores):
+def test_ray_reward_actor_with_vllm_runtime_env_equals_transformers(model_dir, hf_scores, ray_local):
     """The deployment shape: a Ray async actor (RewardBatcher) whose runtime_env runs the vLLM venv's python,
     holding the judge with vLLM's engine in-process; the driver stays in the main venv."""
     import ray
 
     from rewards.batcher import RewardBatcher
 
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    actor = None
     try:
         actor = ray.remote(RewardBatcher).options(
             name="reward/vlm_judge/0",
@@ -173,7 +173,8 @@ def test_ray_reward_actor_with_vllm_runtime_env_equals_transformers(model_dir, h
         outs = ray.get(refs, timeout=600)
         stats = ray.get(actor.stats.remote())
     finally:
-        ray.shutdown()
+        if actor is not None:
+            ray.kill(actor)
     scores = np.concatenate([o.scores for o in outs])
     np.testing.assert_allclose(scores, hf_scores.scores, atol=TOL, rtol=0)
     assert stats["requests"] == 2 and stats["images"] == 4 and stats["batches"] == 1

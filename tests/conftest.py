@@ -1,4 +1,5 @@
-"""A local Ray instance (token auth on, loopback only) shared by the runtime tests of this folder."""
+"""One local Ray instance (token auth on, loopback only) for every test that needs Ray: a process can hold
+only one, so tests take this fixture instead of calling ray.init themselves."""
 
 import os
 import socket

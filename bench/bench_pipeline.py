@@ -1,0 +1,69 @@
+"""Ray pipeline vs the in-process loop, side by side in one run, for the same pairs and updates.
+
+    python bench/bench_pipeline.py [--epochs 6] [--samplers 2] [key=value overrides]
+
+Both runs use the same config (tiny-cpu unless overridden) and train on the same number of pairs; the Ray
+run overlaps sampling/scoring with learner updates. Writes bench/results/pipeline.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("RAY_AUTH_MODE", "token")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--epochs", type=int, default=6)
+    ap.add_argument("--samplers", type=int, default=2)
+    ap.add_argument("--config", default="tiny-cpu")
+    ap.add_argument("overrides", nargs="*")
+    args = ap.parse_args()
+    logging.disable(logging.INFO)
+
+    import ray
+
+    from cluster.config import load_config
+    from cluster.driver import run_local
+    from cluster.runtime import run_ray
+
+    out = Path(tempfile.mkdtemp(prefix="fdfo-bench-"))
+    common = [f"train.epochs={args.epochs}", f"output_dir={out}"] + args.overrides
+    ray.init(num_cpus=max(4, args.samplers + 2), include_dashboard=False, namespace="fdfo", log_to_driver=False)
+    rows = {}
+    for name, extra, fn in (
+        ("in_process", ["runtime.local=true"], run_local),
+        ("ray_pipeline", [f"runtime.num_samplers={args.samplers}"], run_ray),
+    ):
+        cfg = load_config(args.config, common + extra + [f"name=bench-{name}"])
+        t0 = time.perf_counter()
+        res = fn(cfg)
+        wall = time.perf_counter() - t0
+        hist = res["history"]
+        rows[name] = {
+            "wall_s": wall,
+            "pairs_trained": res["ledger"]["pairs_trained"],
+            "s_per_pair": wall / max(res["ledger"]["pairs_trained"], 1),
+            "sample_s_per_pair": sum(h.get("perf/sample_s", 0) for h in hist) / max(res["ledger"]["pairs_trained"], 1),
+            # the Ray driver times the learner call itself (perf/learner_step_s, per update); in process the update timer
+            "learner_s_per_update": (sum(h["perf/learner_step_s"] for h in hist) / len(hist)) if "perf/learner_step_s" in hist[-1]
+            else sum(h.get("perf/update_s", 0) for h in hist) / max(sum(h.get("updates", 0) for h in hist), 1),
+        }
+    ray.shutdown()
+    rows["ratio_ray_over_in_process"] = rows["ray_pipeline"]["wall_s"] / rows["in_process"]["wall_s"]
+    rows["setup"] = {"config": args.config, "epochs": args.epochs, "samplers": args.samplers, "cpus": os.cpu_count(),
+                     "overrides": args.overrides}
+    Path("bench/results").mkdir(parents=True, exist_ok=True)
+    Path("bench/results/pipeline.json").write_text(json.dumps(rows, indent=2))
+    print(json.dumps(rows, indent=2))
+
+
+if __name__ == "__main__":
+    main()

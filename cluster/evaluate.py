@@ -1,0 +1,175 @@
+"""Evaluation, generation and plots: ``fdfo eval``, ``fdfo generate`` and the learning curve of a run.
+
+Usage::
+
+    fdfo eval --config shapes                                   # the base model on the held-out prompts
+    fdfo eval --checkpoint runs/shapes/checkpoints/latest       # a trained policy
+    fdfo generate --checkpoint runs/shapes/checkpoints/latest --prompt "a red circle" --seed 0 1 2
+
+Evaluation samples with plain Euler (no churn) on fixed seeds, so before/after numbers are paired. It reports
+the training reward(s), every ``eval.metrics`` scorer (metrics the run did not train on) and a diversity
+measure: the mean pairwise RMS pixel distance between images of the same prompt with different seeds.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from actors.models import build_model
+from actors.sampling import generate_images, pair_seed
+from cluster.config import RunConfig, load_config
+from cluster.prompts import load_prompts
+from learner.weights import add_lora
+
+
+def load_policy(checkpoint: str | Path):
+    """A checkpoint folder (or a run folder / its ``checkpoints/latest``) -> (FlowModel with the trained weights,
+    its config, the checkpoint folder)."""
+    from safetensors.torch import load_file
+
+    from cluster.config import _build
+    from learner.checkpoint import latest_checkpoint
+
+    folder = Path(checkpoint)
+    if folder.name == "latest" or (folder / "checkpoints").is_dir():
+        run_dir = folder.parent.parent if folder.name == "latest" else folder
+        folder = latest_checkpoint(run_dir)
+        if folder is None:
+            raise FileNotFoundError(f"no checkpoint under {run_dir}/checkpoints")
+    if not (folder / "state.json").exists():
+        raise FileNotFoundError(f"{folder} is not an fdfo checkpoint folder (no state.json)")
+    cfg = _build(RunConfig, json.loads((folder / "state.json").read_text())["config"])
+    model = build_model(cfg.model)
+    if cfg.lora.enabled:
+        add_lora(model.transformer, cfg.lora.rank, cfg.lora.alpha, tuple(cfg.lora.target_modules), cfg.lora.init)
+    else:
+        model.transformer.requires_grad_(True)
+    params = dict(model.transformer.named_parameters())
+    with torch.no_grad():
+        for name, t in load_file(str(folder / "trainable.safetensors")).items():
+            params[name].copy_(t)
+    model.transformer.requires_grad_(False)
+    return model, cfg, folder
+
+
+def eval_set(cfg: RunConfig, num_prompts: int | None = None, seeds_per_prompt: int | None = None):
+    """The fixed held-out evaluation set: (distinct prompts, prompts repeated per seed, seeds)."""
+    ev = cfg.eval
+    num_prompts, seeds_per_prompt = num_prompts or ev.num_prompts, seeds_per_prompt or ev.seeds_per_prompt
+    all_prompts = load_prompts(cfg.prompts.eval_source or cfg.prompts.source)
+    rng = np.random.default_rng(ev.seed)
+    chosen = [all_prompts[i] for i in rng.permutation(len(all_prompts))[:num_prompts]]
+    prompts = [p for p in chosen for _ in range(seeds_per_prompt)]
+    seeds = [pair_seed(ev.seed, p, k) for p in chosen for k in range(seeds_per_prompt)]
+    return chosen, prompts, seeds
+
+
+def heldout_reward(cfg: RunConfig, generate_fn, score_fn, out_png: str | Path | None = None) -> dict:
+    """Mean training reward of Euler samples on the held-out set. ``generate_fn(prompts, seeds, num_steps)`` ->
+    uint8 images; ``score_fn(images, prompts)`` -> RewardOutput (in process, or through Ray actors)."""
+    chosen, prompts, seeds = eval_set(cfg)
+    images = generate_fn(prompts, seeds, cfg.eval.num_steps or cfg.sampling.num_steps)
+    out = score_fn(images, prompts)
+    result = {"eval/reward/mean": float(np.nanmean(out.scores))}
+    if out_png is not None:
+        k = cfg.eval.seeds_per_prompt
+        save_grid(images[: min(len(chosen), 8) * k], k, out_png)
+        result["grid"] = str(out_png)
+    return result
+
+
+def diversity(images: np.ndarray) -> float:
+    """Mean pairwise RMS distance (pixels in [0, 1]) between S images [S, H, W, 3] of one prompt."""
+    x = images.reshape(images.shape[0], -1).astype(np.float64) / 255.0
+    d = [np.sqrt(np.mean((x[i] - x[j]) ** 2)) for i in range(len(x)) for j in range(i + 1, len(x))]
+    return float(np.mean(d)) if d else float("nan")
+
+
+def save_grid(images: np.ndarray, cols: int, path: str | Path, scale: int = 2) -> None:
+    """Tile uint8 images [N, H, W, 3] into a PNG, ``cols`` per row, each upscaled ``scale``x (nearest)."""
+    from PIL import Image
+
+    n, h, w, _ = images.shape
+    rows = math.ceil(n / cols)
+    grid = np.full((rows * (h + 2), cols * (w + 2), 3), 255, np.uint8)
+    for k, img in enumerate(images):
+        r, c = divmod(k, cols)
+        grid[r * (h + 2) + 1 : r * (h + 2) + 1 + h, c * (w + 2) + 1 : c * (w + 2) + 1 + w] = img
+    Image.fromarray(grid).resize((grid.shape[1] * scale, grid.shape[0] * scale), Image.NEAREST).save(path)
+
+
+def evaluate(model, cfg: RunConfig, out_dir: str | Path, num_prompts: int | None = None,
+             seeds_per_prompt: int | None = None, tag: str = "eval") -> dict:
+    """Held-out evaluation; writes ``<tag>.json`` and ``<tag>_grid.png`` (rows = prompts, columns = seeds)."""
+    from cluster.driver import make_reward
+    from rewards.base import build_reward
+
+    ev = cfg.eval
+    chosen, prompts, seeds = eval_set(cfg, num_prompts, seeds_per_prompt)
+    seeds_per_prompt = len(prompts) // len(chosen)
+    source = cfg.prompts.eval_source or cfg.prompts.source
+    steps = ev.num_steps or cfg.sampling.num_steps
+    images = generate_images(model, prompts, seeds, steps, cfg.sampling.guidance_scale)
+    reward = make_reward(cfg.reward)
+    out = reward.score(images, prompts)
+    summary = {
+        "prompts_source": source,
+        "num_prompts": len(chosen),
+        "seeds_per_prompt": seeds_per_prompt,
+        "num_steps": steps,
+        "reward/mean": float(np.nanmean(out.scores)),
+        **{f"reward/{k}/mean": float(np.nanmean(v)) for k, v in out.info.get("components", {}).items()},
+    }
+    for spec in ev.metrics:
+        scorer = build_reward(dict(spec))
+        summary[f"metric/{spec['name']}/mean"] = float(np.nanmean(scorer.score(images, prompts).scores))
+    per_prompt = images.reshape(len(chosen), seeds_per_prompt, *images.shape[1:])
+    summary["diversity/pixel_rms"] = float(np.nanmean([diversity(g) for g in per_prompt]))
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    grid_n = min(len(chosen), 8)
+    save_grid(per_prompt[:grid_n].reshape(-1, *images.shape[1:]), seeds_per_prompt, out_dir / f"{tag}_grid.png")
+    (out_dir / f"{tag}_prompts.txt").write_text("\n".join(chosen[:grid_n]) + "\n")
+    summary["grid"] = str(out_dir / f"{tag}_grid.png")
+    (out_dir / f"{tag}.json").write_text(json.dumps(summary, indent=2))
+    return summary
+
+
+def plot_learning_curve(history: list[dict], path: str | Path) -> str:
+    """Reward vs pairs sampled and vs wall time (train reward every epoch, held-out where evaluated) -> PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    pairs = np.cumsum([h.get("pairs_trained", 0) for h in history])
+    wall = [h.get("perf/wall_s", np.nan) / 60 for h in history]
+    train = [h.get("reward/mean", np.nan) for h in history]
+    ev = [(p, w, h["eval/reward/mean"]) for p, w, h in zip(pairs, wall, history) if "eval/reward/mean" in h]
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
+    for ax, xs, xe, label in ((axes[0], pairs, [e[0] for e in ev], "pairs trained"),
+                              (axes[1], wall, [e[1] for e in ev], "wall time (min)")):
+        ax.plot(xs, train, label="train reward (sampled pairs)", alpha=0.7)
+        if ev:
+            ax.plot(xe, [e[2] for e in ev], "o-", label="held-out reward (Euler, fixed seeds)")
+        ax.set_xlabel(label)
+        ax.set_ylabel("reward")
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return str(path)
+
+
+def base_model(config: str | None, overrides: list[str]):
+    """The untrained model of a config (what a run starts from)."""
+    cfg = load_config(config, overrides)
+    model = build_model(cfg.model)
+    model.transformer.requires_grad_(False)
+    return model, cfg
