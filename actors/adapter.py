@@ -106,7 +106,8 @@ class SD3Adapter:
         self.device = torch.device(device)
         self.dtype = dtype
         self.max_sequence_length = max_sequence_length
-        pipe.to(self.device, dtype)
+        # from_pretrained already loaded in `dtype` (keeping the modules diffusers wants in fp32); only move here
+        pipe.to(self.device)
         for module in (pipe.text_encoder, pipe.text_encoder_2, pipe.text_encoder_3, pipe.vae, pipe.transformer):
             if module is not None:
                 module.requires_grad_(False)

@@ -47,8 +47,11 @@ def main() -> None:
         res = fn(cfg)
         wall = time.perf_counter() - t0
         hist = res["history"]
+        steady_pairs = sum(h.get("pairs_trained", 0) for h in hist[1:])
         rows[name] = {
             "wall_s": wall,
+            # from the end of epoch 0 to the end of the run: no actor start-up, no model loading
+            "steady_s_per_pair": (hist[-1]["perf/wall_s"] - hist[0]["perf/wall_s"]) / max(steady_pairs, 1),
             "pairs_trained": res["ledger"]["pairs_trained"],
             "s_per_pair": wall / max(res["ledger"]["pairs_trained"], 1),
             "sample_s_per_pair": sum(h.get("perf/sample_s", 0) for h in hist) / max(res["ledger"]["pairs_trained"], 1),
@@ -58,6 +61,8 @@ def main() -> None:
         }
     ray.shutdown()
     rows["ratio_ray_over_in_process"] = rows["ray_pipeline"]["wall_s"] / rows["in_process"]["wall_s"]
+    rows["steady_ratio_ray_over_in_process"] = (rows["ray_pipeline"]["steady_s_per_pair"]
+                                                / rows["in_process"]["steady_s_per_pair"])
     rows["setup"] = {"config": args.config, "epochs": args.epochs, "samplers": args.samplers, "cpus": os.cpu_count(),
                      "overrides": args.overrides}
     Path("bench/results").mkdir(parents=True, exist_ok=True)

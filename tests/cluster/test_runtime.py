@@ -111,3 +111,17 @@ def test_resume_continues_counters_and_weights(ray_local, tmp_path):
     assert second["ledger"]["pairs_requested"] == 32 + sum(second["ledger"]["pairs_dropped"].values())
     with pytest.raises(FileNotFoundError, match="no checkpoint"):
         run(tmp_path / "fresh", ["train.epochs=1"], resume=True)
+
+
+def test_sampler_pool_grows_when_the_learner_waits_for_data(ray_local, tmp_path):
+    # one pair per sampler call (a Ray round trip each) and one update per epoch on a single micro-batch: the
+    # learner idles waiting for pairs, so the driver asks Ray for a second sampler (up to runtime.max_samplers),
+    # which loads the current weights before it samples
+    _, out = run(tmp_path, ["runtime.num_samplers=1", "runtime.max_samplers=2", "sampling.num_steps=20",
+                            "sampling.pairs_per_call=1", "train.updates_per_epoch=1", "train.micro_batch_rows=1024",
+                            "train.epochs=3"])
+    counts = [h["runtime/samplers"] for h in out["history"]]
+    assert counts[0] == 1 and counts[-1] == 2 and max(counts) == 2   # grown after epoch 0, never past the ceiling
+    assert [s["sampler"] for s in out["samplers"]] == [0, 1]
+    assert all(s["version"] == out["version"] for s in out["samplers"])
+    assert out["ledger"]["pairs_trained"] == 24 and out["ledger"]["pairs_dropped"] == {}
