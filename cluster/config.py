@@ -117,6 +117,7 @@ class RunConfig:
     name: str = "fdfo"  # run name (dashboard actor prefix, output folder)
     seed: int = 0  # run seed: pair noise, shuffles
     output_dir: str = "runs"  # where checkpoints, TensorBoard logs and plots go
+    wandb_project: str | None = None  # also log to Weights & Biases under this project (needs `pip install wandb`)
     model: ModelConfig = field(default_factory=ModelConfig)
     lora: LoraSettings = field(default_factory=LoraSettings)
     sampling: SamplingConfig = field(default_factory=SamplingConfig)

@@ -80,9 +80,10 @@ def setup_process(cfg: RunConfig) -> None:
 
 
 class RunLog:
-    """Scalars to TensorBoard (``<output_dir>/<name>/tb``) and a JSON-lines history; one line per epoch to the log."""
+    """Scalars and image grids to TensorBoard (``<output_dir>/<name>/tb``) and, with ``wandb_project`` set, to
+    Weights & Biases; a JSON-lines history (appended to on resume)."""
 
-    def __init__(self, cfg: RunConfig):
+    def __init__(self, cfg: RunConfig, resume: bool = False):
         self.dir = Path(cfg.output_dir) / cfg.name
         self.dir.mkdir(parents=True, exist_ok=True)
         (self.dir / "config.json").write_text(json.dumps(to_dict(cfg), indent=2))
@@ -90,18 +91,42 @@ class RunLog:
 
         self.tb = SummaryWriter(str(self.dir / "tb"))
         self.history = self.dir / "history.jsonl"
-        self.history.write_text("")
+        if not resume:
+            self.history.write_text("")
+        self.wandb = None
+        if cfg.wandb_project:
+            try:
+                import wandb
+            except ImportError as e:
+                raise ImportError(f"wandb_project={cfg.wandb_project!r} needs `pip install wandb`") from e
+            self.wandb = wandb.init(project=cfg.wandb_project, name=cfg.name, config=to_dict(cfg), resume="allow")
 
     def scalars(self, step: int, metrics: dict) -> None:
         row = {"step": step, **{k: v for k, v in metrics.items() if isinstance(v, (int, float))}}
         for k, v in row.items():
             if k != "step":
                 self.tb.add_scalar(k, v, step)
+        if self.wandb is not None:
+            self.wandb.log(row, step=step)
         with self.history.open("a") as f:
             f.write(json.dumps(row) + "\n")
 
+    def image(self, tag: str, png: str | Path, step: int) -> None:
+        """Log a PNG (an image grid) under ``tag``."""
+        import numpy as np
+        from PIL import Image
+
+        arr = np.asarray(Image.open(png).convert("RGB"))
+        self.tb.add_image(tag, arr, step, dataformats="HWC")
+        if self.wandb is not None:
+            import wandb
+
+            self.wandb.log({tag: wandb.Image(str(png))}, step=step)
+
     def close(self) -> None:
         self.tb.close()
+        if self.wandb is not None:
+            self.wandb.finish()
 
 
 def run_local(cfg: RunConfig, resume: bool = False) -> dict:
@@ -112,13 +137,14 @@ def run_local(cfg: RunConfig, resume: bool = False) -> dict:
     reward = make_reward(cfg.reward)
     sampler = Sampler(build_model(cfg.model), cfg.sampling, cfg.lora)
     learner = Learner(build_model(cfg.model), cfg.train, batching, cfg.lora, seed=cfg.seed)
-    schedule, ledger, timers, runlog = PairSchedule(prompts, cfg.seed), Ledger(), Timers(), RunLog(cfg)
+    schedule, ledger, timers, runlog = PairSchedule(prompts, cfg.seed), Ledger(), Timers(), RunLog(cfg, resume)
     start_epoch = 0
     if resume:
         start_epoch = resume_state(learner, runlog.dir, schedule, ledger)
     sampler.set_weights(learner.weights())        # both sides start from the same adapter (version 0 or resumed)
     gen = lambda prompts, seeds, steps: sampler.generate(prompts, seeds, steps)  # noqa: E731
     before = heldout_reward(cfg, gen, reward.score, runlog.dir / "heldout_before.png")
+    runlog.image("eval/heldout", before["grid"], start_epoch)
     log.info("held-out reward before: %.4f", before["eval/reward/mean"])
     t_start, history = time.perf_counter(), []
     for epoch in range(start_epoch, cfg.train.epochs):
@@ -150,7 +176,8 @@ def run_local(cfg: RunConfig, resume: bool = False) -> dict:
         metrics.update(timers.pop())
         metrics.update({"epoch": epoch, "reward/mean": float(flat.mean()), "perf/wall_s": time.perf_counter() - t_start})
         if cfg.eval.every_epochs and (epoch + 1) % cfg.eval.every_epochs == 0:
-            metrics.update(heldout_reward(cfg, gen, reward.score))
+            metrics.update(heldout_reward(cfg, gen, reward.score, runlog.dir / "heldout_latest.png"))
+            runlog.image("eval/heldout", metrics.pop("grid"), epoch + 1)
         runlog.scalars(epoch, metrics)
         history.append(metrics)
         log.info("epoch %d reward %.4f loss %.4g clip %.3f version %d", epoch, metrics["reward/mean"],
@@ -167,6 +194,7 @@ def finish_report(runlog: RunLog, history: list[dict], before: dict, after: dict
     """Held-out reward before/after, the grids and the learning curve, logged and returned."""
     if history:
         history[-1].update({k: v for k, v in after.items() if k.startswith("eval/")})
+        runlog.image("eval/heldout", after["grid"], history[-1]["epoch"] + 1)
     curve = plot_learning_curve(history, runlog.dir / "learning_curve.png") if history else None
     runlog.close()
     b, a = before["eval/reward/mean"], after["eval/reward/mean"]

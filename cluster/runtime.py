@@ -146,7 +146,7 @@ def run_ray(cfg: RunConfig, resume: bool = False) -> dict:
     if not 1 <= rt.num_samplers <= max_samplers:
         raise ValueError(f"need 1 <= runtime.num_samplers ({rt.num_samplers}) <= runtime.max_samplers ({max_samplers})")
     connect(rt, max_samplers * rt.sampler_num_cpus + rt.num_reward_actors * rt.reward_num_cpus + rt.learner_num_cpus)
-    runlog, metrics, timers, ledger = RunLog(cfg), Metrics(cfg.name), Timers(), Ledger()
+    runlog, metrics, timers, ledger = RunLog(cfg, resume), Metrics(cfg.name), Timers(), Ledger()
 
     learner = (
         ray.remote(Learner)
@@ -197,6 +197,7 @@ def run_ray(cfg: RunConfig, resume: bool = False) -> dict:
         return ray.get(rewards[0].score.remote(images=images, prompts=prompts))
 
     before = heldout_reward(cfg, gen, score, runlog.dir / "heldout_before.png")
+    runlog.image("eval/heldout", before["grid"], epoch)
     log.info("held-out reward before: %.4f", before["eval/reward/mean"])
 
     jobs: dict[ray.ObjectRef, Job] = {}
@@ -315,7 +316,8 @@ def run_ray(cfg: RunConfig, resume: bool = False) -> dict:
                 )
                 comp_sums.clear()
                 if cfg.eval.every_epochs and (epoch + 1) % cfg.eval.every_epochs == 0:
-                    m.update(heldout_reward(cfg, gen, score))
+                    m.update(heldout_reward(cfg, gen, score, runlog.dir / "heldout_latest.png"))
+                    runlog.image("eval/heldout", m.pop("grid"), epoch + 1)
                 _export(metrics, m, trained)
                 runlog.scalars(epoch, m)
                 history.append(m)
