@@ -133,8 +133,15 @@ def sample_euler(
     if len(prompts) != len(seeds):
         raise ValueError(f"{len(prompts)} prompts but {len(seeds)} seeds: pass one seed per prompt")
     C, H, W = model.latent_shape
-    x = torch.stack([torch.randn((C, H, W), generator=torch.Generator().manual_seed(int(s))) for s in seeds]).to(model.device)
-    cond = model.encode_prompts(list(prompts))
+    x = torch.stack([torch.randn((C, H, W), generator=torch.Generator().manual_seed(int(s))) for s in seeds])
+    return euler_integrate(model, x, model.encode_prompts(list(prompts)), num_steps, guidance_scale)
+
+
+@torch.no_grad()
+def euler_integrate(model: FlowModel, x: torch.Tensor, cond: PromptEmbeds, num_steps: int,
+                    guidance_scale: float = 1.0) -> torch.Tensor:
+    """Integrate x [B, C, H, W] from sigma 1 to 0 with plain Euler steps on the model's schedule -> [B, C, H, W]."""
+    x = x.to(model.device)
     sigmas = model.sigmas(num_steps)
     for i in range(num_steps):
         t, s = float(sigmas[i]), float(sigmas[i + 1])

@@ -163,13 +163,11 @@ def sample_euler(
 
     The reference sampler for evaluating a base model; FDFO's paired churned sampler lives in actors/sampling.py.
     """
-    sigmas = model.sigmas(num_steps)
+    from actors.sampling import euler_integrate
+
     noise = torch.randn(len(prompts), *model.latent_shape, generator=generator)
     out = []
     for i in range(0, len(prompts), batch_size):
-        x = noise[i : i + batch_size].to(model.device)
         cond = model.encode_prompts(prompts[i : i + batch_size])
-        for t, s in zip(sigmas[:-1], sigmas[1:]):
-            x = x + (s - t) * model.velocity(x, t, cond)
-        out.append(model.decode(x).cpu())
+        out.append(model.decode(euler_integrate(model, noise[i : i + batch_size], cond, num_steps)).cpu())
     return torch.cat(out)

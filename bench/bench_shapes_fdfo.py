@@ -29,13 +29,14 @@ sys.path.insert(0, str(ROOT))
 
 from actors.models import build_model  # noqa: E402
 from actors.sampler import Sampler  # noqa: E402
-from actors.sampling import sample_pairs  # noqa: E402
+from actors.sampling import generate_images  # noqa: E402
+from cluster.evaluate import diversity  # noqa: E402
 from cluster.config import Batching, load_config, to_dict  # noqa: E402
 from cluster.driver import make_reward, score_pairs, setup_process  # noqa: E402
 from cluster.prompts import load_prompts  # noqa: E402
 from cluster.schedule import PairSchedule  # noqa: E402
 from learner.learner import Learner  # noqa: E402
-from rewards import build_reward, to_uint8  # noqa: E402
+from rewards import build_reward  # noqa: E402
 
 
 def fixed_subset(prompts: list[str], n: int, seed: int) -> list[str]:
@@ -45,15 +46,9 @@ def fixed_subset(prompts: list[str], n: int, seed: int) -> list[str]:
     return [prompts[i] for i in sorted(idx)]
 
 
-@torch.no_grad()
 def euler_images(model, prompts: list[str], seeds: list[int], num_steps: int, guidance: float) -> np.ndarray:
-    """Plain Euler (gamma 0) samples -> uint8 [B, H, W, 3]; the first branch of sample_pairs."""
-    out = []
-    for i in range(0, len(prompts), 64):
-        traj = sample_pairs(model, prompts[i : i + 64], seeds[i : i + 64], num_steps, gamma=0.0,
-                            guidance_scale=guidance)
-        out.append(to_uint8(model.decode(traj.x_final[:, 0])))
-    return np.concatenate(out)
+    """Plain Euler (gamma 0) samples -> uint8 [B, H, W, 3] (the project's evaluation sampler)."""
+    return generate_images(model, prompts, seeds, num_steps, guidance)
 
 
 class Evaluator:
@@ -72,13 +67,12 @@ class Evaluator:
         held = euler_images(model, self.held, seeds, s, w)
         train = euler_images(model, self.train, seeds[: len(self.train)], s, w)
         div = euler_images(model, self.div_prompts, [self.seed + 10_000 + i for i in range(len(self.div_prompts))], s, w)
-        d = div.astype(np.float32).reshape(16, 4, -1) / 255.0
-        pair_d = [np.sqrt(((d[:, a] - d[:, b]) ** 2).mean(-1)) for a in range(4) for b in range(a + 1, 4)]
+        per_prompt = div.reshape(16, 4, *div.shape[1:])
         return {
             "heldout_judge": float(self.judge.score(held, self.held).scores.mean()),
             "heldout_exact": float(self.exact.score(held, self.held).scores.mean()),
             "train_judge": float(self.judge.score(train, self.train).scores.mean()),
-            "diversity": float(np.mean(pair_d)),
+            "diversity": float(np.mean([diversity(g) for g in per_prompt])),
         }, held
 
 
