@@ -24,7 +24,7 @@ from actors.adapter import FlowModel
 from actors.models import DTYPES, build_model
 from actors.sampling import PairTrajectory, generate_images, sample_pairs
 from learner.batch import to_arrow
-from learner.weights import Weights, add_lora
+from learner.weights import Weights, add_lora, checksum, trainable
 from rewards.base import to_uint8
 
 
@@ -51,9 +51,9 @@ class Sampler:
         else:
             model.transformer.requires_grad_(True)  # marks the full weights as the broadcast set
         model.transformer.eval()
-        w = Weights.of(model.transformer, version=0)
-        self.version, self.checksum = 0, w.checksum
-        self._broadcast_names = sorted(w.tensors)          # what the learner trains and broadcasts
+        params = trainable(model.transformer)               # what the learner trains and broadcasts
+        self.version, self.checksum = 0, checksum(params)
+        self._broadcast_names = sorted(params)
         self._pending: dict[int, _Pending] = {}
         self._jobs = itertools.count()
 

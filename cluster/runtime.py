@@ -286,15 +286,15 @@ def run_ray(cfg: RunConfig, resume: bool = False) -> dict:
                 ledger.drop("stale", stale)
                 metrics.drop("stale", stale)
                 ledger.train(trained)
-                metrics.trained.inc(trained, tags=metrics.tags) if trained else None
+                if trained:
+                    metrics.trained.inc(trained, tags=metrics.tags)
                 step_s = time.perf_counter() - train_started
                 if not m.get("updates"):          # every pair was stale: no update, not an epoch
                     log.info("all %d pairs of the batch were stale (max_policy_lag %d); sampling again", stale, batching.max_policy_lag)
                     continue
-                if m.get("updates"):
-                    version, checksum = m["learner/version"], m.pop("checksum")
-                    with timers("broadcast"):
-                        weights_ref = sync.broadcast(pool, version, checksum)
+                version, checksum = m["learner/version"], m.pop("checksum")
+                with timers("broadcast"):
+                    weights_ref = sync.broadcast(pool, version, checksum)
                 # -- log the epoch
                 wall = time.perf_counter() - epoch_start
                 epoch_start = time.perf_counter()
@@ -318,7 +318,7 @@ def run_ray(cfg: RunConfig, resume: bool = False) -> dict:
                 if cfg.eval.every_epochs and (epoch + 1) % cfg.eval.every_epochs == 0:
                     m.update(heldout_reward(cfg, gen, score, runlog.dir / "heldout_latest.png"))
                     runlog.image("eval/heldout", m.pop("grid"), epoch + 1)
-                _export(metrics, m, trained)
+                _export(metrics, m)
                 runlog.scalars(epoch, m)
                 history.append(m)
                 epoch += 1
@@ -350,13 +350,11 @@ def run_ray(cfg: RunConfig, resume: bool = False) -> dict:
                 metrics.drop("reward_failure", len(job.pair_ids))
                 _forget(pool, job)
                 continue
+            out = ray.get(job.out_ref)
             if dropped:
-                out = ray.get(job.out_ref)
                 reason = reward_drop_reason(out.info.get("reasons", []))
                 ledger.drop(reason, len(dropped))
                 metrics.drop(reason, len(dropped))
-            else:
-                out = ray.get(job.out_ref)
             for k, v in (out.info.get("components") or {}).items():
                 v = np.asarray(v, dtype=np.float64)
                 comp_sums.setdefault(k, []).extend(v[np.isfinite(v)].tolist())
@@ -462,7 +460,7 @@ def _save(learner, run_dir: Path, cfg: RunConfig, epoch: int, schedule: PairSche
     return ray.get(learner.save.remote(str(run_dir), checkpoint_state(epoch, schedule, ledger), to_dict(cfg)))
 
 
-def _export(metrics: Metrics, m: dict, trained: int) -> None:
+def _export(metrics: Metrics, m: dict) -> None:
     for key, name in (
         ("perf/pairs_per_s", "pairs_per_s"),
         ("reward/mean", "reward_mean"),

@@ -94,6 +94,6 @@ def load_checkpoint(folder: str | Path, learner) -> dict:
             params[name].copy_(t)
     _load_optimizer(learner.opt, folder)
     learner.version = int(meta["version"])
-    if learner.weights().checksum != meta["checksum"]:
+    if learner.weights_info()[1] != meta["checksum"]:
         raise RuntimeError(f"checkpoint {folder}: restored weights do not match the saved checksum")
     return meta["state"]

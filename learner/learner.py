@@ -23,7 +23,7 @@ import torch
 from actors.adapter import FlowModel, PromptEmbeds
 from learner.batch import from_arrow
 from learner.loss import fdfo_loss
-from learner.weights import Weights, add_lora
+from learner.weights import Weights, add_lora, checksum, trainable
 
 
 class Learner:
@@ -151,7 +151,7 @@ class Learner:
                 "learner/policy_lag_max": lag_max,
                 "learner/rows": R * N,
                 "reward/mean": float(tb.reward[keep].mean()),
-                "checksum": self.weights().checksum,
+                "checksum": self.weights_info()[1],
             }
         )
         return out
@@ -160,8 +160,8 @@ class Learner:
         return Weights.of(self.model.transformer, self.version)
 
     def weights_info(self) -> tuple[int, str]:
-        """(version, checksum) without shipping the tensors."""
-        return self.version, self.weights().checksum
+        """(version, checksum) without copying or shipping the tensors."""
+        return self.version, checksum(trainable(self.model.transformer))
 
     # -- full-weight broadcast over a collective group (gloo on CPU, NCCL on GPU); LoRA uses the object store
     def weight_group_address(self) -> tuple[str, int]:
@@ -180,9 +180,8 @@ class Learner:
 
     def send_weights(self) -> dict:
         """Broadcast the trainable tensors to every sampler of the group; returns {version, checksum}."""
-        tensors = {n: p.detach() for n, p in self.model.transformer.named_parameters() if p.requires_grad}
-        checksum = self._group.send(tensors, version=self.version)
-        return {"version": self.version, "checksum": checksum}
+        sent = self._group.send(trainable(self.model.transformer), version=self.version)
+        return {"version": self.version, "checksum": sent}
 
     def leave_weight_group(self) -> None:
         if getattr(self, "_group", None) is not None:

@@ -47,8 +47,9 @@ def add_lora(
             p.requires_grad_(True)
 
 
-def trainable_names(transformer: torch.nn.Module) -> list[str]:
-    return [n for n, p in transformer.named_parameters() if p.requires_grad]
+def trainable(transformer: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The broadcast set by name, as views of the live parameters (no copy)."""
+    return {n: p.detach() for n, p in transformer.named_parameters() if p.requires_grad}
 
 
 def checksum(tensors: dict[str, torch.Tensor]) -> str:
@@ -71,7 +72,7 @@ class Weights:
 
     @classmethod
     def of(cls, transformer: torch.nn.Module, version: int) -> "Weights":
-        tensors = {n: p.detach().cpu().clone() for n, p in transformer.named_parameters() if p.requires_grad}
+        tensors = {n: t.cpu().clone() for n, t in trainable(transformer).items()}
         return cls(version=version, tensors=tensors, checksum=checksum(tensors))
 
     def verify(self) -> None:
