@@ -23,7 +23,7 @@ def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="fdfo", description="Finite Difference Flow Optimization on Ray")
     sub = p.add_subparsers(dest="command", required=True)
     t = sub.add_parser("train", help="post-train a flow model with FDFO")
-    t.add_argument("--config", default=None, help="preset name (see `fdfo presets`) or YAML path; default tiny-cpu")
+    t.add_argument("--config", default=None, help="preset name (see `fdfo presets`) or YAML path; default shapes")
     t.add_argument("--local", action="store_true", help="one process, no Ray (debug: breakpoint() works)")
     t.add_argument("--resume", action="store_true", help="continue from the run's last checkpoint")
     t.add_argument("--summary-json", default=None, help="write the final summary (ledger, metrics) to this file")
@@ -90,6 +90,11 @@ def main(argv: list[str] | None = None) -> int:
         result = run_ray(cfg, resume=args.resume)
     summary = {k: v for k, v in result.items() if k in ("ledger", "version", "final", "paths", "samplers")}
     print(json.dumps(summary, indent=2, default=str))
+    for name, v in (result.get("final") or {}).get("heldout", {}).items():
+        print(f"held-out {name[:-len('/mean')]}: before {v['before']:.4f} -> after {v['after']:.4f} ({v['gain']:+.4f})")
+    for key in ("grid_before", "grid_after", "learning_curve", "checkpoint"):
+        if (result.get("paths") or {}).get(key):
+            print(f"{key.replace('_', ' ')}: {result['paths'][key]}")
     if args.summary_json:
         with open(args.summary_json, "w") as f:
             json.dump(summary, f, indent=2, default=str)

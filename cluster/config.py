@@ -20,13 +20,13 @@ from typing import Any, Literal
 import yaml
 
 CONFIG_DIR = Path(__file__).parent / "configs"
-DEFAULT_PRESET = "tiny-cpu"
+DEFAULT_PRESET = "shapes"
 
 
 @dataclass(frozen=True)
 class ModelConfig:
     kind: Literal["sd3", "sd3_tiny", "shapes"] = "sd3_tiny"  # sd3: SD3/3.5 from `path`; sd3_tiny: random offline SD3; shapes: shipped demo model
-    path: str | None = None  # hub id or local directory of a StableDiffusion3Pipeline (kind sd3)
+    path: str | None = None  # kind sd3: hub id or local directory of a StableDiffusion3Pipeline; kind shapes: a folder with a re-built base model (default: the shipped one)
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"  # compute dtype of the frozen weights
     device: str = "auto"  # "auto" = cuda when the actor has a GPU, else cpu
     resolution: int = 512  # image height and width (kind sd3)
@@ -76,6 +76,7 @@ class TrainConfig:
     pairs_per_epoch: int = 432  # pairs sampled per epoch (the reference: 432 pairs = 864 images)
     updates_per_epoch: int = 4  # optimizer steps per epoch, each on a global shuffle share of (image, step) rows
     micro_batch_rows: int = 64  # (branch, step) rows per forward/backward; gradients accumulate over an update
+    timestep_fraction: float = 1.0  # share of each epoch's (branch, step) rows trained on, drawn at random (1.0 = all, the reference)
     epochs: int = 1000  # epochs to run
     amp: bool = True  # bf16 autocast for the forward on CUDA (ignored on CPU)
     max_policy_lag: int | None = None  # max (learner version - sample version) at any update; None = 2*updates_per_epoch - 1
@@ -143,6 +144,8 @@ class Batching:
         t, N = cfg.train, cfg.sampling.num_steps
         if t.pairs_per_epoch < 1 or t.updates_per_epoch < 1 or t.micro_batch_rows < 1:
             raise ValueError("train.pairs_per_epoch, train.updates_per_epoch and train.micro_batch_rows must be >= 1")
+        if not 0.0 < t.timestep_fraction <= 1.0:
+            raise ValueError(f"train.timestep_fraction must be in (0, 1] (the share of rows trained on); got {t.timestep_fraction}")
         rows = 2 * t.pairs_per_epoch * N
         if rows % t.updates_per_epoch:
             raise ValueError(
@@ -150,7 +153,7 @@ class Batching:
                 f"train.updates_per_epoch = {t.updates_per_epoch} does not divide; choose pairs_per_epoch so that "
                 f"2 * pairs_per_epoch * num_steps is a multiple of updates_per_epoch"
             )
-        per_update = rows // t.updates_per_epoch
+        per_update = round(t.timestep_fraction * rows) // t.updates_per_epoch
         lag = 2 * t.updates_per_epoch - 1 if t.max_policy_lag is None else t.max_policy_lag
         if lag < t.updates_per_epoch - 1:
             raise ValueError(

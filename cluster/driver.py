@@ -195,12 +195,16 @@ def finish_report(runlog: RunLog, history: list[dict], before: dict, after: dict
     if history:
         history[-1].update({k: v for k, v in after.items() if k.startswith("eval/")})
         runlog.image("eval/heldout", after["grid"], history[-1]["epoch"] + 1)
-    curve = plot_learning_curve(history, runlog.dir / "learning_curve.png") if history else None
+    start = {"pairs_trained": 0, "perf/wall_s": 0.0, **{k: v for k, v in before.items() if k.startswith("eval/")}}
+    curve = plot_learning_curve([start, *history], runlog.dir / "learning_curve.png") if history else None
     runlog.close()
+    gains = {k: (before[k], after[k]) for k in before if k.startswith("eval/") and k in after}
+    for k, (b, a) in gains.items():
+        log.info("held-out %s before %.4f -> after %.4f (%+.4f)", k[len("eval/"):-len("/mean")], b, a, a - b)
+    log.info("grids %s, %s; learning curve %s", before.get("grid"), after.get("grid"), curve)
     b, a = before["eval/reward/mean"], after["eval/reward/mean"]
-    log.info("held-out reward before %.4f -> after %.4f (%+.4f); grids %s, %s; learning curve %s",
-             b, a, a - b, before.get("grid"), after.get("grid"), curve)
     return {"heldout_reward_before": b, "heldout_reward_after": a, "heldout_reward_gain": a - b,
+            "heldout": {k[len("eval/"):]: {"before": b, "after": a, "gain": a - b} for k, (b, a) in gains.items()},
             "paths": {"grid_before": before.get("grid"), "grid_after": after.get("grid"), "learning_curve": curve}}
 
 

@@ -69,13 +69,34 @@ def eval_set(cfg: RunConfig, num_prompts: int | None = None, seeds_per_prompt: i
     return chosen, prompts, seeds
 
 
+_METRICS: dict[str, object] = {}
+
+
+def metric_scorers(cfg: RunConfig) -> dict:
+    """The ``eval.metrics`` scorers (built once per process): metrics the run reports but does not train on."""
+    from rewards.base import build_reward
+
+    out = {}
+    for spec in cfg.eval.metrics:
+        key = json.dumps(dict(spec), sort_keys=True)
+        if key not in _METRICS:
+            _METRICS[key] = build_reward(dict(spec))
+        out[spec["name"]] = _METRICS[key]
+    return out
+
+
 def heldout_reward(cfg: RunConfig, generate_fn, score_fn, out_png: str | Path | None = None) -> dict:
-    """Mean training reward of Euler samples on the held-out set. ``generate_fn(prompts, seeds, num_steps)`` ->
-    uint8 images; ``score_fn(images, prompts)`` -> RewardOutput (in process, or through Ray actors)."""
+    """Training reward (total and per component) and every ``eval.metrics`` scorer on Euler samples of the
+    held-out set. ``generate_fn(prompts, seeds, num_steps)`` -> uint8 images; ``score_fn(images, prompts)`` ->
+    RewardOutput (in process, or through Ray actors)."""
     chosen, prompts, seeds = eval_set(cfg)
     images = generate_fn(prompts, seeds, cfg.eval.num_steps or cfg.sampling.num_steps)
     out = score_fn(images, prompts)
     result = {"eval/reward/mean": float(np.nanmean(out.scores))}
+    for k, v in (out.info.get("components") or {}).items():
+        result[f"eval/reward/{k}/mean"] = float(np.nanmean(v))
+    for k, scorer in metric_scorers(cfg).items():
+        result[f"eval/metric/{k}/mean"] = float(np.nanmean(scorer.score(images, prompts).scores))
     if out_png is not None:
         k = cfg.eval.seeds_per_prompt
         save_grid(images[: min(len(chosen), 8) * k], k, out_png)
@@ -107,7 +128,6 @@ def evaluate(model, cfg: RunConfig, out_dir: str | Path, num_prompts: int | None
              seeds_per_prompt: int | None = None, tag: str = "eval") -> dict:
     """Held-out evaluation; writes ``<tag>.json`` and ``<tag>_grid.png`` (rows = prompts, columns = seeds)."""
     from cluster.driver import make_reward
-    from rewards.base import build_reward
 
     ev = cfg.eval
     chosen, prompts, seeds = eval_set(cfg, num_prompts, seeds_per_prompt)
@@ -125,9 +145,8 @@ def evaluate(model, cfg: RunConfig, out_dir: str | Path, num_prompts: int | None
         "reward/mean": float(np.nanmean(out.scores)),
         **{f"reward/{k}/mean": float(np.nanmean(v)) for k, v in out.info.get("components", {}).items()},
     }
-    for spec in ev.metrics:
-        scorer = build_reward(dict(spec))
-        summary[f"metric/{spec['name']}/mean"] = float(np.nanmean(scorer.score(images, prompts).scores))
+    for k, scorer in metric_scorers(cfg).items():
+        summary[f"metric/{k}/mean"] = float(np.nanmean(scorer.score(images, prompts).scores))
     per_prompt = images.reshape(len(chosen), seeds_per_prompt, *images.shape[1:])
     summary["diversity/pixel_rms"] = float(np.nanmean([diversity(g) for g in per_prompt]))
     out_dir = Path(out_dir)
@@ -141,7 +160,8 @@ def evaluate(model, cfg: RunConfig, out_dir: str | Path, num_prompts: int | None
 
 
 def plot_learning_curve(history: list[dict], path: str | Path) -> str:
-    """Reward vs pairs sampled and vs wall time (train reward every epoch, held-out where evaluated) -> PNG."""
+    """Reward vs pairs trained and vs wall time -> PNG: the train reward every epoch, and every held-out series
+    (total reward, its components, the ``eval.metrics``) where evaluated."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -150,17 +170,18 @@ def plot_learning_curve(history: list[dict], path: str | Path) -> str:
     pairs = np.cumsum([h.get("pairs_trained", 0) for h in history])
     wall = [h.get("perf/wall_s", np.nan) / 60 for h in history]
     train = [h.get("reward/mean", np.nan) for h in history]
-    ev = [(p, w, h["eval/reward/mean"]) for p, w, h in zip(pairs, wall, history) if "eval/reward/mean" in h]
+    eval_keys = sorted({k for h in history for k in h if k.startswith("eval/") and k.endswith("/mean")})
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
-    for ax, xs, xe, label in ((axes[0], pairs, [e[0] for e in ev], "pairs trained"),
-                              (axes[1], wall, [e[1] for e in ev], "wall time (min)")):
+    for ax, xs, label in ((axes[0], pairs, "pairs trained"), (axes[1], wall, "wall time (min)")):
         ax.plot(xs, train, label="train reward (sampled pairs)", alpha=0.7)
-        if ev:
-            ax.plot(xe, [e[2] for e in ev], "o-", label="held-out reward (Euler, fixed seeds)")
+        for key in eval_keys:
+            pts = [(x, h[key]) for x, h in zip(xs, history) if key in h]
+            name = "reward" if key == "eval/reward/mean" else key[len("eval/"):-len("/mean")]
+            ax.plot(*zip(*pts), "o-", label=f"held-out {name} (Euler, fixed seeds)")
         ax.set_xlabel(label)
         ax.set_ylabel("reward")
         ax.grid(alpha=0.3)
-    axes[0].legend(fontsize=8)
+    axes[0].legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

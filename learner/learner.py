@@ -107,6 +107,7 @@ class Learner:
             raise ValueError("one epoch mixes guidance scales; sampling.guidance_scale must be the same on every sampler")
         g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.version)
         order = torch.randperm(R * N, generator=g)             # global shuffle over (branch, step) rows
+        order = order[: max(1, round(self.cfg.timestep_fraction * R * N))]  # an unbiased subset of the rows
         sums: dict[str, float] = {}
         grad_norms, lag_sum, lag_max = [], 0.0, 0
         dev = self.model.device
@@ -147,9 +148,9 @@ class Learner:
                 "updates": len(grad_norms),
                 "learner/grad_norm": sum(grad_norms) / len(grad_norms),
                 "learner/version": self.version,
-                "learner/policy_lag_mean": lag_sum / (R * N),
+                "learner/policy_lag_mean": lag_sum / len(order),
                 "learner/policy_lag_max": lag_max,
-                "learner/rows": R * N,
+                "learner/rows": len(order),
                 "reward/mean": float(tb.reward[keep].mean()),
                 "checksum": self.weights_info()[1],
             }

@@ -247,7 +247,12 @@ def _slice_info(info: Mapping[str, Any], lo: int, hi: int, n: int) -> dict[str, 
 
 
 def _concat(parts: list[RewardOutput]) -> RewardOutput:
-    """Re-join the chunks of one split request: scores and reasons concatenated, other info per chunk."""
+    """Re-join the chunks of one split request: scores, reasons and per-image components concatenated, other
+    info per chunk."""
     scores = np.concatenate([p.scores for p in parts])
     reasons = [r for p in parts for r in p.info["reasons"]]
-    return RewardOutput(scores=scores, info={"reasons": reasons, "chunks": [p.info for p in parts]})
+    info = {"reasons": reasons, "chunks": [p.info for p in parts]}
+    if all("components" in p.info for p in parts):
+        info["components"] = {k: np.concatenate([np.asarray(p.info["components"][k]) for p in parts])
+                              for k in parts[0].info["components"]}
+    return RewardOutput(scores=scores, info=info)

@@ -60,6 +60,17 @@ def test_pair_batch_step_and_weight_swap(cfg):
     assert proof == {"version": 1, "checksum": after.checksum, "sampler": 0}
 
 
+def test_timestep_fraction_trains_on_a_random_share_of_the_rows(cfg):
+    sampler = Sampler(SD3Adapter.tiny(), cfg.sampling, cfg.lora)
+    job, images = sampler.sample(prompts=PROMPTS, prompt_ids=[0, 1], pair_ids=[0, 1], seeds=[5, 6])
+    batch, _ = sampler.complete(job=job, rewards=np.array([[1.0, 0.0], [0.5, 0.25]]))
+    rows = 4 * cfg.sampling.num_steps                                        # 2 pairs x 2 branches x N steps
+    for fraction, expected in ((1.0, rows), (0.25, rows // 4), (1e-6, 1)):
+        train = cfg.train.__class__(**{**cfg.train.__dict__, "timestep_fraction": fraction})
+        learner = Learner(SD3Adapter.tiny(), train, Batching.of(cfg), cfg.lora, seed=0)
+        assert learner.train_epoch(batch)["learner/rows"] == expected
+
+
 def test_non_finite_rewards_drop_only_their_pairs(cfg):
     sampler = Sampler(SD3Adapter.tiny(), cfg.sampling, cfg.lora)
     job, _ = sampler.sample(prompts=PROMPTS, prompt_ids=[0, 1], pair_ids=[10, 11], seeds=[1, 2])

@@ -30,6 +30,8 @@ def test_wrong_types_and_bad_arithmetic_explain_themselves():
         load_config("tiny-cpu", ["train.pairs_per_epoch=3", "train.updates_per_epoch=5"])
     with pytest.raises(ValueError, match="max_policy_lag = 0 is below updates_per_epoch - 1 = 1"):
         load_config("tiny-cpu", ["train.max_policy_lag=0"])
+    with pytest.raises(ValueError, match=r"train.timestep_fraction must be in \(0, 1\]"):
+        load_config("tiny-cpu", ["train.timestep_fraction=0"])
     with pytest.raises(FileNotFoundError, match="presets: .*tiny-cpu"):
         load_config("no-such-preset")
     with pytest.raises(ValueError, match="section.key=value"):

@@ -134,6 +134,25 @@ def test_large_request_is_split_and_rejoined_in_order():
     assert out.info["reasons"] == [None] * 7
 
 
+def test_split_request_keeps_per_image_components():
+    from rewards.combined import CombinedReward
+
+    class Const:
+        def __init__(self, value):
+            self.value = value
+
+        def score(self, images, prompts):
+            return RewardOutput(scores=np.full(len(prompts), self.value))
+
+    reward = CombinedReward([{"key": "a", "reward": MeanPixel(), "weight": 1.0},
+                             {"key": "b", "reward": Const(4.0), "weight": 0.5}])
+    b = RewardBatcher(reward=reward, max_batch_size=3, max_wait_s=0.01)
+    out = run(b.score(images=imgs(range(5)), prompts=["a"] * 5))
+    np.testing.assert_array_equal(out.info["components"]["a"], np.arange(5) + 1.0)
+    np.testing.assert_array_equal(out.info["components"]["b"], np.full(5, 4.0))
+    np.testing.assert_array_equal(out.scores, np.arange(5) + 1.0 + 2.0)
+
+
 def test_images_of_different_sizes_are_not_mixed():
     reward = MeanPixel()
     b = RewardBatcher(reward=reward, max_batch_size=8, max_wait_s=0.05)
