@@ -24,7 +24,10 @@ def build_model(model_cfg) -> FlowModel:
     if model_cfg.kind == "shapes":
         from actors.shapes_model import load_shapes_adapter
 
-        return load_shapes_adapter(device=pick_device(model_cfg.device))
+        from actors.shapes_model import WEIGHTS_DIR
+
+        # model.path: a folder with a re-built base model (cluster/pretrain_shapes*.py); default the shipped one
+        return load_shapes_adapter(device=pick_device(model_cfg.device), weights_dir=model_cfg.path or WEIGHTS_DIR)
     if model_cfg.kind == "sd3":
         if not model_cfg.path:
             raise ValueError("model.kind=sd3 needs model.path: a hub id such as stabilityai/stable-diffusion-3.5-medium or a local directory")

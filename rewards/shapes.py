@@ -21,7 +21,9 @@ built only from colours, shapes, counts and relations that training does show.
 Scorers (the reward signature of ``rewards.base``):
 - ``shapes_judge``: fraction of the prompt's clauses the image satisfies, in [0, 1] (the training reward);
 - ``shapes_exact``: 1.0 when every clause holds, else 0.0 (GenEval-style strict accuracy);
-- ``shapes_count``: fraction of the prompt's count clauses that hold.
+- ``shapes_count``: fraction of the prompt's count clauses that hold;
+- ``shapes_clean``: how cleanly the image is drawn in the world's colours, in [0, 1] (an image-quality term: 1.0
+  for a rendered scene, lower as stray noise or muddy colours appear; it ignores what the prompt asks for).
 """
 
 from __future__ import annotations
@@ -61,6 +63,10 @@ HELDOUT_PAIR_FRACTION = 0.2
 MAX_COLOUR_DIST = 110.0
 MIN_AREA = 8  # smallest component that counts as an object (the smallest rendered object has ~25 px)
 MARGIN = 1.5  # centroids must differ by more than this along the relation's axis
+# The soft judge (training signal): shape evidence as a softmax over template errors per unit area, and the
+# relation margin through a logistic of this width in pixels.
+SOFT_TAU = 0.1
+SOFT_POS = 1.0
 
 
 @dataclass(frozen=True)
@@ -250,6 +256,7 @@ class Detection:
     cy: float
     cx: float
     area: int
+    shape_p: tuple[float, ...] = ()  # posterior over SHAPES (``shape_posterior``), for the soft judge
 
 
 _PALETTE_RGB = np.array([BACKGROUND, *PALETTE.values()], dtype=np.float32)  # [1 + C, 3]
@@ -273,17 +280,27 @@ def _template(shape: str, cy: float, cx: float, area: float, h: int, w: int) -> 
     return inside.reshape(h, 4, w, 4).mean(axis=(1, 3))
 
 
-def classify_shape(coverage: np.ndarray) -> str:
-    """Shape of one object from its soft coverage map (float [h, w] in [0, 1], zero outside the object).
-
-    The ideal circle, square and apex-up triangle with the object's area and centroid are rasterised
-    with anti-aliasing; the closest one in L1 wins. Blurry or lumpy blobs get the nearest shape.
-    """
+def shape_errors(coverage: np.ndarray) -> dict[str, float]:
+    """L1 distance, per unit area, between one object's soft coverage map (float [h, w] in [0, 1], zero outside
+    the object) and the ideal anti-aliased circle, square and apex-up triangle of its area and centroid."""
     area = float(coverage.sum())
     yy, xx = np.mgrid[: coverage.shape[0], : coverage.shape[1]]
     cy, cx = (coverage * (yy + 0.5)).sum() / area, (coverage * (xx + 0.5)).sum() / area
-    errors = {s: np.abs(_template(s, cy, cx, area, *coverage.shape) - coverage).sum() for s in SHAPES}
+    return {s: float(np.abs(_template(s, cy, cx, area, *coverage.shape) - coverage).sum()) / area for s in SHAPES}
+
+
+def classify_shape(coverage: np.ndarray) -> str:
+    """Shape of one object from its soft coverage map: the closest ideal shape (``shape_errors``) wins.
+    Blurry or lumpy blobs get the nearest shape."""
+    errors = shape_errors(coverage)
     return min(errors, key=errors.get)
+
+
+def shape_posterior(errors: dict[str, float]) -> tuple[float, ...]:
+    """softmax(-error / SOFT_TAU) over SHAPES: how decidedly an object is each shape (for the soft judge)."""
+    e = np.array([errors[s] for s in SHAPES])
+    w = np.exp(-(e - e.min()) / SOFT_TAU)
+    return tuple(float(x) for x in w / w.sum())
 
 
 def detect(image: np.ndarray) -> list[Detection]:
@@ -310,8 +327,9 @@ def detect(image: np.ndarray) -> list[Detection]:
             y0, y1 = max(ys.min() - 2, 0), min(ys.max() + 3, image.shape[0])
             x0, x1 = max(xs.min() - 2, 0), min(xs.max() + 3, image.shape[1])
             own = ndimage.binary_dilation(comp)[y0:y1, x0:x1] & ((labels[y0:y1, x0:x1] == 0) | comp[y0:y1, x0:x1])
-            cov = coverage[y0:y1, x0:x1] * own
-            found.append(Detection(colour, classify_shape(cov), float(ys.mean()), float(xs.mean()), area))
+            errors = shape_errors(coverage[y0:y1, x0:x1] * own)
+            found.append(Detection(colour, min(errors, key=errors.get), float(ys.mean()), float(xs.mean()), area,
+                                   shape_posterior(errors)))
     return found
 
 
@@ -346,6 +364,36 @@ def clauses(scene: Scene, found: Sequence[Detection]) -> dict[str, bool]:
     return out
 
 
+def soft_clauses(scene: Scene, found: Sequence[Detection]) -> dict[str, float]:
+    """``clauses`` made continuous in the pixels, each in [0, 1]: shape = mean posterior of the prompted shape
+    over the objects of the group's colour; count = 1 - |sum of those posteriors - count| (floored at 0);
+    relation = logistic((centroid gap - MARGIN) / SOFT_POS) with posterior-weighted group centroids; colour
+    and no_extra as in ``clauses``. A finite difference between two close samples then sees partial progress
+    (a blob becoming more square, a group drifting the right way) that the 0/1 judge only sees when it flips."""
+    out: dict[str, float] = {}
+    centroids = []
+    for i, g in enumerate(scene.groups):
+        of_colour = [d for d in found if d.colour == g.colour]
+        p = np.array([d.shape_p[SHAPES.index(g.shape)] for d in of_colour])
+        out[f"g{i}/colour"] = float(bool(of_colour))
+        out[f"g{i}/shape"] = float(p.mean()) if len(p) else 0.0
+        out[f"g{i}/count"] = max(0.0, 1.0 - abs(float(p.sum()) - g.count))
+        if len(p) and p.sum() > 1e-6:
+            w = p / p.sum()
+            centroids.append((float(w @ [d.cy for d in of_colour]), float(w @ [d.cx for d in of_colour])))
+        else:
+            centroids.append(None)
+    out["no_extra"] = float(len(found) == sum(g.count for g in scene.groups))
+    if scene.relation is not None:
+        a, b = centroids
+        if a is not None and b is not None:
+            delta = {"above": b[0] - a[0], "below": a[0] - b[0], "left of": b[1] - a[1], "right of": a[1] - b[1]}[scene.relation]
+            out["relation"] = float(1.0 / (1.0 + np.exp(-(delta - MARGIN) / SOFT_POS)))
+        else:
+            out["relation"] = 0.0
+    return out
+
+
 def _judge_all(images: np.ndarray, prompts: Sequence[str]) -> list[dict[str, bool]]:
     check_images(images, prompts)
     return [clauses(parse(p), detect(img)) for img, p in zip(images, prompts)]
@@ -360,6 +408,16 @@ class ShapesJudge:
         scores = np.array([np.mean(list(r.values())) for r in results], dtype=np.float64)
         exact = np.array([all(r.values()) for r in results], dtype=np.float64)
         return RewardOutput(scores=scores, info={"exact": exact})
+
+
+@register("shapes_judge_soft")
+class ShapesJudgeSoft:
+    """The judge's clauses made continuous (``soft_clauses``), averaged: a denser training signal for FDFO."""
+
+    def score(self, images: np.ndarray, prompts: Sequence[str]) -> RewardOutput:
+        check_images(images, prompts)
+        scores = [np.mean(list(soft_clauses(parse(p), detect(im)).values())) for im, p in zip(images, prompts)]
+        return RewardOutput(scores=np.asarray(scores, dtype=np.float64))
 
 
 @register("shapes_exact")
@@ -379,3 +437,26 @@ class ShapesCount:
         results = _judge_all(images, prompts)
         scores = [np.mean([v for k, v in r.items() if k.endswith("/count")]) for r in results]
         return RewardOutput(scores=np.asarray(scores, dtype=np.float64))
+
+
+CLEAN_SCALE = 30.0  # RGB distance at which a pixel counts as e^-1 clean
+
+
+def clean_map(image: np.ndarray) -> np.ndarray:
+    """Per-pixel cleanliness [H, W] in (0, 1]: exp(-(d / CLEAN_SCALE)^2), d = RGB distance to the nearest
+    blend of the background with one palette colour (so anti-aliased edges of a rendered object count as clean)."""
+    p = image.astype(np.float32)[..., None, :] - _PALETTE_RGB[0]  # [H, W, 1, 3]
+    c = _PALETTE_RGB[1:] - _PALETTE_RGB[0]  # [C, 3]
+    t = np.clip((p * c).sum(-1) / (c * c).sum(-1), 0.0, 1.0)  # [H, W, C]: position along background -> colour
+    d = np.linalg.norm(p - t[..., None] * c, axis=-1).min(-1)  # [H, W]
+    return np.exp(-((d / CLEAN_SCALE) ** 2))
+
+
+@register("shapes_clean")
+class ShapesClean:
+    """Mean per-pixel cleanliness (``clean_map``): penalises background noise and off-palette colours, which the
+    judge's thresholds tolerate and which FDFO on the judge alone lets grow."""
+
+    def score(self, images: np.ndarray, prompts: Sequence[str]) -> RewardOutput:
+        check_images(images, prompts)
+        return RewardOutput(scores=np.array([clean_map(im).mean() for im in images], dtype=np.float64))
