@@ -22,9 +22,7 @@ def build_model(model_cfg) -> FlowModel:
     if model_cfg.kind == "sd3_tiny":
         return SD3Adapter.tiny(seed=model_cfg.seed)
     if model_cfg.kind == "shapes":
-        from actors.shapes_model import load_shapes_adapter
-
-        from actors.shapes_model import WEIGHTS_DIR
+        from actors.shapes_model import WEIGHTS_DIR, load_shapes_adapter
 
         # model.path: a folder with a re-built base model (cluster/pretrain_shapes*.py); default the shipped one
         return load_shapes_adapter(device=pick_device(model_cfg.device), weights_dir=model_cfg.path or WEIGHTS_DIR)

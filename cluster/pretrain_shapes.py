@@ -50,7 +50,8 @@ from actors.shapes_model import (
     shapes_pipeline,
 )
 from rewards import build_reward, to_uint8
-from rewards.shapes import heldout_prompts, parse, render, train_prompts
+from cluster.pretrain_shapes_vae import render_batch
+from rewards.shapes import heldout_prompts, parse, train_prompts
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -158,10 +159,9 @@ def main(argv=None) -> None:
         n_single = rng.binomial(args.batch_size, args.single_fraction)
         prompts = [singles[i] for i in rng.integers(len(singles), size=n_single)]
         prompts += [pairs[i] for i in rng.integers(len(pairs), size=args.batch_size - n_single)]
-        x0 = np.stack([render(parse(p), rng) for p in prompts])  # [B, 32, 32, 3] uint8
-        x0 = torch.from_numpy(x0).permute(0, 3, 1, 2).float() / 127.5 - 1.0  # [B, 3, 32, 32] in [-1, 1]
         with torch.no_grad():  # diffusers' latent convention: z = (latent - shift) * scale, about unit variance
-            x0 = (vae.encode(x0).latent_dist.sample() - vae.config.shift_factor) * vae.config.scaling_factor
+            x0 = vae.encode(render_batch(prompts, rng)).latent_dist.sample()
+            x0 = (x0 - vae.config.shift_factor) * vae.config.scaling_factor
         noise = torch.randn_like(x0)
         sigma = torch.sigmoid(torch.randn(len(prompts)))  # logit-normal(0, 1), as SD3 trains
         s = sigma.view(-1, 1, 1, 1)

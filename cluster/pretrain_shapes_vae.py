@@ -59,10 +59,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def scenes_batch(prompts: list[str], n: int, rng: np.random.Generator) -> torch.Tensor:
-    """n rendered scenes of random prompts -> float [n, 3, 32, 32] in [-1, 1]."""
-    images = np.stack([render(parse(prompts[i]), rng) for i in rng.integers(len(prompts), size=n)])
+def render_batch(prompts: list[str], rng: np.random.Generator) -> torch.Tensor:
+    """One rendered scene per prompt -> float [n, 3, 32, 32] in [-1, 1] (the VAE's pixel range)."""
+    images = np.stack([render(parse(p), rng) for p in prompts])
     return torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1.0
+
+
+def random_prompts(prompts: list[str], n: int, rng: np.random.Generator) -> list[str]:
+    return [prompts[i] for i in rng.integers(len(prompts), size=n)]
 
 
 def main(argv=None) -> None:
@@ -84,7 +88,7 @@ def main(argv=None) -> None:
     )
     t0, step, losses = time.perf_counter(), 0, []
     while step < args.steps and time.perf_counter() - t0 < args.max_minutes * 60:
-        x = scenes_batch(prompts, args.batch_size, rng)
+        x = render_batch(random_prompts(prompts, args.batch_size, rng), rng)
         post = vae.encode(x).latent_dist
         rec = vae.decode(post.sample()).sample
         loss = torch.nn.functional.mse_loss(rec, x) + args.kl * post.kl().mean()
@@ -99,13 +103,13 @@ def main(argv=None) -> None:
             print(f"step {step} loss {np.mean(losses[-250:]):.5f} ({(time.perf_counter() - t0) / 60:.1f} min)", flush=True)
     vae.eval()
     with torch.no_grad():
-        lat = torch.cat([vae.encode(scenes_batch(prompts, 256, rng)).latent_dist.sample()
+        lat = torch.cat([vae.encode(render_batch(random_prompts(prompts, 256, rng), rng)).latent_dist.sample()
                          for _ in range(max(1, args.stat_images // 256))])
         shift, scale = float(lat.mean()), float(1.0 / lat.std())
         vae.register_to_config(shift_factor=shift, scaling_factor=scale)
         held = heldout_prompts()
         chosen = [held[i] for i in rng.choice(len(held), args.eval_images, replace=False)]
-        x = torch.cat([scenes_batch([p], 1, rng) for p in chosen])
+        x = render_batch(chosen, rng)
         rec = vae.decode(vae.encode(x).latent_dist.mode()).sample
         judge = build_reward({"name": "shapes_judge"})
         rec_score = float(judge.score(to_uint8((rec / 2 + 0.5).clamp(0, 1)), chosen).scores.mean())

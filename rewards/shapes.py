@@ -282,18 +282,12 @@ def _template(shape: str, cy: float, cx: float, area: float, h: int, w: int) -> 
 
 def shape_errors(coverage: np.ndarray) -> dict[str, float]:
     """L1 distance, per unit area, between one object's soft coverage map (float [h, w] in [0, 1], zero outside
-    the object) and the ideal anti-aliased circle, square and apex-up triangle of its area and centroid."""
+    the object) and the ideal anti-aliased circle, square and apex-up triangle of its area and centroid. The
+    closest ideal shape is the object's shape; blurry or lumpy blobs get the nearest one."""
     area = float(coverage.sum())
     yy, xx = np.mgrid[: coverage.shape[0], : coverage.shape[1]]
     cy, cx = (coverage * (yy + 0.5)).sum() / area, (coverage * (xx + 0.5)).sum() / area
     return {s: float(np.abs(_template(s, cy, cx, area, *coverage.shape) - coverage).sum()) / area for s in SHAPES}
-
-
-def classify_shape(coverage: np.ndarray) -> str:
-    """Shape of one object from its soft coverage map: the closest ideal shape (``shape_errors``) wins.
-    Blurry or lumpy blobs get the nearest shape."""
-    errors = shape_errors(coverage)
-    return min(errors, key=errors.get)
 
 
 def shape_posterior(errors: dict[str, float]) -> tuple[float, ...]:
@@ -333,6 +327,11 @@ def detect(image: np.ndarray) -> list[Detection]:
     return found
 
 
+def relation_gap(relation: str, a: tuple[float, float], b: tuple[float, float]) -> float:
+    """How far centroid a = (y, x) lies beyond centroid b in the relation's direction, in pixels (> 0 when it holds)."""
+    return {"above": b[0] - a[0], "below": a[0] - b[0], "left of": b[1] - a[1], "right of": a[1] - b[1]}[relation]
+
+
 def clauses(scene: Scene, found: Sequence[Detection]) -> dict[str, bool]:
     """Each clause of the prompt and whether the detections satisfy it.
 
@@ -355,10 +354,9 @@ def clauses(scene: Scene, found: Sequence[Detection]) -> dict[str, bool]:
     if scene.relation is not None:
         a, b = members
         if a and b:
-            ay, ax = np.mean([d.cy for d in a]), np.mean([d.cx for d in a])
-            by, bx = np.mean([d.cy for d in b]), np.mean([d.cx for d in b])
-            delta = {"above": by - ay, "below": ay - by, "left of": bx - ax, "right of": ax - bx}[scene.relation]
-            out["relation"] = bool(delta > MARGIN)
+            gap = relation_gap(scene.relation, (np.mean([d.cy for d in a]), np.mean([d.cx for d in a])),
+                               (np.mean([d.cy for d in b]), np.mean([d.cx for d in b])))
+            out["relation"] = bool(gap > MARGIN)
         else:
             out["relation"] = False
     return out
@@ -387,8 +385,8 @@ def soft_clauses(scene: Scene, found: Sequence[Detection]) -> dict[str, float]:
     if scene.relation is not None:
         a, b = centroids
         if a is not None and b is not None:
-            delta = {"above": b[0] - a[0], "below": a[0] - b[0], "left of": b[1] - a[1], "right of": a[1] - b[1]}[scene.relation]
-            out["relation"] = float(1.0 / (1.0 + np.exp(-(delta - MARGIN) / SOFT_POS)))
+            gap = relation_gap(scene.relation, a, b)
+            out["relation"] = float(1.0 / (1.0 + np.exp(-(gap - MARGIN) / SOFT_POS)))
         else:
             out["relation"] = 0.0
     return out
