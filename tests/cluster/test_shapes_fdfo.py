@@ -20,13 +20,20 @@ SHORT_RUN = ["train.epochs=4", "eval.num_prompts=8", "eval.seeds_per_prompt=2", 
              "runtime.local=true", "runtime.torch_threads=2"]
 
 
+def run_default(overrides: list[str]) -> tuple:
+    """The default preset (no preset named) with ``overrides``, in one process, without its INFO log."""
+    cfg = load_config(None, overrides)
+    logging.disable(logging.INFO)
+    try:
+        return cfg, run_local(cfg)
+    finally:
+        logging.disable(logging.NOTSET)
+
+
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
-    logging.disable(logging.INFO)
     folder = tmp_path_factory.mktemp("shapes")
-    cfg = load_config(None, [*SHORT_RUN, f"output_dir={folder}"])  # no preset named: the default
-    result = run_local(cfg)
-    logging.disable(logging.NOTSET)
+    cfg, result = run_default([*SHORT_RUN, f"output_dir={folder}"])
     return cfg, result, folder / cfg.name
 
 
@@ -81,11 +88,7 @@ MIN_GAIN = 0.02
 @pytest.mark.slow
 @pytest.mark.parametrize("seed", [0, 1])
 def test_short_run_raises_the_heldout_judge(seed, tmp_path):
-    logging.disable(logging.INFO)
-    try:
-        result = run_local(load_config(None, [*GAIN_RUN, f"seed={seed}", f"output_dir={tmp_path}"]))
-    finally:
-        logging.disable(logging.NOTSET)
+    _, result = run_default([*GAIN_RUN, f"seed={seed}", f"output_dir={tmp_path}"])
     judge = result["final"]["heldout"]["reward/shapes_judge/mean"]
     assert judge["before"] == pytest.approx(0.521484375)  # the shipped base on the preset's fixed held-out set
     assert judge["gain"] > MIN_GAIN, f"seed {seed}: held-out judge {judge['before']:.4f} -> {judge['after']:.4f}"
