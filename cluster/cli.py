@@ -16,7 +16,7 @@ import os
 import sys
 from pathlib import Path
 
-from cluster.config import CONFIG_DIR, load_config
+from cluster.config import CONFIG_DIR, load_config, with_overrides
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -34,7 +34,8 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--out", default=None, help="output folder (default: the checkpoint's run folder / runs/<name>)")
     e.add_argument("--num-prompts", type=int, default=None)
     e.add_argument("--seeds", type=int, default=None, help="images per prompt")
-    e.add_argument("overrides", nargs="*", help="config overrides (with --config)")
+    e.add_argument("overrides", nargs="*", help="config overrides, e.g. prompts.eval_source=builtin:shapes-train "
+                   "(with --checkpoint: any but model.* and lora.*)")
     g = sub.add_parser("generate", help="images from a checkpoint for given prompts and seeds")
     g.add_argument("--checkpoint", required=True)
     g.add_argument("--prompt", action="append", required=True, help="repeat for several prompts")
@@ -55,7 +56,12 @@ def main(argv: list[str] | None = None) -> int:
         from cluster.evaluate import base_model, evaluate, load_policy
 
         if args.checkpoint:
+            fixed = [o for o in args.overrides if o.split("=", 1)[0].split(".")[0] in ("model", "lora")]
+            if fixed:
+                raise ValueError(f"override {fixed[0]!r}: a checkpoint's model and LoRA settings describe its weights and "
+                                 "cannot change; evaluate the base model with --config instead")
             model, cfg, folder = load_policy(args.checkpoint)
+            cfg = with_overrides(cfg, args.overrides)     # e.g. prompts.eval_source=builtin:shapes-train
             out, tag = args.out or str(folder.parent.parent), f"eval_{folder.name}"
         else:
             (model, cfg), out, tag = base_model(args.config, args.overrides), args.out, "eval_base"

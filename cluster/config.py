@@ -248,7 +248,16 @@ def resolve_preset(name_or_path: str | None) -> Path:
 
 def load_config(name_or_path: str | None = None, overrides: list[str] = ()) -> RunConfig:
     """Read a YAML preset (default ``tiny-cpu``), apply ``a.b=value`` overrides (values parsed as YAML)."""
-    data = yaml.safe_load(resolve_preset(name_or_path).read_text()) or {}
+    return config_from_dict(yaml.safe_load(resolve_preset(name_or_path).read_text()) or {}, overrides)
+
+
+def with_overrides(cfg: RunConfig, overrides: list[str] = ()) -> RunConfig:
+    """``cfg`` (e.g. a checkpoint's) with ``a.b=value`` overrides applied, checked like a preset's."""
+    return config_from_dict(to_dict(cfg), overrides)
+
+
+def config_from_dict(data: dict, overrides: list[str] = ()) -> RunConfig:
+    """A plain config dict plus ``a.b=value`` overrides -> a checked ``RunConfig``."""
     for item in overrides:
         if "=" not in item:
             raise ValueError(f"override {item!r} must look like section.key=value (e.g. train.lr=1e-4)")

@@ -111,6 +111,14 @@ def diversity(images: np.ndarray) -> float:
     return float(np.mean(d)) if d else float("nan")
 
 
+def best_of_seeds(scores: np.ndarray, seeds_per_prompt: int) -> float:
+    """Mean over prompts of the best score among each prompt's seeds (scores [P * S], a prompt's seeds adjacent):
+    how good the policy's images of a prompt can be, against the mean's how good they are. A wide gap is
+    headroom a reward-driven fine-tune can reach by making the good seeds the common case."""
+    per_prompt = np.asarray(scores, dtype=np.float64).reshape(-1, seeds_per_prompt)
+    return float(np.nanmean(np.nanmax(per_prompt, axis=1)))
+
+
 def save_grid(images: np.ndarray, cols: int, path: str | Path, scale: int = 2) -> None:
     """Tile uint8 images [N, H, W, 3] into a PNG, ``cols`` per row, each upscaled ``scale``x (nearest)."""
     from PIL import Image
@@ -144,9 +152,13 @@ def evaluate(model, cfg: RunConfig, out_dir: str | Path, num_prompts: int | None
         "num_steps": steps,
         "reward/mean": float(np.nanmean(out.scores)),
         **{f"reward/{k}/mean": float(np.nanmean(v)) for k, v in out.info.get("components", {}).items()},
+        **{f"reward/{k}/best_of_seeds": best_of_seeds(v, seeds_per_prompt)
+           for k, v in out.info.get("components", {}).items()},
     }
     for k, scorer in metric_scorers(cfg).items():
-        summary[f"metric/{k}/mean"] = float(np.nanmean(scorer.score(images, prompts).scores))
+        scores = scorer.score(images, prompts).scores
+        summary[f"metric/{k}/mean"] = float(np.nanmean(scores))
+        summary[f"metric/{k}/best_of_seeds"] = best_of_seeds(scores, seeds_per_prompt)
     per_prompt = images.reshape(len(chosen), seeds_per_prompt, *images.shape[1:])
     summary["diversity/pixel_rms"] = float(np.nanmean([diversity(g) for g in per_prompt]))
     out_dir = Path(out_dir)

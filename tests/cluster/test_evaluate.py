@@ -4,6 +4,7 @@ import json
 import logging
 
 import numpy as np
+import pytest
 import torch
 from PIL import Image
 
@@ -11,7 +12,7 @@ from actors.sampling import generate_images
 from cluster.cli import main
 from cluster.config import load_config
 from cluster.driver import run_local
-from cluster.evaluate import diversity, eval_set, load_policy, save_grid
+from cluster.evaluate import best_of_seeds, diversity, eval_set, load_policy, save_grid
 
 
 def test_diversity_is_mean_pairwise_rms_distance():
@@ -22,6 +23,13 @@ def test_diversity_is_mean_pairwise_rms_distance():
     # pairs: (a,b) rms 1, (a,c) rms sqrt(0.5), (b,c) rms sqrt(0.5)
     assert diversity(np.stack([a, b, c])) == np.float64((1 + 2 * np.sqrt(0.5)) / 3)
     assert diversity(np.stack([a, a])) == 0.0
+
+
+def test_best_of_seeds_takes_each_prompts_best_seed():
+    # two prompts x three seeds, a prompt's seeds adjacent: best 0.5 and 1.0 -> 0.75 (the mean is 0.4)
+    assert best_of_seeds(np.array([0.0, 0.5, 0.25, 1.0, 0.0, 0.65]), 3) == 0.75
+    assert best_of_seeds(np.array([0.2, np.nan, 0.4, 0.6]), 2) == 0.4   # an unscored image does not count
+    assert best_of_seeds(np.array([0.3, 0.7]), 1) == 0.5                # one seed: the mean
 
 
 def test_grid_layout(tmp_path):
@@ -60,3 +68,11 @@ def test_checkpoint_loads_for_eval_and_generate(tmp_path, capsys):
     ev = json.loads(next((tmp_path / "tiny-cpu").glob("eval_v*.json")).read_text())
     assert ev["num_prompts"] == 3 and ev["seeds_per_prompt"] == 2
     assert np.isfinite(ev["reward/mean"]) and ev["diversity/pixel_rms"] > 0
+    for k in [k for k in ev if k.startswith(("reward/", "metric/")) and k.endswith("/mean") and k != "reward/mean"]:
+        assert ev[k.replace("/mean", "/best_of_seeds")] >= ev[k]        # the best seed is at least the average
+    # overrides apply to the checkpoint's config, except the ones that describe its weights
+    assert main(["eval", "--checkpoint", str(tmp_path / "tiny-cpu"), "--num-prompts", "2", "--seeds", "2",
+                 "--out", str(tmp_path / "ev3"), "eval.num_steps=3"]) == 0
+    assert json.loads(next((tmp_path / "ev3").glob("eval_v*.json")).read_text())["num_steps"] == 3
+    with pytest.raises(ValueError, match="override 'lora.rank=8'.*cannot change"):
+        main(["eval", "--checkpoint", str(tmp_path / "tiny-cpu"), "lora.rank=8"])
