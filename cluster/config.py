@@ -78,6 +78,8 @@ class TrainConfig:
     micro_batch_rows: int = 64  # (branch, step) rows per forward/backward; gradients accumulate over an update
     timestep_fraction: float = 1.0  # share of each epoch's (branch, step) rows trained on, drawn at random (1.0 = all, the reference)
     epochs: int = 1000  # epochs to run
+    lr_schedule: Literal["constant", "cosine", "linear"] = "constant"  # lr from `lr` at update 0 to `lr_final` at the last (epochs * updates_per_epoch)
+    lr_final: float = 0.0  # the lr the cosine / linear schedule ends at (ignored when constant)
     amp: bool = True  # bf16 autocast for the forward on CUDA (ignored on CPU)
     max_policy_lag: int | None = None  # max (learner version - sample version) at any update; None = 2*updates_per_epoch - 1
     checkpoint_every: int = 0  # save every K updates (0 = only at the end)
@@ -146,6 +148,8 @@ class Batching:
             raise ValueError("train.pairs_per_epoch, train.updates_per_epoch and train.micro_batch_rows must be >= 1")
         if not 0.0 < t.timestep_fraction <= 1.0:
             raise ValueError(f"train.timestep_fraction must be in (0, 1] (the share of rows trained on); got {t.timestep_fraction}")
+        if not 0.0 <= t.lr_final <= t.lr:
+            raise ValueError(f"train.lr_final must lie in [0, train.lr = {t.lr}] (where the schedule ends); got {t.lr_final}")
         rows = 2 * t.pairs_per_epoch * N
         if rows % t.updates_per_epoch:
             raise ValueError(

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import math
 
 import pyarrow as pa
 import torch
@@ -24,6 +25,17 @@ from actors.adapter import FlowModel, PromptEmbeds
 from learner.batch import from_arrow
 from learner.loss import fdfo_loss
 from learner.weights import Weights, add_lora, checksum, trainable
+
+
+def scheduled_lr(train, version: int) -> float:
+    """The learning rate of the update that makes ``version + 1`` (train: ``TrainConfig``): ``train.lr`` decayed by
+    ``train.lr_schedule`` to ``train.lr_final`` at the run's last update (epochs * updates_per_epoch), and held
+    there after it. A function of the version alone, so a resumed run continues the same schedule."""
+    if train.lr_schedule == "constant":
+        return train.lr
+    frac = min(version / max(train.epochs * train.updates_per_epoch - 1, 1), 1.0)
+    shape = 0.5 * (1 + math.cos(math.pi * frac)) if train.lr_schedule == "cosine" else 1 - frac
+    return train.lr_final + (train.lr - train.lr_final) * shape
 
 
 class Learner:
@@ -140,6 +152,8 @@ class Learner:
             if not torch.isfinite(gn):
                 raise FloatingPointError(f"non-finite gradient norm at learner version {self.version}; lower train.lr")
             grad_norms.append(float(gn))
+            for group in self.opt.param_groups:
+                group["lr"] = scheduled_lr(self.cfg, self.version)
             self.opt.step()
             self.version += 1
         out.update({f"learner/{k}": v for k, v in sums.items()})
@@ -147,6 +161,7 @@ class Learner:
             {
                 "updates": len(grad_norms),
                 "learner/grad_norm": sum(grad_norms) / len(grad_norms),
+                "learner/lr": self.opt.param_groups[0]["lr"],
                 "learner/version": self.version,
                 "learner/policy_lag_mean": lag_sum / len(order),
                 "learner/policy_lag_max": lag_max,

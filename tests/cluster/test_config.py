@@ -32,6 +32,10 @@ def test_wrong_types_and_bad_arithmetic_explain_themselves():
         load_config("tiny-cpu", ["train.max_policy_lag=0"])
     with pytest.raises(ValueError, match=r"train.timestep_fraction must be in \(0, 1\]"):
         load_config("tiny-cpu", ["train.timestep_fraction=0"])
+    with pytest.raises(ValueError, match=r"train.lr_final must lie in \[0, train.lr = 0.0001\]"):
+        load_config("tiny-cpu", ["train.lr=1e-4", "train.lr_final=2e-4"])
+    with pytest.raises(ValueError, match=r"'train.lr_schedule' must be one of \('constant', 'cosine', 'linear'\)"):
+        load_config("tiny-cpu", ["train.lr_schedule=step"])
     with pytest.raises(FileNotFoundError, match="presets: .*tiny-cpu"):
         load_config("no-such-preset")
     with pytest.raises(ValueError, match="section.key=value"):

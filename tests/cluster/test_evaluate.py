@@ -49,12 +49,15 @@ def test_eval_set_is_fixed_and_paired():
 def test_checkpoint_loads_for_eval_and_generate(tmp_path, capsys):
     logging.disable(logging.INFO)
     cfg = load_config("tiny-cpu", ["runtime.local=true", "train.epochs=2", "lora.enabled=true", "lora.rank=4",
-                                   "lora.alpha=8", "train.lr=1e-2", f"output_dir={tmp_path}", "eval.num_prompts=4",
+                                   "lora.alpha=8", "train.lr=1e-2", "train.lr_schedule=linear", "train.lr_final=1e-3",
+                                   f"output_dir={tmp_path}", "eval.num_prompts=4",
                                    "eval.seeds_per_prompt=2", "eval.every_epochs=1"])
     out = run_local(cfg)
     assert out["paths"]["learning_curve"].endswith("learning_curve.png")
     assert all("eval/reward/mean" in h for h in out["history"])
     assert np.isfinite(out["final"]["heldout_reward_gain"])
+    # 2 epochs x 2 updates, linear 1e-2 -> 1e-3: each epoch logs the lr of its last update (versions 1 and 3)
+    assert np.allclose([h["learner/lr"] for h in out["history"]], [1e-3 + 9e-3 * 2 / 3, 1e-3])
     model, loaded_cfg, _ = load_policy(tmp_path / "tiny-cpu")
     assert loaded_cfg == cfg
     # the loaded policy samples exactly what the trained sampler samples
