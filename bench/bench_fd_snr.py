@@ -40,6 +40,7 @@ from cluster.driver import reward_specs  # noqa: E402
 from cluster.evaluate import base_model, load_policy  # noqa: E402
 from cluster.prompts import load_prompts  # noqa: E402
 from learner.loss import pair_signal  # noqa: E402
+from learner.weights import add_lora  # noqa: E402
 from rewards import build_reward, to_uint8  # noqa: E402
 
 
@@ -156,6 +157,8 @@ def main(argv=None) -> None:
     else:
         model, cfg = base_model(args.config, args.overrides)
         label = args.label or "base"
+        if cfg.lora.enabled:                               # the adapter a run would start from
+            add_lora(model.transformer, cfg.lora.rank, cfg.lora.alpha, tuple(cfg.lora.target_modules), cfg.lora.init)
     params = trainable_params(model, cfg.lora.enabled)
     path = Path(args.out + ".json")
     results = json.loads(path.read_text()) if path.exists() else {"runs": []}
