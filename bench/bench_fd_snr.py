@@ -113,8 +113,9 @@ def probe(model, cfg, params, gamma: float, num_pairs: int, splits: int, target:
             grads = torch.autograd.grad((v * d[j, 0].to(dev)).sum(), params)
             w = torch.cat([gr.flatten() for gr in grads])
             w_norm.append(float(w.norm()))
-            onehot = torch.nn.functional.one_hot(halves[:, idx], 2).float().to(dev)   # [splits, 2]
-            G.add_(coef_all[:, idx].to(dev)[:, None, None, None] * onehot[None, :, :, None] * w)
+            cw = coef_all[:, idx].to(dev)[:, None] * w                          # [S, D]: g_p for every scorer
+            for k in range(splits):
+                G[:, k, int(halves[k, idx])] += cw
             idx += 1
     n = num_pairs // 2
     cos = torch.nn.functional.cosine_similarity
