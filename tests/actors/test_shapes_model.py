@@ -13,7 +13,7 @@ from rewards import build_reward, to_uint8
 from rewards.shapes import heldout_prompts, train_prompts
 
 # Held-out judge score of the shipped checkpoint with 10 Euler steps, 128 prompts, noise seed 1234: measured
-# 0.547 (pretraining's own evaluation 0.557; 0.525 at 6 steps). Inside the 0.5-0.6 target: headroom for FDFO.
+# 0.538 (pretraining's own evaluation 0.563; 0.533 at 6 steps). Inside the 0.5-0.6 target: headroom for FDFO.
 # The band allows for seed noise and fails for a model that is much better or much worse.
 HELDOUT_RANGE = (0.48, 0.62)
 
@@ -111,4 +111,4 @@ def test_train_prompts_score_at_least_as_well(model):
     prompts = [train[i] for i in np.random.default_rng(99).choice(len(train), 64, replace=False)]
     images = sample_euler(model, prompts, 10, torch.Generator().manual_seed(99))
     score = build_reward({"name": "shapes_judge"}).score(to_uint8(images), prompts).scores.mean()
-    assert 0.45 <= score <= 0.72  # measured 0.60 on 128 train prompts
+    assert 0.45 <= score <= 0.72  # measured 0.54 (the same on 128 train prompts)

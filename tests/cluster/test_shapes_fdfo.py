@@ -49,8 +49,8 @@ def test_default_is_the_shapes_task_and_reports_the_judge(run):
     for when in ("before", "after"):  # the preset is 1.0 * judge + 1.0 * clean
         assert total[when] == pytest.approx(judge[when] + clean[when])
         assert 0.0 <= heldout["metric/shapes_exact/mean"][when] <= judge[when] <= 1.0
-    # 8 held-out prompts x 2 seeds, 6 Euler steps, the shipped base model: measured 75/128 (one clause of slack)
-    assert judge["before"] == pytest.approx(0.5859375, abs=0.01)
+    # 8 held-out prompts x 2 seeds, 6 Euler steps, the shipped base model: measured 82/128 (one clause of slack)
+    assert judge["before"] == pytest.approx(0.640625, abs=0.01)
     ledger = result["ledger"]
     assert ledger["pairs_trained"] == ledger["pairs_requested"] == 4 * 64 and not ledger["pairs_dropped"]
     # mid-run evaluations land in the history and on the learning curve with the final one
@@ -79,10 +79,11 @@ def test_eval_and_generate_on_the_checkpoint(run, tmp_path, capsys):
 
 
 # A short FDFO run of the default preset: 30 epochs = 1,920 pairs, the preset's held-out set (64 prompts x 4 seeds).
-# Measured here, held-out judge gain: seeds 0 / 1 / 2: +0.054 / +0.039 / +0.067. The same runs on a shuffled judge
-# (scores permuted within each reward call) moved it by -0.026 / +0.027 on seeds 0 / 1: that is the noise floor.
+# Measured here, held-out judge gain: seeds 0 / 1 / 2: +0.128 / +0.122 / +0.145. The same runs on a shuffled judge
+# (scores permuted within each reward call) moved it by -0.085 / -0.018 on seeds 0 / 1: random updates only hurt,
+# and +0.06 is twice the largest chance rise seen on the previous base model (+0.027).
 GAIN_RUN = ["train.epochs=30", "eval.every_epochs=0", "runtime.local=true", "runtime.torch_threads=2"]
-MIN_GAIN = 0.02
+MIN_GAIN = 0.06
 
 
 @pytest.mark.slow
@@ -90,5 +91,5 @@ MIN_GAIN = 0.02
 def test_short_run_raises_the_heldout_judge(seed, tmp_path):
     _, result = run_default([*GAIN_RUN, f"seed={seed}", f"output_dir={tmp_path}"])
     judge = result["final"]["heldout"]["reward/shapes_judge/mean"]
-    assert judge["before"] == pytest.approx(0.521484375)  # the shipped base on the preset's fixed held-out set
+    assert judge["before"] == pytest.approx(0.52099609375)  # the shipped base on the preset's fixed held-out set
     assert judge["gain"] > MIN_GAIN, f"seed {seed}: held-out judge {judge['before']:.4f} -> {judge['after']:.4f}"
