@@ -2,7 +2,7 @@
 
 Usage::
 
-    python bench/bench_shapes_fdfo.py                               # the default preset, seeds 0 and 1 (~30 min)
+    python bench/bench_shapes_fdfo.py                               # the default preset, seeds 0 and 1 (~20 min)
     python bench/bench_shapes_fdfo.py --seeds 0 train.lr=5e-4 --out /tmp/x    # an experiment
 
 Each seed is one ``fdfo train`` run (``cluster.runtime.run_ray`` on a fresh local Ray instance: sampler, reward
