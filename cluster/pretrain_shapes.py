@@ -5,7 +5,8 @@ Usage (the commands that built the shipped files, ~7 + ~9 + ~10 + ~3 min on 2 CP
     python -m cluster.pretrain_shapes_vae --out-dir actors/weights --steps 3000
     # 1. clean captions, from random weights (held-out judge 0.557 at step 2250)
     python -m cluster.pretrain_shapes --out-dir /tmp/s1 --seed 0 --lr 1e-3 --warmup 100 --max-steps 2250
-    # 2. clean captions, continued until the model draws most prompts right (0.826 at step 3300)
+    # 2. clean captions, continued until the model draws most prompts right (0.826 at step 3300; this run was
+    #    made by a build that drew one unused random number per image, so a re-run lands near, not on, it)
     python -m cluster.pretrain_shapes --out-dir /tmp/s2 --init-from /tmp/s1/shapes_base.safetensors --threads 1 \
         --lr 1e-3 --warmup 50 --band 0.75 0.85 --max-steps 3300
     # 3. noisy captions: 40 % of the images are of another prompt than their caption (0.563 at step 1500)
@@ -173,7 +174,9 @@ def main(argv=None) -> None:
         n_single = rng.binomial(args.batch_size, args.single_fraction)
         prompts = [singles[i] for i in rng.integers(len(singles), size=n_single)]
         prompts += [pairs[i] for i in rng.integers(len(pairs), size=args.batch_size - n_single)]
-        drawn = [train[rng.integers(len(train))] if rng.random() < args.caption_noise else p for p in prompts]
+        drawn = prompts  # the images rendered; with --caption-noise some are of another prompt than their caption
+        if args.caption_noise > 0:  # draws nothing otherwise, so clean runs keep their random stream
+            drawn = [train[rng.integers(len(train))] if rng.random() < args.caption_noise else p for p in prompts]
         with torch.no_grad():  # diffusers' latent convention: z = (latent - shift) * scale, about unit variance
             x0 = vae.encode(render_batch(drawn, rng)).latent_dist.sample()
             x0 = (x0 - vae.config.shift_factor) * vae.config.scaling_factor
