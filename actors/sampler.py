@@ -5,7 +5,8 @@ Usage (plain class; the Ray runtime wraps it with ``ray.remote``)::
     sampler = Sampler(model, cfg.sampling, cfg.lora)
     job, images = sampler.sample(prompts=[...], prompt_ids=[...], pair_ids=[...], seeds=[...])
     ...score images [2P, H, W, 3] uint8 (pair-major, branch-minor) elsewhere...
-    batch, dropped = sampler.complete(job=job, rewards=rewards)   # Arrow rows of the finite pairs
+    batch, report = sampler.complete(job=job, rewards=rewards)   # Arrow rows of the finite pairs
+    report["dropped"]                                             # pair ids left out (a non-finite reward)
 
 Trajectories (x_i, v_i for every step) stay in this process until ``complete``; only images leave it, and
 only the finished Arrow batch goes to the learner.
@@ -14,18 +15,20 @@ only the finished Arrow batch goes to the learner.
 from __future__ import annotations
 
 import itertools
+import time
 from dataclasses import dataclass
 
 import numpy as np
 import pyarrow as pa
 import torch
 
-from actors.adapter import FlowModel
-from actors.models import DTYPES, build_model
-from actors.sampling import PairTrajectory, generate_images, sample_pairs
+from actors.sampling import PairTrajectory, sample_pairs
 from learner.batch import to_arrow
-from learner.weights import Weights, add_lora, checksum, trainable
-from rewards.base import to_uint8
+from learner.weights import Weights, checksum
+from models.device import DTYPES
+from models.euler import generate_images
+from models.images import to_uint8
+from models.lora import make_trainable, trainable
 
 
 @dataclass
@@ -35,21 +38,19 @@ class _Pending:
     prompt_ids: list[int]
     pair_ids: list[int]
     version: int
+    sample_s: float
 
 
 class Sampler:
     def __init__(self, model, sampling, lora=None, index: int = 0):
-        """model: a FlowModel, or a ``ModelConfig`` to build one here (inside a Ray actor, on its own device);
-        sampling: ``SamplingConfig``; lora: ``LoraSettings`` (None or disabled = full weights)."""
+        """model: a FlowModel, or a zero-argument callable that builds one (so a Ray actor loads it on its own
+        device); sampling: ``SamplingConfig``; lora: ``LoraSettings`` (None or disabled = full weights)."""
         if not hasattr(model, "velocity"):
-            model = build_model(model)
+            model = model()
         self.model = model
         self.cfg = sampling
         self.index = index
-        if lora is not None and lora.enabled:
-            add_lora(model.transformer, lora.rank, lora.alpha, tuple(lora.target_modules), lora.init)
-        else:
-            model.transformer.requires_grad_(True)  # marks the full weights as the broadcast set
+        make_trainable(model.transformer, lora)             # marks the set the learner broadcasts
         model.transformer.eval()
         params = trainable(model.transformer)               # what the learner trains and broadcasts
         self.version, self.checksum = 0, checksum(params)
@@ -68,6 +69,7 @@ class Sampler:
         the trajectories until ``complete``."""
         if self.version < 0:
             raise RuntimeError(f"sampler {self.index} holds no verified weights (the last transfer failed); refusing to sample")
+        t0 = time.perf_counter()
         traj = sample_pairs(
             self.model,
             prompts,
@@ -79,30 +81,34 @@ class Sampler:
         )
         images = to_uint8(self.model.decode(traj.x_final.flatten(0, 1)))   # [2P, H, W, 3]
         job = next(self._jobs)
-        self._pending[job] = _Pending(traj, list(prompts), list(prompt_ids), list(pair_ids), self.version)
+        self._pending[job] = _Pending(traj, list(prompts), list(prompt_ids), list(pair_ids), self.version,
+                                      time.perf_counter() - t0)
         return job, images
 
     def generate(self, prompts: list[str], seeds: list[int], num_steps: int) -> np.ndarray:
         """Plain Euler images uint8 [N, H, W, 3] with the current weights (evaluation, not training)."""
         return generate_images(self.model, prompts, seeds, num_steps, self.cfg.guidance_scale)
 
-    def complete(self, job: int, rewards) -> tuple[pa.RecordBatch | None, list[int]]:
+    def complete(self, job: int, rewards) -> tuple[pa.RecordBatch | None, dict]:
         """Turn job's pairs into Arrow rows. rewards: [2P] or [P, 2] scores, or the ``RewardOutput`` of the images
-        ``sample`` returned; pairs with a non-finite reward are left out and their pair ids returned (the caller
-        counts them as dropped). Returns (batch, or None if no pair is left; dropped pair ids)."""
+        ``sample`` returned; pairs with a non-finite reward are left out. Returns (batch, or None if no pair is
+        left; report): report["dropped"] is the left-out pair ids (the caller counts them as dropped),
+        report["sample_s"] / report["pack_s"] the time this sampler spent sampling and packing the job."""
+        t0 = time.perf_counter()
         p = self._pending.pop(job)
         scores = getattr(rewards, "scores", rewards)
         rewards = np.asarray(scores, dtype=np.float64).reshape(len(p.pair_ids), 2)
         ok = np.isfinite(rewards).all(1)
-        dropped = [pid for pid, k in zip(p.pair_ids, ok) if not k]
-        if not ok.any():
-            return None, dropped
-        keep = torch.from_numpy(np.flatnonzero(ok))
-        t = p.traj
-        traj = PairTrajectory(t.xs[keep], t.vs[keep], t.sigmas, t.x_final[keep], [t.seeds[i] for i in keep])
-        pick = lambda seq: [seq[i] for i in keep]  # noqa: E731
-        batch = to_arrow(traj, rewards[ok], pick(p.prompt_ids), pick(p.pair_ids), pick(p.prompts), p.version, self.cfg.guidance_scale)
-        return batch, dropped
+        report = {"dropped": [pid for pid, k in zip(p.pair_ids, ok) if not k], "sample_s": p.sample_s}
+        batch = None
+        if ok.any():
+            keep = torch.from_numpy(np.flatnonzero(ok))
+            t = p.traj
+            traj = PairTrajectory(t.xs[keep], t.vs[keep], t.sigmas, t.x_final[keep], [t.seeds[i] for i in keep])
+            pick = lambda seq: [seq[i] for i in keep]  # noqa: E731
+            batch = to_arrow(traj, rewards[ok], pick(p.prompt_ids), pick(p.pair_ids), pick(p.prompts), p.version,
+                             self.cfg.guidance_scale)
+        return batch, report | {"pack_s": time.perf_counter() - t0}
 
     def forget(self, job: int) -> list[int]:
         """Drop a job whose rewards will never come; returns its pair ids."""

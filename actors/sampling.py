@@ -12,14 +12,13 @@ With gamma = 0 it is exactly that scheduler's Euler step.
 
 from __future__ import annotations
 
-import hashlib
 import math
 from dataclasses import dataclass
 from typing import Sequence
 
 import torch
 
-from actors.adapter import FlowModel, PromptEmbeds
+from models.adapter import FlowModel, PromptEmbeds
 
 
 def churn_start(eps: torch.Tensor, n: torch.Tensor, gamma: float) -> torch.Tensor:
@@ -36,12 +35,6 @@ def churn_step(x: torch.Tensor, v: torch.Tensor, t: float, s: float, gamma: floa
     x_r = x + (r - t) * v
     g = 1.0 + gamma
     return x_r / (1.0 + gamma * r) + r * math.sqrt(g * g - 1.0) / (1.0 + gamma * r) * n
-
-
-def pair_seed(seed: int, prompt: str, index: int = 0) -> int:
-    """A stable 63-bit seed for one pair, from the run seed, the prompt text and a repeat index."""
-    digest = hashlib.blake2b(f"{seed}\x00{index}\x00{prompt}".encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "little") >> 1
 
 
 @dataclass
@@ -116,48 +109,3 @@ def sample_pairs(
         x_final=x.float().cpu().view(P, 2, C, H, W),
         seeds=[int(s) for s in seeds],
     )
-
-
-@torch.no_grad()
-def sample_euler(
-    model: FlowModel,
-    prompts: Sequence[str],
-    seeds: Sequence[int],
-    num_steps: int = 40,
-    guidance_scale: float = 1.0,
-) -> torch.Tensor:
-    """Plain Euler sampling (no churn), one sample per prompt: what inference and evaluation use.
-
-    Sample p starts from the same eps as the pair with seed ``seeds[p]`` would. Returns final latents [P, C, H, W].
-    """
-    if len(prompts) != len(seeds):
-        raise ValueError(f"{len(prompts)} prompts but {len(seeds)} seeds: pass one seed per prompt")
-    C, H, W = model.latent_shape
-    x = torch.stack([torch.randn((C, H, W), generator=torch.Generator().manual_seed(int(s))) for s in seeds])
-    return euler_integrate(model, x, model.encode_prompts(list(prompts)), num_steps, guidance_scale)
-
-
-@torch.no_grad()
-def euler_integrate(model: FlowModel, x: torch.Tensor, cond: PromptEmbeds, num_steps: int,
-                    guidance_scale: float = 1.0) -> torch.Tensor:
-    """Integrate x [B, C, H, W] from sigma 1 to 0 with plain Euler steps on the model's schedule -> [B, C, H, W]."""
-    x = x.to(model.device)
-    sigmas = model.sigmas(num_steps)
-    for i in range(num_steps):
-        t, s = float(sigmas[i]), float(sigmas[i + 1])
-        x = churn_step(x.float(), model.velocity(x, torch.tensor(t), cond, guidance_scale), t, s, 0.0, None)
-    return x.float().cpu()
-
-
-def generate_images(model: FlowModel, prompts: Sequence[str], seeds: Sequence[int], num_steps: int,
-                    guidance_scale: float = 1.0, batch: int = 64):
-    """uint8 images [len(prompts), H, W, 3], one per (prompt, seed), plain Euler: inference and evaluation."""
-    import numpy as np
-
-    from rewards.base import to_uint8
-
-    out = []
-    for i in range(0, len(prompts), batch):
-        latents = sample_euler(model, prompts[i : i + batch], seeds[i : i + batch], num_steps, guidance_scale)
-        out.append(to_uint8(model.decode(latents)))
-    return np.concatenate(out)

@@ -36,11 +36,11 @@ sys.path.insert(0, str(ROOT))
 
 from actors.sampling import sample_pairs  # noqa: E402
 from cluster.config import to_dict  # noqa: E402
-from cluster.driver import reward_specs  # noqa: E402
+from cluster.build import reward_specs  # noqa: E402
 from cluster.evaluate import base_model, load_policy  # noqa: E402
 from cluster.prompts import load_prompts  # noqa: E402
 from learner.loss import pair_signal  # noqa: E402
-from learner.weights import add_lora  # noqa: E402
+from models.lora import add_lora  # noqa: E402
 from rewards import build_reward, to_uint8  # noqa: E402
 
 

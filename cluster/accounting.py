@@ -6,8 +6,6 @@ import time
 from collections import Counter
 from contextlib import contextmanager
 
-import numpy as np
-
 # interrupted: in flight when a run stopped (a resumed run reports them instead of forgetting them)
 DROP_REASONS = ("stale", "reward_failure", "non_finite_reward", "actor_lost", "interrupted")
 
@@ -66,6 +64,10 @@ class Timers:
         finally:
             self.totals[name] += time.perf_counter() - t0
 
+    def add(self, name: str, seconds: float) -> None:
+        """Count time measured elsewhere (inside an actor) under ``name``."""
+        self.totals[name] += seconds
+
     def pop(self) -> dict[str, float]:
         out = {f"perf/{k}_s": v for k, v in self.totals.items()}
         self.totals.clear()
@@ -73,11 +75,17 @@ class Timers:
 
 
 def reward_drop_reason(reasons: list) -> str:
-    """Why a pair's reward is unusable: the scorer failed (raised / timed out) or it returned a non-finite value."""
+    """Why a pair's reward is unusable, from its images' reasons: the scorer failed (raised / timed out) or it
+    returned a non-finite value."""
     text = " ".join(str(r) for r in reasons if r)
     return "non_finite_reward" if (not text or "non-finite" in text) else "reward_failure"
 
 
-def bad_reward_pairs(rewards: np.ndarray) -> np.ndarray:
-    """[P, 2] rewards -> [P] bool: the pair cannot be trained on (some branch non-finite)."""
-    return ~np.isfinite(np.asarray(rewards, dtype=np.float64)).all(1)
+def drop_reasons(pair_ids: list[int], dropped: list[int], reasons: list | None) -> Counter:
+    """Reason -> count for the ``dropped`` pairs of a request of ``pair_ids`` (2 images a pair, branches adjacent),
+    from the reward's per-image ``reasons`` (None when it gave none)."""
+    out: Counter[str] = Counter()
+    for pid in dropped:
+        k = pair_ids.index(pid)
+        out[reward_drop_reason((reasons or [None] * 2 * len(pair_ids))[2 * k : 2 * k + 2])] += 1
+    return out

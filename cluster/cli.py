@@ -71,7 +71,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "generate":
         from PIL import Image
 
-        from actors.sampling import generate_images
+        from models.euler import generate_images
         from cluster.evaluate import load_policy
 
         model, cfg, _ = load_policy(args.checkpoint)

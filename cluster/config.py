@@ -19,6 +19,8 @@ from typing import Any, Literal
 
 import yaml
 
+from models.lora import LORA_TARGET_MODULES
+
 CONFIG_DIR = Path(__file__).parent / "configs"
 DEFAULT_PRESET = "shapes"
 
@@ -40,7 +42,7 @@ class LoraSettings:
     rank: int = 32  # LoRA rank r
     alpha: float = 64.0  # LoRA alpha (scale alpha / r)
     init: str = "gaussian"  # peft init_lora_weights
-    target_modules: tuple[str, ...] = ("to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out")  # attention projections
+    target_modules: tuple[str, ...] = LORA_TARGET_MODULES  # attention projections (models/lora.py)
 
 
 @dataclass(frozen=True)
@@ -133,12 +135,14 @@ class RunConfig:
 
 @dataclass(frozen=True)
 class Batching:
-    """Derived batch arithmetic, checked once. Rows are (branch, step) training rows."""
+    """The batch arithmetic of an epoch, derived and checked once; the learner takes its updates from ``plan``.
+    Rows are (branch, step) training rows: an epoch of P pairs and N steps has 2 * P * N of them."""
 
     pairs_per_epoch: int
-    pairs_per_update: int
-    rows_per_update: int
-    micro_batches_per_update: int
+    rows_per_epoch: int
+    updates_per_epoch: int
+    timestep_fraction: float
+    micro_batch_rows: int
     max_policy_lag: int
 
     @classmethod
@@ -157,20 +161,29 @@ class Batching:
                 f"train.updates_per_epoch = {t.updates_per_epoch} does not divide; choose pairs_per_epoch so that "
                 f"2 * pairs_per_epoch * num_steps is a multiple of updates_per_epoch"
             )
-        per_update = round(t.timestep_fraction * rows) // t.updates_per_epoch
         lag = 2 * t.updates_per_epoch - 1 if t.max_policy_lag is None else t.max_policy_lag
         if lag < t.updates_per_epoch - 1:
             raise ValueError(
                 f"train.max_policy_lag = {lag} is below updates_per_epoch - 1 = {t.updates_per_epoch - 1}: even pairs "
                 "sampled with the current weights reach that lag by the last update of an epoch; raise it"
             )
-        return cls(
-            pairs_per_epoch=t.pairs_per_epoch,
-            pairs_per_update=t.pairs_per_epoch // t.updates_per_epoch,
-            rows_per_update=per_update,
-            micro_batches_per_update=-(-per_update // t.micro_batch_rows),
-            max_policy_lag=lag,
-        )
+        return cls(t.pairs_per_epoch, rows, t.updates_per_epoch, t.timestep_fraction, t.micro_batch_rows, lag)
+
+    def plan(self, rows: int, generator) -> list:
+        """The reference's arithmetic over the ``rows`` (branch, step) rows an epoch brought: one global random
+        permutation, its first ``timestep_fraction`` share, split as evenly as possible into ``updates_per_epoch``
+        updates. Returns the row indices of each update (a torch.LongTensor each; empty updates left out)."""
+        import torch
+
+        order = torch.randperm(rows, generator=generator)
+        order = order[: max(1, round(self.timestep_fraction * rows))]
+        return [chunk for chunk in torch.tensor_split(order, self.updates_per_epoch) if len(chunk)]
+
+    def micro_batches(self, update_rows) -> tuple:
+        """One update's rows in micro-batches of at most ``micro_batch_rows`` (gradients accumulate over them)."""
+        import torch
+
+        return torch.split(update_rows, self.micro_batch_rows)
 
 
 def _coerce(tp: Any, value: Any, key: str) -> Any:

@@ -14,17 +14,18 @@ measure: the mean pairwise RMS pixel distance between images of the same prompt 
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from actors.models import build_model
-from actors.sampling import generate_images, pair_seed
+from cluster.build import build_model, make_reward, metric_scorers
 from cluster.config import RunConfig, load_config
 from cluster.prompts import load_prompts
-from learner.weights import add_lora
+from cluster.schedule import pair_seed
+from models.euler import generate_images
+from models.images import save_grid
+from models.lora import make_trainable
 
 
 def load_policy(checkpoint: str | Path):
@@ -45,10 +46,7 @@ def load_policy(checkpoint: str | Path):
         raise FileNotFoundError(f"{folder} is not an fdfo checkpoint folder (no state.json)")
     cfg = _build(RunConfig, json.loads((folder / "state.json").read_text())["config"])
     model = build_model(cfg.model)
-    if cfg.lora.enabled:
-        add_lora(model.transformer, cfg.lora.rank, cfg.lora.alpha, tuple(cfg.lora.target_modules), cfg.lora.init)
-    else:
-        model.transformer.requires_grad_(True)
+    make_trainable(model.transformer, cfg.lora)
     params = dict(model.transformer.named_parameters())
     with torch.no_grad():
         for name, t in load_file(str(folder / "trainable.safetensors")).items():
@@ -69,22 +67,6 @@ def eval_set(cfg: RunConfig, num_prompts: int | None = None, seeds_per_prompt: i
     return chosen, prompts, seeds
 
 
-_METRICS: dict[str, object] = {}
-
-
-def metric_scorers(cfg: RunConfig) -> dict:
-    """The ``eval.metrics`` scorers (built once per process): metrics the run reports but does not train on."""
-    from rewards.base import build_reward
-
-    out = {}
-    for spec in cfg.eval.metrics:
-        key = json.dumps(dict(spec), sort_keys=True)
-        if key not in _METRICS:
-            _METRICS[key] = build_reward(dict(spec))
-        out[spec["name"]] = _METRICS[key]
-    return out
-
-
 def heldout_reward(cfg: RunConfig, generate_fn, score_fn, out_png: str | Path | None = None) -> dict:
     """Training reward (total and per component) and every ``eval.metrics`` scorer on Euler samples of the
     held-out set. ``generate_fn(prompts, seeds, num_steps)`` -> uint8 images; ``score_fn(images, prompts)`` ->
@@ -95,7 +77,7 @@ def heldout_reward(cfg: RunConfig, generate_fn, score_fn, out_png: str | Path | 
     result = {"eval/reward/mean": float(np.nanmean(out.scores))}
     for k, v in (out.info.get("components") or {}).items():
         result[f"eval/reward/{k}/mean"] = float(np.nanmean(v))
-    for k, scorer in metric_scorers(cfg).items():
+    for k, scorer in metric_scorers(cfg.eval).items():
         result[f"eval/metric/{k}/mean"] = float(np.nanmean(scorer.score(images, prompts).scores))
     if out_png is not None:
         k = cfg.eval.seeds_per_prompt
@@ -119,24 +101,9 @@ def best_of_seeds(scores: np.ndarray, seeds_per_prompt: int) -> float:
     return float(np.nanmean(np.nanmax(per_prompt, axis=1)))
 
 
-def save_grid(images: np.ndarray, cols: int, path: str | Path, scale: int = 2) -> None:
-    """Tile uint8 images [N, H, W, 3] into a PNG, ``cols`` per row, each upscaled ``scale``x (nearest)."""
-    from PIL import Image
-
-    n, h, w, _ = images.shape
-    rows = math.ceil(n / cols)
-    grid = np.full((rows * (h + 2), cols * (w + 2), 3), 255, np.uint8)
-    for k, img in enumerate(images):
-        r, c = divmod(k, cols)
-        grid[r * (h + 2) + 1 : r * (h + 2) + 1 + h, c * (w + 2) + 1 : c * (w + 2) + 1 + w] = img
-    Image.fromarray(grid).resize((grid.shape[1] * scale, grid.shape[0] * scale), Image.NEAREST).save(path)
-
-
 def evaluate(model, cfg: RunConfig, out_dir: str | Path, num_prompts: int | None = None,
              seeds_per_prompt: int | None = None, tag: str = "eval") -> dict:
     """Held-out evaluation; writes ``<tag>.json`` and ``<tag>_grid.png`` (rows = prompts, columns = seeds)."""
-    from cluster.driver import make_reward
-
     ev = cfg.eval
     chosen, prompts, seeds = eval_set(cfg, num_prompts, seeds_per_prompt)
     seeds_per_prompt = len(prompts) // len(chosen)
@@ -155,7 +122,7 @@ def evaluate(model, cfg: RunConfig, out_dir: str | Path, num_prompts: int | None
         **{f"reward/{k}/best_of_seeds": best_of_seeds(v, seeds_per_prompt)
            for k, v in out.info.get("components", {}).items()},
     }
-    for k, scorer in metric_scorers(cfg).items():
+    for k, scorer in metric_scorers(cfg.eval).items():
         scores = scorer.score(images, prompts).scores
         summary[f"metric/{k}/mean"] = float(np.nanmean(scores))
         summary[f"metric/{k}/best_of_seeds"] = best_of_seeds(scores, seeds_per_prompt)

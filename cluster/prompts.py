@@ -20,10 +20,10 @@ def load_prompts(source: str) -> list[str]:
     if source == "builtin:tiny":
         return list(TINY)
     if source.startswith("builtin:shapes"):
-        from rewards import shapes
+        from tasks.shapes import world
 
         split = source.split("-", 1)[1] if "-" in source else "train"
-        return shapes.prompts(split)
+        return world.prompts(split)
     path = Path(source)
     if not path.is_file():
         raise FileNotFoundError(f"prompts.source {source!r} is neither builtin:tiny, builtin:shapes-train|heldout nor a file")

@@ -2,9 +2,15 @@
 
 from __future__ import annotations
 
+import hashlib
+
 import numpy as np
 
-from actors.sampling import pair_seed
+
+def pair_seed(seed: int, prompt: str, index: int = 0) -> int:
+    """A stable 63-bit seed for one pair, from the run seed, the prompt text and a repeat index."""
+    digest = hashlib.blake2b(f"{seed}\x00{index}\x00{prompt}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") >> 1
 
 
 class PairSchedule:

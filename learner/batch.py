@@ -21,8 +21,8 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from actors.sampling import PairTrajectory
 from learner.loss import pair_signal
+from models.device import DTYPES
 
 # Column names. Shapes: N recorded steps, latent (C, H, W).
 PROMPT_ID = "prompt_id"            # int64: index of the prompt in the run's prompt list
@@ -41,7 +41,6 @@ D = "d"                            # float32 tensor [C, H, W]: dx_k / (mean(dx_k
 
 DTYPE_KEY = b"fdfo.dtype"
 _ARROW_OF = {torch.float32: pa.float32(), torch.float16: pa.float16(), torch.bfloat16: pa.uint16()}
-_TORCH_OF = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
 def _tensor_field(name: str, shape: tuple[int, ...], dtype: torch.dtype) -> pa.Field:
@@ -84,7 +83,7 @@ def _from_tensor_column(col: pa.Array | pa.ChunkedArray, field: pa.Field) -> tor
     if isinstance(col, pa.ChunkedArray):
         col = col.combine_chunks()
     arr = col.to_numpy_ndarray()
-    dtype = _TORCH_OF[field.metadata[DTYPE_KEY].decode()]
+    dtype = DTYPES[field.metadata[DTYPE_KEY].decode()]
     with warnings.catch_warnings():  # Arrow buffers are read-only; the learner only reads them (zero-copy)
         warnings.simplefilter("ignore", UserWarning)
         t = torch.from_numpy(np.ascontiguousarray(arr))
@@ -92,7 +91,7 @@ def _from_tensor_column(col: pa.Array | pa.ChunkedArray, field: pa.Field) -> tor
 
 
 def to_arrow(
-    traj: PairTrajectory,
+    traj,
     rewards: torch.Tensor | np.ndarray,
     prompt_ids: list[int],
     pair_ids: list[int],
@@ -100,7 +99,10 @@ def to_arrow(
     policy_version: int,
     guidance_scale: float = 1.0,
 ) -> pa.RecordBatch:
-    """Rows for P finished pairs: rewards [P, 2] -> 2P rows (pair-major, branch-minor), with the pair signal."""
+    """Rows for P finished pairs: rewards [P, 2] -> 2P rows (pair-major, branch-minor), with the pair signal.
+
+    traj: the pairs' trajectories, anything with ``xs``, ``vs`` [P, 2, N, C, H, W], ``sigmas`` [>= N],
+    ``x_final`` [P, 2, C, H, W] and ``seeds`` (P ints), such as ``actors.sampling.PairTrajectory``."""
     P, _, N = traj.xs.shape[:3]
     lat = tuple(traj.xs.shape[3:])
     rewards = torch.as_tensor(np.asarray(rewards, dtype=np.float64))
@@ -157,7 +159,7 @@ def check_schema(schema: pa.Schema, expected: pa.Schema | None = None) -> None:
         if x is None or not isinstance(x.type, pa.FixedShapeTensorType) or x.metadata is None:
             raise ValueError(f"not an fdfo batch: column {X!r} must be a fixed-shape tensor [N, C, H, W]")
         shape = x.type.shape
-        expected = batch_schema(shape[0], tuple(shape[1:]), _TORCH_OF[x.metadata[DTYPE_KEY].decode()])
+        expected = batch_schema(shape[0], tuple(shape[1:]), DTYPES[x.metadata[DTYPE_KEY].decode()])
     for field in expected:
         if field.name not in schema.names:
             raise ValueError(f"batch is missing column {field.name!r} ({field.type})")

@@ -17,14 +17,16 @@ from __future__ import annotations
 import contextlib
 import copy
 import math
+import time
 
 import pyarrow as pa
 import torch
 
-from actors.adapter import FlowModel, PromptEmbeds
 from learner.batch import from_arrow
 from learner.loss import fdfo_loss
-from learner.weights import Weights, add_lora, checksum, trainable
+from learner.weights import Weights, checksum
+from models.adapter import PromptEmbeds
+from models.lora import make_trainable, trainable
 
 
 def scheduled_lr(train, version: int) -> float:
@@ -40,22 +42,17 @@ def scheduled_lr(train, version: int) -> float:
 
 class Learner:
     def __init__(self, model, train, batching, lora=None, seed: int = 0):
-        """model: FlowModel or a ``ModelConfig`` to build here; train: ``TrainConfig``; batching: ``Batching``;
+        """model: a FlowModel, or a zero-argument callable that builds one (so a Ray actor loads it on its own
+        device); train: ``TrainConfig`` (optimizer, loss); batching: ``Batching`` (which rows make each update);
         lora: ``LoraSettings`` or None (full fine-tuning)."""
         if not hasattr(model, "velocity"):
-            from actors.models import build_model
-
-            model = build_model(model)
+            model = model()
         self.model = model
         self.cfg = train
         self.batching = batching
         self.seed = seed
         tr = model.transformer
-        self.lora = lora is not None and lora.enabled
-        if self.lora:
-            add_lora(tr, lora.rank, lora.alpha, tuple(lora.target_modules), lora.init)
-        else:
-            tr.requires_grad_(True)
+        self.lora = make_trainable(tr, lora)
         self.base = copy.deepcopy(tr).requires_grad_(False) if (train.kl_weight > 0 and not self.lora) else None
         tr.train()
         self.params = [p for p in tr.parameters() if p.requires_grad]
@@ -99,63 +96,46 @@ class Learner:
     # -- the update ------------------------------------------------------------------------------------------
     def stale_mask(self, policy_version: torch.Tensor) -> torch.Tensor:
         """True for rows that would exceed max_policy_lag at this epoch's last update."""
-        worst_version = self.version + self.cfg.updates_per_epoch - 1
+        worst_version = self.version + self.batching.updates_per_epoch - 1
         return worst_version - policy_version > self.batching.max_policy_lag
 
     def train_epoch(self, *batches: pa.RecordBatch) -> dict:
-        """Run ``updates_per_epoch`` optimizer steps on the rows of ``batches``; returns metrics, the trained and
-        stale pair ids, and the new weights' checksum. (Batches are positional so that Ray resolves object refs.)"""
-        table = pa.Table.from_batches(batches)
-        tb = from_arrow(table)
+        """Run the epoch's optimizer steps (``Batching.plan``) on the rows of ``batches``; returns metrics, the
+        trained and stale pair ids, the new weights' checksum and ``perf/update_s`` (this call's own time).
+        (Batches are positional so that Ray resolves object refs.)"""
+        t0 = time.perf_counter()
+        tb = from_arrow(pa.Table.from_batches(batches))
         stale = self.stale_mask(tb.policy_version)
-        stale_pairs = sorted(set(tb.pair_id[stale].tolist()))
         keep = torch.nonzero(~stale).squeeze(1)
-        R, N = len(keep), tb.x.shape[1]
-        out = {"stale_pair_ids": stale_pairs, "trained_pair_ids": sorted(set(tb.pair_id[keep].tolist()))}
-        if R == 0:
+        out = {"stale_pair_ids": sorted(set(tb.pair_id[stale].tolist())),
+               "trained_pair_ids": sorted(set(tb.pair_id[keep].tolist()))}
+        if len(keep) == 0:
             return out | {"updates": 0}
         w = float(tb.guidance_scale[0])
         if not torch.all(tb.guidance_scale == w):
             raise ValueError("one epoch mixes guidance scales; sampling.guidance_scale must be the same on every sampler")
         g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.version)
-        order = torch.randperm(R * N, generator=g)             # global shuffle over (branch, step) rows
-        order = order[: max(1, round(self.cfg.timestep_fraction * R * N))]  # an unbiased subset of the rows
+        updates = self.batching.plan(len(keep) * tb.x.shape[1], g)     # row indices of each update
         sums: dict[str, float] = {}
         grad_norms, lag_sum, lag_max = [], 0.0, 0
-        dev = self.model.device
-        for chunk in torch.tensor_split(order, self.cfg.updates_per_epoch):
-            if len(chunk) == 0:
-                continue
+        for rows in updates:
             self.opt.zero_grad(set_to_none=True)
-            for mb in torch.split(chunk, self.cfg.micro_batch_rows):
-                r, i = keep[mb // N], mb % N                    # row of the table, step index
-                x = tb.x[r, i].to(dev)                          # [B, C, H, W]
-                v = tb.v[r, i].to(dev)                          # [B, C, H, W]
-                sigma = tb.sigmas[r, i].to(dev)                 # [B]
-                d = tb.d[r].to(dev)                             # [B, C, H, W]
-                dR = tb.dR[r].to(dev)                           # [B]
-                lag = self.version - tb.policy_version[r]       # [B] staleness of each row at this update
-                lag_sum, lag_max = lag_sum + float(lag.sum()), max(lag_max, int(lag.max()))
-                cond = self._cond([tb.prompt[j] for j in r.tolist()])
+            for mb in self.batching.micro_batches(rows):
+                x, v, sigma, d, dR, cond, lag = self._rows(tb, keep, mb)
                 with self._autocast():
                     v_theta = self.model.velocity(x, sigma, cond, w)
                 v_base = self._base_velocity(x, sigma, cond, w) if self.cfg.kl_weight > 0 else None
                 loss, m = fdfo_loss(v_theta, v, d, dR, self.cfg.epsilon, v_base, self.cfg.kl_weight)
-                share = len(mb) / len(chunk)
+                share = len(mb) / len(rows)                       # gradients accumulate to the update's mean
                 (loss * share).backward()
+                lag_sum, lag_max = lag_sum + float(lag.sum()), max(lag_max, int(lag.max()))
                 for k, val in m.items():
                     if k == "log_rho_abs_max":
                         sums[k] = max(sums.get(k, 0.0), float(val))
                     else:
-                        sums[k] = sums.get(k, 0.0) + float(val) * share / self.cfg.updates_per_epoch
-            gn = torch.nn.utils.clip_grad_norm_(self.params, self.cfg.grad_clip)
-            if not torch.isfinite(gn):
-                raise FloatingPointError(f"non-finite gradient norm at learner version {self.version}; lower train.lr")
-            grad_norms.append(float(gn))
-            for group in self.opt.param_groups:
-                group["lr"] = scheduled_lr(self.cfg, self.version)
-            self.opt.step()
-            self.version += 1
+                        sums[k] = sums.get(k, 0.0) + float(val) * share / self.batching.updates_per_epoch
+            grad_norms.append(self._step())
+        n_rows = sum(len(r) for r in updates)
         out.update({f"learner/{k}": v for k, v in sums.items()})
         out.update(
             {
@@ -163,14 +143,34 @@ class Learner:
                 "learner/grad_norm": sum(grad_norms) / len(grad_norms),
                 "learner/lr": self.opt.param_groups[0]["lr"],
                 "learner/version": self.version,
-                "learner/policy_lag_mean": lag_sum / len(order),
+                "learner/policy_lag_mean": lag_sum / n_rows,
                 "learner/policy_lag_max": lag_max,
-                "learner/rows": len(order),
-                "reward/mean": float(tb.reward[keep].mean()),
+                "learner/rows": n_rows,
                 "checksum": self.weights_info()[1],
+                "perf/update_s": time.perf_counter() - t0,
             }
         )
         return out
+
+    def _rows(self, tb, keep: torch.Tensor, mb: torch.Tensor):
+        """One micro-batch of (branch, step) rows ``mb`` (indices into kept rows x steps) on the learner's device:
+        x, v [B, C, H, W], sigma [B], d [B, C, H, W], dR [B], the prompts' conditioning, and each row's lag [B]."""
+        N, dev = tb.x.shape[1], self.model.device
+        r, i = keep[mb // N], mb % N                    # row of the table, step index
+        cond = self._cond([tb.prompt[j] for j in r.tolist()])
+        return (tb.x[r, i].to(dev), tb.v[r, i].to(dev), tb.sigmas[r, i].to(dev), tb.d[r].to(dev), tb.dR[r].to(dev),
+                cond, self.version - tb.policy_version[r])
+
+    def _step(self) -> float:
+        """Clip, set the scheduled lr, take the AdamW step; returns the gradient norm before clipping."""
+        gn = torch.nn.utils.clip_grad_norm_(self.params, self.cfg.grad_clip)
+        if not torch.isfinite(gn):
+            raise FloatingPointError(f"non-finite gradient norm at learner version {self.version}; lower train.lr")
+        for group in self.opt.param_groups:
+            group["lr"] = scheduled_lr(self.cfg, self.version)
+        self.opt.step()
+        self.version += 1
+        return float(gn)
 
     def weights(self) -> Weights:
         return Weights.of(self.model.transformer, self.version)

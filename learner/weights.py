@@ -1,8 +1,7 @@
-"""Trainable weights: LoRA set-up, the versioned state that samplers load, and its checksum.
+"""Versioned weights: the state that samplers load, and its checksum.
 
 Usage::
 
-    add_lora(model.transformer, rank=32, alpha=64)
     w = Weights.of(model.transformer, version=3)      # what the learner broadcasts
     w.load_into(sampler_model.transformer)            # what a sampler does; returns w.checksum
 
@@ -18,38 +17,7 @@ from dataclasses import dataclass
 
 import torch
 
-from actors.adapter import LORA_TARGET_MODULES
-
-
-def add_lora(
-    transformer: torch.nn.Module,
-    rank: int = 32,
-    alpha: float = 64.0,
-    target_modules: tuple[str, ...] = LORA_TARGET_MODULES,
-    init: str = "gaussian",
-) -> None:
-    """Attach a peft LoRA adapter (diffusers' own ``add_adapter``) and keep its parameters trainable in fp32."""
-    from peft import LoraConfig
-
-    present = {name.split(".")[-1] for name, _ in transformer.named_modules()} | {
-        ".".join(name.split(".")[-2:]) for name, _ in transformer.named_modules()
-    }
-    missing = [t for t in target_modules if t not in present]
-    if missing:
-        raise ValueError(f"LoRA target modules {missing} are not in {type(transformer).__name__}; check lora.target_modules")
-    transformer.requires_grad_(False)
-    transformer.add_adapter(
-        LoraConfig(r=rank, lora_alpha=alpha, init_lora_weights=init, target_modules=list(target_modules))
-    )
-    for name, p in transformer.named_parameters():
-        if "lora_" in name:
-            p.data = p.data.float()
-            p.requires_grad_(True)
-
-
-def trainable(transformer: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """The broadcast set by name, as views of the live parameters (no copy)."""
-    return {n: p.detach() for n, p in transformer.named_parameters() if p.requires_grad}
+from models.lora import trainable
 
 
 def checksum(tensors: dict[str, torch.Tensor]) -> str:

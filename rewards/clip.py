@@ -143,6 +143,8 @@ def tiny_clip(seed: int = 0, projection_dim: int = 16):
 class PickScore:
     """PickScore: logit_scale.exp() * cos(text, image) with the PickScore_v1 CLIP-H/14 fine-tune."""
 
+    FORWARDS_SETTINGS_TO = (ClipEmbedder,)  # **embedder_kwargs: device, dtype, batch_size
+
     def __init__(self, model: Any = PICKSCORE_MODEL, processor: Any = PICKSCORE_PROCESSOR, **embedder_kwargs: Any):
         self.clip = ClipEmbedder(model=model, processor=processor, **embedder_kwargs)
 
@@ -161,6 +163,8 @@ class PickScore:
 @register("clipscore")
 class CLIPScore:
     """CLIPScore: scale * max(cos, 0); default CLIP ViT-L/14 (pass laion CLIP-H/14 for the paper's eval)."""
+
+    FORWARDS_SETTINGS_TO = (ClipEmbedder,)  # **embedder_kwargs: device, dtype, batch_size
 
     def __init__(self, model: Any = CLIP_L14, processor: Any = None, scale: float = 100.0, **embedder_kwargs: Any):
         self.clip = ClipEmbedder(model=model, processor=processor, **embedder_kwargs)
@@ -187,6 +191,8 @@ class HPSv2:
     from), or pass ``model=`` a directory holding that conversion saved with ``save_pretrained``.
     """
 
+    FORWARDS_SETTINGS_TO = (ClipEmbedder,)  # **embedder_kwargs: device, dtype, batch_size
+
     def __init__(self, model: Any = None, checkpoint: str | None = None, base: str = CLIP_H14,
                  processor: Any = None, **embedder_kwargs: Any):
         if (model is None) == (checkpoint is None):
@@ -196,6 +202,15 @@ class HPSv2:
             model = load_openclip_checkpoint(checkpoint, base)
             processor = processor or base
         self.clip = ClipEmbedder(model=model, processor=processor, **embedder_kwargs)
+
+    @staticmethod
+    def check_settings(model: Any = None, checkpoint: str | None = None, **_: Any) -> None:
+        """Before any model loads: exactly one of model= / checkpoint=, and a checkpoint file that exists."""
+        if (model is None) == (checkpoint is None):
+            raise ValueError("give exactly one of checkpoint= (path to HPS_v2.1_compressed.pt) or model= (a converted "
+                             "CLIPModel directory)")
+        if checkpoint is not None:
+            require_file(checkpoint, "HPSv2 checkpoint")
 
     @classmethod
     def tiny(cls, seed: int = 0) -> "HPSv2":
@@ -291,6 +306,8 @@ class Aesthetic:
     ``nn.Module`` mapping [B, D] -> [B, 1]. Prompts are ignored.
     """
 
+    FORWARDS_SETTINGS_TO = (ClipEmbedder,)  # **embedder_kwargs: device, dtype, batch_size
+
     def __init__(self, head: Any = None, model: Any = CLIP_L14, processor: Any = None, **embedder_kwargs: Any):
         import torch
 
@@ -319,6 +336,14 @@ class Aesthetic:
         torch.manual_seed(seed + 1)
         return cls(head=AestheticHead(dim=model.config.projection_dim), model=model, processor=processor,
                    device="cpu", dtype="float32")
+
+    @staticmethod
+    def check_settings(head: Any = None, **_: Any) -> None:
+        """Before any model loads: the head weights are given and, as a path, exist."""
+        if head is None:
+            raise ValueError("aesthetic needs head= : the path to sac+logos+ava1-l14-linearMSE.pth (or a .safetensors)")
+        if isinstance(head, (str, os.PathLike)):
+            require_file(head, "aesthetic head weights")
 
     def score(self, images: np.ndarray, prompts: Sequence[str]) -> RewardOutput:
         check_images(images, prompts)

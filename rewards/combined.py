@@ -74,6 +74,30 @@ class CombinedReward:
             self.components[key] = reward if reward is not None else build_reward(spec)
             self.weights[key] = float(weight)
 
+    @staticmethod
+    def check_settings(specs: Sequence[Mapping[str, Any]] | None = None, preset: str | None = None,
+                       overrides: Mapping[str, Mapping[str, Any]] | None = None) -> None:
+        """Every component spec checked (``rewards.base.check_spec``) without building a model; weights and keys."""
+        from rewards.base import check_spec
+
+        if preset is not None:
+            specs = preset_specs(preset, overrides)
+        if not specs:
+            raise ValueError("weighted_sum needs at least one spec, e.g. [{'name': 'pickscore', 'weight': 1.0}]")
+        keys = set()
+        for i, spec in enumerate(specs):
+            spec = dict(spec)
+            weight = spec.pop("weight", None)
+            if not isinstance(weight, (int, float)) or isinstance(weight, bool) or not math.isfinite(weight):
+                raise ValueError(f"component {i} ({spec.get('name')}): weight must be a finite number, e.g. 'weight': 1.0; "
+                                 f"got {weight!r}")
+            key = spec.pop("key", None) or spec.get("name")
+            if key in keys:
+                raise ValueError(f"reward key {key!r} appears twice; give one of them a distinct 'key'")
+            keys.add(key)
+            if "reward" not in spec:
+                check_spec(spec, f"component {i}")
+
     def score(self, images: np.ndarray, prompts: Sequence[str]) -> RewardOutput:
         """images uint8 [B, H, W, 3], B prompts -> weighted sum [B]; raw components and reasons in info."""
         check_images(images, prompts)

@@ -108,6 +108,15 @@ class ImageReward:
         self.image_processor = _image_processor(model.fdfo_config["image_size"])
         self.batch_size = int(batch_size)
 
+    @staticmethod
+    def check_settings(model: Any = None, **_: Any) -> None:
+        """Before any model loads: model= names a converted directory that exists."""
+        if model is None:
+            raise ValueError("imagereward needs model= : a directory made by convert_imagereward_checkpoint('ImageReward.pt', out_dir)")
+        if isinstance(model, (str, os.PathLike)) and not os.path.isdir(os.path.expanduser(str(model))):
+            raise FileNotFoundError(f"imagereward model={str(model)!r} is not a directory; make it with "
+                                    "rewards.imagereward.convert_imagereward_checkpoint('ImageReward.pt', out_dir)")
+
     @classmethod
     def tiny(cls, seed: int = 0) -> "ImageReward":
         """Random tiny BLIP (2+2 layers, width 32, 32x32 images) and a BPE tokenizer trained offline."""

@@ -135,6 +135,17 @@ class VLMJudge:
         self.backend_name = backend
         self.backend = _BACKENDS[backend](model=model, yes_token=yes_token, no_token=no_token, **backend_kwargs)
 
+    @staticmethod
+    def check_settings(backend: str = "transformers", question: str = DEFAULT_QUESTION, **settings: Any) -> None:
+        """Before any model loads: the question template, the backend name, and the backend's own settings."""
+        from rewards.base import check_kwargs
+
+        check_question_template(question)
+        if backend not in _BACKENDS:
+            raise ValueError(f"unknown judge backend {backend!r}; choose one of {sorted(_BACKENDS)}")
+        own = {"model", "image_size", "scale", "yes_token", "no_token"}
+        check_kwargs(_BACKENDS[backend], {k: v for k, v in settings.items() if k not in own}, f"backend {backend!r}")
+
     def score(self, images: np.ndarray, prompts: Sequence[str]) -> RewardOutput:
         """images uint8 [B, H, W, 3], B prompts -> scores [B] in [0, scale] (NaN where a request failed)."""
         check_images(images, prompts)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from actors.adapter import PromptEmbeds
+from models.adapter import PromptEmbeds
 
 
 class Offset(torch.nn.Module):

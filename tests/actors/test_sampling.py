@@ -6,7 +6,8 @@ import pytest
 import torch
 from diffusers import FlowMatchEulerDiscreteScheduler
 
-from actors.sampling import churn_start, churn_step, pair_seed, sample_pairs
+from actors.sampling import churn_start, churn_step, sample_pairs
+from cluster.schedule import pair_seed
 from tests.helpers import GaussianFlow
 
 

@@ -4,9 +4,9 @@ import numpy as np
 import pytest
 import torch
 
-from actors.adapter import SD3Adapter
+from models.adapter import SD3Adapter
 from actors.sampler import Sampler
-from cluster.config import Batching, load_config
+from cluster.config import Batching, load_config, with_overrides
 from learner.batch import from_arrow
 from learner.learner import Learner
 from learner.weights import Weights
@@ -46,8 +46,8 @@ def test_pair_batch_step_and_weight_swap(cfg):
     assert images.shape == (4, 32, 32, 3) and images.dtype == np.uint8
     assert not np.array_equal(images[0], images[1])                          # the two branches differ
     out = build_reward({"name": "jpeg_compressibility"}).score(images, [p for p in PROMPTS for _ in range(2)])
-    batch, dropped = sampler.complete(job=job, rewards=out)
-    assert dropped == [] and batch.num_rows == 4
+    batch, report = sampler.complete(job=job, rewards=out)
+    assert report["dropped"] == [] and batch.num_rows == 4 and report["sample_s"] > 0 and report["pack_s"] > 0
     tb = from_arrow(batch)
     assert tb.x.shape == (4, cfg.sampling.num_steps, 16, 16, 16)
     before = learner.weights()
@@ -66,16 +66,16 @@ def test_timestep_fraction_trains_on_a_random_share_of_the_rows(cfg):
     batch, _ = sampler.complete(job=job, rewards=np.array([[1.0, 0.0], [0.5, 0.25]]))
     rows = 4 * cfg.sampling.num_steps                                        # 2 pairs x 2 branches x N steps
     for fraction, expected in ((1.0, rows), (0.25, rows // 4), (1e-6, 1)):
-        train = cfg.train.__class__(**{**cfg.train.__dict__, "timestep_fraction": fraction})
-        learner = Learner(SD3Adapter.tiny(), train, Batching.of(cfg), cfg.lora, seed=0)
+        batching = Batching.of(with_overrides(cfg, [f"train.timestep_fraction={fraction}"]))
+        learner = Learner(SD3Adapter.tiny(), cfg.train, batching, cfg.lora, seed=0)
         assert learner.train_epoch(batch)["learner/rows"] == expected
 
 
 def test_non_finite_rewards_drop_only_their_pairs(cfg):
     sampler = Sampler(SD3Adapter.tiny(), cfg.sampling, cfg.lora)
     job, _ = sampler.sample(prompts=PROMPTS, prompt_ids=[0, 1], pair_ids=[10, 11], seeds=[1, 2])
-    batch, dropped = sampler.complete(job=job, rewards=np.array([[1.0, np.nan], [0.5, 0.25]]))
-    assert dropped == [10] and batch.num_rows == 2 and from_arrow(batch).pair_id.tolist() == [11, 11]
+    batch, report = sampler.complete(job=job, rewards=np.array([[1.0, np.nan], [0.5, 0.25]]))
+    assert report["dropped"] == [10] and batch.num_rows == 2 and from_arrow(batch).pair_id.tolist() == [11, 11]
 
 
 def test_corrupted_weights_are_refused(cfg):

@@ -1,6 +1,7 @@
 """The typed config: presets load, overrides apply, unknown keys and bad arithmetic fail with the fix named."""
 
 import pytest
+import torch
 
 from cluster.config import Batching, load_config
 
@@ -13,7 +14,10 @@ def test_presets_load_and_overrides_apply():
         assert c.model.path == "stabilityai/stable-diffusion-3.5-medium"
         b = Batching.of(c)
         # the reference: 432 pairs per epoch, 4 updates, each on 216 images x 40 steps = 8640 rows
-        assert (b.pairs_per_epoch, b.pairs_per_update, b.rows_per_update) == (432, 108, 8640)
+        assert (b.pairs_per_epoch, b.rows_per_epoch, b.updates_per_epoch) == (432, 34560, 4)
+        updates = b.plan(b.rows_per_epoch, torch.Generator().manual_seed(0))
+        assert [len(u) for u in updates] == [8640] * 4                        # one global shuffle split in four
+        assert torch.equal(torch.cat(updates).sort().values, torch.arange(34560))   # every row exactly once
 
 
 def test_unknown_key_is_named_with_the_valid_ones():

@@ -4,7 +4,7 @@ import logging
 
 import numpy as np
 
-from actors.models import build_model
+from cluster.build import build_model
 from actors.sampling import sample_pairs
 from cluster.config import load_config
 from cluster.driver import run_local

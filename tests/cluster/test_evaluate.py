@@ -8,7 +8,7 @@ import pytest
 import torch
 from PIL import Image
 
-from actors.sampling import generate_images
+from models.euler import generate_images
 from cluster.cli import main
 from cluster.config import load_config
 from cluster.driver import run_local

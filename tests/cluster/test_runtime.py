@@ -9,10 +9,10 @@ import urllib.request
 import pytest
 import torch
 
-from actors.adapter import SD3Adapter
-from actors.tiny import tiny_sd3_pipeline
+from models.adapter import SD3Adapter
+from models.tiny import tiny_sd3_pipeline
 from cluster.config import load_config
-from learner.weights import add_lora
+from models.lora import add_lora
 
 BASE = ["train.epochs=4", "train.pairs_per_epoch=8", "train.updates_per_epoch=2", "sampling.pairs_per_call=4",
         "sampling.num_steps=4", "runtime.num_samplers=2", "runtime.sampler_num_cpus=1", "runtime.learner_num_cpus=1"]
@@ -121,3 +121,34 @@ def test_sampler_pool_grows_when_the_learner_waits_for_data(ray_local, tmp_path)
     assert [s["sampler"] for s in out["samplers"]] == [0, 1]
     assert all(s["version"] == out["version"] for s in out["samplers"])
     assert out["ledger"]["pairs_trained"] == 24 and out["ledger"]["pairs_dropped"] == {}
+
+
+def test_autoscale_releases_an_idle_sampler_when_the_learner_is_the_bottleneck(ray_local):
+    # the release path on real actors: three samplers above a minimum of one, the learner never waited for data;
+    # sampler 2 has a call queued and sampler 1 still owes a report, so only sampler 0 is idle and released
+    import ray
+    from ray.exceptions import RayActorError
+
+    from cluster.runtime import Job, Pool, RayRun, WeightSync
+
+    @ray.remote(num_cpus=0)
+    class Stub:
+        def ping(self) -> str:
+            return "ok"
+
+    stubs = [Stub.remote() for _ in range(3)]
+    run = RayRun.__new__(RayRun)                           # the loop's state without starting a run
+    run.rt = load_config("tiny-cpu", ["runtime.num_samplers=1", "runtime.max_samplers=3"]).runtime
+    run.max_samplers = 3
+    run.pool = Pool(actors=dict(enumerate(stubs)), busy={0: 0, 1: 0, 2: 1}, next_index=3)
+    run.jobs = {"report": Job(1, [7], None, None, None, None)}
+    run.sync = WeightSync(learner=None, collective=True)
+    run.sync.members_changed = False
+    run.waited_for_data = 0.0
+    run.autoscale(step_s=1.0)
+    assert sorted(run.pool.actors) == [1, 2] and sorted(run.pool.busy) == [1, 2]
+    assert run.sync.members_changed                        # the next broadcast re-forms the weight group
+    with pytest.raises(RayActorError):
+        ray.get(stubs[0].ping.remote(), timeout=30)
+    run.autoscale(step_s=1.0)                              # nothing idle now: the pool keeps its two samplers
+    assert sorted(run.pool.actors) == [1, 2] and ray.get(stubs[1].ping.remote()) == "ok"

@@ -80,7 +80,7 @@ def test_presets_are_the_papers():
 
 def test_combined_preset_with_tiny_models_equals_hand_sum(tmp_path):
     from rewards.clip import tiny_clip
-    from rewards.tiny_vlm import build_tiny_vlm
+    from tests.fixtures.tiny_vlm import build_tiny_vlm
 
     model, processor = tiny_clip(0)
     vlm = build_tiny_vlm(tmp_path / "vlm", seed=0)

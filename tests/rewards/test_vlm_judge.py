@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from rewards.tiny_vlm import build_tiny_vlm
+from tests.fixtures.tiny_vlm import build_tiny_vlm
 from rewards.vlm_judge import DEFAULT_QUESTION, VLMJudge, check_question_template, judge_score
 
 IMGS = np.random.default_rng(0).integers(0, 256, (3, 40, 40, 3), dtype=np.uint8)

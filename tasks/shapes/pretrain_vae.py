@@ -1,12 +1,12 @@
-"""Train the shapes task's VAE (actors/weights/shapes_vae.*): the real diffusers ``AutoencoderKL`` at tiny size.
+"""Train the shapes task's VAE (tasks/shapes/weights/shapes_vae.*): the real diffusers ``AutoencoderKL`` at tiny size.
 
 Usage (what built the shipped files; ~7 min on 2 CPU cores)::
 
-    python -m cluster.pretrain_shapes_vae --out-dir actors/weights --steps 3000
+    python -m tasks.shapes.pretrain_vae --out-dir tasks/shapes/weights --steps 3000
 
 The base model of the shapes task is a latent flow model like SD3: the VAE maps a 32x32 RGB scene to an
 8x8x4 latent (factor 4, 256 numbers), and the flow transformer works on those latents. Training data are
-scenes rendered on the fly from the TRAIN prompts (``rewards/shapes.py``); loss = MSE on pixels in [-1, 1] +
+scenes rendered on the fly from the TRAIN prompts (``tasks/shapes/world.py``); loss = MSE on pixels in [-1, 1] +
 ``--kl`` x KL to N(0, I) (small, as in SD's VAEs, so that latents stay informative). Afterwards the latent
 statistics over ``--stat-images`` encoded scenes set ``shift_factor`` (mean) and ``scaling_factor`` (1 / std),
 so the flow model sees latents of unit variance (diffusers' convention: z = (latent - shift) * scale).
@@ -24,8 +24,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from rewards import build_reward, to_uint8
-from rewards.shapes import heldout_prompts, parse, render, train_prompts
+from models.images import to_uint8
+from tasks.shapes.world import heldout_prompts, judge_scores, parse, render, train_prompts
 
 VAE_CONFIG = dict(
     in_channels=3,
@@ -42,7 +42,7 @@ VAE_CONFIG = dict(
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--out-dir", default="actors/weights")
+    p.add_argument("--out-dir", default="tasks/shapes/weights")
     p.add_argument("--name", default="shapes_vae")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=2)
@@ -111,8 +111,7 @@ def main(argv=None) -> None:
         chosen = [held[i] for i in rng.choice(len(held), args.eval_images, replace=False)]
         x = render_batch(chosen, rng)
         rec = vae.decode(vae.encode(x).latent_dist.mode()).sample
-        judge = build_reward({"name": "shapes_judge"})
-        rec_score = float(judge.score(to_uint8((rec / 2 + 0.5).clamp(0, 1)), chosen).scores.mean())
+        rec_score = float(judge_scores(to_uint8((rec / 2 + 0.5).clamp(0, 1)), chosen).mean())
         rec_mse = float(torch.nn.functional.mse_loss(rec, x))
     out = Path(args.out_dir)
     out.mkdir(parents=True, exist_ok=True)

@@ -1,0 +1,97 @@
+"""What a run's config builds: its flow model and its rewards, every spec checked before anything is built.
+
+Usage::
+
+    check_run(cfg)                            # rewards, metrics and model files: fails fast with the fix named
+    model = build_model(cfg.model)            # a FlowModel (the frozen weights; what trains is set by the roles)
+    reward = make_reward(cfg.reward)          # CombinedReward: the weighted sum, raw components kept
+    scorers = metric_scorers(cfg.eval)        # eval.metrics scorers, built once per process
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from models.adapter import FlowModel, SD3Adapter
+from models.device import DTYPES, pick_device
+
+
+def build_model(model_cfg) -> FlowModel:
+    """model_cfg: ``cluster.config.ModelConfig``. The frozen weights load here; LoRA is added by the roles."""
+    if model_cfg.kind == "sd3_tiny":
+        return SD3Adapter.tiny(seed=model_cfg.seed)
+    if model_cfg.kind == "shapes":
+        from tasks.shapes.model import WEIGHTS_DIR, load_shapes_adapter
+
+        # model.path: a folder with a re-built base model (tasks/shapes/pretrain*.py); default the shipped one
+        return load_shapes_adapter(device=pick_device(model_cfg.device), weights_dir=model_cfg.path or WEIGHTS_DIR)
+    if model_cfg.kind == "sd3":
+        if not model_cfg.path:
+            raise ValueError("model.kind=sd3 needs model.path: a hub id such as stabilityai/stable-diffusion-3.5-medium or a local directory")
+        return SD3Adapter.from_pretrained(
+            model_cfg.path,
+            device=pick_device(model_cfg.device),
+            dtype=DTYPES[model_cfg.dtype],
+            resolution=model_cfg.resolution,
+            max_sequence_length=model_cfg.max_sequence_length,
+        )
+    raise ValueError(f"unknown model.kind {model_cfg.kind!r}; use sd3, sd3_tiny or shapes")
+
+
+def reward_specs(reward_cfg) -> list[dict]:
+    """The run's weighted scorer list, from explicit components or a preset (not yet checked: ``check_run``)."""
+    from rewards.combined import PRESETS
+
+    if reward_cfg.components:
+        return [dict(c) for c in reward_cfg.components]
+    if reward_cfg.preset in PRESETS:
+        return [dict(c) for c in PRESETS[reward_cfg.preset]]
+    raise ValueError(f"unknown reward.preset {reward_cfg.preset!r}; presets: {sorted(PRESETS)}, or list reward.components")
+
+
+def check_run(cfg) -> None:
+    """Everything a run will build that can be checked without building it, so that a bad config fails here,
+    before any Ray resource is taken: each reward component and ``eval.metrics`` scorer (names, settings and
+    their types, weights files, the judge template) and the model's local files."""
+    from rewards.base import check_spec
+    from rewards.combined import CombinedReward
+
+    specs = reward_specs(cfg.reward)
+    where = "reward.components" if cfg.reward.components else f"reward.preset {cfg.reward.preset!r}"
+    try:
+        CombinedReward.check_settings(specs=specs)
+    except (ValueError, FileNotFoundError) as e:
+        raise type(e)(f"{where}: {e}") from None
+    for i, spec in enumerate(cfg.eval.metrics):
+        check_spec(spec, f"eval.metrics[{i}]")
+    m = cfg.model
+    if m.kind == "shapes" and m.path and not Path(m.path).is_dir():
+        raise FileNotFoundError(f"model.path={m.path!r} is not a folder; build one with `python -m tasks.shapes.pretrain "
+                                "--out-dir <folder>` or drop model.path to use the shipped model")
+    if m.kind == "sd3" and m.path and m.path.startswith(("/", ".", "~")) and not Path(m.path).expanduser().is_dir():
+        raise FileNotFoundError(f"model.path={m.path!r} does not exist; point it at a downloaded "
+                                "StableDiffusion3Pipeline folder or use a hub id")
+
+
+def make_reward(reward_cfg):
+    """The run's reward: a ``CombinedReward`` (weighted sum, raw components kept in info)."""
+    from rewards.combined import CombinedReward
+
+    return CombinedReward(specs=reward_specs(reward_cfg))
+
+
+_METRICS: dict[str, object] = {}
+
+
+def metric_scorers(eval_cfg) -> dict:
+    """The ``eval.metrics`` scorers (built once per process): metrics the run reports but does not train on."""
+    from rewards.base import build_reward
+
+    out = {}
+    for spec in eval_cfg.metrics:
+        key = json.dumps(dict(spec), sort_keys=True)
+        if key not in _METRICS:
+            _METRICS[key] = build_reward(dict(spec))
+        out[spec["name"]] = _METRICS[key]
+    return out

@@ -1,0 +1,278 @@
+"""The five stages of an FDFO run, and the bookkeeping around them that both drivers share.
+
+The stages are plain methods of the role classes, each with a one-line contract::
+
+    sample   Sampler.sample(**request)           -> (job, images uint8 [2P, H, W, 3]); trajectories stay put
+    score    reward.score(images, prompts x 2)   -> RewardOutput: scores [2P], NaN + reason where unscored
+    pack     Sampler.complete(job, rewards)      -> (Arrow batch of the finite pairs | None, report)
+    update   Learner.train_epoch(*batches)       -> metrics, trained / stale pair ids, new checksum
+    publish  Sampler.set_weights(learner.weights()) -> proof {version, checksum}, checked by ``check_proof``
+
+``cluster/driver.py::run_local`` calls them one after the other in this process; ``cluster/runtime.py::run_ray``
+schedules the same calls over actor handles and adds only what distribution needs (requests in flight,
+staleness, lost actors). Everything else is ``Book``: the ledger, the stage timers, reward statistics, epoch
+metrics, history and logging, evaluation and checkpoint cadence, resume and the final report, written once.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+
+from cluster.accounting import Ledger, Timers, drop_reasons
+from cluster.config import Batching, RunConfig, to_dict
+from cluster.evaluate import plot_learning_curve
+from cluster.prompts import load_prompts
+from cluster.schedule import PairSchedule
+from rewards.base import RewardOutput
+
+log = logging.getLogger("fdfo")
+STAGES = ("sample", "score", "pack", "update", "publish")  # each timed as perf/<stage>_s, summed over an epoch
+
+
+def setup_process(cfg: RunConfig) -> None:
+    torch.set_num_threads(cfg.runtime.torch_threads)
+    torch.manual_seed(cfg.seed)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+
+
+def score_pairs(reward, images: np.ndarray, prompts: list[str]) -> RewardOutput:
+    """The score stage in process: images [2P, H, W, 3] (branches adjacent) of P prompts -> RewardOutput [2P]. A
+    scorer that raises fails these pairs only (NaN with the reason), as the Ray reward actors do."""
+    doubled = [p for p in prompts for _ in range(2)]
+    try:
+        return reward.score(images, doubled)
+    except Exception as e:  # a failing scorer fails these pairs only; the run goes on
+        log.warning("reward failed for %d pairs: %r", len(prompts), e)
+        return RewardOutput(scores=np.full(len(doubled), np.nan), info={"reasons": [f"reward failed: {e!r}"] * len(doubled)})
+
+
+def check_proof(proof: dict, version: int, checksum: str) -> None:
+    """A sampler's proof of what it loaded must match what the learner published, else the run stops."""
+    if proof["version"] != version or proof["checksum"] != checksum:
+        raise RuntimeError(
+            f"sampler {proof['sampler']} reports version {proof['version']} checksum {proof['checksum']} but the "
+            f"learner broadcast version {version} checksum {checksum}: weight sync failed"
+        )
+
+
+class RunLog:
+    """Scalars and image grids to TensorBoard (``<output_dir>/<name>/tb``) and, with ``wandb_project`` set, to
+    Weights & Biases; a JSON-lines history (appended to on resume)."""
+
+    def __init__(self, cfg: RunConfig, resume: bool = False):
+        self.dir = Path(cfg.output_dir) / cfg.name
+        self.dir.mkdir(parents=True, exist_ok=True)
+        (self.dir / "config.json").write_text(json.dumps(to_dict(cfg), indent=2))
+        from torch.utils.tensorboard import SummaryWriter
+
+        self.tb = SummaryWriter(str(self.dir / "tb"))
+        self.history = self.dir / "history.jsonl"
+        if not resume:
+            self.history.write_text("")
+        self.wandb = None
+        if cfg.wandb_project:
+            try:
+                import wandb
+            except ImportError as e:
+                raise ImportError(f"wandb_project={cfg.wandb_project!r} needs `pip install wandb`") from e
+            self.wandb = wandb.init(project=cfg.wandb_project, name=cfg.name, config=to_dict(cfg), resume="allow")
+
+    def scalars(self, step: int, metrics: dict) -> None:
+        row = {"step": step, **{k: v for k, v in metrics.items() if isinstance(v, (int, float))}}
+        for k, v in row.items():
+            if k != "step":
+                self.tb.add_scalar(k, v, step)
+        if self.wandb is not None:
+            self.wandb.log(row, step=step)
+        with self.history.open("a") as f:
+            f.write(json.dumps(row) + "\n")
+
+    def image(self, tag: str, png: str | Path, step: int) -> None:
+        """Log a PNG (an image grid) under ``tag``."""
+        from PIL import Image
+
+        arr = np.asarray(Image.open(png).convert("RGB"))
+        self.tb.add_image(tag, arr, step, dataformats="HWC")
+        if self.wandb is not None:
+            import wandb
+
+            self.wandb.log({tag: wandb.Image(str(png))}, step=step)
+
+    def close(self) -> None:
+        self.tb.close()
+        if self.wandb is not None:
+            self.wandb.finish()
+
+
+class Book:
+    """Per-run bookkeeping both drivers share. ``sink`` (the Ray runtime's metrics exporter, or None) is told of
+    drops, trained pairs and each epoch's metrics. ``evaluate(png_path) -> dict`` and ``save(epoch) -> folder``
+    are how this run evaluates its policy and checkpoints its learner."""
+
+    def __init__(self, cfg: RunConfig, evaluate: Callable, save: Callable, resume: bool = False, sink=None):
+        self.cfg, self.evaluate, self.save, self.sink = cfg, evaluate, save, sink
+        self.batching = Batching.of(cfg)
+        self.runlog, self.ledger, self.timers = RunLog(cfg, resume), Ledger(), Timers()
+        self.schedule = PairSchedule(load_prompts(cfg.prompts.source), cfg.seed)
+        self.epoch, self.version, self.last_checkpoint, self.checksum = 0, 0, 0, None
+        self.history: list[dict] = []
+        self.rewards: dict[str, list[float]] = {}          # finite branch rewards of this epoch's pairs, per scorer
+        self.t_start = self.epoch_start = time.perf_counter()
+        self.before: dict = {}
+        self.progress = None
+
+    # -- stage bookkeeping ------------------------------------------------------------------------------------
+    def request(self, n: int) -> dict:
+        """The next n pairs to sample (keyword arguments of ``Sampler.sample``), counted as requested."""
+        req = self.schedule.take(n)
+        self.ledger.request(len(req["pair_ids"]))
+        return req
+
+    def drop(self, reason: str, n: int) -> None:
+        self.ledger.drop(reason, n)
+        if self.sink is not None:
+            self.sink.drop(reason, n)
+
+    def packed(self, pair_ids: list[int], out: RewardOutput, report: dict) -> tuple[int, dict]:
+        """A scored and packed request: its dropped pairs counted by reason and the sampler's stage times recorded.
+        Returns how many of its pairs are in the batch, and its reward statistics, which count towards the epoch
+        whose update takes the batch (``taken``): a request whose pairs were all dropped counts at once."""
+        for reason, n in drop_reasons(pair_ids, report["dropped"], out.info.get("reasons")).items():
+            self.drop(reason, n)
+        self.timers.add("sample", report["sample_s"])
+        self.timers.add("pack", report["pack_s"])
+        finite = lambda v: [x for x in np.asarray(v, dtype=np.float64).tolist() if np.isfinite(x)]  # noqa: E731
+        stats = {"reward": finite(out.scores), **{k: finite(v) for k, v in (out.info.get("components") or {}).items()}}
+        kept = len(pair_ids) - len(report["dropped"])
+        if not kept:
+            self.taken([stats])
+        return kept, stats
+
+    def taken(self, stats: list[dict]) -> None:
+        """The reward statistics of the requests whose batches an update takes: this epoch's reward/... means."""
+        for st in stats:
+            for k, v in st.items():
+                self.rewards.setdefault(k, []).extend(v)
+
+    def updated(self, m: dict) -> bool:
+        """An update's outcome: trained and stale pairs counted, the new version and checksum noted. Returns
+        whether any optimizer step was taken."""
+        stale, trained = len(m.pop("stale_pair_ids")), len(m.pop("trained_pair_ids"))
+        m["pairs_trained"] = trained
+        self.drop("stale", stale)
+        self.ledger.train(trained)
+        if self.sink is not None and trained:
+            self.sink.trained(trained)
+        self.timers.add("update", m.pop("perf/update_s", 0.0))
+        if m.get("updates"):
+            self.version, self.checksum = m["learner/version"], m.pop("checksum")
+        return bool(m.get("updates"))
+
+    # -- per epoch ---------------------------------------------------------------------------------------------
+    def end_epoch(self, m: dict) -> dict:
+        """Close an epoch whose update is done and published: its metrics, held-out evaluation and checkpoint at
+        their cadence, history, TensorBoard, the log line and the progress bar. Returns the metrics."""
+        now = time.perf_counter()
+        wall, self.epoch_start = now - self.epoch_start, now
+        m.update({f"perf/{stage}_s": 0.0 for stage in STAGES} | self.timers.pop())
+        m.update({
+            "epoch": self.epoch,
+            "reward/mean": float(np.mean(self.rewards["reward"])) if self.rewards.get("reward") else float("nan"),
+            **{f"reward/{k}/mean": float(np.mean(v)) for k, v in self.rewards.items() if v and k != "reward"},
+            "perf/wall_s": now - self.t_start,
+            "perf/pairs_per_s": m.get("pairs_trained", 0) / wall if wall > 0 else float("nan"),
+            **{f"drops/{k}": v for k, v in self.ledger.dropped.items()},
+        })
+        self.rewards = {}
+        every = self.cfg.eval.every_epochs
+        if every and (self.epoch + 1) % every == 0:
+            m.update(self.evaluate(self.runlog.dir / "heldout_latest.png"))
+            self.runlog.image("eval/heldout", m.pop("grid"), self.epoch + 1)
+        if self.sink is not None:
+            self.sink.export(m)
+        self.runlog.scalars(self.epoch, m)
+        self.history.append(m)
+        self.epoch += 1
+        log.info("epoch %d reward %.4g loss %.4g clip %.3f version %d lag %s | %s", self.epoch - 1,
+                 m["reward/mean"], m.get("learner/loss", float("nan")), m.get("learner/clip_frac", float("nan")),
+                 self.version, m.get("learner/policy_lag_max"), self.ledger.line())
+        if self.progress is not None:
+            self.progress.update(1)
+            self.progress.set_postfix(reward=f"{m['reward/mean']:.4g}", v=self.version)
+        ckpt = self.cfg.train.checkpoint_every
+        if ckpt and self.version - self.last_checkpoint >= ckpt:
+            self.save(self.epoch)
+            self.last_checkpoint = self.version
+        return m
+
+    # -- start and end -----------------------------------------------------------------------------------------
+    def resume(self, load: Callable[[str], dict]) -> None:
+        """Restore the learner (``load(folder) -> saved state``) and the counters from the run's latest checkpoint."""
+        from learner.checkpoint import latest_checkpoint
+
+        folder = latest_checkpoint(self.runlog.dir)
+        if folder is None:
+            raise FileNotFoundError(f"--resume: no checkpoint under {self.runlog.dir}/checkpoints; run without --resume first")
+        state = load(str(folder))
+        self.schedule.next_pair_id = state["next_pair_id"]
+        ledger = state["ledger"]
+        self.ledger.requested, self.ledger.trained = ledger["pairs_requested"], ledger["pairs_trained"]
+        self.ledger.dropped.update(ledger["pairs_dropped"])
+        self.ledger.drop("interrupted", self.ledger.in_flight)     # pairs in flight when the checkpoint was taken
+        self.epoch = state["epoch"]
+        log.info("resumed from %s at epoch %d", folder, self.epoch)
+
+    def state(self, epoch: int) -> dict:
+        """The driver-side counters a checkpoint carries beside the learner's weights and optimizer."""
+        return {"epoch": epoch, "next_pair_id": self.schedule.next_pair_id, "ledger": self.ledger.summary()}
+
+    def start(self) -> None:
+        """Evaluate the starting policy (the "before" of the report) and open the progress bar."""
+        self.before = self.evaluate(self.runlog.dir / "heldout_before.png")
+        self.runlog.image("eval/heldout", self.before["grid"], self.epoch)
+        log.info("held-out reward before: %.4f", self.before["eval/reward/mean"])
+        from tqdm import tqdm
+
+        self.progress = tqdm(total=self.cfg.train.epochs, initial=self.epoch, desc="fdfo epochs",
+                             disable=not sys.stderr.isatty())
+        self.t_start = self.epoch_start = time.perf_counter()
+
+    def finish(self, **extra) -> dict:
+        """The final checkpoint, the held-out evaluation after training, grids, learning curve and the summary."""
+        self.progress.close()
+        self.ledger.check()
+        checkpoint = self.save(self.cfg.train.epochs)
+        after = self.evaluate(self.runlog.dir / "heldout_after.png")
+        report = self._report(after)
+        log.info(self.ledger.line())
+        last = {k: v for k, v in (self.history[-1] if self.history else {}).items() if isinstance(v, (int, float))}
+        return {"history": self.history, "ledger": self.ledger.summary(), "version": self.version,
+                "final": {**report.pop("heldout_summary"), **last},
+                "paths": {"run_dir": str(self.runlog.dir), "checkpoint": checkpoint, **report["paths"]}, **extra}
+
+    def _report(self, after: dict) -> dict:
+        """Held-out reward before/after, the grids and the learning curve, logged and returned."""
+        before, history = self.before, self.history
+        if history:
+            history[-1].update({k: v for k, v in after.items() if k.startswith("eval/")})
+            self.runlog.image("eval/heldout", after["grid"], history[-1]["epoch"] + 1)
+        start = {"pairs_trained": 0, "perf/wall_s": 0.0, **{k: v for k, v in before.items() if k.startswith("eval/")}}
+        curve = plot_learning_curve([start, *history], self.runlog.dir / "learning_curve.png") if history else None
+        self.runlog.close()
+        gains = {k: (before[k], after[k]) for k in before if k.startswith("eval/") and k in after}
+        for k, (b, a) in gains.items():
+            log.info("held-out %s before %.4f -> after %.4f (%+.4f)", k[len("eval/"):-len("/mean")], b, a, a - b)
+        log.info("grids %s, %s; learning curve %s", before.get("grid"), after.get("grid"), curve)
+        b, a = before["eval/reward/mean"], after["eval/reward/mean"]
+        summary = {"heldout_reward_before": b, "heldout_reward_after": a, "heldout_reward_gain": a - b,
+                   "heldout": {k[len("eval/"):]: {"before": b, "after": a, "gain": a - b} for k, (b, a) in gains.items()}}
+        return {"heldout_summary": summary,
+                "paths": {"grid_before": before.get("grid"), "grid_after": after.get("grid"), "learning_curve": curve}}

@@ -1,0 +1,1 @@
+"""Tasks that ship with fdfo: a world to post-train in, its base model, its judge and its prompts."""
