@@ -4,7 +4,6 @@ Usage::
 
     pick = PickScore()                                   # yuvalkirstain/PickScore_v1 on the GPU if there is one
     out = pick.score(images_uint8_bhwc, prompts)         # out.scores [B], about 20-23 for good images
-    tiny = PickScore.tiny(seed=0)                        # random tiny CLIP, offline, for tests
 
 All four share ``ClipEmbedder``: a transformers ``CLIPModel`` plus its processor, returning L2-normalised
 image and text embeddings. Image preprocessing is transformers' PIL image processor (resize, centre crop,
@@ -107,38 +106,6 @@ class ClipEmbedder:
         return (img * txt).sum(-1).cpu().numpy().astype(np.float64)
 
 
-def tiny_clip(seed: int = 0, projection_dim: int = 16):
-    """A random CLIPModel (2 layers, width 32, 32x32 images) with a PIL image processor and a byte-level BPE
-    tokenizer trained offline; deterministic in ``seed``. Returns (model, processor)."""
-    import torch
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
-    from transformers import CLIPConfig, CLIPModel, CLIPProcessor, PreTrainedTokenizerFast
-    from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
-
-    raw = Tokenizer(models.BPE(unk_token="<unk>"))
-    raw.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    raw.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<unk>", "<pad>", "<bos>", "<eos>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
-    raw.train_from_iterator(["a photo of a cat", "a red car on a street", "two dogs", "hello world"] * 5, trainer)
-    bos, eos = raw.token_to_id("<bos>"), raw.token_to_id("<eos>")
-    raw.post_processor = processors.TemplateProcessing(single="<bos> $A <eos>", special_tokens=[("<bos>", bos),
-                                                                                                 ("<eos>", eos)])
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=raw, unk_token="<unk>", pad_token="<pad>",
-                                        bos_token="<bos>", eos_token="<eos>", model_max_length=77)
-    image_processor = CLIPImageProcessorPil(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
-    processor = CLIPProcessor(image_processor=image_processor, tokenizer=tokenizer)
-    common = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2)
-    config = CLIPConfig(
-        text_config=dict(common, vocab_size=raw.get_vocab_size(), max_position_embeddings=77,
-                         bos_token_id=bos, eos_token_id=eos, pad_token_id=raw.token_to_id("<pad>")),
-        vision_config=dict(common, image_size=32, patch_size=8),
-        projection_dim=projection_dim,
-    )
-    torch.manual_seed(seed)
-    return CLIPModel(config).eval(), processor
-
-
 @register("pickscore")
 class PickScore:
     """PickScore: logit_scale.exp() * cos(text, image) with the PickScore_v1 CLIP-H/14 fine-tune."""
@@ -147,11 +114,6 @@ class PickScore:
 
     def __init__(self, model: Any = PICKSCORE_MODEL, processor: Any = PICKSCORE_PROCESSOR, **embedder_kwargs: Any):
         self.clip = ClipEmbedder(model=model, processor=processor, **embedder_kwargs)
-
-    @classmethod
-    def tiny(cls, seed: int = 0) -> "PickScore":
-        model, processor = tiny_clip(seed)
-        return cls(model=model, processor=processor, device="cpu", dtype="float32")
 
     def score(self, images: np.ndarray, prompts: Sequence[str]) -> RewardOutput:
         """images uint8 [B, H, W, 3], B prompts -> [B] PickScore."""
@@ -169,11 +131,6 @@ class CLIPScore:
     def __init__(self, model: Any = CLIP_L14, processor: Any = None, scale: float = 100.0, **embedder_kwargs: Any):
         self.clip = ClipEmbedder(model=model, processor=processor, **embedder_kwargs)
         self.scale = float(scale)
-
-    @classmethod
-    def tiny(cls, seed: int = 0, scale: float = 100.0) -> "CLIPScore":
-        model, processor = tiny_clip(seed)
-        return cls(model=model, processor=processor, scale=scale, device="cpu", dtype="float32")
 
     def score(self, images: np.ndarray, prompts: Sequence[str]) -> RewardOutput:
         check_images(images, prompts)
@@ -211,11 +168,6 @@ class HPSv2:
                              "CLIPModel directory)")
         if checkpoint is not None:
             require_file(checkpoint, "HPSv2 checkpoint")
-
-    @classmethod
-    def tiny(cls, seed: int = 0) -> "HPSv2":
-        model, processor = tiny_clip(seed)
-        return cls(model=model, processor=processor, device="cpu", dtype="float32")
 
     def score(self, images: np.ndarray, prompts: Sequence[str]) -> RewardOutput:
         check_images(images, prompts)
@@ -328,16 +280,6 @@ class Aesthetic:
             head.load_state_dict(sd)
         self.head = head.to(self.clip.device, torch.float32).eval()
 
-    @classmethod
-    def tiny(cls, seed: int = 0) -> "Aesthetic":
-        import torch
-
-        model, processor = tiny_clip(seed)
-        torch.manual_seed(seed + 1)
-        return cls(head=AestheticHead(dim=model.config.projection_dim), model=model, processor=processor,
-                   device="cpu", dtype="float32")
-
-    @staticmethod
     def check_settings(head: Any = None, **_: Any) -> None:
         """Before any model loads: the head weights are given and, as a path, exist."""
         if head is None:

@@ -5,7 +5,6 @@ Usage::
     convert_imagereward_checkpoint("ImageReward.pt", "ImageReward-hf")     # once, from the authors' file
     reward = ImageReward(model="ImageReward-hf")                            # tokenizer: bert-base-uncased
     reward.score(images_uint8_bhwc, prompts).scores                         # [B], standardised (~N(0, 1))
-    ImageReward.tiny(seed=0)                                                # random tiny BLIP, offline
 
 The architecture as the authors run it: a BLIP ViT-L/16 encodes the 224x224 image (resize shortest side to
 224, bicubic; centre crop; CLIP mean/std); the BERT text encoder reads the prompt (max 35 tokens, [CLS]
@@ -117,24 +116,6 @@ class ImageReward:
             raise FileNotFoundError(f"imagereward model={str(model)!r} is not a directory; make it with "
                                     "rewards.imagereward.convert_imagereward_checkpoint('ImageReward.pt', out_dir)")
 
-    @classmethod
-    def tiny(cls, seed: int = 0) -> "ImageReward":
-        """Random tiny BLIP (2+2 layers, width 32, 32x32 images) and a BPE tokenizer trained offline."""
-        import torch
-
-        tokenizer = tiny_bert_tokenizer()
-        cfg = tiny_config(len(tokenizer))
-        torch.manual_seed(seed)
-        model = _build_modules(cfg)
-        # transformers' init (std 0.02) makes a 32-wide random model nearly ignore its inputs; widen the
-        # weights so image and prompt visibly move the score, which is what tests need to see.
-        with torch.no_grad():
-            for name, p in model.named_parameters():
-                if p.dim() >= 2:
-                    p.normal_(0.0, 1.0 / p.shape[-1] ** 0.5 if name.startswith("mlp.") else 0.3)
-        model.fdfo_config = cfg
-        return cls(model=model, tokenizer=tokenizer, device="cpu", dtype="float32")
-
     def raw(self, images: np.ndarray, prompts: Sequence[str]) -> np.ndarray:
         """The MLP output before standardisation, [B] float64."""
         out = []
@@ -154,37 +135,6 @@ class ImageReward:
         check_images(images, prompts)
         raw = self.raw(images, prompts)
         return RewardOutput(scores=(raw - MEAN) / STD, info={"raw": raw})
-
-
-def tiny_config(vocab_size: int) -> dict:
-    return {
-        "vision": dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
-                       image_size=32, patch_size=8, layer_norm_eps=1e-6, hidden_act="gelu"),
-        "text": dict(vocab_size=vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                     num_attention_heads=2, encoder_hidden_size=32, max_position_embeddings=64,
-                     layer_norm_eps=1e-12, hidden_act="gelu", pad_token_id=0, bos_token_id=None,
-                     sep_token_id=None, eos_token_id=None, is_decoder=True),
-        "image_size": 32,
-    }
-
-
-def tiny_bert_tokenizer():
-    """A BERT-style WordPiece tokenizer (pad id 0, [CLS] first, [SEP] last) over a fixed vocabulary.
-
-    The vocabulary is written out, not trained: tokenizers' WordPiece trainer is not deterministic."""
-    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
-    from transformers import PreTrainedTokenizerFast
-
-    words = sorted(set("a photo of cat red car on street two dogs hello world".split()))
-    chars = sorted(set("".join(words)) | set("abcdefghijklmnopqrstuvwxyz0123456789.,!?'\""))
-    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", *chars, *(f"##{c}" for c in chars), *words]
-    raw = Tokenizer(models.WordPiece(vocab={t: i for i, t in enumerate(vocab)}, unk_token="[UNK]"))
-    raw.normalizer = normalizers.BertNormalizer(lowercase=True)
-    raw.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
-    raw.post_processor = processors.TemplateProcessing(
-        single="[CLS] $A [SEP]", special_tokens=[("[CLS]", 2), ("[SEP]", 3)])
-    return PreTrainedTokenizerFast(tokenizer_object=raw, unk_token="[UNK]", pad_token="[PAD]", cls_token="[CLS]",
-                                   sep_token="[SEP]")
 
 
 def original_to_hf(sd: dict) -> dict:

@@ -7,7 +7,8 @@ import pytest
 import torch
 from PIL import Image
 
-from rewards.clip import CLIPScore, HPSv2, PickScore, Aesthetic, AestheticHead, openclip_to_hf, tiny_clip
+from rewards.clip import HPSv2, Aesthetic, AestheticHead, openclip_to_hf
+from tests.fixtures.tiny_rewards import tiny_aesthetic, tiny_clip, tiny_clipscore, tiny_hpsv2, tiny_pickscore
 
 IMGS = np.random.default_rng(0).integers(0, 256, (3, 40, 56, 3), dtype=np.uint8)
 PROMPTS = ["a cat", "a red car on a street", "two dogs"]
@@ -37,7 +38,7 @@ def by_hand_embeddings(model, processor, images, prompts):
 
 
 def test_pickscore_formula_by_hand():
-    pick = PickScore.tiny(seed=0)
+    pick = tiny_pickscore(seed=0)
     out = pick.score(IMGS, PROMPTS)
     assert out.scores.shape == (3,) and out.scores.dtype == np.float64
     img, txt = by_hand_embeddings(pick.clip.model, pick.clip.processor, IMGS, PROMPTS)
@@ -49,23 +50,23 @@ def test_pickscore_formula_by_hand():
 
 
 def test_determinism_and_seed_dependence():
-    a, b = PickScore.tiny(0).score(IMGS, PROMPTS), PickScore.tiny(0).score(IMGS, PROMPTS)
-    c = PickScore.tiny(1).score(IMGS, PROMPTS)
+    a, b = tiny_pickscore(0).score(IMGS, PROMPTS), tiny_pickscore(0).score(IMGS, PROMPTS)
+    c = tiny_pickscore(1).score(IMGS, PROMPTS)
     np.testing.assert_array_equal(a.scores, b.scores)
     assert not np.allclose(a.scores, c.scores)
 
 
 def test_clipscore_and_hpsv2_formulas():
-    clip = CLIPScore.tiny(seed=0)
-    hps = HPSv2.tiny(seed=0)
+    clip = tiny_clipscore(seed=0)
+    hps = tiny_hpsv2(seed=0)
     cos = hps.score(IMGS, PROMPTS).scores
-    np.testing.assert_allclose(cos, PickScore.tiny(0).score(IMGS, PROMPTS).info["cosine"], atol=1e-6)
+    np.testing.assert_allclose(cos, tiny_pickscore(0).score(IMGS, PROMPTS).info["cosine"], atol=1e-6)
     assert (cos < 0).any() and (cos > 0).any()  # so the clamp below is exercised
     np.testing.assert_allclose(clip.score(IMGS, PROMPTS).scores, 100 * np.maximum(cos, 0), atol=1e-5)
 
 
 def test_aesthetic_is_the_mlp_on_the_normalised_image_embedding(tmp_path):
-    aes = Aesthetic.tiny(seed=0)
+    aes = tiny_aesthetic(seed=0)
     out = aes.score(IMGS, PROMPTS)
     img, _ = by_hand_embeddings(aes.clip.model, aes.clip.processor, IMGS, PROMPTS)
     with torch.no_grad():

@@ -79,7 +79,7 @@ def test_presets_are_the_papers():
 
 
 def test_combined_preset_with_tiny_models_equals_hand_sum(tmp_path):
-    from rewards.clip import tiny_clip
+    from tests.fixtures.tiny_rewards import tiny_clip
     from tests.fixtures.tiny_vlm import build_tiny_vlm
 
     model, processor = tiny_clip(0)

@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from rewards.imagereward import MEAN, STD, ImageReward, convert_imagereward_checkpoint, tiny_config
+from rewards.imagereward import MEAN, STD, ImageReward, convert_imagereward_checkpoint
+from tests.fixtures.tiny_rewards import tiny_imagereward, tiny_imagereward_config
 
 IMGS = np.random.default_rng(0).integers(0, 256, (3, 48, 40, 3), dtype=np.uint8)
 PROMPTS = ["a cat", "a red car on a street", "two dogs " * 30]  # the last one is truncated to 35 tokens
@@ -14,14 +15,14 @@ PROMPTS = ["a cat", "a red car on a street", "two dogs " * 30]  # the last one i
 
 @pytest.fixture(scope="module")
 def reward():
-    return ImageReward.tiny(seed=0)
+    return tiny_imagereward(seed=0)
 
 
 def test_shape_determinism_and_standardisation(reward):
     out = reward.score(IMGS, PROMPTS)
     assert out.scores.shape == (3,) and out.scores.dtype == np.float64
-    np.testing.assert_array_equal(out.scores, ImageReward.tiny(seed=0).score(IMGS, PROMPTS).scores)
-    assert np.abs(out.scores - ImageReward.tiny(seed=1).score(IMGS, PROMPTS).scores).max() > 1e-2
+    np.testing.assert_array_equal(out.scores, tiny_imagereward(seed=0).score(IMGS, PROMPTS).scores)
+    assert np.abs(out.scores - tiny_imagereward(seed=1).score(IMGS, PROMPTS).scores).max() > 1e-2
     np.testing.assert_allclose(out.scores, (out.info["raw"] - 0.16717362830052426) / 1.0333394966054072)
     assert np.ptp(out.scores) > 0
 
@@ -74,7 +75,7 @@ def to_original(sd: dict) -> dict:
 def test_convert_authors_checkpoint_roundtrip(reward, tmp_path):
     torch.save({"state_dict": to_original(reward.model.state_dict())}, tmp_path / "ImageReward.pt")
     out_dir = convert_imagereward_checkpoint(str(tmp_path / "ImageReward.pt"), str(tmp_path / "hf"),
-                                             config=tiny_config(len(reward.tokenizer)))
+                                             config=tiny_imagereward_config(len(reward.tokenizer)))
     loaded = ImageReward(model=out_dir, tokenizer=reward.tokenizer, device="cpu", dtype="float32")
     np.testing.assert_allclose(loaded.score(IMGS, PROMPTS).scores, reward.score(IMGS, PROMPTS).scores, atol=1e-6)
 
