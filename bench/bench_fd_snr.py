@@ -40,7 +40,7 @@ from cluster.build import reward_specs  # noqa: E402
 from cluster.evaluate import base_model, load_policy  # noqa: E402
 from cluster.prompts import load_prompts  # noqa: E402
 from learner.loss import pair_signal  # noqa: E402
-from models.lora import add_lora  # noqa: E402
+from models.lora import make_trainable  # noqa: E402
 from rewards import build_reward, to_uint8  # noqa: E402
 
 
@@ -159,7 +159,7 @@ def main(argv=None) -> None:
         model, cfg = base_model(args.config, args.overrides)
         label = args.label or "base"
         if cfg.lora.enabled:                               # the adapter a run would start from
-            add_lora(model.transformer, cfg.lora.rank, cfg.lora.alpha, tuple(cfg.lora.target_modules), cfg.lora.init)
+            make_trainable(model.transformer, cfg.lora)
     params = trainable_params(model, cfg.lora.enabled)
     path = Path(args.out + ".json")
     results = json.loads(path.read_text()) if path.exists() else {"runs": []}

@@ -45,7 +45,6 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import math
 import time
 from pathlib import Path
 
@@ -110,7 +109,7 @@ def eval_prompts(prompts: list[str], n: int, seed: int) -> list[str]:
     return [prompts[i] for i in sorted(idx)]
 
 
-def judge_score(model: SD3Adapter, prompts: list[str], num_steps: int, seed: int) -> float:
+def heldout_judge(model: SD3Adapter, prompts: list[str], num_steps: int, seed: int) -> float:
     """Mean shapes-judge score of one Euler sample per prompt, with noise fixed by ``seed``."""
     images = sample_images(model, prompts, num_steps, torch.Generator().manual_seed(seed))
     return float(judge_scores(to_uint8(images), prompts).mean())
@@ -209,7 +208,7 @@ def main(argv=None) -> None:
         loss = train_step(transformer, ema, model, opt, sched, prompts, drawn, rng, step, args.ema)
         minutes = (time.time() - start) / 60
         if step % args.eval_every == 0 or minutes > args.max_minutes or step == args.max_steps:
-            held_score = judge_score(model, held, args.eval_steps, args.seed)
+            held_score = heldout_judge(model, held, args.eval_steps, args.seed)
             history.append(dict(step=step, minutes=round(minutes, 2), loss=loss, heldout_judge=held_score))
             print(json.dumps(history[-1]), flush=True)
             state = {k: v.detach().clone().contiguous() for k, v in ema.state_dict().items()}
@@ -236,7 +235,7 @@ def keep_and_save(args, ema, model, candidates, history, train_eval: list[str], 
     in_band = [c for c in candidates if lo <= c[1] <= hi]
     step, held_score, state = in_band[-1] if in_band else min(candidates, key=lambda c: abs(c[1] - (lo + hi) / 2))
     ema.load_state_dict(state)
-    train_score = judge_score(model, train_eval, args.eval_steps, args.seed)
+    train_score = heldout_judge(model, train_eval, args.eval_steps, args.seed)
     meta = dict(step=step, heldout_judge=held_score, train_judge=train_score, seed=args.seed,
                 minutes=round(minutes, 1), eval_steps=args.eval_steps, params=sum(p.numel() for p in ema.parameters()),
                 history=history, args=vars(args) | {"band": list(args.band)})

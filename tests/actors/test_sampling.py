@@ -1,6 +1,5 @@
 """Churned paired sampling (ALGORITHM.md §2): closed-form checks on an analytic Gaussian flow."""
 
-import math
 
 import pytest
 import torch

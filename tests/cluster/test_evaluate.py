@@ -5,7 +5,6 @@ import logging
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
 from models.euler import generate_images
