@@ -72,3 +72,40 @@ def test_reward_mean_is_the_mean_of_the_scored_pairs(runs):
     h = runs["local"]["history"][0]
     # reward = 1.0 * judge + 1.0 * clean, averaged over the same 128 images
     assert h["reward/mean"] == pytest.approx(h["reward/shapes_judge/mean"] + h["reward/shapes_clean/mean"], rel=1e-12)
+
+
+def test_resume_after_a_crash_continues_exactly(tmp_path, monkeypatch):
+    # in process the run is lock-step and deterministic, so a run stopped after its mid-run checkpoint and resumed
+    # must end with the weights and AdamW moments of the uninterrupted run, and its pair ids must continue
+    import torch
+
+    from cluster.driver import run_local
+    from cluster.pipeline import Book
+
+    over = ["train.epochs=4", "train.checkpoint_every=4", "sampling.num_steps=4"]   # 2 updates an epoch: a checkpoint at epoch 2
+    whole = run_local(load_config("tiny-cpu", over + [f"output_dir={tmp_path}", "name=whole"]))
+
+    end_epoch = Book.end_epoch
+
+    def crash_after_epoch_2(self, m):
+        out = end_epoch(self, m)
+        if self.epoch == 3:
+            raise KeyboardInterrupt("stopped after the checkpoint of epoch 2")
+        return out
+
+    cfg = load_config("tiny-cpu", over + [f"output_dir={tmp_path}", "name=crashed"])
+    monkeypatch.setattr(Book, "end_epoch", crash_after_epoch_2)
+    with pytest.raises(KeyboardInterrupt):
+        run_local(cfg)
+    monkeypatch.setattr(Book, "end_epoch", end_epoch)
+    resumed = run_local(cfg, resume=True)
+
+    assert [h["epoch"] for h in resumed["history"]] == [2, 3]             # epoch 2 re-runs from the v4 checkpoint
+    assert resumed["version"] == whole["version"] == 8
+    assert resumed["learner"].weights_info() == whole["learner"].weights_info()      # bit-identical weights
+    a, b = whole["learner"].opt.state_dict()["state"], resumed["learner"].opt.state_dict()["state"]
+    assert a.keys() == b.keys() and all(torch.equal(a[i][k], b[i][k]) for i in a for k in a[i])
+    # the checkpoint holds the counters and the next pair id as of epoch 2: the re-run epoch draws the same pairs
+    assert resumed["ledger"] == whole["ledger"] == {"pairs_requested": 64, "pairs_trained": 64, "pairs_dropped": {},
+                                                    "pairs_in_flight": 0}
+    assert [h["reward/mean"] for h in resumed["history"]] == [h["reward/mean"] for h in whole["history"][2:]]
