@@ -115,6 +115,13 @@ class Sampler:
         return self._pending.pop(job).pair_ids
 
     # -- full weights over a collective group (see learner/collective.py); LoRA goes through set_weights
+    def node_id(self) -> str | None:
+        """The Ray node this sampler runs on (None outside Ray): with every member on the learner's node the
+        weight group listens on loopback only."""
+        from learner.collective import node_id
+
+        return node_id()
+
     def join_weight_group(self, *, rank: int, world_size: int, master_addr: str, master_port: int, backend: str = "gloo") -> None:
         from learner.collective import WeightGroup
 

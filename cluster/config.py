@@ -6,11 +6,16 @@ Usage::
 
 Every field is a frozen dataclass field with a one-line doc. Unknown keys are errors that name the key and
 list the valid ones; batch arithmetic is derived (and checked) in ``Batching``, the only place it lives.
+
+Secrets stay in memory: ``to_dict`` (what ``config.json``, checkpoints and W&B get) and every error message here
+pass values through ``redacted``, the one rule for what counts as a secret.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import os
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -93,7 +98,7 @@ class RuntimeConfig:
     address: str | None = None  # Ray address; None = RAY_ADDRESS or a running cluster if any, else a new local one; "local" = always a new local one
     num_samplers: int = 1  # sampler actors at start (min of the pool)
     max_samplers: int | None = None  # autoscaling ceiling for samplers; None = num_samplers
-    num_reward_actors: int = 1  # reward actors per scorer
+    num_reward_actors: int = 1  # reward actors, each serving the whole weighted sum (requests spread over them by pair id)
     sampler_num_gpus: float = 0.0  # GPUs per sampler actor
     sampler_num_cpus: float = 1.0  # CPUs per sampler actor
     reward_num_gpus: float = 0.0  # GPUs per reward actor
@@ -191,7 +196,7 @@ def _coerce(tp: Any, value: Any, key: str) -> Any:
     origin = typing.get_origin(tp)
     if dataclasses.is_dataclass(tp):
         if not isinstance(value, dict):
-            raise ValueError(f"config key {key!r} is a section; give a mapping, got {value!r}")
+            raise ValueError(f"config key {key!r} is a section; give a mapping, got {_shown(key, value)}")
         return _build(tp, value, key + ".")
     if origin in (typing.Union, types.UnionType):
         args = typing.get_args(tp)
@@ -205,14 +210,14 @@ def _coerce(tp: Any, value: Any, key: str) -> Any:
                 return _coerce(a, value, key)
             except (ValueError, TypeError) as e:
                 errors.append(str(e))
-        raise ValueError(f"config key {key!r}: {value!r} fits none of {tp}: {errors}")
+        raise ValueError(f"config key {key!r}: {_shown(key, value)} fits none of {tp}: {errors}")
     if origin is Literal:
         if value not in typing.get_args(tp):
-            raise ValueError(f"config key {key!r} must be one of {typing.get_args(tp)}, got {value!r}")
+            raise ValueError(f"config key {key!r} must be one of {typing.get_args(tp)}, got {_shown(key, value)}")
         return value
     if origin is tuple:
         if not isinstance(value, (list, tuple)):
-            raise ValueError(f"config key {key!r} wants a list, got {value!r}")
+            raise ValueError(f"config key {key!r} wants a list, got {_shown(key, value)}")
         args = typing.get_args(tp)
         if len(args) == 2 and args[1] is Ellipsis:
             return tuple(_coerce(args[0], v, key) for v in value)
@@ -230,7 +235,7 @@ def _coerce(tp: Any, value: Any, key: str) -> Any:
         return dict(value)
     if tp in (int, str, bool) and type(value) is tp:
         return value
-    raise ValueError(f"config key {key!r} wants {getattr(tp, '__name__', tp)}, got {value!r}")
+    raise ValueError(f"config key {key!r} wants {getattr(tp, '__name__', tp)}, got {_shown(key, value)}")
 
 
 def _build(cls: type, data: dict, prefix: str = "") -> Any:
@@ -270,7 +275,7 @@ def load_config(name_or_path: str | None = None, overrides: list[str] = ()) -> R
 
 def with_overrides(cfg: RunConfig, overrides: list[str] = ()) -> RunConfig:
     """``cfg`` (e.g. a checkpoint's) with ``a.b=value`` overrides applied, checked like a preset's."""
-    return config_from_dict(to_dict(cfg), overrides)
+    return config_from_dict(to_dict(cfg, redact=False), overrides)     # in memory: keeps the secrets it holds
 
 
 def config_from_dict(data: dict, overrides: list[str] = ()) -> RunConfig:
@@ -291,6 +296,79 @@ def config_from_dict(data: dict, overrides: list[str] = ()) -> RunConfig:
     return cfg
 
 
-def to_dict(cfg: RunConfig) -> dict:
-    """Plain JSON-able dict (tuples become lists) for checkpoints and logs."""
-    return yaml.safe_load(yaml.safe_dump(dataclasses.asdict(cfg)))
+def to_dict(cfg: RunConfig, redact: bool = True) -> dict:
+    """Plain JSON-able dict (tuples become lists) for checkpoints and logs, its secrets replaced by ``REDACTED``
+    (``redacted``). ``redact=False`` is for round trips that stay in memory (``with_overrides``), never for a file."""
+    d = yaml.safe_load(yaml.safe_dump(dataclasses.asdict(cfg)))
+    return redacted(d) if redact else d
+
+
+REDACTED = "<redacted>"
+
+# A setting is a secret when its name says so: password, secret, credential(s), signature, authorization or cookie
+# (alone or as the last word), an api / access / secret / private / client / signing key, a token named for what
+# it authorises (auth_token, access_token, hf_token, x-amz-security-token, ...) or a setting called just "token".
+# Not every name containing "token" or "key": the judge's yes_token / no_token are answer words, max_tokens is a
+# length and a reward spec's "key" is its label; redacting those would break a checkpoint's config for nothing.
+_SECRET_NAME = re.compile(
+    r"(^|_)(password|passwd|passphrase|secret|credentials?|signature|authorization|cookie)$"
+    r"|(^|_)(api|access|secret|private|client|signing)_?key$"
+    r"|(^|_)(auth|access|api|bearer|refresh|session|security|id|hf|wandb|ray)_?token$"
+    r"|^token$"
+)
+# scheme://userinfo@host: the userinfo (user, or user:password, or a token in the user's place) is a credential.
+_URL_USERINFO = re.compile(r"(?P<scheme>\b[a-zA-Z][a-zA-Z0-9+.-]*://)[^/?#@\s]+@")
+# name=value pairs of a URL's query (presigned object-store URLs carry X-Amz-Signature, X-Amz-Credential, ...).
+_URL_PARAM = re.compile(r"(?P<lead>[?&;])(?P<name>[^=&#;?\s]+)=(?P<value>[^&#;\s]*)")
+# Shorter environment values are too likely to occur in ordinary settings to be blanked wherever they appear.
+_MIN_ENV_SECRET = 8
+
+
+def is_secret_name(name: str) -> bool:
+    """Whether a setting, query parameter or environment variable called ``name`` holds a secret (the rule above;
+    camelCase, dashes and dots count as word breaks: ``apiKey``, ``X-Amz-Signature``)."""
+    words = re.sub(r"(?<=[a-z0-9])(?=[A-Z])", "_", str(name))
+    return bool(_SECRET_NAME.search(re.sub(r"[^a-z0-9]+", "_", words.lower())))
+
+
+def redacted(obj: Any) -> Any:
+    """A copy of ``obj`` (JSON-like: dicts, lists, tuples, scalars) safe to write to a file, a tracker or a log:
+
+    - the value of every secret-named key (``is_secret_name``) becomes ``REDACTED`` (None and "" stay, so "no key
+      set" still reads as such);
+    - in every string, URL userinfo becomes ``scheme://<redacted>@host`` and a secret-named query parameter
+      ``name=<redacted>``;
+    - every occurrence of the value of a secret-named environment variable (``RAY_AUTH_TOKEN``, ``WANDB_API_KEY``,
+      ``AWS_SECRET_ACCESS_KEY``, ``HF_TOKEN``, ...; 8 characters or more) becomes ``REDACTED``, wherever a config
+      value embeds it.
+
+    Everything else is kept as is. Pass secrets through the environment rather than the config: a redacted value
+    cannot be read back from ``config.json`` or a checkpoint (give it again with an override).
+    """
+    return _redact(obj, None, _env_secrets())
+
+
+def _env_secrets() -> list[str]:
+    # Longest first, so a secret that contains another is blanked whole.
+    return sorted((v for k, v in os.environ.items() if len(v) >= _MIN_ENV_SECRET and is_secret_name(k)), key=len, reverse=True)
+
+
+def _redact(x: Any, key: Any, env: list[str]) -> Any:
+    if key is not None and is_secret_name(key) and x is not None and x != "":
+        return REDACTED
+    if isinstance(x, dict):
+        return {k: _redact(v, k, env) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return type(x)(_redact(v, None, env) for v in x)
+    if isinstance(x, str):
+        for secret in env:
+            x = x.replace(secret, REDACTED)
+        if "://" in x:
+            x = _URL_USERINFO.sub(lambda m: f"{m['scheme']}{REDACTED}@", x)
+            x = _URL_PARAM.sub(lambda m: f"{m['lead']}{m['name']}={REDACTED if is_secret_name(m['name']) else m['value']}", x)
+    return x
+
+
+def _shown(key: str, value: Any) -> str:
+    """``value`` of config key ``key`` (dotted) as an error message may show it: redacted like a written config."""
+    return repr(_redact(value, key.rsplit(".", 1)[-1], _env_secrets()))

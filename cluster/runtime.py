@@ -439,14 +439,20 @@ class WeightSync:
         self.collective = collective
         self.members_changed = True
         self.members: list[int] = []
+        self.address: tuple[str, int] | None = None    # (host, port) of the current generation's rendezvous
 
     def _form(self, pool: Pool) -> None:
         import torch
 
         backend = "nccl" if torch.cuda.is_available() else "gloo"
-        addr, port = ray.get(self.learner.weight_group_address.remote())
         self.members = sorted(pool.actors)
         world = 1 + len(self.members)
+        # The rendezvous store has no authentication of its own: it listens on loopback when every member shares
+        # the learner's machine, and on the node's cluster address only when some member is elsewhere.
+        nodes = ray.get([self.learner.node_id.remote()] + [pool.actors[i].node_id.remote() for i in self.members])
+        addr, port = ray.get(self.learner.weight_group_address.remote(peers_on_this_node=len(set(nodes)) == 1))
+        self.address = (addr, port)
+        log.info("weight group: %d ranks, rendezvous at %s:%d", world, addr, port)
         joins = [self.learner.join_weight_group.remote(world_size=world, master_addr=addr, master_port=port, backend=backend)]
         joins += [pool.actors[i].join_weight_group.remote(rank=r + 1, world_size=world, master_addr=addr,
                                                           master_port=port, backend=backend)

@@ -2,7 +2,7 @@
 
 Usage::
 
-    addr, port = node_ip(), free_port(node_ip())                           # asked of the learner (rank 0)
+    addr, port = rendezvous_address(peers_on_this_node=True)              # asked of the learner (rank 0)
     group = WeightGroup(rank=r, world_size=1 + n_samplers, master_addr=addr, master_port=port)  # every rank at once
     checksum = group.send(learner_tensors, version=3)                      # rank 0
     version, checksum = group.receive(sampler_params)                      # ranks 1..n, in place, verified
@@ -18,8 +18,11 @@ backend directly, so it touches no global state: several groups can live in one 
 being closed while the next forms) and nothing else in the actor sees it.
 
 Why rank 0 binds the store socket itself: ``TCPStore`` left to itself listens on every interface; we hand it a
-socket bound to ``master_addr`` only (the node IP, or 127.0.0.1 on one machine). Gloo's own sockets are bound
-to the same address through an explicit device.
+socket bound to ``master_addr`` only. Gloo's own sockets are bound to the same address through an explicit device.
+``rendezvous_address`` picks that address: 127.0.0.1 when every rank runs on the learner's node, the node's
+cluster address (``node_ip``) only when some rank is elsewhere, and never a wildcard (``WeightGroup`` refuses
+one). The store has no authentication of its own, so keep the learner's node address behind the cluster's
+firewall; what arrives through a group is still verified by the checksum of every version (``receive``).
 
 Wire protocol of one ``send`` (every message is a broadcast from rank 0):
 
@@ -78,6 +81,11 @@ MAGIC = 0x66646630_00000001  # "fdf0", protocol 1
 _HEADER_LEN = 9
 
 
+LOOPBACK = "127.0.0.1"
+# Addresses that mean "every interface" to bind(), and nothing a peer could dial.
+WILDCARDS = ("", "0.0.0.0", "::", "[::]")
+
+
 def free_port(host: str = "127.0.0.1") -> int:
     """A TCP port that is free on ``host`` right now (bound on ``host`` only, then released)."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
@@ -95,6 +103,28 @@ def node_ip() -> str:
     except ImportError:
         pass
     return "127.0.0.1"
+
+
+def node_id() -> str | None:
+    """This process's Ray node id (hex); None outside Ray. Ranks with equal ids share a machine."""
+    try:
+        import ray  # lazy, as in node_ip
+
+        if ray.is_initialized():
+            return ray.get_runtime_context().get_node_id()
+    except ImportError:
+        pass
+    return None
+
+
+def rendezvous_address(peers_on_this_node: bool) -> tuple[str, int]:
+    """(host, free port) for rank 0 of a new weight group, asked of the learner's process.
+
+    ``host`` is 127.0.0.1 when every other rank runs on this node (nothing off the machine can reach the store),
+    else this node's cluster address (``node_ip``), which every node can dial. Never a wildcard address.
+    """
+    host = LOOPBACK if peers_on_this_node else node_ip()
+    return host, free_port(host)
 
 
 def _local_ip_towards(addr: str) -> str:
@@ -190,6 +220,12 @@ class WeightGroup:
             raise ValueError(f"backend must be 'gloo' (CPU) or 'nccl' (GPU), got {backend!r}")
         if bucket_bytes <= 0:
             raise ValueError(f"bucket_bytes must be positive, got {bucket_bytes}")
+        if master_addr in WILDCARDS:
+            raise ValueError(
+                f"master_addr {master_addr!r} is a wildcard: rank 0 would listen on every interface and no peer can "
+                "dial it; use 127.0.0.1 when every rank runs on one node, else the learner node's address "
+                "(rendezvous_address picks it)"
+            )
         self.rank, self.world_size, self.backend = rank, world_size, backend
         self.bucket_bytes = bucket_bytes
         self.last_stats: dict[str, float] = {}

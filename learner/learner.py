@@ -180,12 +180,18 @@ class Learner:
         return self.version, checksum(trainable(self.model.transformer))
 
     # -- full-weight broadcast over a collective group (gloo on CPU, NCCL on GPU); LoRA uses the object store
-    def weight_group_address(self) -> tuple[str, int]:
-        """(node ip, free port) for a new weight-group generation with this learner as rank 0."""
-        from learner.collective import free_port, node_ip
+    def node_id(self) -> str | None:
+        """The Ray node this learner runs on (None outside Ray); the runtime compares it with the samplers'."""
+        from learner.collective import node_id
 
-        ip = node_ip()
-        return ip, free_port(ip)
+        return node_id()
+
+    def weight_group_address(self, peers_on_this_node: bool) -> tuple[str, int]:
+        """(host, free port) for a new weight-group generation with this learner as rank 0: 127.0.0.1 when every
+        sampler of the group runs on this learner's node, else this node's cluster address (``rendezvous_address``)."""
+        from learner.collective import rendezvous_address
+
+        return rendezvous_address(peers_on_this_node)
 
     def join_weight_group(self, *, world_size: int, master_addr: str, master_port: int, backend: str = "gloo") -> None:
         from learner.collective import WeightGroup

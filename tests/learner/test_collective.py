@@ -10,7 +10,7 @@ import pytest
 import ray
 import torch
 
-from learner.collective import WeightGroup, free_port, node_ip, plan_buckets
+from learner.collective import WeightGroup, node_ip, plan_buckets, rendezvous_address
 from learner.weights import Weights, checksum
 
 # Small enough that the test's fp32 weight matrix (8*16*4 = 512 bytes) is a bucket on its own (received straight
@@ -51,9 +51,8 @@ class LearnerActor:
         self.model = TinyMLP(seed=0)
         self.group = None
 
-    def address(self) -> tuple[str, int]:
-        ip = node_ip()
-        return ip, free_port(ip)
+    def address(self, peers_on_this_node: bool) -> tuple[str, int]:
+        return rendezvous_address(peers_on_this_node)
 
     def join(self, world_size: int, addr: str, port: int) -> None:
         self.group = WeightGroup(0, world_size, addr, port, timeout_s=30, bucket_bytes=BUCKET_BYTES)
@@ -103,9 +102,11 @@ class SamplerActor:
         self.group.close()
 
 
-def form_group(learner, samplers) -> None:
-    """All joins in flight before waiting on any: group formation blocks until every rank is in."""
-    addr, port = ray.get(learner.address.remote())
+def form_group(learner, samplers, peers_on_this_node: bool = True) -> None:
+    """All joins in flight before waiting on any: group formation blocks until every rank is in. The rendezvous is
+    on loopback (every actor here shares the machine) unless ``peers_on_this_node=False`` asks for the node's
+    cluster address, the path a multi-node run takes."""
+    addr, port = ray.get(learner.address.remote(peers_on_this_node))
     world = 1 + len(samplers)
     refs = [learner.join.remote(world, addr, port)]
     refs += [s.join.remote(rank, world, addr, port) for rank, s in enumerate(samplers, start=1)]
@@ -213,13 +214,28 @@ def test_late_sampler_loads_via_object_store_then_the_group_reforms(actors):
     assert ray.get(late.load.remote(current)) == ray.get(current).checksum
     assert_identical(learner, [late])
 
-    # At the next broadcast the driver closes the old generation everywhere and forms a new one with a new port.
+    # At the next broadcast the driver closes the old generation everywhere and forms a new one with a new port
+    # (here on the node's cluster address, as when a member is on another node).
     ray.get([a.close.remote() for a in [learner, *samplers]])
     everyone = [*samplers, late]
-    form_group(learner, everyone)
+    form_group(learner, everyone, peers_on_this_node=False)
     ray.get(learner.update.remote(seed=80))
     refs = [learner.send.remote(version=8)] + [s.receive.remote() for s in everyone]
     sent, *received = ray.get(refs, timeout=30)
     assert received == [(8, sent)] * len(everyone)
     assert assert_identical(learner, everyone) == sent
     ray.get(late.close.remote())
+
+
+def test_rendezvous_is_loopback_for_one_node_and_the_node_address_otherwise(ray_local):
+    host, port = rendezvous_address(peers_on_this_node=True)
+    assert host == "127.0.0.1" and 1024 <= port < 65536
+    host, port = rendezvous_address(peers_on_this_node=False)
+    assert host == node_ip() == ray.util.get_node_ip_address() and 1024 <= port < 65536
+
+
+@pytest.mark.parametrize("wildcard", ["0.0.0.0", "::", ""])
+def test_a_wildcard_rendezvous_is_refused(wildcard):
+    # master_addr is what rank 0 binds and what the others dial: a wildcard would listen on every interface
+    with pytest.raises(ValueError, match="is a wildcard: rank 0 would listen on every interface"):
+        WeightGroup(0, 2, wildcard, 29500, timeout_s=1)
