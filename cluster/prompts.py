@@ -27,7 +27,14 @@ def load_prompts(source: str) -> list[str]:
     path = Path(source)
     if not path.is_file():
         raise FileNotFoundError(f"prompts.source {source!r} is neither builtin:tiny, builtin:shapes-train|heldout nor a file")
-    prompts = [line.strip() for line in path.read_text().splitlines() if line.strip()]
+    try:  # UTF-8 whatever the locale; utf-8-sig also drops the byte-order mark some editors write
+        text = path.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError as e:
+        lineno = e.object[: e.start].count(b"\n") + 1
+        raise ValueError(
+            f"prompt file {source} is not UTF-8 text (byte {e.object[e.start]:#04x} on line {lineno}); save it as UTF-8"
+        ) from None
+    prompts = [line.strip() for line in text.splitlines() if line.strip()]
     if not prompts:
         raise ValueError(f"prompt file {source} has no prompts (one per line)")
     return prompts

@@ -20,11 +20,14 @@ class PairSchedule:
         self.prompts = prompts
         self.seed = seed
         self.next_pair_id = start_pair_id
+        self._order: tuple[int, np.ndarray] | None = None    # (pass, its prompt order): one permutation per pass
 
     def _prompt_index(self, pair_id: int) -> int:
         n = len(self.prompts)
-        order = np.random.default_rng([self.seed, pair_id // n]).permutation(n)
-        return int(order[pair_id % n])
+        k = pair_id // n
+        if self._order is None or self._order[0] != k:
+            self._order = (k, np.random.default_rng([self.seed, k]).permutation(n))
+        return int(self._order[1][pair_id % n])
 
     def take(self, n: int) -> dict:
         """Keyword arguments for ``Sampler.sample`` for the next n pairs."""

@@ -2,6 +2,7 @@
 checkpoints, staleness, a lost sampler and resume."""
 
 import json
+import re
 import threading
 import time
 import urllib.request
@@ -18,6 +19,16 @@ BASE = ["train.epochs=4", "train.pairs_per_epoch=8", "train.updates_per_epoch=2"
         "sampling.num_steps=4", "runtime.num_samplers=2", "runtime.sampler_num_cpus=1", "runtime.learner_num_cpus=1"]
 
 
+def prometheus_values(text: str, run: str) -> dict[str, float]:
+    """{metric name without Ray's ``ray_`` prefix: value} of the samples tagged run="<run>" (the last one wins)."""
+    out = {}
+    for line in text.splitlines():
+        m = re.match(r'^(?:ray_)?(fdfo_[a-z_]+?)(?:_total)?\{(.*)\} ([0-9.eE+-]+)$', line)
+        if m and f'run="{run}"' in m.group(2):
+            out[m.group(1)] = float(m.group(3))
+    return out
+
+
 def run(tmp_path, extra, resume=False):
     from cluster.runtime import run_ray
 
@@ -26,7 +37,9 @@ def run(tmp_path, extra, resume=False):
 
 
 def test_end_to_end_versions_accounting_metrics_checkpoint(ray_local, tmp_path):
-    cfg, out = run(tmp_path, ["lora.enabled=true", "lora.rank=4", "lora.alpha=8", "train.lr=1e-2", "train.checkpoint_every=4"])
+    # a run name of its own: Ray's counters live as long as the process, and other tests run tiny-cpu in it too
+    cfg, out = run(tmp_path, ["name=e2e", "lora.enabled=true", "lora.rank=4", "lora.alpha=8", "train.lr=1e-2",
+                              "train.checkpoint_every=4"])
     ledger = out["ledger"]
     assert ledger["pairs_requested"] == ledger["pairs_trained"] + sum(ledger["pairs_dropped"].values())
     assert ledger["pairs_trained"] == 32 and ledger["pairs_in_flight"] == 0
@@ -34,18 +47,19 @@ def test_end_to_end_versions_accounting_metrics_checkpoint(ray_local, tmp_path):
     # every sampler holds the final version, proven by checksum
     statuses = out["samplers"]
     assert [s["sampler"] for s in statuses] == [0, 1]
-    final_checksum = json.loads((tmp_path / "tiny-cpu" / "checkpoints" / "v000008" / "state.json").read_text())["checksum"]
+    final_checksum = json.loads((tmp_path / "e2e" / "checkpoints" / "v000008" / "state.json").read_text())["checksum"]
     assert all(s["version"] == 8 and s["checksum"] == final_checksum and s["pending_pairs"] == 0 for s in statuses)
-    # the metrics endpoint serves the run's gauges and counters (export is periodic: poll)
-    url, text = f"http://127.0.0.1:{ray_local['metrics_port']}/metrics", ""
-    for _ in range(40):
-        text = urllib.request.urlopen(url, timeout=5).read().decode()
-        if "fdfo_weight_version" in text and "fdfo_pairs_trained" in text:
+    # the metrics endpoint serves the run's gauges and counters with their values (export is periodic: poll)
+    url, want = f"http://127.0.0.1:{ray_local['metrics_port']}/metrics", {"fdfo_weight_version": 8.0, "fdfo_pairs_trained": 32.0}
+    for _ in range(60):
+        values = prometheus_values(urllib.request.urlopen(url, timeout=5).read().decode(), run=cfg.name)
+        if all(values.get(k) == v for k, v in want.items()):
             break
         time.sleep(1)
-    assert "fdfo_weight_version" in text and "fdfo_pairs_trained" in text and "fdfo_reward_component_mean" in text
+    assert {k: values.get(k) for k in want} == want
+    assert values["fdfo_reward_component_mean"] == pytest.approx(out["history"][-1]["reward/jpeg_compressibility/mean"])
     # the LoRA checkpoint loads into a fresh diffusers pipeline and reproduces the trained velocity
-    folder = tmp_path / "tiny-cpu" / "checkpoints" / "v000008"
+    folder = tmp_path / "e2e" / "checkpoints" / "v000008"
     assert (folder / "pytorch_lora_weights.safetensors").exists()
     pipe = tiny_sd3_pipeline(seed=0)
     pipe.load_lora_weights(str(folder))
