@@ -108,7 +108,8 @@ def check_kwargs(target: Callable, kwargs: Mapping[str, Any], what: str, forward
             raise ValueError(f"{what}: unknown setting {key!r}; its settings are {', '.join(sorted(params)) or 'none'}")
         tp = params[key]
         if tp is not None and not _is_instance(value, tp):
-            raise ValueError(f"{what}: {key}={value!r} should be {_type_name(tp)}")
+            shown = f"a {type(value).__name__}" if isinstance(value, str) else repr(value)   # a string may be a secret
+            raise ValueError(f"{what}: {key} = {shown} should be {_type_name(tp)}")
 
 
 def _params(target: Callable) -> dict[str, Any]:

@@ -61,14 +61,14 @@ class CombinedReward:
         for spec in specs:
             spec = dict(spec)
             if "weight" not in spec:
-                raise ValueError(f"reward spec {spec} has no 'weight'; add e.g. 'weight': 1.0")
+                raise ValueError(f"reward spec {_label(spec)} has no 'weight'; add e.g. 'weight': 1.0")
             weight = spec.pop("weight")
             if not isinstance(weight, (int, float)) or not math.isfinite(weight):
-                raise ValueError(f"reward spec {spec}: weight must be a finite number, got {weight!r}")
+                raise ValueError(f"reward spec {_label(spec)}: weight must be a finite number, got {weight!r}")
             reward = spec.pop("reward", None)
             key = spec.pop("key", None) or spec.get("name") or getattr(reward, "name", None)
             if key is None:
-                raise ValueError(f"reward spec {spec} needs a 'name' (a registered scorer) or a built 'reward'")
+                raise ValueError(f"reward spec {_label(spec)} needs a 'name' (a registered scorer) or a built 'reward'")
             if key in self.components:
                 raise ValueError(f"reward key {key!r} appears twice; give one of them a distinct 'key'")
             self.components[key] = reward if reward is not None else build_reward(spec)
@@ -127,6 +127,11 @@ class CombinedReward:
         info = {"components": components, "weights": dict(self.weights), "reasons": reasons,
                 "errors": errors, "component_info": component_info}
         return RewardOutput(scores=total, info=info)
+
+
+def _label(spec: Mapping[str, Any]) -> str:
+    """A spec as an error message shows it: its name and setting names, never their values (a judge's api_key)."""
+    return f"{spec.get('name', '<no name>')} (settings: {', '.join(sorted(k for k in spec if k != 'name')) or 'none'})"
 
 
 def preset_specs(preset: str, overrides: Mapping[str, Mapping[str, Any]] | None = None) -> list[dict[str, Any]]:

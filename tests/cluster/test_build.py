@@ -33,9 +33,9 @@ def test_a_misspelt_setting_lists_the_scorers_settings():
 
 
 def test_a_setting_of_the_wrong_type_says_what_it_should_be():
-    with pytest.raises(ValueError, match=r"\(jpeg_compressibility\): quality='high' should be int$"):
+    with pytest.raises(ValueError, match=r"\(jpeg_compressibility\): quality = a str should be int$"):
         check("reward.components=[{name: jpeg_compressibility, weight: 1, quality: high}]")
-    with pytest.raises(ValueError, match=r"\(vlm_judge\): image_size=1.5 should be int or None$"):
+    with pytest.raises(ValueError, match=r"\(vlm_judge\): image_size = 1.5 should be int or None$"):
         check("reward.components=[{name: vlm_judge, weight: 1, image_size: 1.5}]")
 
 
@@ -62,6 +62,16 @@ def test_the_judge_template_and_backend_settings_are_checked():
         check("reward.components=[{name: vlm_judge, weight: 1, backend: server, urll: 'http://127.0.0.1:8000'}]")
     with pytest.raises(ValueError, match=r"unknown judge backend 'tgi'"):
         check("reward.components=[{name: vlm_judge, weight: 1, backend: tgi}]")
+
+
+def test_a_setting_that_may_be_a_secret_is_not_echoed():
+    with pytest.raises(ValueError) as e:
+        check("reward.components=[{name: vlm_judge, weight: 1, backend: server, api_key: sk-planted-1234, max_concurrency: x}]")
+    assert "max_concurrency = a str should be int" in str(e.value) and "sk-planted-1234" not in str(e.value)
+    from rewards.combined import CombinedReward
+
+    with pytest.raises(ValueError, match=r"^reward spec vlm_judge \(settings: api_key, backend\) has no 'weight'; add e.g. 'weight': 1.0$"):
+        CombinedReward(specs=[{"name": "vlm_judge", "backend": "server", "api_key": "sk-planted-1234"}])
 
 
 def test_eval_metrics_are_checked_too():
