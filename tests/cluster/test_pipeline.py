@@ -109,3 +109,44 @@ def test_resume_after_a_crash_continues_exactly(tmp_path, monkeypatch):
     assert resumed["ledger"] == whole["ledger"] == {"pairs_requested": 64, "pairs_trained": 64, "pairs_dropped": {},
                                                     "pairs_in_flight": 0}
     assert [h["reward/mean"] for h in resumed["history"]] == [h["reward/mean"] for h in whole["history"][2:]]
+
+
+# The shapes judge cannot parse six of the eight tiny prompts ("a black cat"): with one pair per call, exactly the
+# pairs drawn for those prompts fail their reward and are dropped as reward_failure; the others train.
+FAILING = ["reward.components=[{name: jpeg_compressibility, weight: 1.0}, {name: shapes_judge, weight: 1.0}]",
+           "sampling.pairs_per_call=1", "train.pairs_per_epoch=8", "train.epochs=2", "sampling.num_steps=4"]
+PARSEABLE = {"a red circle", "a blue square"}
+
+
+def failing_pairs(n: int) -> int:
+    from cluster.prompts import TINY
+    from cluster.schedule import PairSchedule
+
+    return sum(p not in PARSEABLE for p in PairSchedule(list(TINY), 0).take(n)["prompts"])
+
+
+@pytest.mark.parametrize("mode", ["local", "ray"])
+def test_reward_failures_are_counted_in_both_drivers(mode, tmp_path, request):
+    cfg = load_config("tiny-cpu", FAILING + [f"output_dir={tmp_path}", f"name=failing-{mode}"])
+    if mode == "local":
+        from cluster.driver import run_local
+
+        out = run_local(cfg)
+        ledger = out["ledger"]
+        # every requested pair is accounted for: the 16 of two epochs, those with an unparseable prompt dropped
+        assert ledger["pairs_requested"] == 16 and ledger["pairs_dropped"] == {"reward_failure": failing_pairs(16)}
+        assert ledger["pairs_trained"] == 16 - failing_pairs(16)
+        assert out["sampler"].status()["pending_pairs"] == 0          # failed pairs' trajectories were freed
+    else:
+        request.getfixturevalue("ray_local")
+        from cluster.runtime import run_ray
+
+        out = run_ray(cfg)
+        ledger = out["ledger"]
+        # the Ray driver requests replacements until an epoch's worth trains: exactly the failing ones among all
+        # the pair ids it requested were dropped, and every sampler freed what it held
+        n = ledger["pairs_requested"]
+        assert ledger["pairs_trained"] == 16 and ledger["pairs_dropped"] == {"reward_failure": failing_pairs(n)}
+        assert n == 16 + failing_pairs(n)
+        assert all(s["pending_pairs"] == 0 for s in out["samplers"])
+    assert ledger["pairs_in_flight"] == 0 and out["history"][-1]["drops/reward_failure"] == failing_pairs(ledger["pairs_requested"])
