@@ -14,7 +14,8 @@ Dataflow of one sampler call (the driver only ever holds object refs and small s
 
 Samplers keep sampling the next epoch while the learner trains (at most one epoch ahead: beyond that they
 wait), so a pair is at most ``2 * updates_per_epoch - 1`` versions old when trained; the learner drops whole
-pairs that would exceed ``train.max_policy_lag`` and they are counted as ``stale``.
+pairs that would exceed ``train.max_policy_lag`` and they are counted as ``stale``. With ``runtime.overlap=false``
+(lock-step) samplers wait while the learner trains, and a run computes exactly what ``run_local`` computes.
 Ray token authentication is switched on (``RAY_AUTH_MODE=token``) unless the environment says otherwise.
 """
 
@@ -256,15 +257,16 @@ class RayRun:
         return not (self.train_ref is None and not self.ready and landed)
 
     def fill(self) -> None:
-        """Keep samplers busy (two calls queued each), at most one epoch of pairs ahead of the learner."""
+        """Keep samplers busy (two calls queued each), at most one epoch of pairs ahead of the learner; in lock-step
+        (``runtime.overlap=false``) none while it trains, so every epoch is sampled with the weights it starts from."""
         ledger, per_epoch = self.book.ledger, self.book.batching.pairs_per_epoch
         final = self.book.epoch == self.cfg.train.epochs - 1
         ahead = sum(n for _, n, _ in self.ready) + sum(len(j.pair_ids) for j in self.jobs.values())
         for i, actor in list(self.pool.actors.items()):
             # requested - dropped = trained + ahead: what the run still needs is target minus that
             room = min(per_epoch - ahead, self.target - (ledger.requested - sum(ledger.dropped.values())))
-            if self.train_ref is not None and final:
-                room = 0                          # the last epoch is training: nothing more will be trained
+            if self.train_ref is not None and (final or not self.rt.overlap):
+                room = 0                          # the last epoch is training (nothing more will be), or lock-step
             if room <= 0 or self.pool.busy[i] >= 2:
                 continue
             req = self.book.request(min(self.cfg.sampling.pairs_per_call, room))
