@@ -112,13 +112,36 @@ def test_killed_sampler_costs_only_its_pairs(ray_local, tmp_path):
     assert all(s["version"] == result["out"]["version"] for s in result["out"]["samplers"])
 
 
-def test_resume_continues_counters_and_weights(ray_local, tmp_path):
-    _, first = run(tmp_path, ["train.epochs=2"])
-    assert first["version"] == 4
-    _, second = run(tmp_path, ["train.epochs=4"], resume=True)
-    assert second["version"] == 8 and [h["epoch"] for h in second["history"]] == [2, 3]
-    assert second["ledger"]["pairs_trained"] == 32
-    assert second["ledger"]["pairs_requested"] == 32 + sum(second["ledger"]["pairs_dropped"].values())
+def test_resume_continues_counters_and_weights(ray_local, tmp_path, monkeypatch):
+    # in lock-step a Ray run is deterministic: stopped after its mid-run checkpoint (epoch 2 of 4) and resumed, it
+    # ends with the uninterrupted run's weights and AdamW moments, its counters and pair ids continuing
+    from safetensors.torch import load_file
+
+    from cluster.pipeline import Book
+
+    lock = ["runtime.overlap=false", "runtime.num_samplers=1", "train.checkpoint_every=4"]
+    _, whole = run(tmp_path / "whole", lock)
+    end_epoch = Book.end_epoch
+
+    def stop_after_epoch_2(self, m):
+        out = end_epoch(self, m)
+        if self.epoch == 3:
+            raise KeyboardInterrupt("stopped after the checkpoint of epoch 2")
+        return out
+
+    monkeypatch.setattr(Book, "end_epoch", stop_after_epoch_2)
+    with pytest.raises(KeyboardInterrupt):
+        run(tmp_path / "resumed", lock)
+    monkeypatch.setattr(Book, "end_epoch", end_epoch)
+    _, resumed = run(tmp_path / "resumed", lock, resume=True)
+    assert resumed["version"] == whole["version"] == 8 and [h["epoch"] for h in resumed["history"]] == [2, 3]
+    assert resumed["samplers"][0]["checksum"] == whole["samplers"][0]["checksum"]
+    assert resumed["ledger"] == whole["ledger"] == {"pairs_requested": 32, "pairs_trained": 32, "pairs_dropped": {},
+                                                    "pairs_in_flight": 0}
+    assert [h["reward/mean"] for h in resumed["history"]] == [h["reward/mean"] for h in whole["history"][2:]]
+    final = lambda root: root / "tiny-cpu" / "checkpoints" / "v000008"  # noqa: E731
+    a, b = load_file(str(final(tmp_path / "whole") / "optimizer.safetensors")), load_file(str(final(tmp_path / "resumed") / "optimizer.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     with pytest.raises(FileNotFoundError, match="no checkpoint"):
         run(tmp_path / "fresh", ["train.epochs=1"], resume=True)
 
