@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import io
 import threading
 import time
 
 import numpy as np
 import pytest
+from PIL import Image
 
 from rewards.base import RewardOutput
 from rewards.batcher import RewardBatcher
@@ -177,24 +179,52 @@ def test_bad_input_raises_to_that_caller_and_config_errors_name_the_fix():
         RewardBatcher(reward_spec={"name": "nope"})
 
 
+def jpeg_kb(images: np.ndarray, quality: int) -> np.ndarray:
+    """JPEG size in kB of each image at the given quality, computed here with PIL."""
+    sizes = []
+    for img in images:
+        buf = io.BytesIO()
+        Image.fromarray(img).save(buf, format="JPEG", quality=quality)
+        sizes.append(len(buf.getvalue()) / 1000.0)
+    return np.asarray(sizes)
+
+
+def textured(seed: int, n: int = 2, hw=(16, 24)) -> np.ndarray:
+    """Images whose JPEG sizes differ from each other (flat images would all compress alike)."""
+    rng = np.random.default_rng(seed)
+    return np.stack([(rng.integers(0, 256, (*hw, 3)) * (k + 1) // n).astype(np.uint8) for k in range(n)])
+
+
 def test_built_from_spec_with_plain_kwargs():
     b = RewardBatcher(reward_spec={"name": "jpeg_compressibility", "quality": 90}, max_batch_size=4)
-    out = run(b.score(images=imgs([0, 255]), prompts=["a", "b"]))
-    assert out.scores.shape == (2,) and (out.scores < 0).all()
+    images = textured(0)
+    out = run(b.score(images=images, prompts=["a", "b"]))
+    expected = -jpeg_kb(images, 90)
+    assert len(set(expected.tolist())) == 2                       # the two images really differ
+    assert not np.array_equal(expected, -jpeg_kb(images, 95))     # and the quality kwarg matters
+    np.testing.assert_array_equal(out.scores, expected)
+    np.testing.assert_array_equal(out.info["jpeg_kb"], -expected)
 
 
 def test_works_as_a_ray_async_actor(ray_local):
     """What the launch code does: ray.remote(RewardBatcher) with plain kwargs; concurrent calls get batched."""
     ray = pytest.importorskip("ray")
+    from rewards.jpeg import JpegCompressibility
+
+    batches = [textured(1), textured(2) // 4]  # the second call's images are smoother: smaller files
     actor = None
     try:
         actor = ray.remote(RewardBatcher).options(name="reward_test_0").remote(
             reward_spec={"name": "jpeg_compressibility"}, max_batch_size=4, max_wait_s=0.5)
-        refs = [actor.score.remote(images=imgs([v, v]), prompts=["a", "b"]) for v in (0, 100)]
+        refs = [actor.score.remote(images=x, prompts=["a", "b"]) for x in batches]
         outs = ray.get(refs, timeout=120)
         stats = ray.get(actor.stats.remote())
     finally:
         if actor is not None:
             ray.kill(actor)
-    assert [o.scores.shape for o in outs] == [(2,), (2,)]
+    local = JpegCompressibility()  # default quality 95, same as the spec without kwargs
+    for x, o in zip(batches, outs):
+        np.testing.assert_array_equal(o.scores, local.score(x, ["a", "b"]).scores)
+        np.testing.assert_array_equal(o.scores, -jpeg_kb(x, 95))
+    assert not np.array_equal(outs[0].scores, outs[1].scores)
     assert stats["requests"] == 2 and stats["images"] == 4 and stats["batches"] == 1  # merged in the actor

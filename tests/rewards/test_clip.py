@@ -7,7 +7,7 @@ import pytest
 import torch
 from PIL import Image
 
-from rewards.clip import HPSv2, Aesthetic, AestheticHead, openclip_to_hf
+from rewards.clip import HPSv2, Aesthetic, openclip_to_hf
 from tests.fixtures.tiny_rewards import tiny_aesthetic, tiny_clip, tiny_clipscore, tiny_hpsv2, tiny_pickscore
 
 IMGS = np.random.default_rng(0).integers(0, 256, (3, 40, 56, 3), dtype=np.uint8)
@@ -122,4 +122,40 @@ def test_missing_weights_fail_with_the_fix():
         HPSv2()
     with pytest.raises(ValueError, match="aesthetic needs head="):
         Aesthetic()
-    assert isinstance(AestheticHead(dim=8), torch.nn.Sequential)
+
+
+def test_openclip_converter_covers_every_key_of_the_published_layout():
+    """A state dict written from OpenCLIP's published key list (not from our model): every key is used and
+    every CLIPModel parameter is set with the right shape; fused q/k/v split in order, projections transposed."""
+    from tests.fixtures.published_keys import openclip_keys
+
+    model, _ = tiny_clip(seed=0)
+    keys = openclip_keys(width=32, mlp=64, layers_text=2, layers_vision=2, vocab=model.config.text_config.vocab_size,
+                         context=77, image_size=32, patch=8, embed_dim=16)
+    g = torch.Generator().manual_seed(0)
+    sd = {k: torch.randn(shape, generator=g) for k, shape in keys.items()}
+
+    class Recording(dict):
+        def __init__(self, d):
+            super().__init__(d)
+            self.used = set()
+
+        def __getitem__(self, k):
+            self.used.add(k)
+            return super().__getitem__(k)
+
+    src = Recording(sd)
+    out = openclip_to_hf(src, 2, 2)
+    assert set(sd) - src.used == set()                                     # no published key left unused
+    target = {k: v.shape for k, v in model.state_dict().items() if not k.endswith("position_ids")}
+    assert set(out) == set(target)                                         # no target parameter left unset
+    assert {k: tuple(v.shape) for k, v in out.items()} == {k: tuple(s) for k, s in target.items()}
+    q = out["vision_model.encoder.layers.1.self_attn.q_proj.weight"]
+    v = out["vision_model.encoder.layers.1.self_attn.v_proj.bias"]
+    assert torch.equal(q, sd["visual.transformer.resblocks.1.attn.in_proj_weight"][:32])
+    assert torch.equal(v, sd["visual.transformer.resblocks.1.attn.in_proj_bias"][64:])
+    assert torch.equal(out["text_projection.weight"], sd["text_projection"].T)
+    assert torch.equal(out["visual_projection.weight"], sd["visual.proj"].T)
+    model.load_state_dict(out, strict=False)
+    assert torch.equal(model.text_model.encoder.layers[0].mlp.fc2.weight,
+                       sd["transformer.resblocks.0.mlp.c_proj.weight"])

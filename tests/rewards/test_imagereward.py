@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from rewards.imagereward import MEAN, STD, ImageReward, convert_imagereward_checkpoint
 from tests.fixtures.tiny_rewards import tiny_imagereward, tiny_imagereward_config
@@ -18,13 +19,38 @@ def reward():
     return tiny_imagereward(seed=0)
 
 
+def by_hand_pixels(images: np.ndarray, size: int) -> torch.Tensor:
+    """ImageReward's preprocessing with PIL + numpy: shortest edge to `size` (bicubic, long side truncated),
+    centre crop, scale to [0, 1], normalise with CLIP's mean/std (the numbers of the authors' transform)."""
+    mean = np.array([0.48145466, 0.4578275, 0.40821073])
+    std = np.array([0.26862954, 0.26130258, 0.27577711])
+    pixels = []
+    for im in images:
+        pil = Image.fromarray(im)
+        w, h = pil.size
+        s = size / min(w, h)
+        pil = pil.resize((int(w * s), int(h * s)), Image.BICUBIC)
+        w, h = pil.size
+        left, top = (w - size) // 2, (h - size) // 2
+        x = np.asarray(pil.crop((left, top, left + size, top + size)), np.float32) / 255.0
+        pixels.append(((x - mean) / std).transpose(2, 0, 1))
+    return torch.tensor(np.stack(pixels), dtype=torch.float32)
+
+
 def test_shape_determinism_and_standardisation(reward):
     out = reward.score(IMGS, PROMPTS)
     assert out.scores.shape == (3,) and out.scores.dtype == np.float64
     np.testing.assert_array_equal(out.scores, tiny_imagereward(seed=0).score(IMGS, PROMPTS).scores)
     assert np.abs(out.scores - tiny_imagereward(seed=1).score(IMGS, PROMPTS).scores).max() > 1e-2
-    np.testing.assert_allclose(out.scores, (out.info["raw"] - 0.16717362830052426) / 1.0333394966054072)
-    assert np.ptp(out.scores) > 0
+    # The raw model output, reached through this test's own preprocessing, then standardised by hand.
+    pixels = by_hand_pixels(IMGS, 32)
+    assert pixels.shape == (3, 3, 32, 32)
+    tok = reward.tokenizer(PROMPTS, padding="max_length", truncation=True, max_length=35, return_tensors="pt")
+    with torch.no_grad():
+        raw = reward.model(pixels, tok["input_ids"], tok["attention_mask"]).double().numpy()
+    np.testing.assert_allclose(out.info["raw"], raw, atol=1e-5)
+    np.testing.assert_allclose(out.scores, (raw - 0.16717362830052426) / 1.0333394966054072, atol=1e-5)
+    assert np.ptp(out.scores) > 0.1
 
 
 def test_head_by_hand(reward):
