@@ -122,11 +122,12 @@ class Sampler:
 
         return node_id()
 
-    def join_weight_group(self, *, rank: int, world_size: int, master_addr: str, master_port: int, backend: str = "gloo") -> None:
+    def join_weight_group(self, *, rank: int, world_size: int, master_addr: str, master_port: int, backend: str = "gloo",
+                          timeout_s: float = 120.0) -> None:
         from learner.collective import WeightGroup
 
         self.leave_weight_group()
-        self._group = WeightGroup(rank, world_size, master_addr, master_port, backend=backend)
+        self._group = WeightGroup(rank, world_size, master_addr, master_port, backend=backend, timeout_s=timeout_s)
 
     def receive_weights(self) -> dict:
         """Receive the learner's broadcast in place; the group verifies the checksum (a mismatch raises and this

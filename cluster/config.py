@@ -111,6 +111,7 @@ class RuntimeConfig:
     reward_timeout_s: float = 300.0  # a reward call slower than this fails its pairs (dropped: reward_failure)
     torch_threads: int = 1  # torch intra-op threads per actor
     weight_sync: Literal["auto", "object_store", "collective"] = "auto"  # auto: LoRA via the object store, full weights via a gloo/NCCL group
+    weight_sync_timeout_s: float = 120.0  # a collective transfer stalled this long (a member died) fails over to the object store
 
 
 @dataclass(frozen=True)

@@ -223,7 +223,7 @@ class RayRun:
             self.book = Book(cfg, evaluate=self.evaluate, save=self.save, resume=resume, sink=Metrics(cfg.name))
             if resume:
                 self.book.resume(lambda folder: ray.get(self.learner.load.remote(folder)))
-            self.sync = WeightSync(self.learner, collective=_use_collective(cfg))
+            self.sync = WeightSync(self.learner, collective=_use_collective(cfg), timeout_s=self.rt.weight_sync_timeout_s)
             self.weights_ref = self.learner.weights.remote()  # put once: every sampler reads this same object
             self.version, self.checksum = ray.get(self.learner.weights_info.remote())
             self.book.version = self.book.last_checkpoint = self.version
@@ -309,6 +309,8 @@ class RayRun:
         self.version, self.checksum = self.book.version, self.book.checksum
         with self.book.timers("publish"):
             self.weights_ref = self.sync.broadcast(self.pool, self.version, self.checksum)             # publish
+        while self.sync.lost:
+            self.lose_sampler(self.sync.lost.pop())
         stats = ray.get([r.stats.remote() for r in self.rewards])
         m.update({
             "perf/learner_step_s": step_s / max(m.get("updates", 1), 1),
@@ -436,12 +438,14 @@ class WeightSync:
     re-formed as a new generation whenever the sampler set changed. Either way each sampler returns the
     version and checksum it now holds, and a mismatch stops the run."""
 
-    def __init__(self, learner, collective: bool):
+    def __init__(self, learner, collective: bool, timeout_s: float = 120.0):
         self.learner = learner
         self.collective = collective
+        self.timeout_s = timeout_s                       # of every collective call: how long a dead member can stall it
         self.members_changed = True
         self.members: list[int] = []
         self.address: tuple[str, int] | None = None    # (host, port) of the current generation's rendezvous
+        self.lost: list[int] = []                        # samplers found dead by a broadcast, for the runtime to replace
 
     def _form(self, pool: Pool) -> None:
         import torch
@@ -455,9 +459,10 @@ class WeightSync:
         addr, port = ray.get(self.learner.weight_group_address.remote(peers_on_this_node=len(set(nodes)) == 1))
         self.address = (addr, port)
         log.info("weight group: %d ranks, rendezvous at %s:%d", world, addr, port)
-        joins = [self.learner.join_weight_group.remote(world_size=world, master_addr=addr, master_port=port, backend=backend)]
+        joins = [self.learner.join_weight_group.remote(world_size=world, master_addr=addr, master_port=port, backend=backend,
+                                                       timeout_s=self.timeout_s)]
         joins += [pool.actors[i].join_weight_group.remote(rank=r + 1, world_size=world, master_addr=addr,
-                                                          master_port=port, backend=backend)
+                                                          master_port=port, backend=backend, timeout_s=self.timeout_s)
                   for r, i in enumerate(self.members)]
         ray.get(joins)                              # every rank must be joining at once
         self.members_changed = False
@@ -477,9 +482,13 @@ class WeightSync:
                 log.warning("collective weight broadcast failed (%s); falling back to the object store", e)
                 self.members_changed = True
         ref = self.learner.weights.remote()
-        proofs = ray.get([a.set_weights.remote(weights=ref) for a in pool.actors.values()])
-        for p in proofs:
-            check_proof(p, version, checksum)
+        calls = {i: a.set_weights.remote(weights=ref) for i, a in pool.actors.items()}
+        for i, call in calls.items():
+            try:
+                check_proof(ray.get(call), version, checksum)
+            except RayActorError:     # gone before the driver noticed: the runtime replaces it (``lost``)
+                self.lost.append(i)
+                self.members_changed = True
         return ref
 
     def close(self, pool: Pool) -> None:

@@ -193,12 +193,13 @@ class Learner:
 
         return rendezvous_address(peers_on_this_node)
 
-    def join_weight_group(self, *, world_size: int, master_addr: str, master_port: int, backend: str = "gloo") -> None:
+    def join_weight_group(self, *, world_size: int, master_addr: str, master_port: int, backend: str = "gloo",
+                          timeout_s: float = 120.0) -> None:
         from learner.collective import WeightGroup
 
         if getattr(self, "_group", None) is not None:
             self._group.close()
-        self._group = WeightGroup(0, world_size, master_addr, master_port, backend=backend)
+        self._group = WeightGroup(0, world_size, master_addr, master_port, backend=backend, timeout_s=timeout_s)
 
     def send_weights(self) -> dict:
         """Broadcast the trainable tensors to every sampler of the group; returns {version, checksum}."""
