@@ -144,7 +144,8 @@ def original_to_hf(sd: dict) -> dict:
     blocks.i.{norm1,attn.qkv,attn.proj,norm2,mlp.fc1,mlp.fc2} -> encoder.layers.i.{layer_norm1,self_attn.qkv,
     self_attn.projection,layer_norm2,mlp.fc1,mlp.fc2}, norm -> post_layernorm. The BERT names already match
     transformers' BlipTextModel. Keys outside blip.visual_encoder / blip.text_encoder / mlp (BLIP's
-    pre-training heads, the momentum encoders) are not used by ImageReward and are dropped.
+    pre-training heads, the momentum encoders) are not used by ImageReward and are dropped, as is the text
+    encoder's fixed ``position_ids`` buffer; the head's ``mlp.layers.k`` becomes ``mlp.k``.
     """
     out = {}
     vit_names = {"norm1": "layer_norm1", "attn.qkv": "self_attn.qkv", "attn.proj": "self_attn.projection",
@@ -164,10 +165,10 @@ def original_to_hf(sd: dict) -> dict:
                 out["vision_model.embeddings.position_embedding"] = value
             elif k.startswith("norm."):
                 out["vision_model.post_layernorm." + k.rsplit(".", 1)[1]] = value
-        elif key.startswith("blip.text_encoder.") and ".pooler." not in key:
-            out["text_encoder." + key.removeprefix("blip.text_encoder.")] = value
-        elif key.startswith("mlp."):
-            out[key] = value
+        elif key.startswith("blip.text_encoder.") and ".pooler." not in key and not key.endswith(".position_ids"):
+            out["text_encoder." + key.removeprefix("blip.text_encoder.")] = value   # position_ids: a fixed buffer
+        elif key.startswith("mlp.layers."):  # the authors' MLP wraps its Sequential in .layers; ours is the Sequential
+            out["mlp." + key.removeprefix("mlp.layers.")] = value
     return out
 
 

@@ -7,7 +7,7 @@ import pytest
 import torch
 from PIL import Image
 
-from rewards.imagereward import MEAN, STD, ImageReward, convert_imagereward_checkpoint
+from rewards.imagereward import MEAN, STD, ImageReward, _build_modules, convert_imagereward_checkpoint
 from tests.fixtures.tiny_rewards import tiny_imagereward, tiny_imagereward_config
 
 IMGS = np.random.default_rng(0).integers(0, 256, (3, 48, 40, 3), dtype=np.uint8)
@@ -93,6 +93,8 @@ def to_original(sd: dict) -> dict:
             out["blip.visual_encoder.norm." + k.rsplit(".", 1)[1]] = v
         elif k.startswith("text_encoder."):
             out["blip." + k] = v
+        elif k.startswith("mlp."):
+            out["mlp.layers." + k.removeprefix("mlp.")] = v            # the authors' MLP keeps its Sequential in .layers
         else:
             out[k] = v
     return {k: v.clone() for k, v in out.items()}
@@ -111,3 +113,32 @@ def test_missing_model_names_the_fix():
         ImageReward()
     with pytest.raises(FileNotFoundError, match="download it and pass its path"):
         ImageReward(model="/nope/ImageReward-hf")
+
+
+def test_converter_covers_every_key_of_the_published_layout(tmp_path):
+    """A state dict written from the authors' published key list (not from our model): every ImageReward key is
+    used, every parameter of our modules is set with its shape, BLIP's pre-training parts are dropped, and the
+    head's ``mlp.layers.k`` lands on our ``mlp.k``."""
+    from rewards.imagereward import original_to_hf
+    from tests.fixtures.published_keys import imagereward_keys
+
+    cfg = tiny_imagereward_config(99)
+    keys = imagereward_keys(vision_width=32, vision_mlp=64, vision_layers=2, image_size=32, patch=8, text_width=32,
+                            text_mlp=64, text_layers=2, vocab=99, max_positions=64, encoder_width=32)
+    g = torch.Generator().manual_seed(0)
+    sd = {k: torch.randn(shape, generator=g) for k, shape in keys.items()}
+    out = original_to_hf(sd)
+    target = {k: tuple(v.shape) for k, v in _build_modules(cfg).state_dict().items()}
+    assert {k: tuple(v.shape) for k, v in out.items()} == target            # all set, nothing extra, shapes equal
+    dropped = {k for k in sd if k.startswith(("blip.vision_proj", "blip.text_proj", "blip.itm_head", "blip.visual_encoder_m",
+                                              "blip.text_decoder")) or k.endswith("position_ids")}
+    assert len(dropped) == 6 and sum(1 for k in sd if k not in dropped) == len(target)   # every other key used once
+    assert torch.equal(out["mlp.7.weight"], sd["mlp.layers.7.weight"])
+    assert torch.equal(out["vision_model.encoder.layers.1.self_attn.qkv.weight"], sd["blip.visual_encoder.blocks.1.attn.qkv.weight"])
+    assert torch.equal(out["text_encoder.encoder.layer.0.crossattention.self.key.weight"],
+                       sd["blip.text_encoder.encoder.layer.0.crossattention.self.key.weight"])
+    # and the whole published file converts and loads (the authors' .pt, read with weights_only=True)
+    torch.save(sd, tmp_path / "ImageReward.pt")
+    convert_imagereward_checkpoint(str(tmp_path / "ImageReward.pt"), str(tmp_path / "hf"), config=cfg)
+    reward = ImageReward(model=str(tmp_path / "hf"), tokenizer=tiny_imagereward(0).tokenizer, device="cpu", dtype="float32")
+    assert torch.equal(reward.model.mlp[0].weight, sd["mlp.layers.0.weight"])
