@@ -43,3 +43,19 @@ class GaussianFlow:
 
     def decode(self, latents):
         return latents.float()
+
+
+def stop_after_epoch(monkeypatch, epoch: int) -> None:
+    """Make the next run raise KeyboardInterrupt right after its epoch ``epoch`` closed (checkpoint written), as
+    a crash or Ctrl-C there would; ``monkeypatch.undo()`` lets the following run go on normally."""
+    from cluster.pipeline import Book
+
+    end_epoch = Book.end_epoch
+
+    def stopping(self, m):
+        out = end_epoch(self, m)
+        if self.epoch == epoch + 1:
+            raise KeyboardInterrupt(f"stopped after epoch {epoch}")
+        return out
+
+    monkeypatch.setattr(Book, "end_epoch", stopping)

@@ -92,24 +92,15 @@ def test_resume_after_a_crash_continues_exactly(tmp_path, monkeypatch):
     import torch
 
     from cluster.driver import run_local
-    from cluster.pipeline import Book
+    from tests.helpers import stop_after_epoch
 
     over = ["train.epochs=4", "train.checkpoint_every=4", "sampling.num_steps=4"]   # 2 updates an epoch: a checkpoint at epoch 2
     whole = run_local(load_config("tiny-cpu", over + [f"output_dir={tmp_path}", "name=whole"]))
-
-    end_epoch = Book.end_epoch
-
-    def crash_after_epoch_2(self, m):
-        out = end_epoch(self, m)
-        if self.epoch == 3:
-            raise KeyboardInterrupt("stopped after the checkpoint of epoch 2")
-        return out
-
     cfg = load_config("tiny-cpu", over + [f"output_dir={tmp_path}", "name=crashed"])
-    monkeypatch.setattr(Book, "end_epoch", crash_after_epoch_2)
+    stop_after_epoch(monkeypatch, 2)
     with pytest.raises(KeyboardInterrupt):
         run_local(cfg)
-    monkeypatch.setattr(Book, "end_epoch", end_epoch)
+    monkeypatch.undo()
     resumed = run_local(cfg, resume=True)
 
     assert [h["epoch"] for h in resumed["history"]] == [2, 3]             # epoch 2 re-runs from the v4 checkpoint

@@ -117,22 +117,14 @@ def test_resume_continues_counters_and_weights(ray_local, tmp_path, monkeypatch)
     # ends with the uninterrupted run's weights and AdamW moments, its counters and pair ids continuing
     from safetensors.torch import load_file
 
-    from cluster.pipeline import Book
+    from tests.helpers import stop_after_epoch
 
     lock = ["runtime.overlap=false", "runtime.num_samplers=1", "train.checkpoint_every=4"]
     _, whole = run(tmp_path / "whole", lock)
-    end_epoch = Book.end_epoch
-
-    def stop_after_epoch_2(self, m):
-        out = end_epoch(self, m)
-        if self.epoch == 3:
-            raise KeyboardInterrupt("stopped after the checkpoint of epoch 2")
-        return out
-
-    monkeypatch.setattr(Book, "end_epoch", stop_after_epoch_2)
+    stop_after_epoch(monkeypatch, 2)
     with pytest.raises(KeyboardInterrupt):
         run(tmp_path / "resumed", lock)
-    monkeypatch.setattr(Book, "end_epoch", end_epoch)
+    monkeypatch.undo()
     _, resumed = run(tmp_path / "resumed", lock, resume=True)
     assert resumed["version"] == whole["version"] == 8 and [h["epoch"] for h in resumed["history"]] == [2, 3]
     assert resumed["samplers"][0]["checksum"] == whole["samplers"][0]["checksum"]
