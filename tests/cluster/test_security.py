@@ -192,7 +192,7 @@ def test_the_weight_group_asks_for_the_cluster_address_only_when_a_member_is_on_
             return self.asked, self.joined
 
     learner = Member.remote("node-a")
-    sync = WeightSync(learner, collective=True)
+    sync = WeightSync(learner, collective=True, timeout_s=30.0)
     sync._form(Pool(actors={0: Member.remote("node-a"), 3: Member.remote("node-a")}))
     assert sync.address == (LOOPBACK, 29501) and sync.members == [0, 3]
     far = Member.remote("node-b")
@@ -201,9 +201,10 @@ def test_the_weight_group_asks_for_the_cluster_address_only_when_a_member_is_on_
     assert sync.address == ("10.1.2.3", 29502)
     asked, joined = ray.get(learner.record.remote())
     assert asked == [True, False]
-    assert joined[-1] == {"world_size": 3, "master_addr": "10.1.2.3", "master_port": 29502, "backend": "gloo"}
+    assert joined[-1] == {"world_size": 3, "master_addr": "10.1.2.3", "master_port": 29502, "backend": "gloo",
+                          "timeout_s": 30.0}
     assert ray.get(far.record.remote())[1] == [{"rank": 2, "world_size": 3, "master_addr": "10.1.2.3",
-                                                "master_port": 29502, "backend": "gloo"}]
+                                                "master_port": 29502, "backend": "gloo", "timeout_s": 30.0}]
 
 
 # -- secrets -------------------------------------------------------------------------------------------------------
