@@ -34,6 +34,10 @@ Wire protocol of one ``send`` (every message is a broadcast from rank 0):
    a bucket on its own and is sent from / received into its own memory (no staging copy). Bytes, not typed
    elements, go on the wire, so any dtype arrives bit-exact.
 
+Both sides verify with ``learner.weights.checksum``, which reads CPU tensors (gloo) in place and fingerprints full
+weights on GPUs (NCCL) on the device, so only 16 bytes per tensor reach the host: nothing copies the payload to
+hash it.
+
 The layout digest (names, dtypes, shapes; no values) lets a sampler whose model differs from the learner's say
 so precisely, instead of reporting a corrupted transfer; it then drains the buckets into scratch memory so the
 group stays in step and the next ``send`` works.

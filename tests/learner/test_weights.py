@@ -1,19 +1,26 @@
-"""Weights.load_into and load_checkpoint refuse what would leave a model silently holding other weights:
-unknown names, a corrupted payload, a dtype-narrowing copy, a checkpoint whose names do not match."""
+"""The checksum is equal iff the weights are bit-identical, in both of its schemes (bytes; word fingerprint, checked
+against a numpy reference) and without copying the tensors; Weights travel as out-of-band buffers. Weights.load_into
+and load_checkpoint refuse what would leave a model silently holding other weights: unknown names, a corrupted
+payload, a dtype-narrowing copy, a checkpoint whose names do not match."""
 
+import pickle
 import re
 import shutil
+import tracemalloc
+import warnings
 
 import numpy as np
 import pytest
 import torch
+import xxhash
 from safetensors.torch import load_file, save_file
 
+import learner.weights as weights_module
 from actors.sampler import Sampler
 from cluster.config import Batching, load_config
 from learner.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from learner.learner import Learner
-from learner.weights import Weights, checksum
+from learner.weights import ROW_WORDS, Weights, checksum, word_fingerprint
 from models.adapter import SD3Adapter
 from models.lora import make_trainable
 
@@ -31,6 +38,176 @@ def params(module: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 def same(a: dict, b: dict) -> bool:
     return a.keys() == b.keys() and all(torch.equal(a[n], b[n]) for n in a)
+
+
+# -- checksum -------------------------------------------------------------------------------------------------
+@pytest.fixture(params=["bytes", "words"])
+def scheme(request, monkeypatch):
+    """Run a test under each digest scheme: raw bytes (small payloads) and the word fingerprint (large ones)."""
+    if request.param == "words":
+        monkeypatch.setattr(weights_module, "FINGERPRINT_FROM_BYTES", -1)
+    return request.param
+
+
+def payload() -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(0)
+    return {
+        "a.weight": torch.randn(3, 5, generator=g),
+        "b.weight": torch.randn(7, generator=g).to(torch.bfloat16),      # 14 bytes: not a whole number of words
+        "c.step": torch.tensor(11),                                      # 0-dim
+        "d.mask": torch.tensor([True, False, True]),
+        "e.empty": torch.empty(0, 4),
+    }
+
+
+def flip_bit(t: torch.Tensor, byte: int, bit: int) -> torch.Tensor:
+    out = t.clone()
+    out.reshape(-1).view(torch.uint8)[byte] ^= 1 << bit
+    return out
+
+
+def test_checksum_is_equal_iff_the_weights_are_bit_identical(scheme):
+    w = payload()
+    digest = checksum(w)
+    assert re.fullmatch("[0-9a-f]{32}", digest)
+    assert checksum({n: t.clone() for n, t in w.items()}) == digest
+    transposed = {**w, "a.weight": w["a.weight"].T.contiguous().T}   # same values, non-contiguous strides
+    assert not transposed["a.weight"].is_contiguous() and checksum(transposed) == digest
+    for name, t in w.items():
+        for byte in range(t.numel() * t.element_size()):
+            assert checksum({**w, name: flip_bit(t, byte, byte % 8)}) != digest, (name, byte)
+    assert checksum({**w, "a.weight": flip_bit(w["a.weight"], 59, 7)}) != digest       # a sign bit
+    renamed = {("z.weight" if n == "a.weight" else n): t for n, t in w.items()}
+    assert checksum(renamed) != digest
+    assert checksum({**w, "a.weight": w["a.weight"].reshape(5, 3)}) != digest         # same bytes, other shape
+    assert checksum({**w, "a.weight": w["a.weight"].view(torch.int32)}) != digest     # same bytes, other dtype
+    assert checksum({**w, "e.empty": torch.empty(0, 3)}) != digest
+    assert checksum({n: t for n, t in w.items() if n != "e.empty"}) != digest
+
+
+def test_the_two_schemes_give_different_digests(monkeypatch):
+    w = payload()
+    digest = checksum(w)
+    monkeypatch.setattr(weights_module, "FINGERPRINT_FROM_BYTES", -1)
+    assert checksum(w) != digest
+
+
+def test_checksum_hashes_cpu_tensors_in_place():
+    """xxh3 is handed each tensor's own memory (no tobytes copy); Python allocates nothing payload-sized."""
+    tensors = {f"layer{i}.weight": torch.full((2**20,), float(i)) for i in range(8)}   # 32 MiB
+    handed: list[int] = []
+    xxh3_128 = xxhash.xxh3_128
+
+    class Recording:
+        def __init__(self):
+            self.h = xxh3_128()
+
+        def update(self, data):
+            if isinstance(data, np.ndarray):
+                handed.append(data.__array_interface__["data"][0])
+            self.h.update(data)
+
+        def hexdigest(self):
+            return self.h.hexdigest()
+
+    want = checksum(tensors)
+    tracemalloc.start()
+    try:
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(weights_module.xxhash, "xxh3_128", Recording)
+            assert checksum(tensors) == want
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert handed == [tensors[n].data_ptr() for n in sorted(tensors)]
+    assert peak < 2**20, f"checksum allocated {peak} bytes: it copied the payload"
+
+
+# The word fingerprint by its definition (learner.weights.word_fingerprint), in numpy's uint64 arithmetic.
+_U = np.uint64
+
+
+def _splitmix64(x: np.ndarray) -> np.ndarray:
+    z = x + _U(0x9E3779B97F4A7C15)
+    z = (z ^ (z >> _U(30))) * _U(0xBF58476D1CE4E5B9)
+    z = (z ^ (z >> _U(27))) * _U(0x94D049BB133111EB)
+    return z ^ (z >> _U(31))
+
+
+def reference_fingerprint(raw: bytes) -> list[int]:
+    raw += bytes(-len(raw) % 4)
+    w = np.frombuffer(raw, "<i4").astype(np.int64).view(np.uint64)   # signed words, sign-extended
+    i = np.arange(len(w), dtype=np.uint64)
+    lanes = []
+    for position_stream, row_stream in ((0, 1 << 48), (2 << 48, 3 << 48)):
+        k = (_splitmix64(i % _U(ROW_WORDS) + _U(position_stream)) | _U(1)) * (
+            _splitmix64(i // _U(ROW_WORDS) + _U(row_stream)) | _U(1))
+        lanes.append(int((w * k).sum(dtype=np.uint64)))
+    return [x - (1 << 64) if x >> 63 else x for x in lanes]
+
+
+def test_word_fingerprint_matches_its_definition():
+    # splitmix64's first output for seed 0, as published: the keys start from the reference generator
+    assert weights_module._odd_keys(0, 1, torch.device("cpu")).item() == 0xE220A8397B1DCDAF - (1 << 64)
+    one = torch.tensor([1], dtype=torch.int32)                         # lane l = P_l[0] * R_l[0]: the first keys
+    assert word_fingerprint(one).tolist() == reference_fingerprint(b"\x01\0\0\0")
+    tripled = [(3 * x + 2**63) % 2**64 - 2**63 for x in word_fingerprint(one).tolist()]   # linear, modulo 2^64
+    assert word_fingerprint(one * 3).tolist() == tripled
+    g = torch.Generator().manual_seed(1)
+    for t in (
+        torch.randint(0, 256, (13,), dtype=torch.uint8, generator=g),  # 3 whole words and one padded word
+        torch.randn(3, generator=g).to(torch.bfloat16),
+        torch.randn(2 * ROW_WORDS + 5, generator=g),                   # two full rows and a partial one
+        torch.tensor(-1.5),
+        torch.empty(0, 3),
+    ):
+        raw = t.reshape(-1).view(torch.uint8).numpy().tobytes()
+        assert word_fingerprint(t).tolist() == reference_fingerprint(raw), (t.dtype, tuple(t.shape))
+    misaligned = torch.randn(40, generator=g).to(torch.bfloat16)[1:30]  # starts 2 bytes into an int32 word
+    assert word_fingerprint(misaligned).tolist() == word_fingerprint(misaligned.clone()).tolist()
+
+
+def test_word_fingerprint_sees_any_one_bit_flip_and_a_swap_of_two_words():
+    g = torch.Generator().manual_seed(2)
+    t = torch.randint(-2**31, 2**31, (2 * ROW_WORDS + 3,), dtype=torch.int32, generator=g)
+    want = word_fingerprint(t)
+    n_bytes = t.numel() * 4
+    for byte in [0, 1, 2, 3, 4 * ROW_WORDS - 1, 4 * ROW_WORDS, n_bytes // 2, n_bytes - 1]:
+        for bit in range(8):
+            got = word_fingerprint(flip_bit(t, byte, bit))
+            assert (got != want).all(), (byte, bit)          # both lanes change
+    for i, j in [(0, 1), (5, ROW_WORDS + 5), (7, 2 * ROW_WORDS + 2)]:   # in a row; same column, two rows; any
+        swapped = t.clone()
+        swapped[[i, j]] = t[[j, i]]
+        assert (word_fingerprint(swapped) != want).all(), (i, j)
+    top_bits = torch.tensor([1, 1 - 2**31, 0], dtype=torch.int32)    # words that differ only in the top bit
+    assert (word_fingerprint(top_bits[[1, 0, 2]]) != word_fingerprint(top_bits)).all()
+    rows = t[: 2 * ROW_WORDS].view(2, ROW_WORDS)
+    assert (word_fingerprint(rows.flip(0)) != word_fingerprint(rows)).all()   # two whole rows swapped
+
+
+def test_weights_pickle_as_out_of_band_buffers_and_load_from_read_only_memory():
+    """What Ray does: the bytes go out of band, and the receiver's tensors are read-only views of them."""
+    tensors = {n.replace(".", "_"): t for n, t in payload().items()} | {"f_big": torch.randn(2**14)}
+    w = Weights(version=4, tensors=tensors, checksum=checksum(tensors))
+    buffers = []
+    data = pickle.dumps(w, protocol=5, buffer_callback=buffers.append)
+    assert len(data) < 4096                                            # the 64 KiB tensor is not in the stream
+    assert sum(memoryview(b).nbytes for b in buffers) == sum(t.numel() * t.element_size() for t in tensors.values())
+    views = [memoryview(b).toreadonly() for b in buffers]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")                                  # no "not writable" warning escapes
+        got = pickle.loads(data, buffers=views)
+    assert got.version == 4 and got.checksum == w.checksum
+    layout = {n: (t.dtype, t.shape) for n, t in tensors.items()}
+    assert {n: (t.dtype, t.shape) for n, t in got.tensors.items()} == layout
+    addresses = {np.frombuffer(v, np.uint8).__array_interface__["data"][0] for v in views if v.nbytes}
+    assert {t.data_ptr() for t in got.tensors.values() if t.numel()} == addresses   # views, not copies
+    target = torch.nn.Module()
+    for name, t in tensors.items():
+        target.register_parameter(name, torch.nn.Parameter(torch.zeros_like(t), requires_grad=False))
+    assert got.load_into(target) == w.checksum
+    assert same(params(target), tensors)
 
 
 # -- Weights.load_into ----------------------------------------------------------------------------------------
