@@ -38,18 +38,25 @@ class _Pending:
     prompt_ids: list[int]
     pair_ids: list[int]
     version: int
+    checksum: str
     sample_s: float
+    load_s: float
 
 
 class Sampler:
-    def __init__(self, model, sampling, lora=None, index: int = 0):
+    def __init__(self, model, sampling, lora=None, index: int = 0, amp: bool = False, threads: int | None = None):
         """model: a FlowModel, or a zero-argument callable that builds one (so a Ray actor loads it on its own
-        device); sampling: ``SamplingConfig``; lora: ``LoraSettings`` (None or disabled = full weights)."""
+        device); sampling: ``SamplingConfig``; lora: ``LoraSettings`` (None or disabled = full weights); amp: the
+        learner's ``train.amp`` (velocities are recorded under the autocast the learner trains under); threads:
+        torch intra-op threads of this process (None = leave as is; a Ray actor gets ``runtime.torch_threads``)."""
+        if threads:
+            torch.set_num_threads(threads)
         if not hasattr(model, "velocity"):
             model = model()
         self.model = model
         self.cfg = sampling
         self.index = index
+        self.amp = amp
         make_trainable(model.transformer, lora)             # marks the set the learner broadcasts
         model.transformer.eval()
         params = trainable(model.transformer)               # what the learner trains and broadcasts
@@ -64,9 +71,13 @@ class Sampler:
         self.version = weights.version
         return {"version": self.version, "checksum": self.checksum, "sampler": self.index}
 
-    def sample(self, prompts: list[str], prompt_ids: list[int], pair_ids: list[int], seeds: list[int]) -> tuple[int, np.ndarray]:
+    def sample(self, prompts: list[str], prompt_ids: list[int], pair_ids: list[int], seeds: list[int],
+               newest: tuple[int, str, list] | None = None) -> tuple[int, np.ndarray]:
         """Sample P pairs; returns (job id, images uint8 [2P, H, W, 3], branches of a pair adjacent) and keeps
-        the trajectories until ``complete``."""
+        the trajectories until ``complete``. newest: (version, checksum, [object ref of its ``Weights``]), the
+        learner's newest published version (the Ray runtime's): loaded first (verified) unless this sampler holds it. (The ref travels inside a list so that Ray hands it over unresolved: it is fetched only when new.)"""
+        t_load = time.perf_counter()
+        self._take(newest)
         if self.version < 0:
             raise RuntimeError(f"sampler {self.index} holds no verified weights (the last transfer failed); refusing to sample")
         t0 = time.perf_counter()
@@ -78,28 +89,42 @@ class Sampler:
             gamma=self.cfg.gamma,
             guidance_scale=self.cfg.guidance_scale,
             record_dtype=DTYPES[self.cfg.record_dtype],
+            amp=self.amp,
         )
         images = to_uint8(self.model.decode(traj.x_final.flatten(0, 1)))   # [2P, H, W, 3]
         job = next(self._jobs)
-        self._pending[job] = _Pending(traj, list(prompts), list(prompt_ids), list(pair_ids), self.version,
-                                      time.perf_counter() - t0)
+        self._pending[job] = _Pending(traj, list(prompts), list(prompt_ids), list(pair_ids), self.version, self.checksum,
+                                      time.perf_counter() - t0, t0 - t_load)
         return job, images
 
-    def generate(self, prompts: list[str], seeds: list[int], num_steps: int) -> np.ndarray:
-        """Plain Euler images uint8 [N, H, W, 3] with the current weights (evaluation, not training)."""
+    def generate(self, prompts: list[str], seeds: list[int], num_steps: int, newest=None) -> np.ndarray:
+        """Plain Euler images uint8 [N, H, W, 3] with the current weights (evaluation, not training); newest: as
+        for ``sample``."""
+        self._take(newest)
         return generate_images(self.model, prompts, seeds, num_steps, self.cfg.guidance_scale)
+
+    def _take(self, newest) -> None:
+        """Load the published version ``newest`` = (version, checksum, [ref]) unless this sampler holds it already
+        or holds a newer one (calls can overtake each other)."""
+        if newest is not None and (newest[0] > self.version or (newest[0] == self.version and newest[1] != self.checksum)):
+            import ray
+
+            self.set_weights(ray.get(newest[2][0]))
 
     def complete(self, job: int, rewards) -> tuple[pa.RecordBatch | None, dict]:
         """Turn job's pairs into Arrow rows. rewards: [2P] or [P, 2] scores, or the ``RewardOutput`` of the images
         ``sample`` returned; pairs with a non-finite reward are left out. Returns (batch, or None if no pair is
         left; report): report["dropped"] is the left-out pair ids (the caller counts them as dropped),
-        report["sample_s"] / report["pack_s"] the time this sampler spent sampling and packing the job."""
+        report["sample_s"] / report["pack_s"] the time this sampler spent sampling and packing the job, and
+        report["version"] / report["checksum"] the weights it was sampled with (the caller checks that proof) and
+        report["load_s"] the time it took to load them at the start of the ``sample`` call (0 if held already)."""
         t0 = time.perf_counter()
         p = self._pending.pop(job)
         scores = getattr(rewards, "scores", rewards)
         rewards = np.asarray(scores, dtype=np.float64).reshape(len(p.pair_ids), 2)
         ok = np.isfinite(rewards).all(1)
-        report = {"dropped": [pid for pid, k in zip(p.pair_ids, ok) if not k], "sample_s": p.sample_s}
+        report = {"dropped": [pid for pid, k in zip(p.pair_ids, ok) if not k], "sample_s": p.sample_s,
+                  "load_s": p.load_s, "version": p.version, "checksum": p.checksum}
         batch = None
         if ok.any():
             keep = torch.from_numpy(np.flatnonzero(ok))
@@ -148,4 +173,4 @@ class Sampler:
     def status(self) -> dict:
         """What this sampler holds: weight version and checksum, and pairs awaiting rewards."""
         return {"sampler": self.index, "version": self.version, "checksum": self.checksum,
-                "pending_pairs": sum(len(p.pair_ids) for p in self._pending.values())}
+                "pending_pairs": sum(len(p.pair_ids) for p in self._pending.values()), "torch_threads": torch.get_num_threads()}

@@ -19,6 +19,7 @@ from typing import Sequence
 import torch
 
 from models.adapter import FlowModel, PromptEmbeds
+from models.device import autocast
 
 
 def churn_start(eps: torch.Tensor, n: torch.Tensor, gamma: float) -> torch.Tensor:
@@ -62,11 +63,13 @@ def sample_pairs(
     guidance_scale: float = 1.0,
     cond: PromptEmbeds | None = None,
     record_dtype: torch.dtype = torch.float32,
+    amp: bool = False,
 ) -> PairTrajectory:
     """Sample one pair per prompt; pair p uses only ``seeds[p]`` for its noise, so it does not depend on batching.
 
     The start noise eps is shared by the two branches; every churn noise n is drawn per branch. The last
-    step (to sigma 0) has no churn. Both branches of all prompts run as one batch of 2P.
+    step (to sigma 0) has no churn. Both branches of all prompts run as one batch of 2P. ``amp``: the learner's
+    ``train.amp``, so the recorded v is computed under the same autocast as the learner's v_theta.
     """
     if len(prompts) != len(seeds):
         raise ValueError(f"{len(prompts)} prompts but {len(seeds)} seeds: pass one seed per prompt")
@@ -93,7 +96,8 @@ def sample_pairs(
     xs, vs = [], []
     for i in range(num_steps):
         t, s = float(sigmas[i]), float(sigmas[i + 1])
-        v = model.velocity(x, torch.tensor(t), cond2, guidance_scale)
+        with autocast(device, amp):
+            v = model.velocity(x, torch.tensor(t), cond2, guidance_scale)
         xs.append(x.to(record_dtype).cpu())
         vs.append(v.to(record_dtype).cpu())
         last = i == num_steps - 1

@@ -96,7 +96,7 @@ class TrainConfig:
 class RuntimeConfig:
     local: bool = False  # True = one process, no Ray (debug mode: breakpoint() works)
     address: str | None = None  # Ray address; None = RAY_ADDRESS or a running cluster if any, else a new local one; "local" = always a new local one
-    overlap: bool = True  # sample the next epoch while the learner trains (pairs one epoch old); false = lock-step, as the reference: sample an epoch with the current weights, then train it
+    overlap: bool = True  # sample the next epoch while the learner trains (within train.max_policy_lag); false = lock-step, as the reference: sample an epoch with the current weights, then train it
     num_samplers: int = 1  # sampler actors at start (min of the pool)
     max_samplers: int | None = None  # autoscaling ceiling for samplers; None = num_samplers
     num_reward_actors: int = 1  # reward actors, each serving the whole weighted sum (requests spread over them by pair id)
@@ -109,8 +109,8 @@ class RuntimeConfig:
     reward_max_batch: int = 32  # images per reward call
     reward_max_wait_s: float = 0.05  # longest a reward request waits for its batch to fill
     reward_timeout_s: float = 300.0  # a reward call slower than this fails its pairs (dropped: reward_failure)
-    torch_threads: int = 1  # torch intra-op threads per actor
-    weight_sync: Literal["auto", "object_store", "collective"] = "auto"  # auto: LoRA via the object store, full weights via a gloo/NCCL group
+    torch_threads: int | None = None  # torch intra-op threads of every actor; None = each actor's CPU reservation (at least 1); in process: torch's default (all cores)
+    weight_sync: Literal["auto", "object_store", "collective"] = "auto"  # auto: weights under 512 MiB (LoRA, small models) via the object store after every update, larger via a gloo/NCCL group once an epoch
     weight_sync_timeout_s: float = 120.0  # a collective transfer stalled this long (a member died) fails over to the object store
 
 

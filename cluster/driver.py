@@ -31,7 +31,7 @@ def run_local(cfg: RunConfig, resume: bool = False) -> dict:
     setup_process(cfg)
     check_run(cfg)
     reward = make_reward(cfg.reward)
-    sampler = Sampler(partial(build_model, cfg.model), cfg.sampling, cfg.lora)
+    sampler = Sampler(partial(build_model, cfg.model), cfg.sampling, cfg.lora, amp=cfg.train.amp)
     learner = Learner(partial(build_model, cfg.model), cfg.train, Batching.of(cfg), cfg.lora, seed=cfg.seed)
     book = Book(cfg, resume=resume,
                 evaluate=lambda png: heldout_reward(cfg, sampler.generate, reward.score, png),

@@ -38,7 +38,8 @@ STAGES = ("sample", "score", "pack", "update", "publish")  # each timed as perf/
 
 
 def setup_process(cfg: RunConfig) -> None:
-    torch.set_num_threads(cfg.runtime.torch_threads)
+    if cfg.runtime.torch_threads:
+        torch.set_num_threads(cfg.runtime.torch_threads)
     torch.manual_seed(cfg.seed)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
 
@@ -149,6 +150,7 @@ class Book:
             self.drop(reason, n)
         self.timers.add("sample", report["sample_s"])
         self.timers.add("pack", report["pack_s"])
+        self.timers.add("publish", report["load_s"])           # a sampler loading a published version
         finite = lambda v: [x for x in np.asarray(v, dtype=np.float64).tolist() if np.isfinite(x)]  # noqa: E731
         stats = {"reward": finite(out.scores), **{k: finite(v) for k, v in (out.info.get("components") or {}).items()}}
         kept = len(pair_ids) - len(report["dropped"])
@@ -189,12 +191,17 @@ class Book:
             **{f"reward/{k}/mean": float(np.mean(v)) for k, v in self.rewards.items() if v and k != "reward"},
             "perf/wall_s": now - self.t_start,
             "perf/pairs_per_s": m.get("pairs_trained", 0) / wall if wall > 0 else float("nan"),
+            # the share of this epoch's wall time each role computed (the samplers' summed over the pool)
+            "perf/sampler_busy": (m["perf/sample_s"] + m["perf/pack_s"]) / (max(wall, 1e-9) * m.get("runtime/samplers", 1)),
+            "perf/learner_busy": m["perf/update_s"] / max(wall, 1e-9),
             **{f"drops/{k}": v for k, v in self.ledger.dropped.items()},
         })
         self.rewards = {}
         every = self.cfg.eval.every_epochs
         if every and (self.epoch + 1) % every == 0:
+            t_eval = time.perf_counter()
             m.update(self.evaluate(self.runlog.dir / "heldout_latest.png"))
+            m["perf/eval_s"] = time.perf_counter() - t_eval       # inside perf/wall_s (time-to-reward benches subtract it)
             self.runlog.image("eval/heldout", m.pop("grid"), self.epoch + 1)
         if self.sink is not None:
             self.sink.export(m)

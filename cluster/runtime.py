@@ -89,6 +89,8 @@ class Metrics:
             "version": g("fdfo_weight_version", "learner weight version"),
             "policy_lag": g("fdfo_policy_lag_max", "largest (learner version - sample version) trained on"),
             "samplers": g("fdfo_samplers", "live sampler actors"),
+            "sampler_busy": g("fdfo_sampler_busy", "share of the last epoch's wall time the samplers computed"),
+            "learner_busy": g("fdfo_learner_busy", "share of the last epoch's wall time the learner computed"),
         }
         self.trained_pairs = Counter("fdfo_pairs_trained", description="pairs trained on", tag_keys=tags)
         self.dropped = Counter("fdfo_pairs_dropped", description="pairs dropped, by reason", tag_keys=("run", "reason"))
@@ -128,6 +130,8 @@ EXPORTED = (  # (epoch metric, gauge name)
     ("learner/version", "version"),
     ("learner/policy_lag_max", "policy_lag"),
     ("runtime/samplers", "samplers"),
+    ("perf/sampler_busy", "sampler_busy"),
+    ("perf/learner_busy", "learner_busy"),
 )
 
 
@@ -145,11 +149,22 @@ class Job:
 
 @dataclass
 class Pool:
-    """Live sampler actors by index, with their in-flight job count; indices are never reused."""
+    """Live sampler actors by index, with their in-flight job count; indices are never reused. A new sampler is
+    ``joining`` (by the ref of its first weight load) until it has proven that it holds a published version."""
 
     actors: dict[int, object] = field(default_factory=dict)
     busy: dict[int, int] = field(default_factory=dict)
+    joining: dict = field(default_factory=dict)      # ref of the first set_weights -> (index, actor)
     next_index: int = 0
+
+    def size(self) -> int:
+        return len(self.actors) + len(self.joining)
+
+
+def actor_threads(rt, num_cpus: float) -> int:
+    """Torch intra-op threads of an actor: ``runtime.torch_threads``, else its CPU reservation (at least 1), which is
+    what Ray's own OMP_NUM_THREADS convention gives it."""
+    return rt.torch_threads or max(1, int(num_cpus))
 
 
 def _learner_actor(cfg: RunConfig):
@@ -158,7 +173,7 @@ def _learner_actor(cfg: RunConfig):
         ray.remote(Learner)
         .options(name="fdfo/learner", num_cpus=rt.learner_num_cpus, num_gpus=rt.learner_num_gpus, max_restarts=0)
         .remote(model=partial(build_model, cfg.model), train=cfg.train, batching=Batching.of(cfg), lora=cfg.lora,
-                seed=cfg.seed)
+                seed=cfg.seed, threads=actor_threads(rt, rt.learner_num_cpus))
     )
 
 
@@ -168,16 +183,20 @@ def _reward_actor(cfg: RunConfig, index: int):
         ray.remote(RewardBatcher)
         .options(name=f"fdfo/reward/{index}", num_cpus=rt.reward_num_cpus, num_gpus=rt.reward_num_gpus, max_restarts=0)
         .remote(reward_spec={"name": "weighted_sum", "specs": reward_specs(cfg.reward)}, max_batch_size=rt.reward_max_batch,
-                max_wait_s=rt.reward_max_wait_s, timeout_s=rt.reward_timeout_s)
+                max_wait_s=rt.reward_max_wait_s, timeout_s=rt.reward_timeout_s,
+                torch_threads=actor_threads(rt, rt.reward_num_cpus))
     )
 
 
 def _sampler_actor(cfg: RunConfig, index: int):
+    """A sampler actor. ``complete`` runs in its own concurrency group ("pack"): packing a job whose reward is still
+    being computed never holds up the next ``sample`` call (sampling stays one call at a time)."""
     rt = cfg.runtime
     return (
-        ray.remote(Sampler)
+        ray.remote(concurrency_groups={"pack": 1})(Sampler)
         .options(name=f"fdfo/sampler/{index}", num_cpus=rt.sampler_num_cpus, num_gpus=rt.sampler_num_gpus, max_restarts=0)
-        .remote(model=partial(build_model, cfg.model), sampling=cfg.sampling, lora=cfg.lora, index=index)
+        .remote(model=partial(build_model, cfg.model), sampling=cfg.sampling, lora=cfg.lora, index=index,
+                amp=cfg.train.amp, threads=actor_threads(rt, rt.sampler_num_cpus))
     )
 
 
@@ -198,20 +217,37 @@ def run_ray(cfg: RunConfig, resume: bool = False) -> dict:
                 break                                  # everything requested was dropped: nothing left to train on
             run.fill()
             for ref in run.wait():
-                if ref is run.train_ref:
-                    run.on_update()
+                if ref is run.learner_ref:
+                    run.on_learner()
+                elif ref in run.pool.joining:
+                    run.on_joined(ref)
                 else:
                     run.on_job(ref)
         summary = run.book.finish()
         summary["samplers"] = run.close()
+        summary["sampled_versions"] = dict(sorted(run.sampled.items()))
+        summary["torch_threads"] = run.threads
         return summary
     finally:
         run.kill()                                     # free the actors now, also when the run failed
 
 
+def worst_lag(version: int, steps_left: int | None, ahead: int, b: Batching) -> int:
+    """The largest lag a pair requested now reaches when trained: it is sampled with ``version`` (the newest
+    published) and lands in the epoch that pair number ``ahead`` (counting the pairs ready or in flight before it)
+    falls into; the next epoch starts once the running epoch's ``steps_left`` updates are done (None: none runs)."""
+    start = version + (steps_left or 0)
+    return start + (ahead // b.pairs_per_epoch + 1) * b.updates_per_epoch - 1 - version
+
+
 class RayRun:
     """The Ray runtime's state: the actors, the requests in flight, the batches ready and the update running.
-    Its methods are the distribution around the pipeline's stages; ``self.book`` keeps the books."""
+    Its methods are the distribution around the pipeline's stages; ``self.book`` keeps the books.
+
+    Versions: the learner publishes after every optimizer step (object-store path: the step's ``Weights`` are put
+    once and each sampler loads them at the start of its next call; collective path: one broadcast at the end of
+    each epoch). ``self.version`` is the version the samplers' next calls sample with, ``self.checksums`` what
+    the learner computed for every version, against which each job's proof is checked."""
 
     def __init__(self, cfg: RunConfig, resume: bool):
         self.cfg, self.rt = cfg, cfg.runtime
@@ -223,101 +259,144 @@ class RayRun:
             self.book = Book(cfg, evaluate=self.evaluate, save=self.save, resume=resume, sink=Metrics(cfg.name))
             if resume:
                 self.book.resume(lambda folder: ray.get(self.learner.load.remote(folder)))
-            self.sync = WeightSync(self.learner, collective=_use_collective(cfg), timeout_s=self.rt.weight_sync_timeout_s)
-            self.weights_ref = self.learner.weights.remote()  # put once: every sampler reads this same object
-            self.version, self.checksum = ray.get(self.learner.weights_info.remote())
+            nbytes = ray.get(self.learner.trainable_bytes.remote())
+            self.sync = WeightSync(self.learner, collective=use_collective(self.rt.weight_sync, nbytes),
+                                   timeout_s=self.rt.weight_sync_timeout_s)
+            self.version, checksum = ray.get(self.learner.weights_info.remote())
+            self.checksums = {self.version: checksum}
+            self.sampled: dict[int, int] = {}           # version -> sampler calls proven to have sampled with it
+            # put once: every sampler reads this same object (the collective path keeps no copy)
+            self.weights_ref = None if self.sync.collective else self.learner.weights.remote()
             self.book.version = self.book.last_checkpoint = self.version
             self.jobs: dict[ray.ObjectRef, Job] = {}
             self.ready: list[tuple[ray.ObjectRef, int, dict]] = []   # (Arrow batch ref, pairs in it, reward stats)
-            self.train_ref, self.train_started, self.train_pairs, self.waited_for_data = None, 0.0, 0, 0.0
+            self.update: dict | None = None             # the epoch being updated: pairs, steps left, metrics so far
+            self.learner_ref: ray.ObjectRef | None = None  # the learner call in flight (begin_epoch or update)
+            self.waited_for_data = 0.0
             self.target = cfg.train.epochs * self.book.batching.pairs_per_epoch
             for _ in range(self.rt.num_samplers):
                 self.add_sampler()
+            self.threads = {"learner": ray.get(self.learner.torch_threads.remote()),
+                            "reward": [ray.get(r.stats.remote())["torch_threads"] for r in self.rewards]}
+            log.info("weights: %.1f MiB per version via %s; torch threads: %s", nbytes / 2**20,
+                     "a collective group" if self.sync.collective else "the object store", self.threads)
         except BaseException:
             self.kill()
             raise
 
     # -- the stages, scheduled ---------------------------------------------------------------------------------
     def start_update(self) -> bool:
-        """Start an update when an epoch's worth of pairs is ready. The last epoch waits until everything requested
-        has landed and takes all of it, so a run never ends with pairs in flight. False: nothing left to train."""
+        """Start an epoch's update when its pairs are ready. The last epoch waits until everything requested has
+        landed and takes all of it, so a run never ends with pairs in flight. False: nothing left to train."""
         ledger, per_epoch = self.book.ledger, self.book.batching.pairs_per_epoch
         final = self.book.epoch == self.cfg.train.epochs - 1
         landed = ledger.requested - sum(ledger.dropped.values()) >= self.target and not self.jobs
         have = sum(n for _, n, _ in self.ready)
-        if self.train_ref is None and self.ready and ((have >= per_epoch and not final) or (final and landed)):
+        if self.update is None and self.ready and ((have >= per_epoch and not final) or (final and landed)):
             take, n_take = [], 0
             while self.ready and (final or n_take < per_epoch):
                 ref, n, stats = self.ready.pop(0)
                 take.append(ref)
                 n_take += n
                 self.book.taken([stats])
-            self.train_ref = self.learner.train_epoch.remote(*take)                      # update
-            self.train_started, self.train_pairs = time.perf_counter(), n_take
-        return not (self.train_ref is None and not self.ready and landed)
+            self.learner_ref = self.learner.begin_epoch.remote(*take)                   # update
+            self.update = {"pairs": n_take, "left": self.book.batching.updates_per_epoch, "m": {},
+                           "started": time.perf_counter(), "weights": None}
+        return not (self.update is None and not self.ready and landed)
 
     def fill(self) -> None:
-        """Keep samplers busy (two calls queued each), at most one epoch of pairs ahead of the learner; in lock-step
-        (``runtime.overlap=false``) none while it trains, so every epoch is sampled with the weights it starts from."""
-        ledger, per_epoch = self.book.ledger, self.book.batching.pairs_per_epoch
-        final = self.book.epoch == self.cfg.train.epochs - 1
+        """Keep samplers busy (two calls queued each) with pairs that will not be stale when trained: a request
+        joins the epoch its queue position lands in, and is made only if that epoch's last update stays within
+        ``train.max_policy_lag`` of the version it is sampled with (lock-step, ``runtime.overlap=false``: within
+        ``updates_per_epoch - 1``, so nothing is sampled while the learner trains)."""
+        ledger, b = self.book.ledger, self.book.batching
+        lag_bound = b.max_policy_lag if self.rt.overlap else b.updates_per_epoch - 1
         ahead = sum(n for _, n, _ in self.ready) + sum(len(j.pair_ids) for j in self.jobs.values())
         for i, actor in list(self.pool.actors.items()):
             # requested - dropped = trained + ahead: what the run still needs is target minus that
-            room = min(per_epoch - ahead, self.target - (ledger.requested - sum(ledger.dropped.values())))
-            if self.train_ref is not None and (final or not self.rt.overlap):
-                room = 0                          # the last epoch is training (nothing more will be), or lock-step
-            if room <= 0 or self.pool.busy[i] >= 2:
+            room = min(self.cfg.sampling.pairs_per_call, self.target - (ledger.requested - sum(ledger.dropped.values())))
+            lag = worst_lag(self.version, self.update["left"] if self.update else None, ahead, b)
+            if room <= 0 or self.pool.busy[i] >= 2 or lag > lag_bound:
                 continue
-            req = self.book.request(min(self.cfg.sampling.pairs_per_call, room))
+            req = self.book.request(room)
             ahead += len(req["pair_ids"])
-            job_ref, images_ref = actor.sample.options(num_returns=2).remote(**req)          # sample
+            job_ref, images_ref = actor.sample.options(num_returns=2).remote(**req, newest=self.newest())  # sample
             reward = self.rewards[req["pair_ids"][0] % len(self.rewards)]
             out_ref = reward.score.remote(images=images_ref, prompts=[p for p in req["prompts"] for _ in range(2)])  # score
-            batch_ref, report_ref = actor.complete.options(num_returns=2).remote(job=job_ref, rewards=out_ref)    # pack
+            batch_ref, report_ref = actor.complete.options(num_returns=2, concurrency_group="pack").remote(
+                job=job_ref, rewards=out_ref)                                                           # pack
             self.jobs[report_ref] = Job(i, req["pair_ids"], job_ref, out_ref, batch_ref, report_ref)
             self.pool.busy[i] += 1
 
+    def newest(self):
+        """What a sample call carries: the newest published version and (inside a list, unresolved) the ref of its
+        weights; None on the collective path (samplers hold what the last broadcast sent)."""
+        return None if self.weights_ref is None else (self.version, self.checksums[self.version], [self.weights_ref])
+
     def wait(self) -> list:
-        """Whatever finishes first: a sampler call's report or the update."""
-        waiting = list(self.jobs) + ([self.train_ref] if self.train_ref is not None else [])
+        """Whatever finishes first: a sampler call's report or the learner's call."""
+        waiting = list(self.jobs) + list(self.pool.joining) + ([self.learner_ref] if self.learner_ref is not None else [])
         if not waiting:
             raise RuntimeError(f"driver stalled with nothing in flight: {self.book.ledger.line()}, {len(self.ready)} "
                                f"batches ready, {len(self.pool.actors)} samplers; this is a bug, please report it with the config")
         t_wait = time.perf_counter()
         done, _ = ray.wait(waiting, num_returns=1, timeout=60.0)
-        if self.train_ref is None:
+        if self.update is None:
             self.waited_for_data += time.perf_counter() - t_wait
         return done
 
-    def on_update(self) -> None:
-        """The update finished: count it, publish the new version to every sampler, close the epoch."""
+    def on_learner(self) -> None:
+        """The learner answered: the epoch's plan (then its first step starts), or a step (then its weights are
+        published and the next step starts, or the epoch closes)."""
+        u, ref = self.update, self.learner_ref
+        self.learner_ref = None
         try:
-            m = ray.get(self.train_ref)
+            out = ray.get(ref)
         except RayError as e:  # an input batch was lost with its node, or the learner died
-            if isinstance(e, RayActorError):
+            if isinstance(e, RayActorError) or u["m"]:
                 raise
-            log.warning("epoch lost its inputs (%r); %d pairs counted as actor_lost", e, self.train_pairs)
-            self.book.drop("actor_lost", self.train_pairs)
-            self.train_ref = None
+            log.warning("epoch lost its inputs (%r); %d pairs counted as actor_lost", e, u["pairs"])
+            self.book.drop("actor_lost", u["pairs"])
+            self.update = None
             return
-        self.train_ref = None
-        step_s = time.perf_counter() - self.train_started
+        first = not u["m"]
+        self.book.timers.add("publish", out.pop("perf/publish_s", 0.0))   # the learner's snapshot of a version
+        u["m"].update(out)
+        if first:
+            u["left"] = out["updates"]
+        else:
+            u["left"] -= 1
+            self.checksums[out["learner/version"]] = out["checksum"]
+            if not self.sync.collective:                       # publish: the samplers' next calls load it
+                self.version, self.weights_ref = out["learner/version"], u["weights"]
+        if u["left"]:
+            info, u["weights"] = self.learner.update.options(num_returns=2).remote(publish=not self.sync.collective)
+            self.learner_ref = info
+        else:
+            self.end_epoch()
+
+    def end_epoch(self) -> None:
+        """The epoch's last step is done: count it, broadcast it on the collective path, close the epoch."""
+        u, self.update = self.update, None
+        m = u["m"]
+        step_s = time.perf_counter() - u["started"]
         if not self.book.updated(m):          # every pair was stale: no update, not an epoch
             log.info("all pairs of the batch were stale (max_policy_lag %d); sampling again", self.book.batching.max_policy_lag)
             return
-        self.version, self.checksum = self.book.version, self.book.checksum
-        with self.book.timers("publish"):
-            self.weights_ref = self.sync.broadcast(self.pool, self.version, self.checksum)             # publish
-        while self.sync.lost:
-            self.lose_sampler(self.sync.lost.pop())
+        if self.sync.collective:
+            self.version = self.book.version
+            with self.book.timers("publish"):
+                self.sync.broadcast(self.pool, self.version, self.book.checksum)           # publish
+            while self.sync.lost:
+                self.lose_sampler(self.sync.lost.pop())
         stats = ray.get([r.stats.remote() for r in self.rewards])
         m.update({
             "perf/learner_step_s": step_s / max(m.get("updates", 1), 1),
             "perf/learner_waited_for_data_s": self.waited_for_data,
             "reward/latency_s": float(np.nanmean([s["mean_latency_s"] for s in stats])),
             "reward/backlog": float(sum(s["backlog"] for s in stats)),
-            "runtime/samplers": len(self.pool.actors),
+            "runtime/samplers": self.pool.size(),                  # working or still joining
+            "runtime/samplers_joining": len(self.pool.joining),
         })
         self.book.end_epoch(m)
         if self.book.epoch < self.cfg.train.epochs:    # the pool changes only while there is sampling left to do
@@ -339,6 +418,8 @@ class RayRun:
             self.book.drop("reward_failure", len(job.pair_ids))
             self.forget(job)
             return
+        check_proof(report | {"sampler": job.sampler}, report["version"], self.checksums.get(report["version"]))
+        self.sampled[report["version"]] = self.sampled.get(report["version"], 0) + 1
         out = ray.get(job.out_ref)
         self.book.timers.add("score", _score_seconds(out))
         kept, stats = self.book.packed(job.pair_ids, out, report)
@@ -347,16 +428,33 @@ class RayRun:
 
     # -- the sampler pool ----------------------------------------------------------------------------------------
     def add_sampler(self) -> None:
-        """A new sampler actor, holding the current version (proven) before it samples."""
+        """A new sampler actor. On the object-store path it joins without blocking the driver: it gets work once its
+        first load of the newest version is proven (``on_joined``), so a slow start (a model loading, a node being
+        provisioned) holds up nobody and no pairs. On the collective path it loads the learner's current weights
+        first (a formed group cannot take a late member; the next broadcast re-forms it)."""
         i = self.pool.next_index
         self.pool.next_index += 1
         actor = _sampler_actor(self.cfg, i)
-        if self.weights_ref is not None:          # the object of the current version: check against it
-            check_proof(ray.get(actor.set_weights.remote(weights=self.weights_ref)), self.version, self.checksum)
-        else:  # collective mode keeps no copy: take the learner's newest (load_into verifies its checksum)
-            proof = ray.get(actor.set_weights.remote(weights=self.learner.weights.remote()))
-            if proof["version"] < self.version:
-                raise RuntimeError(f"late sampler {i} loaded version {proof['version']}, older than {self.version}")
+        if not self.sync.collective:
+            self.pool.joining[actor.set_weights.remote(weights=self.weights_ref)] = (i, actor)
+            return
+        proof = ray.get(actor.set_weights.remote(weights=self.learner.weights.remote()))
+        if proof["version"] < self.version:
+            raise RuntimeError(f"late sampler {i} loaded version {proof['version']}, older than {self.version}")
+        self.checksums.setdefault(proof["version"], proof["checksum"])
+        self.pool.actors[i], self.pool.busy[i] = actor, 0
+        self.sync.members_changed = True
+
+    def on_joined(self, ref) -> None:
+        """A joining sampler answered its first load: it joins the pool (proof checked), or it died and is replaced."""
+        i, actor = self.pool.joining.pop(ref)
+        try:
+            proof = ray.get(ref)
+        except RayActorError as e:
+            log.warning("sampler %d died while starting (%s)", i, e)
+            self.lose_sampler(i)
+            return
+        check_proof(proof, proof["version"], self.checksums.get(proof["version"]))
         self.pool.actors[i], self.pool.busy[i] = actor, 0
         self.sync.members_changed = True
 
@@ -370,17 +468,17 @@ class RayRun:
                 self.jobs.pop(ref)
                 self.book.drop("actor_lost", len(job.pair_ids))
         log.warning("sampler %d lost; %d samplers left", i, len(self.pool.actors))
-        while len(self.pool.actors) < self.rt.num_samplers:
+        while self.pool.size() < self.rt.num_samplers:
             self.add_sampler()
 
     def autoscale(self, step_s: float) -> None:
         """Add a sampler when the learner waited for data longer than it trained; release an idle one when the
         learner is the bottleneck (it never waited)."""
         pool = self.pool
-        if self.waited_for_data > step_s and len(pool.actors) < self.max_samplers:
+        if self.waited_for_data > step_s and pool.size() < self.max_samplers:
             self.add_sampler()
             log.info("autoscale: learner waited %.1fs for data (step %.1fs): %d samplers", self.waited_for_data, step_s,
-                     len(pool.actors))
+                     pool.size())
         elif self.waited_for_data == 0.0 and len(pool.actors) > self.rt.num_samplers:
             busy = {j.sampler for j in self.jobs.values()}
             idle = [i for i, b in pool.busy.items() if b == 0 and i not in busy]
@@ -401,8 +499,11 @@ class RayRun:
     # -- what the book calls -------------------------------------------------------------------------------------
     def evaluate(self, png) -> dict:
         """Held-out evaluation on a sampler (the current weights) and the first reward actor."""
+        while not self.pool.actors:                   # at the start every sampler may still be joining
+            self.on_joined(ray.wait(list(self.pool.joining), num_returns=1)[0][0])
         sampler = next(iter(self.pool.actors.values()))
-        gen = lambda prompts, seeds, steps: ray.get(sampler.generate.remote(prompts=prompts, seeds=seeds, num_steps=steps))  # noqa: E731
+        gen = lambda prompts, seeds, steps: ray.get(sampler.generate.remote(prompts=prompts, seeds=seeds, num_steps=steps,  # noqa: E731
+                                                                            newest=self.newest()))
         score = lambda images, prompts: ray.get(self.rewards[0].score.remote(images=images, prompts=prompts))  # noqa: E731
         return heldout_reward(self.cfg, gen, score, png)
 
@@ -410,14 +511,20 @@ class RayRun:
         return ray.get(self.learner.save.remote(str(self.book.runlog.dir), self.book.state(epoch), to_dict(self.cfg)))
 
     def close(self) -> list[dict]:
-        """Each sampler's final proof of what it holds; the weight group closed."""
-        samplers = ray.get([a.status.remote() for a in self.pool.actors.values()])
+        """Every sampler brought to the final version (on the object-store path samplers load versions lazily) and
+        its proof of what it holds; the weight group closed."""
+        for ref in list(self.pool.joining):           # one the pool grew by at the end: take it in
+            self.on_joined(ref)
+        if self.weights_ref is not None:
+            for proof in ray.get([a.set_weights.remote(weights=self.weights_ref) for a in self.pool.actors.values()]):
+                check_proof(proof, self.version, self.checksums[self.version])
+        samplers = ray.get([self.pool.actors[i].status.remote() for i in sorted(self.pool.actors)])
         self.sync.close(self.pool)
         return samplers
 
     def kill(self) -> None:
         """Release every actor now, not at garbage collection (their names and resources free at once)."""
-        for handle in [self.learner, *self.rewards, *self.pool.actors.values()]:
+        for handle in [self.learner, *self.rewards, *self.pool.actors.values(), *(a for _, a in self.pool.joining.values())]:
             ray.kill(handle)
 
 
@@ -427,9 +534,14 @@ def _score_seconds(out) -> float:
     return sum(p["batch"]["latency_s"] * len(p["reasons"]) / p["batch"]["size"] for p in parts if "batch" in p)
 
 
-def _use_collective(cfg: RunConfig) -> bool:
-    mode = cfg.runtime.weight_sync
-    return mode == "collective" or (mode == "auto" and not cfg.lora.enabled)
+# "auto" sends weights of this size or more through a collective group: every sampler reading its own copy out of the
+# object store stays cheap for LoRA factors and small full models (bench/bench_broadcast.py), not for GBs.
+AUTO_COLLECTIVE_BYTES = 512 * 2**20
+
+
+def use_collective(mode: str, nbytes: int) -> bool:
+    """runtime.weight_sync: "collective", "object_store", or "auto" (collective from ``AUTO_COLLECTIVE_BYTES``)."""
+    return mode == "collective" or (mode == "auto" and nbytes >= AUTO_COLLECTIVE_BYTES)
 
 
 class WeightSync:

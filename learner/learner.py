@@ -14,7 +14,6 @@ learner's version for the whole epoch; otherwise it is dropped as stale and repo
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import math
 import time
@@ -26,6 +25,7 @@ from learner.batch import from_arrow
 from learner.loss import fdfo_loss
 from learner.weights import Weights, checksum
 from models.adapter import PromptEmbeds
+from models.device import autocast
 from models.lora import make_trainable, trainable
 
 
@@ -41,10 +41,13 @@ def scheduled_lr(train, version: int) -> float:
 
 
 class Learner:
-    def __init__(self, model, train, batching, lora=None, seed: int = 0):
+    def __init__(self, model, train, batching, lora=None, seed: int = 0, threads: int | None = None):
         """model: a FlowModel, or a zero-argument callable that builds one (so a Ray actor loads it on its own
         device); train: ``TrainConfig`` (optimizer, loss); batching: ``Batching`` (which rows make each update);
-        lora: ``LoraSettings`` or None (full fine-tuning)."""
+        lora: ``LoraSettings`` or None (full fine-tuning); threads: torch intra-op threads of this process (None =
+        leave as is; a Ray actor gets ``runtime.torch_threads``)."""
+        if threads:
+            torch.set_num_threads(threads)
         if not hasattr(model, "velocity"):
             model = model()
         self.model = model
@@ -60,6 +63,7 @@ class Learner:
             self.params, lr=train.lr, betas=tuple(train.betas), weight_decay=train.weight_decay, eps=train.adam_eps
         )
         self.version = 0
+        self._epoch: dict | None = None                     # the epoch being updated (begin_epoch .. last update)
         self._embeds: dict[str, PromptEmbeds] = {}
 
     # -- helpers -------------------------------------------------------------------------------------------
@@ -72,12 +76,6 @@ class Learner:
                 self._embeds[p] = emb.index(slice(i, i + 1))
         rows = [self._embeds[p] for p in prompts]
         return PromptEmbeds(torch.cat([r.tokens for r in rows]), torch.cat([r.pooled for r in rows]))
-
-    def _autocast(self):
-        dev = self.model.device
-        if self.cfg.amp and dev.type == "cuda":
-            return torch.autocast("cuda", dtype=torch.bfloat16)
-        return contextlib.nullcontext()
 
     def _base_velocity(self, x, sigma, cond, w) -> torch.Tensor:
         with torch.no_grad():
@@ -103,54 +101,88 @@ class Learner:
         """Run the epoch's optimizer steps (``Batching.plan``) on the rows of ``batches``; returns metrics, the
         trained and stale pair ids, the new weights' checksum and ``perf/update_s`` (this call's own time).
         (Batches are positional so that Ray resolves object refs.)"""
+        out = self.begin_epoch(*batches)
+        while self._epoch is not None:
+            step = self.update()[0]
+            step.pop("perf/publish_s")                      # nothing published: the caller publishes
+            out = out | step
+        return out
+
+    def begin_epoch(self, *batches: pa.RecordBatch) -> dict:
+        """Take an epoch's batches and plan its updates; ``update()`` then takes them one at a time (the Ray
+        runtime publishes the weights after each). Returns the trained and stale pair ids and the number of
+        updates planned (0 when every pair was stale: nothing to update)."""
         t0 = time.perf_counter()
+        if self._epoch is not None:
+            raise RuntimeError(f"begin_epoch while {len(self._epoch['updates'])} updates of the previous epoch are left")
         tb = from_arrow(pa.Table.from_batches(batches))
         stale = self.stale_mask(tb.policy_version)
         keep = torch.nonzero(~stale).squeeze(1)
         out = {"stale_pair_ids": sorted(set(tb.pair_id[stale].tolist())),
-               "trained_pair_ids": sorted(set(tb.pair_id[keep].tolist()))}
+               "trained_pair_ids": sorted(set(tb.pair_id[keep].tolist())), "updates": 0}
         if len(keep) == 0:
-            return out | {"updates": 0}
+            return out
         w = float(tb.guidance_scale[0])
         if not torch.all(tb.guidance_scale == w):
             raise ValueError("one epoch mixes guidance scales; sampling.guidance_scale must be the same on every sampler")
         g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.version)
         updates = self.batching.plan(len(keep) * tb.x.shape[1], g)     # row indices of each update
-        sums: dict[str, float] = {}
-        grad_norms, lag_sum, lag_max = [], 0.0, 0
-        for rows in updates:
-            self.opt.zero_grad(set_to_none=True)
-            for mb in self.batching.micro_batches(rows):
-                x, v, sigma, d, dR, cond, lag = self._rows(tb, keep, mb)
-                with self._autocast():
-                    v_theta = self.model.velocity(x, sigma, cond, w)
-                v_base = self._base_velocity(x, sigma, cond, w) if self.cfg.kl_weight > 0 else None
-                loss, m = fdfo_loss(v_theta, v, d, dR, self.cfg.epsilon, v_base, self.cfg.kl_weight)
-                share = len(mb) / len(rows)                       # gradients accumulate to the update's mean
-                (loss * share).backward()
-                lag_sum, lag_max = lag_sum + float(lag.sum()), max(lag_max, int(lag.max()))
-                for k, val in m.items():
-                    if k == "log_rho_abs_max":
-                        sums[k] = max(sums.get(k, 0.0), float(val))
-                    else:
-                        sums[k] = sums.get(k, 0.0) + float(val) * share / self.batching.updates_per_epoch
-            grad_norms.append(self._step())
-        n_rows = sum(len(r) for r in updates)
-        out.update({f"learner/{k}": v for k, v in sums.items()})
-        out.update(
-            {
-                "updates": len(grad_norms),
-                "learner/grad_norm": sum(grad_norms) / len(grad_norms),
+        self._epoch = {"tb": tb, "keep": keep, "w": w, "updates": updates, "rows": sum(len(r) for r in updates),
+                       "sums": {}, "grad_norms": [], "lag_sum": 0.0, "lag_max": 0, "seconds": time.perf_counter() - t0}
+        return out | {"updates": len(updates)}
+
+    def update(self, publish: bool = False) -> tuple[dict, Weights | None]:
+        """The epoch's next optimizer step. Returns (metrics, the new ``Weights`` if ``publish`` else None); the
+        metrics hold the new version and checksum and ``perf/publish_s`` (the snapshot's time), and after the
+        epoch's last step the epoch's metrics too (``perf/update_s``: the steps' time, without snapshots)."""
+        ep = self._epoch
+        if ep is None:
+            raise RuntimeError("update() without an epoch: call begin_epoch(*batches) first")
+        t0 = time.perf_counter()
+        try:
+            self._accumulate(ep, ep["updates"].pop(0))
+            ep["grad_norms"].append(self._step())
+        except BaseException:
+            self._epoch = None                              # a failed step abandons the epoch (weights untouched)
+            raise
+        version, digest = self.weights_info()
+        out = {"learner/version": version, "checksum": digest}
+        t_publish = time.perf_counter()
+        weights = Weights.of(self.model.transformer, version) if publish else None
+        out["perf/publish_s"] = time.perf_counter() - t_publish
+        ep["seconds"] += t_publish - t0
+        if not ep["updates"]:                               # the epoch's last step: its metrics
+            self._epoch = None
+            out.update({f"learner/{k}": v for k, v in ep["sums"].items()})
+            out.update({
+                "updates": len(ep["grad_norms"]),
+                "learner/grad_norm": sum(ep["grad_norms"]) / len(ep["grad_norms"]),
                 "learner/lr": self.opt.param_groups[0]["lr"],
-                "learner/version": self.version,
-                "learner/policy_lag_mean": lag_sum / n_rows,
-                "learner/policy_lag_max": lag_max,
-                "learner/rows": n_rows,
-                "checksum": self.weights_info()[1],
-                "perf/update_s": time.perf_counter() - t0,
-            }
-        )
-        return out
+                "learner/policy_lag_mean": ep["lag_sum"] / ep["rows"],
+                "learner/policy_lag_max": ep["lag_max"],
+                "learner/rows": ep["rows"],
+                "perf/update_s": ep["seconds"],
+            })
+        return out, weights
+
+    def _accumulate(self, ep: dict, rows: torch.Tensor) -> None:
+        """Gradients of one update's ``rows`` (accumulated over micro-batches to the update's mean), and the
+        epoch's running metrics."""
+        self.opt.zero_grad(set_to_none=True)
+        for mb in self.batching.micro_batches(rows):
+            x, v, sigma, d, dR, cond, lag = self._rows(ep["tb"], ep["keep"], mb)
+            with autocast(self.model.device, self.cfg.amp):
+                v_theta = self.model.velocity(x, sigma, cond, ep["w"])
+            v_base = self._base_velocity(x, sigma, cond, ep["w"]) if self.cfg.kl_weight > 0 else None
+            loss, m = fdfo_loss(v_theta, v, d, dR, self.cfg.epsilon, v_base, self.cfg.kl_weight)
+            share = len(mb) / len(rows)                       # gradients accumulate to the update's mean
+            (loss * share).backward()
+            ep["lag_sum"], ep["lag_max"] = ep["lag_sum"] + float(lag.sum()), max(ep["lag_max"], int(lag.max()))
+            for k, val in m.items():
+                if k == "log_rho_abs_max":
+                    ep["sums"][k] = max(ep["sums"].get(k, 0.0), float(val))
+                else:
+                    ep["sums"][k] = ep["sums"].get(k, 0.0) + float(val) * share / self.batching.updates_per_epoch
 
     def _rows(self, tb, keep: torch.Tensor, mb: torch.Tensor):
         """One micro-batch of (branch, step) rows ``mb`` (indices into kept rows x steps) on the learner's device:
@@ -174,6 +206,13 @@ class Learner:
 
     def weights(self) -> Weights:
         return Weights.of(self.model.transformer, self.version)
+
+    def torch_threads(self) -> int:
+        return torch.get_num_threads()
+
+    def trainable_bytes(self) -> int:
+        """Bytes of one published version (what every sampler loads)."""
+        return sum(t.numel() * t.element_size() for t in trainable(self.model.transformer).values())
 
     def weights_info(self) -> tuple[int, str]:
         """(version, checksum) without copying or shipping the tensors."""

@@ -61,12 +61,18 @@ class RewardBatcher:
         max_wait_s: float = 0.05,
         timeout_s: float = 120.0,
         max_threads: int = 1,
+        torch_threads: int | None = None,
     ):
         """Pass exactly one of ``reward`` (a built scorer) or ``reward_spec`` (``{"name": ..., **kwargs}``,
         built here, so a Ray actor loads the model on its own device). ``max_threads`` bounds how many
         scorer calls may be alive at once. A timed-out call cannot be killed: with 1 thread (the default,
         right for scorers that are not thread-safe, such as vLLM's engine) the next batches queue behind it
-        and time out too, visibly, until it returns; with 2 the next batch runs beside the abandoned one."""
+        and time out too, visibly, until it returns; with 2 the next batch runs beside the abandoned one.
+        ``torch_threads``: torch intra-op threads of this process (a Ray actor gets ``runtime.torch_threads``)."""
+        if torch_threads:
+            import torch
+
+            torch.set_num_threads(torch_threads)
         if (reward is None) == (reward_spec is None):
             raise ValueError("RewardBatcher needs exactly one of reward= (a scorer) or reward_spec= ({'name': ...})")
         if max_batch_size < 1 or max_wait_s < 0 or timeout_s <= 0:
@@ -124,6 +130,7 @@ class RewardBatcher:
             "last_latency_s": s["last_latency_s"],
             "mean_queue_wait_s": s["wait_sum_s"] / batches if s["batches"] else float("nan"),
             "backlog": self.backlog(),
+            "torch_threads": _torch_threads(),
         }
 
     def backlog(self) -> int:
@@ -206,6 +213,11 @@ class RewardBatcher:
             error = f"reward/{self.name}: timed out after {self.timeout_s:.1f}s on a batch of {n}"
         except Exception as e:  # the scorer's failure is data for the caller, not a crash of the actor
             error = f"reward/{self.name}: {type(e).__name__}: {e}"
+            if len(batch) > 1:     # one caller's bad input must not fail the callers it was batched with
+                self._stats["failed_batches"] += 1
+                for c in batch:
+                    await self._score_batch([c])
+                return
         latency = time.monotonic() - start
         if error is not None:
             self._stats["failed_batches"] += 1
@@ -256,3 +268,11 @@ def _concat(parts: list[RewardOutput]) -> RewardOutput:
         info["components"] = {k: np.concatenate([np.asarray(p.info["components"][k]) for p in parts])
                               for k in parts[0].info["components"]}
     return RewardOutput(scores=scores, info=info)
+
+
+def _torch_threads() -> int:
+    """This process's torch intra-op threads (0 where a scorer never imported torch)."""
+    import sys
+
+    torch = sys.modules.get("torch")
+    return torch.get_num_threads() if torch is not None else 0

@@ -19,15 +19,27 @@ from rewards.base import RewardOutput, check_images, register
 from tasks.shapes import world
 
 
+def _per_image(rule, images: np.ndarray, prompts: Sequence[str]) -> RewardOutput:
+    """``rule(scene, detected objects) -> score`` for each image; a prompt outside the grammar leaves its image
+    unscored (NaN, with the reason), not the images batched with it."""
+    check_images(images, prompts)
+    scores, reasons = np.full(len(prompts), np.nan), [None] * len(prompts)
+    for i, (image, text) in enumerate(zip(images, prompts)):
+        try:
+            scene = world.parse(text)
+        except ValueError as e:
+            reasons[i] = f"not a shapes prompt: {e}"
+            continue
+        scores[i] = rule(scene, world.detect(image))
+    return RewardOutput(scores=scores, info={"reasons": reasons})
+
+
 @register("shapes_judge")
 class ShapesJudge:
     """Fraction of the prompt's clauses (colour, shape, count per group; relation) the image satisfies."""
 
     def score(self, images: np.ndarray, prompts: Sequence[str]) -> RewardOutput:
-        check_images(images, prompts)
-        results = world.judge(images, prompts)
-        exact = np.array([all(r.values()) for r in results], dtype=np.float64)
-        return RewardOutput(scores=world.clause_fraction(results), info={"exact": exact})
+        return _per_image(lambda scene, found: np.mean(list(world.clauses(scene, found).values())), images, prompts)
 
 
 @register("shapes_judge_soft")
@@ -35,8 +47,7 @@ class ShapesJudgeSoft:
     """The judge's clauses made continuous (``world.soft_clauses``), averaged: a denser training signal for FDFO."""
 
     def score(self, images: np.ndarray, prompts: Sequence[str]) -> RewardOutput:
-        check_images(images, prompts)
-        return RewardOutput(scores=world.soft_judge_scores(images, prompts))
+        return _per_image(lambda scene, found: np.mean(list(world.soft_clauses(scene, found).values())), images, prompts)
 
 
 @register("shapes_exact")
@@ -44,8 +55,7 @@ class ShapesExact:
     """1.0 when every clause of the prompt holds, else 0.0 (a stricter metric than the judge; not trained on)."""
 
     def score(self, images: np.ndarray, prompts: Sequence[str]) -> RewardOutput:
-        check_images(images, prompts)
-        return RewardOutput(scores=np.array([all(r.values()) for r in world.judge(images, prompts)], dtype=np.float64))
+        return _per_image(lambda scene, found: float(all(world.clauses(scene, found).values())), images, prompts)
 
 
 @register("shapes_count")
@@ -53,9 +63,8 @@ class ShapesCount:
     """Fraction of the prompt's count clauses (exact number of objects of each colour and shape) that hold."""
 
     def score(self, images: np.ndarray, prompts: Sequence[str]) -> RewardOutput:
-        check_images(images, prompts)
-        scores = [np.mean([v for k, v in r.items() if k.endswith("/count")]) for r in world.judge(images, prompts)]
-        return RewardOutput(scores=np.asarray(scores, dtype=np.float64))
+        return _per_image(lambda scene, found: np.mean([v for k, v in world.clauses(scene, found).items()
+                                                        if k.endswith("/count")]), images, prompts)
 
 
 @register("shapes_clean")

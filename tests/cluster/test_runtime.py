@@ -49,6 +49,10 @@ def test_end_to_end_versions_accounting_metrics_checkpoint(ray_local, tmp_path):
     assert [s["sampler"] for s in statuses] == [0, 1]
     final_checksum = json.loads((tmp_path / "e2e" / "checkpoints" / "v000008" / "state.json").read_text())["checksum"]
     assert all(s["version"] == 8 and s["checksum"] == final_checksum and s["pending_pairs"] == 0 for s in statuses)
+    # each actor runs the torch threads its CPU reservation gives it; every call's version was proven (8 calls)
+    assert [s["torch_threads"] for s in statuses] == [1, 1] and out["torch_threads"] == {"learner": 1, "reward": [1]}
+    assert set(out["sampled_versions"]) <= set(range(8)) and sum(out["sampled_versions"].values()) == 8
+    assert max(h["learner/policy_lag_max"] for h in out["history"]) <= 3
     # the metrics endpoint serves the run's gauges and counters with their values (export is periodic: poll)
     url, want = f"http://127.0.0.1:{ray_local['metrics_port']}/metrics", {"fdfo_weight_version": 8.0, "fdfo_pairs_trained": 32.0}
     for _ in range(60):
@@ -78,15 +82,29 @@ def test_end_to_end_versions_accounting_metrics_checkpoint(ray_local, tmp_path):
     assert not torch.allclose(v_trained, v_base, atol=1e-5)          # the LoRA did change the model
 
 
+def test_worst_lag_of_a_request_by_hand():
+    from cluster.config import Batching
+    from cluster.runtime import worst_lag
+
+    b = Batching(pairs_per_epoch=8, rows_per_epoch=64, updates_per_epoch=2, timestep_fraction=1.0, micro_batch_rows=64,
+                 max_policy_lag=3)
+    # no update running at version 6: pairs 0-7 train in the next epoch (versions 6 -> 8, worst lag 1), 8-15 in the
+    # one after (lag 3: sampled at 6, trained up to the step that makes version 9)
+    assert [worst_lag(6, None, ahead, b) for ahead in (0, 7, 8, 15, 16)] == [1, 1, 3, 3, 5]
+    # an epoch running with both its steps left: the next epoch starts at 8, so a pair sampled now at 6 reaches 3
+    assert [worst_lag(6, 2, ahead, b) for ahead in (0, 8)] == [3, 5]
+    # its first step published (version 7, one step left): sampling now costs one version less
+    assert [worst_lag(7, 1, ahead, b) for ahead in (0, 8)] == [2, 4]
+
+
 def test_slow_learner_never_trains_beyond_max_policy_lag(ray_local, tmp_path):
-    # one row per micro-batch makes the learner slow; samplers keep sampling during its updates, and with
-    # max_policy_lag = updates_per_epoch - 1 those pairs are too old by the time they would be trained
+    # one row per micro-batch makes the learner slow. With max_policy_lag = updates_per_epoch - 1 a pair sampled
+    # while it trains would be stale, so samplers wait: nothing is dropped and every call samples with the version
+    # an epoch starts from (proven by checksum against what the learner published)
     cfg, out = run(tmp_path, ["train.micro_batch_rows=1", "train.max_policy_lag=1"])
-    ledger = out["ledger"]
-    assert ledger["pairs_trained"] >= 24 and ledger["pairs_dropped"].get("stale", 0) > 0
-    assert set(ledger["pairs_dropped"]) == {"stale"}
-    assert ledger["pairs_requested"] == ledger["pairs_trained"] + ledger["pairs_dropped"]["stale"]
-    assert max(h["learner/policy_lag_max"] for h in out["history"] if h.get("updates")) <= 1
+    assert out["ledger"] == {"pairs_requested": 32, "pairs_trained": 32, "pairs_dropped": {}, "pairs_in_flight": 0}
+    assert max(h["learner/policy_lag_max"] for h in out["history"]) == 1
+    assert set(out["sampled_versions"]) == {0, 2, 4, 6} and sum(out["sampled_versions"].values()) == 8
 
 
 def test_killed_sampler_costs_only_its_pairs(ray_local, tmp_path):

@@ -106,6 +106,27 @@ def test_raising_scorer_fails_only_its_batch_with_the_reason():
     assert b.stats()["failed_batches"] == 1 and b.stats()["nan_images"] == 2
 
 
+def test_a_failing_request_does_not_fail_the_requests_batched_with_it():
+    # the three requests share one batch; the scorer raises on it, so each request is scored again on its own:
+    # only the request carrying the bad prompt fails
+    reward = MeanPixel(fail_on="boom")
+    b = RewardBatcher(reward=reward, max_batch_size=8, max_wait_s=0.2)
+
+    async def main():
+        return await asyncio.gather(b.score(images=imgs([1, 2]), prompts=["a", "b"]),
+                                    b.score(images=imgs([3, 4]), prompts=["boom", "c"]),
+                                    b.score(images=imgs([5, 6]), prompts=["dd", "e"]))
+
+    first, bad, last = run(main())
+    assert reward.calls == [6, 2, 2, 2]
+    np.testing.assert_array_equal(first.scores, [2.0, 3.0])
+    np.testing.assert_array_equal(last.scores, [7.0, 7.0])
+    assert np.isnan(bad.scores).all() and bad.info["reasons"] == ["reward/mean_pixel: RuntimeError: model exploded"] * 2
+    assert first.info["reasons"] == last.info["reasons"] == [None, None]
+    st = b.stats()
+    assert (st["failed_batches"], st["nan_images"], st["batches"]) == (2, 2, 3)
+
+
 def test_non_finite_score_is_nan_for_that_sample_only():
     b = RewardBatcher(reward=MeanPixel(), max_batch_size=4, max_wait_s=0.01)
     out = run(b.score(images=imgs([1, 2]), prompts=["inf", "ok"]))

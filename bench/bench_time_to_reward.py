@@ -1,0 +1,167 @@
+"""Time to reward: the in-process loop vs the Ray runtime (overlapped and lock-step), side by side in one run.
+
+Usage::
+
+    python bench/bench_time_to_reward.py                       # shapes preset, 40 epochs, seeds 0 1, 1 and 4 updates
+    python bench/bench_time_to_reward.py --epochs 20 --seeds 0 --updates 1 train.lr=2e-4
+    python bench/bench_time_to_reward.py --smoke               # tiny budgets (CI): every mode runs, nothing timed
+
+Each mode trains the same preset (``--config``, default ``shapes``) with the held-out judge evaluated every
+``--eval-every`` epochs, and each row records the held-out reward against pairs trained and against training wall
+time (``perf/wall_s`` minus the held-out evaluations, which are the same work in every mode; the total wall time
+with actor start-up and the before/after evaluations is reported beside it). Modes::
+
+    in_process     runtime.local=true: one process, torch on every core
+    ray_overlap    samplers keep sampling while the learner trains (runtime.overlap=true), 1 sampler, 1-CPU learner
+    ray_lockstep   the reference's lag (runtime.overlap=false), 2 samplers sampling each epoch in parallel, 2-CPU learner
+
+Per seed and ``train.updates_per_epoch`` it prints each mode's final held-out gain, the gain at equal pairs, and
+the **time-to-reward ratio**: the training wall time a mode needs to first reach the in-process loop's final
+held-out reward (linear interpolation between evaluations; ``inf`` if it never does), over the in-process loop's
+time to its end. Writes ``bench/results/time_to_reward.json`` (``--out``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("RAY_AUTH_MODE", "token")
+
+MODES = {
+    "in_process": ["runtime.local=true"],
+    "ray_overlap": ["runtime.overlap=true", "runtime.num_samplers=1", "runtime.learner_num_cpus=1"],
+    "ray_lockstep": ["runtime.overlap=false", "runtime.num_samplers=2", "runtime.learner_num_cpus=2"],
+}
+SMOKE = ["train.pairs_per_epoch=8", "sampling.pairs_per_call=4", "eval.num_prompts=4", "eval.seeds_per_prompt=1"]
+
+
+def curve(history: list[dict], before: float) -> list[dict]:
+    """(pairs trained, training seconds, held-out reward) at the start and at every evaluation of a run."""
+    points, pairs, eval_s = [{"pairs": 0, "train_s": 0.0, "heldout": before}], 0, 0.0
+    for h in history:
+        pairs += h.get("pairs_trained", 0)
+        eval_s += h.get("perf/eval_s", 0.0)
+        if "eval/reward/mean" in h:
+            points.append({"pairs": pairs, "train_s": h["perf/wall_s"] - eval_s, "heldout": h["eval/reward/mean"]})
+    return points
+
+
+def time_to(points: list[dict], level: float) -> float:
+    """Training seconds at which the held-out reward first reaches ``level`` (linear between evaluations)."""
+    for a, b in zip(points, points[1:]):
+        if b["heldout"] >= level:
+            if a["heldout"] >= level:
+                return a["train_s"]
+            f = (level - a["heldout"]) / (b["heldout"] - a["heldout"])
+            return a["train_s"] + f * (b["train_s"] - a["train_s"])
+    return float("inf")
+
+
+def at_pairs(points: list[dict], pairs: int) -> float:
+    """Held-out reward at ``pairs`` trained (linear between evaluations)."""
+    for a, b in zip(points, points[1:]):
+        if a["pairs"] <= pairs <= b["pairs"]:
+            f = (pairs - a["pairs"]) / max(b["pairs"] - a["pairs"], 1)
+            return a["heldout"] + f * (b["heldout"] - a["heldout"])
+    return points[-1]["heldout"]
+
+
+def run_one(config: str, overrides: list[str]) -> dict:
+    from cluster.config import load_config
+    from cluster.driver import run_local
+    from cluster.runtime import run_ray
+
+    cfg = load_config(config, overrides)
+    t0 = time.perf_counter()
+    res = (run_local if cfg.runtime.local else run_ray)(cfg)
+    wall = time.perf_counter() - t0
+    hist, final = res["history"], res["final"]
+    points = curve(hist, final["heldout_reward_before"])
+    points[-1]["heldout"] = final["heldout_reward_after"]          # the last epoch's evaluation is the "after"
+    busy = lambda k: sum(h.get(k, 0.0) for h in hist[1:]) / max(len(hist) - 1, 1)  # noqa: E731  (epoch 0 warms up)
+    return {"overrides": overrides, "total_wall_s": wall, "points": points, "pairs_trained": res["ledger"]["pairs_trained"],
+            "dropped": res["ledger"]["pairs_dropped"], "gain": final["heldout_reward_gain"],
+            "policy_lag_max": max((h.get("learner/policy_lag_max", 0) for h in hist), default=0),
+            "sampler_busy": busy("perf/sampler_busy"), "learner_busy": busy("perf/learner_busy")}
+
+
+def compare(rows: dict[str, dict]) -> dict:
+    """Each mode against the in-process row of the same seed and updates: gain at equal pairs, time-to-reward."""
+    ref = rows["in_process"]
+    level, ref_s = ref["points"][-1]["heldout"], ref["points"][-1]["train_s"]
+    out = {}
+    for mode, r in rows.items():
+        pairs = min(r["points"][-1]["pairs"], ref["points"][-1]["pairs"])
+        base = r["points"][0]["heldout"]
+        out[mode] = {"gain": r["gain"], "gain_at_equal_pairs": at_pairs(r["points"], pairs) - base,
+                     "train_s": r["points"][-1]["train_s"], "total_wall_s": r["total_wall_s"],
+                     "time_to_reward_ratio": time_to(r["points"], level) / ref_s,
+                     "sampler_busy": r["sampler_busy"], "learner_busy": r["learner_busy"],
+                     "policy_lag_max": r["policy_lag_max"], "dropped": r["dropped"]}
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--config", default="shapes")
+    ap.add_argument("--epochs", type=int, default=40)
+    ap.add_argument("--eval-every", type=int, default=5)
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
+    ap.add_argument("--updates", type=int, nargs="+", default=[1, 4])
+    ap.add_argument("--modes", nargs="+", default=list(MODES), choices=list(MODES))
+    ap.add_argument("--smoke", action="store_true", help="tiny budgets: 2 epochs, 8 pairs, 1 seed, 1 update")
+    ap.add_argument("--out", default="bench/results/time_to_reward.json")
+    ap.add_argument("overrides", nargs="*")
+    args = ap.parse_args()
+    if args.smoke:
+        args.epochs, args.eval_every, args.seeds, args.updates = 2, 1, [0], [1]
+    logging.disable(logging.INFO)
+    import ray
+
+    ray.init(num_cpus=max(os.cpu_count() or 1, 5), include_dashboard=False, namespace="fdfo", log_to_driver=False,
+             _node_ip_address="127.0.0.1")
+    out_dir = Path(tempfile.mkdtemp(prefix="fdfo-ttr-"))
+    results = []
+    try:
+        for updates in args.updates:
+            for seed in args.seeds:
+                rows = {}
+                for mode in args.modes:
+                    over = [f"train.epochs={args.epochs}", f"eval.every_epochs={args.eval_every}", f"seed={seed}",
+                            f"train.updates_per_epoch={updates}", f"output_dir={out_dir}", f"name={mode}-s{seed}-u{updates}",
+                            *(SMOKE if args.smoke else []), *args.overrides, *MODES[mode]]
+                    rows[mode] = run_one(args.config, over)
+                    print(f"updates {updates} seed {seed} {mode}: gain {rows[mode]['gain']:+.4f} in "
+                          f"{rows[mode]['points'][-1]['train_s']:.0f} s of training", flush=True)
+                results.append({"updates_per_epoch": updates, "seed": seed, "runs": rows,
+                                "vs_in_process": compare(rows) if "in_process" in rows else None})
+    finally:
+        ray.shutdown()
+    report = {"setup": {"config": args.config, "epochs": args.epochs, "eval_every": args.eval_every, "cpus": os.cpu_count(),
+                        "modes": {m: MODES[m] for m in args.modes}, "overrides": args.overrides, "smoke": args.smoke},
+              "results": results}
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(report, indent=2))
+    print(table(results))
+
+
+def table(results: list[dict]) -> str:
+    lines = [f"{'updates':>7} {'seed':>4} {'mode':<13} {'gain':>7} {'@pairs':>7} {'train s':>8} {'total s':>8} "
+             f"{'ttr ratio':>9} {'smp busy':>8} {'lrn busy':>8} {'lag':>3}"]
+    for r in results:
+        for mode, c in (r["vs_in_process"] or {}).items():
+            lines.append(f"{r['updates_per_epoch']:>7} {r['seed']:>4} {mode:<13} {c['gain']:>+7.4f} "
+                         f"{c['gain_at_equal_pairs']:>+7.4f} {c['train_s']:>8.1f} {c['total_wall_s']:>8.1f} "
+                         f"{c['time_to_reward_ratio']:>9.3f} {c['sampler_busy']:>8.2f} {c['learner_busy']:>8.2f} "
+                         f"{c['policy_lag_max']:>3}")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()
