@@ -3,7 +3,7 @@
 Usage (plain class; the Ray runtime wraps it with ``ray.remote``)::
 
     sampler = Sampler(model, cfg.sampling, cfg.lora)
-    job, images = sampler.sample(prompts=[...], prompt_ids=[...], pair_ids=[...], seeds=[...])
+    job, images = sampler.sample(prompts=[...], prompt_ids=[...], pair_ids=[...], seeds=[...])   # Ray: newest=...
     ...score images [2P, H, W, 3] uint8 (pair-major, branch-minor) elsewhere...
     batch, report = sampler.complete(job=job, rewards=rewards)   # Arrow rows of the finite pairs
     report["dropped"]                                             # pair ids left out (a non-finite reward)
@@ -26,6 +26,7 @@ from actors.sampling import PairTrajectory, sample_pairs
 from learner.batch import to_arrow
 from learner.weights import Weights, checksum
 from models.device import DTYPES
+from models.adapter import PromptCache
 from models.euler import generate_images
 from models.images import to_uint8
 from models.lora import make_trainable, trainable
@@ -64,6 +65,7 @@ class Sampler:
         self._broadcast_names = sorted(params)
         self._pending: dict[int, _Pending] = {}
         self._jobs = itertools.count()
+        self.prompts = PromptCache(model)
 
     def set_weights(self, weights: Weights) -> dict:
         """Load a broadcast version; returns {version, checksum} as proof of what this sampler now holds."""
@@ -75,7 +77,8 @@ class Sampler:
                newest: tuple[int, str, list] | None = None) -> tuple[int, np.ndarray]:
         """Sample P pairs; returns (job id, images uint8 [2P, H, W, 3], branches of a pair adjacent) and keeps
         the trajectories until ``complete``. newest: (version, checksum, [object ref of its ``Weights``]), the
-        learner's newest published version (the Ray runtime's): loaded first (verified) unless this sampler holds it. (The ref travels inside a list so that Ray hands it over unresolved: it is fetched only when new.)"""
+        learner's newest published version (the Ray runtime's): loaded first (verified) unless this sampler holds
+        it. (The ref travels inside a list so that Ray hands it over unresolved: it is fetched only when new.)"""
         t_load = time.perf_counter()
         self._take(newest)
         if self.version < 0:
@@ -85,6 +88,7 @@ class Sampler:
             self.model,
             prompts,
             seeds,
+            cond=self.prompts(prompts),                     # encoded as the learner encodes them
             num_steps=self.cfg.num_steps,
             gamma=self.cfg.gamma,
             guidance_scale=self.cfg.guidance_scale,
@@ -139,7 +143,12 @@ class Sampler:
         """Drop a job whose rewards will never come; returns its pair ids."""
         return self._pending.pop(job).pair_ids
 
-    # -- full weights over a collective group (see learner/collective.py); LoRA goes through set_weights
+    # -- full weights of 512 MiB or more over a collective group (see learner/collective.py); smaller payloads come
+    #    through set_weights / sample(newest=...)
+    def weight_backend(self) -> str:
+        """The collective backend this actor's weights can travel over: NCCL from a GPU, gloo from a CPU."""
+        return "nccl" if self.model.device.type == "cuda" else "gloo"
+
     def node_id(self) -> str | None:
         """The Ray node this sampler runs on (None outside Ray): with every member on the learner's node the
         weight group listens on loopback only."""

@@ -12,13 +12,14 @@ time (``perf/wall_s`` minus the held-out evaluations, which are the same work in
 with actor start-up and the before/after evaluations is reported beside it). Modes::
 
     in_process     runtime.local=true: one process, torch on every core
+    in_process_1t  the same on one torch thread (the loop as the single-process reference scripts run it)
     ray_overlap    samplers keep sampling while the learner trains (runtime.overlap=true), 1 sampler, 1-CPU learner
     ray_lockstep   the reference's lag (runtime.overlap=false), 2 samplers sampling each epoch in parallel, 2-CPU learner
 
 Per seed and ``train.updates_per_epoch`` it prints each mode's final held-out gain, the gain at equal pairs, and
-the **time-to-reward ratio**: the training wall time a mode needs to first reach the in-process loop's final
-held-out reward (linear interpolation between evaluations; ``inf`` if it never does), over the in-process loop's
-time to its end. Writes ``bench/results/time_to_reward.json`` (``--out``).
+the **time-to-reward ratio** against each in-process row: the training wall time a mode needs to first reach
+that row's final held-out reward (linear interpolation between evaluations; ``inf`` if it never does), over that
+row's time to its end. Writes ``bench/results/time_to_reward.json`` (``--out``).
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ os.environ.setdefault("RAY_AUTH_MODE", "token")
 
 MODES = {
     "in_process": ["runtime.local=true"],
+    "in_process_1t": ["runtime.local=true", "runtime.torch_threads=1"],
     "ray_overlap": ["runtime.overlap=true", "runtime.num_samplers=1", "runtime.learner_num_cpus=1"],
     "ray_lockstep": ["runtime.overlap=false", "runtime.num_samplers=2", "runtime.learner_num_cpus=2"],
 }
@@ -92,16 +94,20 @@ def run_one(config: str, overrides: list[str]) -> dict:
 
 
 def compare(rows: dict[str, dict]) -> dict:
-    """Each mode against the in-process row of the same seed and updates: gain at equal pairs, time-to-reward."""
-    ref = rows["in_process"]
-    level, ref_s = ref["points"][-1]["heldout"], ref["points"][-1]["train_s"]
+    """Each mode against the in-process rows of the same seed and updates: gain at equal pairs, time-to-reward."""
+    refs = {m: rows[m] for m in ("in_process", "in_process_1t") if m in rows}
     out = {}
     for mode, r in rows.items():
-        pairs = min(r["points"][-1]["pairs"], ref["points"][-1]["pairs"])
+        pairs = min([r["points"][-1]["pairs"]] + [ref["points"][-1]["pairs"] for ref in refs.values()])
         base = r["points"][0]["heldout"]
         out[mode] = {"gain": r["gain"], "gain_at_equal_pairs": at_pairs(r["points"], pairs) - base,
                      "train_s": r["points"][-1]["train_s"], "total_wall_s": r["total_wall_s"],
-                     "time_to_reward_ratio": time_to(r["points"], level) / ref_s,
+                     **{f"ttr_vs_{m}": time_to(r["points"], ref["points"][-1]["heldout"]) / ref["points"][-1]["train_s"]
+                        for m, ref in refs.items()},
+                     # the same for 90 % of that row's gain: robust to the last evaluation's seed noise
+                     **{f"ttr90_vs_{m}": time_to(r["points"], ref["points"][0]["heldout"] + 0.9 * (
+                         ref["points"][-1]["heldout"] - ref["points"][0]["heldout"])) / ref["points"][-1]["train_s"]
+                        for m, ref in refs.items()},
                      "sampler_busy": r["sampler_busy"], "learner_busy": r["learner_busy"],
                      "policy_lag_max": r["policy_lag_max"], "dropped": r["dropped"]}
     return out
@@ -117,8 +123,13 @@ def main() -> None:
     ap.add_argument("--modes", nargs="+", default=list(MODES), choices=list(MODES))
     ap.add_argument("--smoke", action="store_true", help="tiny budgets: 2 epochs, 8 pairs, 1 seed, 1 update")
     ap.add_argument("--out", default="bench/results/time_to_reward.json")
+    ap.add_argument("--report", metavar="JSON", help="print the table of a finished run's JSON (comparisons recomputed)")
     ap.add_argument("overrides", nargs="*")
     args = ap.parse_args()
+    if args.report:
+        results = json.loads(Path(args.report).read_text())["results"]
+        print(table([r | {"vs_in_process": compare(r["runs"])} for r in results]))
+        return
     if args.smoke:
         args.epochs, args.eval_every, args.seeds, args.updates = 2, 1, [0], [1]
     logging.disable(logging.INFO)
@@ -139,8 +150,7 @@ def main() -> None:
                     rows[mode] = run_one(args.config, over)
                     print(f"updates {updates} seed {seed} {mode}: gain {rows[mode]['gain']:+.4f} in "
                           f"{rows[mode]['points'][-1]['train_s']:.0f} s of training", flush=True)
-                results.append({"updates_per_epoch": updates, "seed": seed, "runs": rows,
-                                "vs_in_process": compare(rows) if "in_process" in rows else None})
+                results.append({"updates_per_epoch": updates, "seed": seed, "runs": rows, "vs_in_process": compare(rows)})
     finally:
         ray.shutdown()
     report = {"setup": {"config": args.config, "epochs": args.epochs, "eval_every": args.eval_every, "cpus": os.cpu_count(),
@@ -152,14 +162,17 @@ def main() -> None:
 
 
 def table(results: list[dict]) -> str:
+    """One line per run; ttr columns: time-to-reward ratio against in_process / in_process_1t (to its final held-out
+    reward; ttr90: to 90 % of its gain); nan: row absent."""
     lines = [f"{'updates':>7} {'seed':>4} {'mode':<13} {'gain':>7} {'@pairs':>7} {'train s':>8} {'total s':>8} "
-             f"{'ttr ratio':>9} {'smp busy':>8} {'lrn busy':>8} {'lag':>3}"]
+             f"{'ttr/ip':>7} {'ttr/ip1t':>8} {'ttr90/ip':>8} {'ttr90/1t':>8} {'smp busy':>8} {'lrn busy':>8} {'lag':>3}"]
     for r in results:
-        for mode, c in (r["vs_in_process"] or {}).items():
+        for mode, c in r["vs_in_process"].items():
             lines.append(f"{r['updates_per_epoch']:>7} {r['seed']:>4} {mode:<13} {c['gain']:>+7.4f} "
                          f"{c['gain_at_equal_pairs']:>+7.4f} {c['train_s']:>8.1f} {c['total_wall_s']:>8.1f} "
-                         f"{c['time_to_reward_ratio']:>9.3f} {c['sampler_busy']:>8.2f} {c['learner_busy']:>8.2f} "
-                         f"{c['policy_lag_max']:>3}")
+                         f"{c.get('ttr_vs_in_process', float('nan')):>7.3f} {c.get('ttr_vs_in_process_1t', float('nan')):>8.3f} "
+                         f"{c.get('ttr90_vs_in_process', float('nan')):>8.3f} {c.get('ttr90_vs_in_process_1t', float('nan')):>8.3f} "
+                         f"{c['sampler_busy']:>8.2f} {c['learner_busy']:>8.2f} {c['policy_lag_max']:>3}")
     return "\n".join(lines)
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import signal
 import sys
 from pathlib import Path
 
@@ -85,6 +86,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     overrides = list(args.overrides) + (["runtime.local=true"] if args.local else [])
     cfg = load_config(args.config, overrides)            # bad config fails here, before Ray starts
+    # `ray job stop` sends SIGTERM: stop as Ctrl-C does (the drivers write a checkpoint and the accounting line)
+    signal.signal(signal.SIGTERM, lambda signum, frame: signal.default_int_handler(signum, frame))
     if cfg.runtime.local:
         from cluster.driver import run_local
 

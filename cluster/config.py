@@ -112,6 +112,7 @@ class RuntimeConfig:
     torch_threads: int | None = None  # torch intra-op threads of every actor; None = each actor's CPU reservation (at least 1); in process: torch's default (all cores)
     weight_sync: Literal["auto", "object_store", "collective"] = "auto"  # auto: weights under 512 MiB (LoRA, small models) via the object store after every update, larger via a gloo/NCCL group once an epoch
     weight_sync_timeout_s: float = 120.0  # a collective transfer stalled this long (a member died) fails over to the object store
+    resource_wait_s: float = 600.0  # a joined cluster short of what the pools ask may scale up: wait this long (logging every 30 s), then fail naming the role
 
 
 @dataclass(frozen=True)

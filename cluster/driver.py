@@ -20,7 +20,7 @@ from actors.sampler import Sampler
 from cluster.build import build_model, check_run, make_reward
 from cluster.config import Batching, RunConfig, to_dict
 from cluster.evaluate import heldout_reward
-from cluster.pipeline import Book, check_proof, score_pairs, setup_process
+from cluster.pipeline import Book, check_proof, deferred_interrupts, score_pairs, setup_process
 from learner.learner import Learner
 
 log = logging.getLogger("fdfo")
@@ -41,6 +41,17 @@ def run_local(cfg: RunConfig, resume: bool = False) -> dict:
         book.version = book.last_checkpoint = learner.version
     publish(learner, sampler)                        # both sides start from the same weights (version 0 or resumed)
     book.start()
+    try:
+        train(cfg, book, sampler, reward, learner)
+    except KeyboardInterrupt:            # Ctrl-C or SIGTERM: a checkpoint and the accounting line, then stop
+        folder = book.save(book.epoch)
+        log.warning("stopped at epoch %d (version %d): checkpoint %s; %s", book.epoch, book.version, folder, book.ledger.line())
+        raise
+    return book.finish(learner=learner, sampler=sampler)
+
+
+def train(cfg: RunConfig, book: Book, sampler: Sampler, reward, learner: Learner) -> None:
+    """The epochs: sample, score and pack an epoch of pairs with the current weights, update, publish."""
     while book.epoch < cfg.train.epochs:
         batches, todo = [], book.batching.pairs_per_epoch
         while todo > 0:
@@ -54,13 +65,13 @@ def run_local(cfg: RunConfig, resume: bool = False) -> dict:
             if kept:
                 batches.append(batch)
                 book.taken([stats])
-        m = learner.train_epoch(*batches) if batches else {"stale_pair_ids": [], "trained_pair_ids": []}   # update
-        book.updated(m)
-        with book.timers("publish"):
-            publish(learner, sampler)                                            # publish
-        book.ledger.check()
-        book.end_epoch(m)
-    return book.finish(learner=learner, sampler=sampler)
+        with deferred_interrupts():          # a stop lands after the epoch is recorded, not inside it
+            m = learner.train_epoch(*batches) if batches else {"stale_pair_ids": [], "trained_pair_ids": []}   # update
+            book.updated(m)
+            with book.timers("publish"):
+                publish(learner, sampler)                                        # publish
+            book.ledger.check()
+            book.end_epoch(m)
 
 
 def publish(learner, sampler) -> None:

@@ -6,6 +6,8 @@ The stages are plain methods of the role classes, each with a one-line contract:
     score    reward.score(images, prompts x 2)   -> RewardOutput: scores [2P], NaN + reason where unscored
     pack     Sampler.complete(job, rewards)      -> (Arrow batch of the finite pairs | None, report)
     update   Learner.train_epoch(*batches)       -> metrics, trained / stale pair ids, new checksum
+             (= Learner.begin_epoch(*batches), then Learner.update() per optimizer step: the Ray runtime publishes
+             after each)
     publish  Sampler.set_weights(learner.weights()) -> proof {version, checksum}, checked by ``check_proof``
 
 ``cluster/driver.py::run_local`` calls them one after the other in this process; ``cluster/runtime.py::run_ray``
@@ -16,9 +18,12 @@ metrics, history and logging, evaluation and checkpoint cadence, resume and the 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
+import signal
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Callable
@@ -42,6 +47,25 @@ def setup_process(cfg: RunConfig) -> None:
         torch.set_num_threads(cfg.runtime.torch_threads)
     torch.manual_seed(cfg.seed)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+
+
+@contextlib.contextmanager
+def deferred_interrupts():
+    """Ctrl-C (SIGINT) and SIGTERM (``ray job stop``, mapped to KeyboardInterrupt by the CLI) arriving inside the block
+    take effect when it ends: an update and the books that record it happen whole, so the checkpoint a stop writes
+    is at an epoch boundary and resumes exactly. Outside the main thread (where signals cannot be handled) a no-op."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    got: list[int] = []
+    previous = {sig: signal.signal(sig, lambda signum, frame: got.append(signum)) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    if got:
+        raise KeyboardInterrupt(f"{signal.Signals(got[0]).name} during an update: stopped once it was recorded")
 
 
 def score_pairs(reward, images: np.ndarray, prompts: list[str]) -> RewardOutput:

@@ -7,15 +7,22 @@ Usage::
 
 Dataflow of one sampler call (the driver only ever holds object refs and small scalars)::
 
-    sampler.sample      -> (job, images)         images go straight to a reward actor
-    reward.score        -> RewardOutput          scores [2P] (+ per-scorer components, reasons)
-    sampler.complete    -> (Arrow batch, dropped) the batch stays in the object store until the learner takes it
-    learner.train_epoch(*batches) -> metrics     then learner.weights() is put once and every sampler loads it
+    sampler.sample(newest=...) -> (job, images)    loads the newest published version first; images go straight
+                                                    to a reward actor
+    reward.score               -> RewardOutput     scores [2P] (+ per-scorer components, reasons)
+    sampler.complete           -> (Arrow batch, report)  in the sampler's "pack" concurrency group, so a job waiting
+                                                    for its reward never holds up the next sample call; the batch
+                                                    stays in the object store until the learner takes it
+    learner.begin_epoch(*batches), then learner.update() per optimizer step -> (metrics, Weights)
+                                                    each step's weights are put once; the next sample calls load them
 
-Samplers keep sampling the next epoch while the learner trains (at most one epoch ahead: beyond that they
-wait), so a pair is at most ``2 * updates_per_epoch - 1`` versions old when trained; the learner drops whole
-pairs that would exceed ``train.max_policy_lag`` and they are counted as ``stale``. With ``runtime.overlap=false``
-(lock-step) samplers wait while the learner trains, and a run computes exactly what ``run_local`` computes.
+Samplers keep sampling while the learner trains, but only pairs that stay within ``train.max_policy_lag`` when
+trained (``worst_lag``): a request is made only if the last update of the epoch it will land in is within the
+bound of the version it is sampled with, so nothing is sampled to be thrown away. With ``runtime.overlap=false``
+(lock-step) the bound is ``updates_per_epoch - 1``: samplers wait while the learner trains and a run computes
+exactly what ``run_local`` computes. Each job's report carries the version and checksum it sampled with, checked
+against what the learner published. Full weights of 512 MiB or more (``runtime.weight_sync=auto``) go through a
+gloo/NCCL group once an epoch instead (every sampler must take part in a transfer).
 Ray token authentication is switched on (``RAY_AUTH_MODE=token``) unless the environment says otherwise.
 """
 
@@ -38,7 +45,7 @@ from actors.sampler import Sampler
 from cluster.build import build_model, check_run, reward_specs
 from cluster.config import Batching, RunConfig, to_dict
 from cluster.evaluate import heldout_reward
-from cluster.pipeline import Book, check_proof, setup_process
+from cluster.pipeline import Book, check_proof, deferred_interrupts, setup_process
 from learner.learner import Learner
 from rewards.batcher import RewardBatcher
 
@@ -46,26 +53,104 @@ log = logging.getLogger("fdfo")
 NAMESPACE = "fdfo"
 
 
-def connect(runtime_cfg, num_cpus_needed: float) -> None:
-    """Join the cluster named by runtime.address / RAY_ADDRESS / a running ``ray start``; else start a local one."""
+def connect(runtime_cfg, num_cpus_needed: float) -> bool:
+    """Join the cluster named by runtime.address / RAY_ADDRESS (or fail clearly); else a ``ray start`` cluster on this
+    machine if it answers within seconds; else start a local instance (also when the last one on this machine
+    stopped uncleanly and left its address behind). Returns whether it started a local instance (which cannot
+    grow: what it lacks never comes)."""
     if ray.is_initialized():
-        return
+        return False
     address = runtime_cfg.address or os.environ.get("RAY_ADDRESS")
     if address and address != "local":
         ray.init(address=address, namespace=NAMESPACE)
+        return False
+    running = None if address == "local" else local_cluster_address()
+    if running is not None:
+        ray.init(address=running, namespace=NAMESPACE)
+        return False
+    # A laptop: logical CPUs are scheduling tokens, so give at least what the pools ask for.
+    ray.init(
+        namespace=NAMESPACE,
+        num_cpus=max(os.cpu_count() or 1, int(np.ceil(num_cpus_needed))),
+        dashboard_host="127.0.0.1",
+        include_dashboard=True,
+    )
+    return True
+
+
+ROLE_KEYS = {"learner": ("learner_num_cpus", "learner_num_gpus"), "reward": ("reward_num_cpus", "reward_num_gpus"),
+             "sampler": ("sampler_num_cpus", "sampler_num_gpus")}
+
+
+def resource_shortfall(rt, nodes: list[dict]) -> str | None:
+    """What the run's actors ask for that ``nodes`` (each its resources: {"CPU": n, "GPU": n, ...}) cannot give,
+    naming the role, its ask, what exists and the override; None when everything fits (each actor on some node,
+    all of them within the totals)."""
+    count = {"learner": 1, "reward": rt.num_reward_actors, "sampler": rt.num_samplers}
+    have = {k: sum(n.get(k, 0.0) for n in nodes) for k in ("CPU", "GPU")}
+    largest = {k: max((n.get(k, 0.0) for n in nodes), default=0.0) for k in ("CPU", "GPU")}
+    shown = lambda r: f"{{CPU: {r['CPU']:g}, GPU: {r['GPU']:g}}}"  # noqa: E731
+    for role, (cpu_key, gpu_key) in ROLE_KEYS.items():
+        ask = {"CPU": getattr(rt, cpu_key), "GPU": getattr(rt, gpu_key)}
+        short = [k for k in ask if ask[k] > largest[k]]
+        if short:
+            keys = " / ".join(f"runtime.{cpu_key if k == 'CPU' else gpu_key}" for k in short)
+            return (f"the {role} actor asks for {shown(ask)} but the largest node of this cluster has {shown(largest)} "
+                    f"({len(nodes)} nodes, {shown(have)} in all): lower {keys} or add a node that large")
+    need = {k: sum(count[r] * getattr(rt, ROLE_KEYS[r][k == "GPU"]) for r in count) for k in ("CPU", "GPU")}
+    short = [k for k in need if need[k] > have[k]]
+    if short:
+        parts = ", ".join(f"{count[r]} {r} x {shown({'CPU': getattr(rt, ROLE_KEYS[r][0]), 'GPU': getattr(rt, ROLE_KEYS[r][1])})}"
+                          for r in count)
+        return (f"the run's actors ask for {shown(need)} in all ({parts}) but this cluster has {shown(have)}: lower "
+                f"runtime.num_samplers / runtime.num_reward_actors or the per-actor asks, or add nodes")
+    return None
+
+
+def await_resources(rt, can_scale: bool) -> None:
+    """Fail at once if the cluster can never fit the run's actors (a local instance cannot grow); a cluster that
+    may scale is asked for the bundles (``request_resources``), and waited for up to ``runtime.resource_wait_s``,
+    saying what is awaited every 30 s."""
+    nodes = lambda: [n["Resources"] for n in ray.nodes() if n["Alive"]]  # noqa: E731
+    short = resource_shortfall(rt, nodes())
+    if short is None:
         return
+    if not can_scale:
+        raise RuntimeError(f"{short} (a local Ray instance does not grow)")
+    from ray.autoscaler.sdk import request_resources
+
+    bundles = [{"CPU": getattr(rt, c), "GPU": getattr(rt, g)} for role, (c, g) in ROLE_KEYS.items()
+               for _ in range({"learner": 1, "reward": rt.num_reward_actors, "sampler": rt.num_samplers}[role])]
+    request_resources(bundles=[{k: v for k, v in b.items() if v} for b in bundles])
+    deadline, t_log = time.monotonic() + rt.resource_wait_s, 0.0
+    while short is not None:
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"{short}; waited runtime.resource_wait_s = {rt.resource_wait_s:g} s for the cluster to scale")
+        if time.monotonic() - t_log >= 30.0:
+            log.warning("waiting for the cluster to scale: %s", short)
+            t_log = time.monotonic()
+        time.sleep(1.0)
+        short = resource_shortfall(rt, nodes())
+
+
+def local_cluster_address(timeout_s: float = 3.0) -> str | None:
+    """The GCS address of the Ray cluster last started on this machine (``ray start``), if it accepts a connection
+    within ``timeout_s``; None if there is none or it is gone (a stale address would make ``ray.init`` retry for
+    minutes)."""
+    import socket
+
+    from ray._private.utils import read_ray_address
+
+    address = read_ray_address(None)
+    if not address:
+        return None
+    host, _, port = address.rpartition(":")
     try:
-        if address == "local":
-            raise ConnectionError("asked for a new local instance")
-        ray.init(address="auto", namespace=NAMESPACE)
-    except ConnectionError:
-        # A laptop: logical CPUs are scheduling tokens, so give at least what the pools ask for.
-        ray.init(
-            namespace=NAMESPACE,
-            num_cpus=max(os.cpu_count() or 1, int(np.ceil(num_cpus_needed))),
-            dashboard_host="127.0.0.1",
-            include_dashboard=True,
-        )
+        with socket.create_connection((host, int(port)), timeout=timeout_s):
+            return address
+    except (OSError, ValueError):
+        log.warning("the Ray cluster last started on this machine (%s) does not answer: starting a local instance", address)
+        return None
 
 
 class Metrics:
@@ -141,6 +226,7 @@ class Job:
 
     sampler: int
     pair_ids: list[int]
+    reward: object                    # the reward actor's handle
     job_ref: ray.ObjectRef
     out_ref: ray.ObjectRef
     batch_ref: ray.ObjectRef
@@ -208,7 +294,8 @@ def run_ray(cfg: RunConfig, resume: bool = False) -> dict:
     max_samplers = rt.max_samplers or rt.num_samplers
     if not 1 <= rt.num_samplers <= max_samplers:
         raise ValueError(f"need 1 <= runtime.num_samplers ({rt.num_samplers}) <= runtime.max_samplers ({max_samplers})")
-    connect(rt, max_samplers * rt.sampler_num_cpus + rt.num_reward_actors * rt.reward_num_cpus + rt.learner_num_cpus)
+    started = connect(rt, max_samplers * rt.sampler_num_cpus + rt.num_reward_actors * rt.reward_num_cpus + rt.learner_num_cpus)
+    await_resources(rt, can_scale=not started)
     run = RayRun(cfg, resume)
     try:
         run.book.start()
@@ -223,10 +310,17 @@ def run_ray(cfg: RunConfig, resume: bool = False) -> dict:
                     run.on_joined(ref)
                 else:
                     run.on_job(ref)
+    except KeyboardInterrupt:                          # Ctrl-C, or SIGTERM from `ray job stop` (cluster/cli.py)
+        run.stop()
+        raise
+    else:
         summary = run.book.finish()
         summary["samplers"] = run.close()
         summary["sampled_versions"] = dict(sorted(run.sampled.items()))
         summary["torch_threads"] = run.threads
+        summary["faults"] = run.faults
+        for f in run.faults:
+            log.info("fault: %s %s lost at epoch %d, replaced by %s", f["role"], f["lost"], f["epoch"], f["replaced_by"])
         return summary
     finally:
         run.kill()                                     # free the actors now, also when the run failed
@@ -254,6 +348,8 @@ class RayRun:
         self.max_samplers = self.rt.max_samplers or self.rt.num_samplers
         self.learner = _learner_actor(cfg)
         self.rewards = [_reward_actor(cfg, i) for i in range(self.rt.num_reward_actors)]
+        self.reward_index = len(self.rewards)            # names of replacements continue from here
+        self.faults: list[dict] = []                     # what was lost and what replaced it (the faults report)
         self.pool = Pool()
         try:
             self.book = Book(cfg, evaluate=self.evaluate, save=self.save, resume=resume, sink=Metrics(cfg.name))
@@ -269,7 +365,7 @@ class RayRun:
             self.weights_ref = None if self.sync.collective else self.learner.weights.remote()
             self.book.version = self.book.last_checkpoint = self.version
             self.jobs: dict[ray.ObjectRef, Job] = {}
-            self.ready: list[tuple[ray.ObjectRef, int, dict]] = []   # (Arrow batch ref, pairs in it, reward stats)
+            self.ready: list[tuple[ray.ObjectRef, int, dict, int]] = []   # (Arrow batch ref, pairs, reward stats, first pair id)
             self.update: dict | None = None             # the epoch being updated: pairs, steps left, metrics so far
             self.learner_ref: ray.ObjectRef | None = None  # the learner call in flight (begin_epoch or update)
             self.waited_for_data = 0.0
@@ -291,15 +387,16 @@ class RayRun:
         ledger, per_epoch = self.book.ledger, self.book.batching.pairs_per_epoch
         final = self.book.epoch == self.cfg.train.epochs - 1
         landed = ledger.requested - sum(ledger.dropped.values()) >= self.target and not self.jobs
-        have = sum(n for _, n, _ in self.ready)
+        have = sum(r[1] for r in self.ready)
         if self.update is None and self.ready and ((have >= per_epoch and not final) or (final and landed)):
             take, n_take = [], 0
             while self.ready and (final or n_take < per_epoch):
-                ref, n, stats = self.ready.pop(0)
-                take.append(ref)
-                n_take += n
-                self.book.taken([stats])
-            self.learner_ref = self.learner.begin_epoch.remote(*take)                   # update
+                take.append(self.ready.pop(0))
+                n_take += take[-1][1]
+            # in request order, not arrival order: an epoch's update does not depend on which sampler finished first
+            take.sort(key=lambda r: r[3])
+            self.book.taken([stats for _, _, stats, _ in take])
+            self.learner_ref = self.learner.begin_epoch.remote(*(ref for ref, *_ in take))          # update
             self.update = {"pairs": n_take, "left": self.book.batching.updates_per_epoch, "m": {},
                            "started": time.perf_counter(), "weights": None}
         return not (self.update is None and not self.ready and landed)
@@ -311,10 +408,12 @@ class RayRun:
         ``updates_per_epoch - 1``, so nothing is sampled while the learner trains)."""
         ledger, b = self.book.ledger, self.book.batching
         lag_bound = b.max_policy_lag if self.rt.overlap else b.updates_per_epoch - 1
-        ahead = sum(n for _, n, _ in self.ready) + sum(len(j.pair_ids) for j in self.jobs.values())
+        ahead = sum(r[1] for r in self.ready) + sum(len(j.pair_ids) for j in self.jobs.values())
         for i, actor in list(self.pool.actors.items()):
-            # requested - dropped = trained + ahead: what the run still needs is target minus that
-            room = min(self.cfg.sampling.pairs_per_call, self.target - (ledger.requested - sum(ledger.dropped.values())))
+            # requested - dropped = trained + ahead: what the run still needs is target minus that; a request never
+            # straddles two epochs (its batch goes to one update)
+            room = min(self.cfg.sampling.pairs_per_call, b.pairs_per_epoch - ahead % b.pairs_per_epoch,
+                       self.target - (ledger.requested - sum(ledger.dropped.values())))
             lag = worst_lag(self.version, self.update["left"] if self.update else None, ahead, b)
             if room <= 0 or self.pool.busy[i] >= 2 or lag > lag_bound:
                 continue
@@ -325,7 +424,7 @@ class RayRun:
             out_ref = reward.score.remote(images=images_ref, prompts=[p for p in req["prompts"] for _ in range(2)])  # score
             batch_ref, report_ref = actor.complete.options(num_returns=2, concurrency_group="pack").remote(
                 job=job_ref, rewards=out_ref)                                                           # pack
-            self.jobs[report_ref] = Job(i, req["pair_ids"], job_ref, out_ref, batch_ref, report_ref)
+            self.jobs[report_ref] = Job(i, req["pair_ids"], reward, job_ref, out_ref, batch_ref, report_ref)
             self.pool.busy[i] += 1
 
     def newest(self):
@@ -373,7 +472,8 @@ class RayRun:
             info, u["weights"] = self.learner.update.options(num_returns=2).remote(publish=not self.sync.collective)
             self.learner_ref = info
         else:
-            self.end_epoch()
+            with deferred_interrupts():              # the epoch is recorded whole before a stop takes effect
+                self.end_epoch()
 
     def end_epoch(self) -> None:
         """The epoch's last step is done: count it, broadcast it on the collective path, close the epoch."""
@@ -389,7 +489,7 @@ class RayRun:
                 self.sync.broadcast(self.pool, self.version, self.book.checksum)           # publish
             while self.sync.lost:
                 self.lose_sampler(self.sync.lost.pop())
-        stats = ray.get([r.stats.remote() for r in self.rewards])
+        stats = self.reward_stats()
         m.update({
             "perf/learner_step_s": step_s / max(m.get("updates", 1), 1),
             "perf/learner_waited_for_data_s": self.waited_for_data,
@@ -409,9 +509,13 @@ class RayRun:
             self.pool.busy[job.sampler] -= 1
         try:
             report = ray.get(job.report_ref)
-        except RayActorError:
+        except RayActorError as e:
             self.book.drop("actor_lost", len(job.pair_ids))
-            self.lose_sampler(job.sampler)
+            if e.actor_id == job.reward._actor_id.hex():   # the reward actor died: the sampler lives, free what it holds
+                self.lose_reward(job.reward)
+                self.forget(job)
+            else:
+                self.lose_sampler(job.sampler)
             return
         except RayError as e:  # the reward actor failed this request: the pairs' trajectories are gone
             log.warning("reward request failed for %d pairs: %s", len(job.pair_ids), e)
@@ -424,9 +528,30 @@ class RayRun:
         self.book.timers.add("score", _score_seconds(out))
         kept, stats = self.book.packed(job.pair_ids, out, report)
         if kept:
-            self.ready.append((job.batch_ref, kept, stats))
+            self.ready.append((job.batch_ref, kept, stats, job.pair_ids[0]))
 
-    # -- the sampler pool ----------------------------------------------------------------------------------------
+    # -- lost actors and the sampler pool ----------------------------------------------------------------------------
+    def lose_reward(self, dead) -> None:
+        """A reward actor died: its requests in flight fail their pairs (``actor_lost``, each as its job reports);
+        a replacement takes its place (once, however many jobs report the death)."""
+        if dead not in self.rewards:
+            return
+        k = self.rewards.index(dead)
+        self.rewards[k] = _reward_actor(self.cfg, self.reward_index)
+        self.faults.append({"role": "reward", "lost": k, "replaced_by": self.reward_index, "epoch": self.book.epoch})
+        log.warning("reward actor %d lost; replaced by fdfo/reward/%d", k, self.reward_index)
+        self.reward_index += 1
+
+    def reward_stats(self) -> list[dict]:
+        """Each reward actor's counters; one that died since is replaced (its counters are gone with it)."""
+        stats = []
+        for r in list(self.rewards):
+            try:
+                stats.append(ray.get(r.stats.remote()))
+            except RayActorError:
+                self.lose_reward(r)
+        return stats or [{"mean_latency_s": float("nan"), "backlog": 0}]
+
     def add_sampler(self) -> None:
         """A new sampler actor. On the object-store path it joins without blocking the driver: it gets work once its
         first load of the newest version is proven (``on_joined``), so a slow start (a model loading, a node being
@@ -468,8 +593,11 @@ class RayRun:
                 self.jobs.pop(ref)
                 self.book.drop("actor_lost", len(job.pair_ids))
         log.warning("sampler %d lost; %d samplers left", i, len(self.pool.actors))
+        replaced = []
         while self.pool.size() < self.rt.num_samplers:
+            replaced.append(self.pool.next_index)
             self.add_sampler()
+        self.faults.append({"role": "sampler", "lost": i, "replaced_by": replaced, "epoch": self.book.epoch})
 
     def autoscale(self, step_s: float) -> None:
         """Add a sampler when the learner waited for data longer than it trained; release an idle one when the
@@ -522,6 +650,17 @@ class RayRun:
         self.sync.close(self.pool)
         return samplers
 
+    def stop(self) -> None:
+        """A graceful stop: the epoch being updated is finished (half an epoch's steps would not resume exactly),
+        then a checkpoint is written and the accounting line logged; pairs still in flight are counted
+        ``interrupted`` when the run resumes."""
+        while self.update is not None and self.learner_ref is not None:
+            ray.wait([self.learner_ref])
+            self.on_learner()
+        folder = self.save(self.book.epoch)
+        log.warning("stopped at epoch %d (version %d): checkpoint %s; %s", self.book.epoch, self.book.version, folder,
+                    self.book.ledger.line())
+
     def kill(self) -> None:
         """Release every actor now, not at garbage collection (their names and resources free at once)."""
         for handle in [self.learner, *self.rewards, *self.pool.actors.values(), *(a for _, a in self.pool.joining.values())]:
@@ -560,10 +699,14 @@ class WeightSync:
         self.lost: list[int] = []                        # samplers found dead by a broadcast, for the runtime to replace
 
     def _form(self, pool: Pool) -> None:
-        import torch
-
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
         self.members = sorted(pool.actors)
+        # each member picks its backend from its own device (NCCL on a GPU, gloo on a CPU); they must agree
+        picks = ray.get([self.learner.weight_backend.remote()] + [pool.actors[i].weight_backend.remote() for i in self.members])
+        if len(set(picks)) > 1:
+            raise RuntimeError(f"weight group members disagree on the backend (learner {picks[0]}, samplers {picks[1:]}): "
+                               "put the learner and every sampler on GPUs (NCCL) or all on CPUs (gloo), or set "
+                               "runtime.weight_sync=object_store")
+        backend = picks[0]
         world = 1 + len(self.members)
         # The rendezvous store has no authentication of its own: it listens on loopback when every member shares
         # the learner's machine, and on the node's cluster address only when some member is elsewhere.

@@ -24,7 +24,7 @@ import torch
 from learner.batch import from_arrow
 from learner.loss import fdfo_loss
 from learner.weights import Weights, checksum
-from models.adapter import PromptEmbeds
+from models.adapter import PromptCache
 from models.device import autocast
 from models.lora import make_trainable, trainable
 
@@ -64,19 +64,9 @@ class Learner:
         )
         self.version = 0
         self._epoch: dict | None = None                     # the epoch being updated (begin_epoch .. last update)
-        self._embeds: dict[str, PromptEmbeds] = {}
+        self.prompts = PromptCache(model)                # embeddings per prompt, never shipped in batches
 
     # -- helpers -------------------------------------------------------------------------------------------
-    def _cond(self, prompts: list[str]) -> PromptEmbeds:
-        """Prompt embeddings, encoded once per distinct prompt and cached (they are never shipped in batches)."""
-        new = sorted({p for p in prompts if p not in self._embeds})
-        if new:
-            emb = self.model.encode_prompts(new)
-            for i, p in enumerate(new):
-                self._embeds[p] = emb.index(slice(i, i + 1))
-        rows = [self._embeds[p] for p in prompts]
-        return PromptEmbeds(torch.cat([r.tokens for r in rows]), torch.cat([r.pooled for r in rows]))
-
     def _base_velocity(self, x, sigma, cond, w) -> torch.Tensor:
         with torch.no_grad():
             if self.lora:
@@ -189,7 +179,7 @@ class Learner:
         x, v [B, C, H, W], sigma [B], d [B, C, H, W], dR [B], the prompts' conditioning, and each row's lag [B]."""
         N, dev = tb.x.shape[1], self.model.device
         r, i = keep[mb // N], mb % N                    # row of the table, step index
-        cond = self._cond([tb.prompt[j] for j in r.tolist()])
+        cond = self.prompts([tb.prompt[j] for j in r.tolist()])
         return (tb.x[r, i].to(dev), tb.v[r, i].to(dev), tb.sigmas[r, i].to(dev), tb.d[r].to(dev), tb.dR[r].to(dev),
                 cond, self.version - tb.policy_version[r])
 
@@ -219,6 +209,10 @@ class Learner:
         return self.version, checksum(trainable(self.model.transformer))
 
     # -- full-weight broadcast over a collective group (gloo on CPU, NCCL on GPU); LoRA uses the object store
+    def weight_backend(self) -> str:
+        """The collective backend this actor's weights can travel over: NCCL from a GPU, gloo from a CPU."""
+        return "nccl" if self.model.device.type == "cuda" else "gloo"
+
     def node_id(self) -> str | None:
         """The Ray node this learner runs on (None outside Ray); the runtime compares it with the samplers'."""
         from learner.collective import node_id

@@ -16,6 +16,8 @@ Conventions (SD3's): ``sigma`` runs from 1 (noise) to 0 (data); the model's velo
 
 from __future__ import annotations
 
+import collections
+
 from dataclasses import dataclass
 from typing import Callable, Protocol, Sequence
 
@@ -43,6 +45,34 @@ class PromptEmbeds:
 
     def to(self, device: torch.device | str) -> "PromptEmbeds":
         return PromptEmbeds(self.tokens.to(device), self.pooled.to(device))
+
+
+class PromptCache:
+    """Prompt embeddings by prompt text, each prompt encoded on its own (a batch of one), so that a prompt's embedding
+    is the same bits wherever it is encoded: the sampler's recorded v and the learner's v_theta see the same
+    conditioning (a batch of several prompts can round differently). Kept on the CPU, the ``max_prompts`` most
+    recently used; what a call returns is on the model's device.
+
+        prompts = PromptCache(model)
+        cond = prompts(["a cat", "a dog", "a cat"])           # PromptEmbeds [3, ...]
+    """
+
+    def __init__(self, model: "FlowModel", max_prompts: int = 512):
+        self.model, self.max_prompts = model, max_prompts
+        self._cache: collections.OrderedDict[str, PromptEmbeds] = collections.OrderedDict()
+
+    def __call__(self, prompts: Sequence[str]) -> PromptEmbeds:
+        rows = []
+        for p in prompts:
+            e = self._cache.get(p)
+            if e is None:
+                e = self.model.encode_prompts([p]).to("cpu")
+                self._cache[p] = e
+                while len(self._cache) > self.max_prompts:
+                    self._cache.popitem(last=False)
+            self._cache.move_to_end(p)
+            rows.append(e)
+        return PromptEmbeds(torch.cat([r.tokens for r in rows]), torch.cat([r.pooled for r in rows])).to(self.model.device)
 
 
 class FlowModel(Protocol):

@@ -20,7 +20,7 @@ def ray_local():
     import ray
 
     port = free_port()
-    ray.init(num_cpus=4, namespace="fdfo", include_dashboard=False, _metrics_export_port=port,
+    ray.init(num_cpus=8, namespace="fdfo", include_dashboard=False, _metrics_export_port=port,
              logging_level="WARNING", log_to_driver=False)
     yield {"metrics_port": port}
     ray.shutdown()

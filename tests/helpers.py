@@ -45,9 +45,11 @@ class GaussianFlow:
         return latents.float()
 
 
-def stop_after_epoch(monkeypatch, epoch: int) -> None:
-    """Make the next run raise KeyboardInterrupt right after its epoch ``epoch`` closed (checkpoint written), as
-    a crash or Ctrl-C there would; ``monkeypatch.undo()`` lets the following run go on normally."""
+def stop_after_epoch(monkeypatch, epoch: int, exc: type[BaseException] = RuntimeError) -> None:
+    """Make the next run raise ``exc`` right after its epoch ``epoch`` closed: ``RuntimeError`` as a crash there
+    would (the run keeps only its ``train.checkpoint_every`` checkpoints), ``KeyboardInterrupt`` as Ctrl-C or
+    ``ray job stop`` (SIGTERM) would (the driver writes a checkpoint first). ``monkeypatch.undo()`` lets the
+    following run go on normally."""
     from cluster.pipeline import Book
 
     end_epoch = Book.end_epoch
@@ -55,7 +57,7 @@ def stop_after_epoch(monkeypatch, epoch: int) -> None:
     def stopping(self, m):
         out = end_epoch(self, m)
         if self.epoch == epoch + 1:
-            raise KeyboardInterrupt(f"stopped after epoch {epoch}")
+            raise exc(f"stopped after epoch {epoch}")
         return out
 
     monkeypatch.setattr(Book, "end_epoch", stopping)

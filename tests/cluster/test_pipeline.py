@@ -17,8 +17,10 @@ RAY_ONLY = {"perf/learner_step_s", "perf/learner_waited_for_data_s", "reward/lat
 
 
 def short_run(tmp_path, mode: str) -> dict:
-    cfg = load_config("shapes", SHORT + [f"output_dir={tmp_path}", f"name={mode}"]
-                      + (["runtime.overlap=false"] if mode == "lockstep" else []))
+    # "lockstep" is the preset's Ray runtime (two samplers, then the learner on two threads); "ray" overlaps one
+    # sampler with the learner
+    overlap = ["runtime.overlap=true", "runtime.num_samplers=1", "runtime.learner_num_cpus=1"] if mode == "ray" else []
+    cfg = load_config("shapes", SHORT + [f"output_dir={tmp_path}", f"name={mode}"] + overlap)
     if mode == "local":
         from cluster.driver import run_local as run
     else:
@@ -56,7 +58,7 @@ def test_ray_in_lock_step_computes_exactly_what_the_in_process_loop_computes(run
     # the same stages over actors: sampled with the weights each epoch starts from, the Ray run trains the same
     # pairs on the same rows and ends with bit-identical weights
     local, lock = runs["local"], runs["lockstep"]
-    assert [s["checksum"] for s in lock["samplers"]] == [local["learner"].weights_info()[1]]
+    assert [s["checksum"] for s in lock["samplers"]] == [local["learner"].weights_info()[1]] * 2
     assert judge_curve(lock) == judge_curve(local)
     assert [h["learner/loss"] for h in lock["history"]] == [h["learner/loss"] for h in local["history"]]
     assert [h["reward/mean"] for h in lock["history"]] == [h["reward/mean"] for h in local["history"]]
@@ -87,9 +89,11 @@ def test_reward_mean_is_the_mean_of_the_scored_pairs(runs):
     assert h["reward/mean"] == pytest.approx(h["reward/shapes_judge/mean"] + h["reward/shapes_clean/mean"], rel=1e-12)
 
 
-def test_resume_after_a_crash_continues_exactly(tmp_path, monkeypatch):
-    # in process the run is lock-step and deterministic, so a run stopped after its mid-run checkpoint and resumed
-    # must end with the weights and AdamW moments of the uninterrupted run, and its pair ids must continue
+@pytest.mark.parametrize("stop", [RuntimeError, KeyboardInterrupt])
+def test_resume_after_a_crash_or_a_stop_continues_exactly(tmp_path, monkeypatch, stop):
+    # in process the run is lock-step and deterministic, so a run stopped after epoch 2 and resumed must end with
+    # the weights and AdamW moments of the uninterrupted run, and its pair ids must continue. A crash leaves the
+    # mid-run checkpoint (epoch 2 is trained again); Ctrl-C / SIGTERM writes one as it stops (nothing is redone)
     import torch
 
     from cluster.driver import run_local
@@ -98,13 +102,14 @@ def test_resume_after_a_crash_continues_exactly(tmp_path, monkeypatch):
     over = ["train.epochs=4", "train.checkpoint_every=4", "sampling.num_steps=4"]   # 2 updates an epoch: a checkpoint at epoch 2
     whole = run_local(load_config("tiny-cpu", over + [f"output_dir={tmp_path}", "name=whole"]))
     cfg = load_config("tiny-cpu", over + [f"output_dir={tmp_path}", "name=crashed"])
-    stop_after_epoch(monkeypatch, 2)
-    with pytest.raises(KeyboardInterrupt):
+    stop_after_epoch(monkeypatch, 2, stop)
+    with pytest.raises(stop):
         run_local(cfg)
     monkeypatch.undo()
     resumed = run_local(cfg, resume=True)
 
-    assert [h["epoch"] for h in resumed["history"]] == [2, 3]             # epoch 2 re-runs from the v4 checkpoint
+    first = 2 if stop is RuntimeError else 3
+    assert [h["epoch"] for h in resumed["history"]] == list(range(first, 4))
     assert resumed["version"] == whole["version"] == 8
     assert resumed["learner"].weights_info() == whole["learner"].weights_info()      # bit-identical weights
     a, b = whole["learner"].opt.state_dict()["state"], resumed["learner"].opt.state_dict()["state"]
@@ -112,7 +117,7 @@ def test_resume_after_a_crash_continues_exactly(tmp_path, monkeypatch):
     # the checkpoint holds the counters and the next pair id as of epoch 2: the re-run epoch draws the same pairs
     assert resumed["ledger"] == whole["ledger"] == {"pairs_requested": 64, "pairs_trained": 64, "pairs_dropped": {},
                                                     "pairs_in_flight": 0}
-    assert [h["reward/mean"] for h in resumed["history"]] == [h["reward/mean"] for h in whole["history"][2:]]
+    assert [h["reward/mean"] for h in resumed["history"]] == [h["reward/mean"] for h in whole["history"][first:]]
 
 
 # The shapes judge cannot parse six of the eight tiny prompts ("a black cat"): with one pair per call, exactly the

@@ -107,7 +107,8 @@ def test_slow_learner_never_trains_beyond_max_policy_lag(ray_local, tmp_path):
     assert set(out["sampled_versions"]) == {0, 2, 4, 6} and sum(out["sampled_versions"].values()) == 8
 
 
-def test_killed_sampler_costs_only_its_pairs(ray_local, tmp_path):
+@pytest.mark.parametrize("role", ["sampler", "reward"])
+def test_a_killed_actor_costs_only_its_pairs(ray_local, tmp_path, role):
     import ray
 
     result = {}
@@ -118,19 +119,31 @@ def test_killed_sampler_costs_only_its_pairs(ray_local, tmp_path):
         if history.exists() and history.read_text().count("\n") >= 2:
             break
         time.sleep(0.1)
-    # two pairs per call keep 2 jobs queued on each sampler almost all the time: it dies holding pairs
-    ray.kill(ray.get_actor("fdfo/sampler/1"))
+    # two pairs per call keep 2 jobs queued on each sampler almost all the time: it dies holding pairs (a reward
+    # actor dies holding the requests of both samplers)
+    ray.kill(ray.get_actor("fdfo/sampler/1" if role == "sampler" else "fdfo/reward/0"))
     t.join(timeout=300)
-    ledger = result["out"]["ledger"]
-    assert set(ledger["pairs_dropped"]) == {"actor_lost"} and ledger["pairs_dropped"]["actor_lost"] > 0
-    assert ledger["pairs_requested"] == ledger["pairs_trained"] + ledger["pairs_dropped"]["actor_lost"]
-    assert len(result["out"]["history"]) == 12
-    # the lost sampler was replaced (indices are not reused) and the replacement got the current weights
-    assert [s["sampler"] for s in result["out"]["samplers"]] == [0, 2]
-    assert all(s["version"] == result["out"]["version"] for s in result["out"]["samplers"])
+    out = result["out"]
+    ledger = out["ledger"]
+    assert set(ledger["pairs_dropped"]) <= {"actor_lost"} and ledger["pairs_in_flight"] == 0
+    assert ledger["pairs_requested"] == ledger["pairs_trained"] + ledger["pairs_dropped"].get("actor_lost", 0)
+    assert len(out["history"]) == 12 and ledger["pairs_trained"] == 12 * 16     # the lost pairs were sampled again
+    (fault,) = out["faults"]
+    if role == "sampler":
+        # the lost sampler was replaced (indices are not reused) and the replacement got the current weights
+        assert ledger["pairs_dropped"]["actor_lost"] > 0
+        assert {k: fault[k] for k in ("role", "lost", "replaced_by")} == {"role": "sampler", "lost": 1, "replaced_by": [2]}
+        assert [s["sampler"] for s in out["samplers"]] == [0, 2]
+    else:
+        # a new reward actor took the dead one's place; both samplers lived on and freed what they held for it
+        assert {k: fault[k] for k in ("role", "lost", "replaced_by")} == {"role": "reward", "lost": 0, "replaced_by": 1}
+        assert [s["sampler"] for s in out["samplers"]] == [0, 1]
+        assert all(s["pending_pairs"] == 0 for s in out["samplers"])
+    assert all(s["version"] == out["version"] for s in out["samplers"])
 
 
-def test_resume_continues_counters_and_weights(ray_local, tmp_path, monkeypatch):
+@pytest.mark.parametrize("stop", [RuntimeError, KeyboardInterrupt])
+def test_resume_continues_counters_and_weights(ray_local, tmp_path, monkeypatch, stop):
     # in lock-step a Ray run is deterministic: stopped after its mid-run checkpoint (epoch 2 of 4) and resumed, it
     # ends with the uninterrupted run's weights and AdamW moments, its counters and pair ids continuing
     from safetensors.torch import load_file
@@ -139,16 +152,17 @@ def test_resume_continues_counters_and_weights(ray_local, tmp_path, monkeypatch)
 
     lock = ["runtime.overlap=false", "runtime.num_samplers=1", "train.checkpoint_every=4"]
     _, whole = run(tmp_path / "whole", lock)
-    stop_after_epoch(monkeypatch, 2)
-    with pytest.raises(KeyboardInterrupt):
+    stop_after_epoch(monkeypatch, 2, stop)          # a crash, or Ctrl-C / `ray job stop` (a checkpoint as it stops)
+    with pytest.raises(stop):
         run(tmp_path / "resumed", lock)
     monkeypatch.undo()
     _, resumed = run(tmp_path / "resumed", lock, resume=True)
-    assert resumed["version"] == whole["version"] == 8 and [h["epoch"] for h in resumed["history"]] == [2, 3]
+    first = 2 if stop is RuntimeError else 3
+    assert resumed["version"] == whole["version"] == 8 and [h["epoch"] for h in resumed["history"]] == list(range(first, 4))
     assert resumed["samplers"][0]["checksum"] == whole["samplers"][0]["checksum"]
     assert resumed["ledger"] == whole["ledger"] == {"pairs_requested": 32, "pairs_trained": 32, "pairs_dropped": {},
                                                     "pairs_in_flight": 0}
-    assert [h["reward/mean"] for h in resumed["history"]] == [h["reward/mean"] for h in whole["history"][2:]]
+    assert [h["reward/mean"] for h in resumed["history"]] == [h["reward/mean"] for h in whole["history"][first:]]
     final = lambda root: root / "tiny-cpu" / "checkpoints" / "v000008"  # noqa: E731
     a, b = load_file(str(final(tmp_path / "whole") / "optimizer.safetensors")), load_file(str(final(tmp_path / "resumed") / "optimizer.safetensors"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

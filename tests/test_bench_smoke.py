@@ -1,0 +1,45 @@
+"""The benchmarks run end to end in their smoke mode (tiny budgets; nothing timed is asserted here)."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def bench(script: str, tmp_path, *args) -> dict:
+    out = tmp_path / f"{Path(script).stem}.json"
+    env = {**os.environ, "RAY_AUTH_MODE": "token", "PYTHONPATH": str(ROOT)}
+    proc = subprocess.run([sys.executable, script, "--smoke", "--out", str(out), *args], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return json.loads(out.read_text())
+
+
+def test_time_to_reward_smoke(tmp_path):
+    report = bench("bench/bench_time_to_reward.py", tmp_path, f"output_dir={tmp_path / 'runs'}")
+    (result,) = report["results"]
+    assert set(result["runs"]) == {"in_process", "in_process_1t", "ray_overlap", "ray_lockstep"}
+    for mode, run in result["runs"].items():
+        assert run["pairs_trained"] == 16 and run["dropped"] == {}, mode         # 2 epochs of 8 pairs, none lost
+        assert [p["pairs"] for p in run["points"]] == [0, 8, 16]
+    # lock-step samples each epoch with the weights it starts from; overlapped pairs are at most one version old
+    assert result["runs"]["ray_lockstep"]["policy_lag_max"] == 0 == result["runs"]["in_process"]["policy_lag_max"]
+    assert result["runs"]["ray_overlap"]["policy_lag_max"] <= 1
+    # the in-process row against itself: it reaches its own final reward exactly at its end
+    assert result["vs_in_process"]["in_process"]["ttr_vs_in_process"] <= 1.0
+
+
+def test_pipeline_smoke(tmp_path):
+    rows = bench("bench/bench_pipeline.py", tmp_path)
+    assert rows["in_process"]["pairs_trained"] == rows["ray_pipeline"]["pairs_trained"] > 0
+    assert 0.0 < rows["ray_pipeline"]["learner_busy"] <= 1.0 and 0.0 < rows["bottleneck_busy"] <= 1.0
+
+
+def test_broadcast_smoke(tmp_path):
+    (payload,) = bench("bench/bench_broadcast.py", tmp_path)["payloads"]
+    # every path ran and is stated against its target: verified broadcasts within 3 x a raw copy + 50 ms
+    assert payload["results"] and all(r["median_s"] > 0 for r in payload["results"].values())
+    assert {r["target"] for r in payload["results"].values() if "target" in r} <= {"PASS", "FAIL"}
