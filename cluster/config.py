@@ -96,7 +96,7 @@ class TrainConfig:
 class RuntimeConfig:
     local: bool = False  # True = one process, no Ray (debug mode: breakpoint() works)
     address: str | None = None  # Ray address; None = RAY_ADDRESS or a running cluster if any, else a new local one; "local" = always a new local one
-    overlap: bool = True  # sample the next epoch while the learner trains (within train.max_policy_lag); false = lock-step, as the reference: sample an epoch with the current weights, then train it
+    overlap: bool = False  # false = lock-step, as the reference: sample an epoch with the current weights, then train it (bench_time_to_reward: as much gain per pair as the in-process loop); true = keep sampling while the learner trains, within train.max_policy_lag
     num_samplers: int = 1  # sampler actors at start (min of the pool)
     max_samplers: int | None = None  # autoscaling ceiling for samplers; None = num_samplers
     num_reward_actors: int = 1  # reward actors, each serving the whole weighted sum (requests spread over them by pair id)

@@ -138,7 +138,7 @@ class Learner:
         version, digest = self.weights_info()
         out = {"learner/version": version, "checksum": digest}
         t_publish = time.perf_counter()
-        weights = Weights.of(self.model.transformer, version) if publish else None
+        weights = Weights.of(self.model.transformer, version, digest) if publish else None
         out["perf/publish_s"] = time.perf_counter() - t_publish
         ep["seconds"] += t_publish - t0
         if not ep["updates"]:                               # the epoch's last step: its metrics

@@ -180,12 +180,14 @@ class Weights:
     checksum: str
 
     @classmethod
-    def of(cls, transformer: torch.nn.Module, version: int) -> Weights:
+    def of(cls, transformer: torch.nn.Module, version: int, digest: str | None = None) -> Weights:
+        """A snapshot of ``transformer``'s trainable tensors as ``version``; ``digest``: their checksum if the caller
+        has just computed it (the learner has, after every step), else computed here."""
         live = trainable(transformer)
         tensors = {n: t.to("cpu", copy=True, memory_format=torch.contiguous_format) for n, t in live.items()}
         # Taken over the live tensors (same digest as the snapshot's: it does not depend on the device): for
         # full weights on a GPU the fingerprint runs there, and the digest also vouches for the snapshot's copy.
-        return cls(version=version, tensors=tensors, checksum=checksum(live))
+        return cls(version=version, tensors=tensors, checksum=digest or checksum(live))
 
     def __reduce__(self):
         arrays = {n: _as_bytes(t).cpu().numpy() for n, t in self.tensors.items()}
@@ -201,16 +203,20 @@ class Weights:
             )
 
     def load_into(self, transformer: torch.nn.Module) -> str:
-        """Copy into ``transformer`` (which must have the same trainable names); returns the loaded checksum."""
+        """Copy into ``transformer`` (which must have the same trainable names, dtypes and shapes); returns the
+        loaded checksum. The payload is verified before anything is copied; a copy between tensors of one dtype and
+        shape is exact, so the model then holds exactly the verified bytes (no second checksum over the model)."""
         self.verify()
         params = dict(transformer.named_parameters())
         unknown = set(self.tensors) - set(params)
         if unknown:
             raise ValueError(f"weights name parameters the model lacks (LoRA config differs?): {sorted(unknown)[:3]}")
+        for name, t in self.tensors.items():
+            p = params[name]
+            if p.dtype != t.dtype or p.shape != t.shape:   # a narrowing copy: the model would not hold this version
+                raise RuntimeError(f"cannot load version {self.version}: {name} is {t.dtype} {tuple(t.shape)} in the "
+                                   f"weights but {p.dtype} {tuple(p.shape)} in the model (model.dtype or LoRA settings differ)")
         with torch.no_grad():
             for name, t in self.tensors.items():
                 params[name].copy_(t)
-        loaded = checksum({n: params[n] for n in self.tensors})
-        if loaded != self.checksum:  # e.g. a dtype-narrowing copy: the sampler would not hold version K
-            raise RuntimeError(f"after loading version {self.version} the model's checksum is {loaded}, not {self.checksum}")
-        return loaded
+        return self.checksum
