@@ -202,7 +202,7 @@ def test_autoscale_releases_an_idle_sampler_when_the_learner_is_the_bottleneck(r
     run.rt = load_config("tiny-cpu", ["runtime.num_samplers=1", "runtime.max_samplers=3"]).runtime
     run.max_samplers = 3
     run.pool = Pool(actors=dict(enumerate(stubs)), busy={0: 0, 1: 0, 2: 1}, next_index=3)
-    run.jobs = {"report": Job(1, [7], None, None, None, None)}
+    run.jobs = {"report": Job(1, [7], None, None, None, None, None)}
     run.sync = WeightSync(learner=None, collective=True)
     run.sync.members_changed = False
     run.waited_for_data = 0.0

@@ -181,6 +181,9 @@ def test_the_weight_group_asks_for_the_cluster_address_only_when_a_member_is_on_
         def node_id(self) -> str:
             return self.node
 
+        def weight_backend(self) -> str:
+            return "gloo"                                # CPU actors: what each member picks from its device
+
         def weight_group_address(self, peers_on_this_node: bool) -> tuple[str, int]:
             self.asked.append(peers_on_this_node)
             return (LOOPBACK if peers_on_this_node else "10.1.2.3"), 29500 + len(self.asked)
@@ -205,6 +208,27 @@ def test_the_weight_group_asks_for_the_cluster_address_only_when_a_member_is_on_
                           "timeout_s": 30.0}
     assert ray.get(far.record.remote())[1] == [{"rank": 2, "world_size": 3, "master_addr": "10.1.2.3",
                                                 "master_port": 29502, "backend": "gloo", "timeout_s": 30.0}]
+
+
+def test_weight_group_members_pick_their_backend_and_must_agree(ray_local):
+    # each member picks NCCL or gloo from its own device; a learner on a GPU with samplers on CPUs cannot form a group
+    import ray
+
+    from cluster.runtime import Pool, WeightSync
+
+    @ray.remote(num_cpus=0)
+    class Member:
+        def __init__(self, backend: str):
+            self.backend = backend
+
+        def weight_backend(self) -> str:
+            return self.backend
+
+    sync = WeightSync(Member.remote("nccl"), collective=True)
+    with pytest.raises(RuntimeError, match=r"^weight group members disagree on the backend \(learner nccl, samplers "
+                                           r"\['gloo', 'gloo'\]\): put the learner and every sampler on GPUs \(NCCL\) or "
+                                           r"all on CPUs \(gloo\), or set runtime.weight_sync=object_store$"):
+        sync._form(Pool(actors={0: Member.remote("gloo"), 1: Member.remote("gloo")}))
 
 
 # -- secrets -------------------------------------------------------------------------------------------------------
