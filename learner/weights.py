@@ -109,7 +109,7 @@ def word_fingerprint(t: torch.Tensor) -> torch.Tensor:
     CPU) at a time; the tensor itself is read in place.
     """
     if t.is_meta:
-        raise NotImplementedError("a meta tensor has no data to fingerprint (it was never loaded)")
+        raise ValueError("a meta tensor has no data to fingerprint (it was never loaded)")
     b = _as_bytes(t)
     keys = _position_keys(b.device)
     row_bytes = 4 * ROW_WORDS
@@ -135,7 +135,7 @@ def word_fingerprint(t: torch.Tensor) -> torch.Tensor:
 def checksum(tensors: dict[str, torch.Tensor]) -> str:
     """xxh3_128 hex digest (32 chars) of names, dtypes, shapes and bytes; see the module docstring.
 
-    Equal iff bit-identical, wherever each tensor lives (CPU, CUDA, mixed). Raises NotImplementedError for a
+    Equal iff bit-identical, wherever each tensor lives (CPU, CUDA, mixed). Raises ValueError for a
     meta tensor (a parameter that was never loaded has no bytes to vouch for).
     """
     by_words = sum(t.numel() * t.element_size() for t in tensors.values()) > FINGERPRINT_FROM_BYTES
@@ -145,7 +145,7 @@ def checksum(tensors: dict[str, torch.Tensor]) -> str:
     for name in sorted(tensors):
         t = tensors[name]
         if t.is_meta:
-            raise NotImplementedError(f"tensor {name!r} is on the meta device (never loaded): no bytes to checksum")
+            raise ValueError(f"tensor {name!r} is on the meta device (never loaded): no bytes to checksum")
         h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
         if by_words:
             lanes.append(word_fingerprint(t))  # queued on its device; fetched below, all at once
