@@ -45,10 +45,11 @@ class _Pending:
 
 
 class Sampler:
-    def __init__(self, model, sampling, lora=None, index: int = 0, amp: bool = False, threads: int | None = None):
+    def __init__(self, model, sampling, lora=None, index: int = 0, precision: str = "bf16", threads: int | None = None):
         """model: a FlowModel, or a zero-argument callable that builds one (so a Ray actor loads it on its own
-        device); sampling: ``SamplingConfig``; lora: ``LoraSettings`` (None or disabled = full weights); amp: the
-        learner's ``train.amp`` (velocities are recorded under the autocast the learner trains under); threads:
+        device); sampling: ``SamplingConfig``; lora: ``LoraSettings`` (None or disabled = full weights; its
+        ``init_from`` sets the starting weights); precision: the learner's ``train.precision`` (velocities are
+        recorded under the autocast the learner trains under; default = the config's default); threads:
         torch intra-op threads of this process (None = leave as is; a Ray actor gets ``runtime.torch_threads``)."""
         if threads:
             torch.set_num_threads(threads)
@@ -57,7 +58,7 @@ class Sampler:
         self.model = model
         self.cfg = sampling
         self.index = index
-        self.amp = amp
+        self.precision = precision
         make_trainable(model.transformer, lora)             # marks the set the learner broadcasts
         model.transformer.eval()
         params = trainable(model.transformer)               # what the learner trains and broadcasts
@@ -93,7 +94,7 @@ class Sampler:
             gamma=self.cfg.gamma,
             guidance_scale=self.cfg.guidance_scale,
             record_dtype=DTYPES[self.cfg.record_dtype],
-            amp=self.amp,
+            precision=self.precision,
         )
         images = to_uint8(self.model.decode(traj.x_final.flatten(0, 1)))   # [2P, H, W, 3]
         job = next(self._jobs)

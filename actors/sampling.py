@@ -63,13 +63,14 @@ def sample_pairs(
     guidance_scale: float = 1.0,
     cond: PromptEmbeds | None = None,
     record_dtype: torch.dtype = torch.float32,
-    amp: bool = False,
+    precision: str = "fp32",
 ) -> PairTrajectory:
     """Sample one pair per prompt; pair p uses only ``seeds[p]`` for its noise, so it does not depend on batching.
 
     The start noise eps is shared by the two branches; every churn noise n is drawn per branch. The last
-    step (to sigma 0) has no churn. Both branches of all prompts run as one batch of 2P. ``amp``: the learner's
-    ``train.amp``, so the recorded v is computed under the same autocast as the learner's v_theta.
+    step (to sigma 0) has no churn. Both branches of all prompts run as one batch of 2P. ``precision``: the
+    learner's ``train.precision``, so the recorded v is computed under the same autocast as the learner's v_theta;
+    and v is computed at the state as recorded (x in ``record_dtype``), the input the learner will see.
     """
     if len(prompts) != len(seeds):
         raise ValueError(f"{len(prompts)} prompts but {len(seeds)} seeds: pass one seed per prompt")
@@ -96,9 +97,10 @@ def sample_pairs(
     xs, vs = [], []
     for i in range(num_steps):
         t, s = float(sigmas[i]), float(sigmas[i + 1])
-        with autocast(device, amp):
-            v = model.velocity(x, torch.tensor(t), cond2, guidance_scale)
-        xs.append(x.to(record_dtype).cpu())
+        x_rec = x.to(record_dtype)                          # the state as the learner will read it
+        with autocast(device, precision):
+            v = model.velocity(x_rec, torch.tensor(t), cond2, guidance_scale)
+        xs.append(x_rec.cpu())
         vs.append(v.to(record_dtype).cpu())
         last = i == num_steps - 1
         g_i = 0.0 if last else gamma

@@ -53,7 +53,7 @@ def reward_specs(reward_cfg) -> list[dict]:
 def check_run(cfg) -> None:
     """Everything a run will build that can be checked without building it, so that a bad config fails here,
     before any Ray resource is taken: each reward component and ``eval.metrics`` scorer (names, settings and
-    their types, weights files, the judge template) and the model's local files."""
+    their types, weights files, the judge template), the model's local files and ``lora.init_from``'s folder."""
     from rewards.base import check_spec
     from rewards.combined import CombinedReward
 
@@ -72,6 +72,10 @@ def check_run(cfg) -> None:
     if m.kind == "sd3" and m.path and m.path.startswith(("/", ".", "~")) and not Path(m.path).expanduser().is_dir():
         raise FileNotFoundError(f"model.path={m.path!r} does not exist; point it at a downloaded "
                                 "StableDiffusion3Pipeline folder or use a hub id")
+    if cfg.lora.init_from:
+        from models.lora import check_init_from
+
+        check_init_from(cfg.lora.init_from)             # a local folder must hold a PEFT LoRA or an fdfo checkpoint
 
 
 def make_reward(reward_cfg):

@@ -10,11 +10,17 @@ An epoch's pairs are flattened into (branch, step) rows, shuffled globally and s
 ``updates_per_epoch`` optimizer steps (the reference's arithmetic); each step accumulates gradients over
 micro-batches of ``micro_batch_rows``. A pair is only trained on if it stays within ``max_policy_lag`` of the
 learner's version for the whole epoch; otherwise it is dropped as stale and reported.
+
+Numerics (``train.precision``): every forward runs under ``models.device.autocast``, the context the samplers record
+v under; fp16 adds the reference's GradScaler. An update whose gradient is not finite is skipped (the weights and
+AdamW state stay as they were, as the reference's scaler skips it), counted in ``learner/skipped_steps`` and the run
+goes on; the version still advances (it counts updates, so the epoch's arithmetic and the lr schedule hold).
 """
 
 from __future__ import annotations
 
 import copy
+import logging
 import math
 import time
 
@@ -25,8 +31,10 @@ from learner.batch import from_arrow
 from learner.loss import fdfo_loss
 from learner.weights import Weights, checksum
 from models.adapter import PromptCache
-from models.device import autocast
+from models.device import autocast, grad_scaler
 from models.lora import make_trainable, trainable
+
+log = logging.getLogger("fdfo")
 
 
 def scheduled_lr(train, version: int) -> float:
@@ -38,6 +46,12 @@ def scheduled_lr(train, version: int) -> float:
     frac = min(version / max(train.epochs * train.updates_per_epoch - 1, 1), 1.0)
     shape = 0.5 * (1 + math.cos(math.pi * frac)) if train.lr_schedule == "cosine" else 1 - frac
     return train.lr_final + (train.lr - train.lr_final) * shape
+
+
+def _finite_mean(values: list[float]) -> float:
+    """Mean of the finite values (a skipped update's inf/nan norm left out); nan when there are none."""
+    finite = [v for v in values if math.isfinite(v)]
+    return sum(finite) / len(finite) if finite else float("nan")
 
 
 class Learner:
@@ -62,6 +76,8 @@ class Learner:
         self.opt = torch.optim.AdamW(
             self.params, lr=train.lr, betas=tuple(train.betas), weight_decay=train.weight_decay, eps=train.adam_eps
         )
+        self.scaler = grad_scaler(model.device, train.precision)   # pass-through unless fp16 on CUDA
+        self.skipped_steps = 0                              # updates skipped for a non-finite gradient, all run
         self.version = 0
         self._epoch: dict | None = None                     # the epoch being updated (begin_epoch .. last update)
         self.prompts = PromptCache(model)                # embeddings per prompt, never shipped in batches
@@ -146,7 +162,8 @@ class Learner:
             out.update({f"learner/{k}": v for k, v in ep["sums"].items()})
             out.update({
                 "updates": len(ep["grad_norms"]),
-                "learner/grad_norm": sum(ep["grad_norms"]) / len(ep["grad_norms"]),
+                "learner/grad_norm": _finite_mean(ep["grad_norms"]),
+                "learner/skipped_steps": self.skipped_steps,
                 "learner/lr": self.opt.param_groups[0]["lr"],
                 "learner/policy_lag_mean": ep["lag_sum"] / ep["rows"],
                 "learner/policy_lag_max": ep["lag_max"],
@@ -161,12 +178,12 @@ class Learner:
         self.opt.zero_grad(set_to_none=True)
         for mb in self.batching.micro_batches(rows):
             x, v, sigma, d, dR, cond, lag = self._rows(ep["tb"], ep["keep"], mb)
-            with autocast(self.model.device, self.cfg.amp):
+            with autocast(self.model.device, self.cfg.precision):
                 v_theta = self.model.velocity(x, sigma, cond, ep["w"])
-            v_base = self._base_velocity(x, sigma, cond, ep["w"]) if self.cfg.kl_weight > 0 else None
+                v_base = self._base_velocity(x, sigma, cond, ep["w"]) if self.cfg.kl_weight > 0 else None
             loss, m = fdfo_loss(v_theta, v, d, dR, self.cfg.epsilon, v_base, self.cfg.kl_weight)
             share = len(mb) / len(rows)                       # gradients accumulate to the update's mean
-            (loss * share).backward()
+            self.scaler.scale(loss * share).backward()
             ep["lag_sum"], ep["lag_max"] = ep["lag_sum"] + float(lag.sum()), max(ep["lag_max"], int(lag.max()))
             for k, val in m.items():
                 if k == "log_rho_abs_max":
@@ -184,13 +201,20 @@ class Learner:
                 cond, self.version - tb.policy_version[r])
 
     def _step(self) -> float:
-        """Clip, set the scheduled lr, take the AdamW step; returns the gradient norm before clipping."""
+        """Unscale (fp16), clip, set the scheduled lr and take the AdamW step, or skip it and count it when the
+        gradient is not finite; returns the gradient norm before clipping (inf or nan for a skipped update)."""
+        self.scaler.unscale_(self.opt)
         gn = torch.nn.utils.clip_grad_norm_(self.params, self.cfg.grad_clip)
-        if not torch.isfinite(gn):
-            raise FloatingPointError(f"non-finite gradient norm at learner version {self.version}; lower train.lr")
         for group in self.opt.param_groups:
             group["lr"] = scheduled_lr(self.cfg, self.version)
-        self.opt.step()
+        if torch.isfinite(gn):
+            self.scaler.step(self.opt)
+        else:
+            self.skipped_steps += 1
+            log.warning("non-finite gradient norm at learner version %d: update skipped (%d so far); if this "
+                        "repeats outside fp16 warm-up, lower train.lr", self.version, self.skipped_steps)
+        self.scaler.update()                                # fp16: a skipped update halves the loss scale
+        self.opt.zero_grad(set_to_none=True)
         self.version += 1
         return float(gn)
 
@@ -248,10 +272,16 @@ class Learner:
         """Checkpoint weights, optimizer and ``state`` under ``run_dir``; returns the folder."""
         from learner.checkpoint import save_checkpoint
 
-        return str(save_checkpoint(run_dir, self, state, config))
+        ours = {"skipped_steps": self.skipped_steps, "grad_scaler": self.scaler.state_dict()}
+        return str(save_checkpoint(run_dir, self, {**state, "learner": ours}, config))
 
     def load(self, folder: str) -> dict:
         """Restore from a checkpoint folder; returns its saved ``state``."""
         from learner.checkpoint import load_checkpoint
 
-        return load_checkpoint(folder, self)
+        state = dict(load_checkpoint(folder, self))
+        ours = state.pop("learner", {})
+        self.skipped_steps = int(ours.get("skipped_steps", 0))
+        if ours.get("grad_scaler") and self.scaler.is_enabled():
+            self.scaler.load_state_dict(ours["grad_scaler"])
+        return state

@@ -149,20 +149,25 @@ class SD3Adapter:
         device: str | torch.device = "cuda",
         dtype: torch.dtype = torch.bfloat16,
         resolution: int = 512,
-        max_sequence_length: int = 256,
+        max_sequence_length: int = 128,
     ) -> "SD3Adapter":
-        """Load SD3 / SD3.5 from a hub id (e.g. ``stabilityai/stable-diffusion-3.5-medium``) or a local path."""
+        """Load SD3 / SD3.5 from a hub id (e.g. ``stabilityai/stable-diffusion-3.5-medium``) or a local path; T5
+        prompts are cut at ``max_sequence_length`` tokens (the reference's 128)."""
         from diffusers import StableDiffusion3Pipeline
 
         pipe = StableDiffusion3Pipeline.from_pretrained(path, torch_dtype=dtype)
         return cls(pipe, device, dtype, resolution, resolution, max_sequence_length)
 
     @classmethod
-    def tiny(cls, seed: int = 0) -> "SD3Adapter":
-        """The offline random-weight SD3 (32x32 images) used by tests and the CPU smoke preset."""
+    def tiny(cls, seed: int = 0, dtype: torch.dtype = torch.float32, **pipeline_kwargs) -> "SD3Adapter":
+        """The offline random-weight SD3 (32x32 images) used by tests and the CPU smoke preset; ``pipeline_kwargs``
+        go to ``tiny_sd3_pipeline`` (e.g. ``dual_attention_layers=(0,)``), ``dtype`` is its weights' dtype."""
         from models.tiny import MAX_TOKENS, tiny_sd3_pipeline
 
-        return cls(tiny_sd3_pipeline(seed), "cpu", torch.float32, max_sequence_length=MAX_TOKENS)
+        pipe = tiny_sd3_pipeline(seed, **pipeline_kwargs)
+        if dtype != torch.float32:
+            pipe.to(dtype=dtype)
+        return cls(pipe, "cpu", dtype, max_sequence_length=MAX_TOKENS)
 
     @torch.no_grad()
     def encode_prompts(self, prompts: Sequence[str]) -> PromptEmbeds:
@@ -180,9 +185,14 @@ class SD3Adapter:
         return PromptEmbeds(tokens.to(self.dtype), pooled.to(self.dtype))
 
     def _transformer_out(self, x: torch.Tensor, sigma: torch.Tensor, cond: PromptEmbeds) -> torch.Tensor:
-        timestep = (sigma.to(self.device) * 1000.0).expand(x.shape[0]).to(self.dtype)
+        # Timesteps reach the transformer in float32 (1000 * sigma), as the reference passes them: the model embeds
+        # them in float32 and casts the embedding itself (rounding t to bf16 would move it by up to 1.9 of 1000).
+        timestep = (sigma.to(self.device, torch.float32) * 1000.0).expand(x.shape[0])
+        # Under autocast x enters as given (the patch embedding's conv casts it to the autocast dtype, as in the
+        # reference); without it, x must match the weights' dtype.
+        autocasting = torch.is_autocast_enabled(self.device.type)
         return self.transformer(
-            hidden_states=x.to(self.dtype),
+            hidden_states=x if autocasting else x.to(self.dtype),
             encoder_hidden_states=cond.tokens,
             pooled_projections=cond.pooled,
             timestep=timestep,
@@ -207,8 +217,11 @@ class SD3Adapter:
         )
         both = PromptEmbeds(torch.cat([neg.tokens, cond.tokens]), torch.cat([neg.pooled, cond.pooled]))
         sigma2 = sigma.expand(x.shape[0]).repeat(2) if sigma.ndim else sigma
-        v_neg, v_pos = self._transformer_out(torch.cat([x, x]), sigma2, both).float().chunk(2)
-        return v_neg + guidance_scale * (v_pos - v_neg)
+        out = self._transformer_out(torch.cat([x, x]), sigma2, both)
+        # combined in the dtype the transformer computed in (fp16 under the reference's autocast), as the reference
+        # does: a v recorded in that dtype is then exactly the v the sampler stepped with
+        v_neg, v_pos = out.chunk(2)
+        return (v_neg + guidance_scale * (v_pos - v_neg)).float()
 
     def sigmas(self, num_steps: int) -> torch.Tensor:
         """The scheduler's sigma schedule: [num_steps + 1] floats from 1 down to 0 (shifted, SD3.5: 3.0)."""

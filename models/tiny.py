@@ -60,8 +60,10 @@ def _t5_tokenizer() -> T5Tokenizer:
     return T5Tokenizer(vocab=pieces, extra_ids=0, model_max_length=MAX_TOKENS)
 
 
-def tiny_sd3_pipeline(seed: int = 0, shift: float = 3.0) -> StableDiffusion3Pipeline:
-    """Build a random-weight SD3 pipeline (about 0.5 M parameters) deterministically from ``seed``."""
+def tiny_sd3_pipeline(seed: int = 0, shift: float = 3.0, num_layers: int = 2,
+                      dual_attention_layers: tuple[int, ...] = ()) -> StableDiffusion3Pipeline:
+    """Build a random-weight SD3 pipeline (about 0.5 M parameters) deterministically from ``seed``.
+    ``dual_attention_layers``: the blocks with SD3.5's second self-attention ``attn2`` (SD3.5 Medium: 0-12)."""
     torch.manual_seed(seed)
     clip_tok = _clip_tokenizer()
     clip_cfg = dict(
@@ -98,13 +100,14 @@ def tiny_sd3_pipeline(seed: int = 0, shift: float = 3.0) -> StableDiffusion3Pipe
         patch_size=2,
         in_channels=LATENT_CHANNELS,
         out_channels=LATENT_CHANNELS,
-        num_layers=2,
+        num_layers=num_layers,
         attention_head_dim=8,
         num_attention_heads=2,
         joint_attention_dim=T5_D_MODEL,
         caption_projection_dim=16,
         pooled_projection_dim=2 * CLIP_HIDDEN,
         pos_embed_max_size=LATENT_SIZE,
+        dual_attention_layers=tuple(dual_attention_layers),
     )
     vae = AutoencoderKL(
         in_channels=3,
