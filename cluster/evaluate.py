@@ -9,15 +9,16 @@ Usage::
 Evaluation samples with plain Euler (no churn) on fixed seeds, so before/after numbers are paired. It reports
 the training reward(s), every ``eval.metrics`` scorer (metrics the run did not train on) and a diversity
 measure: the mean pairwise RMS pixel distance between images of the same prompt with different seeds.
+The paper's evaluation protocol (``fdfo eval --suite paper|quick``) is ``cluster/eval_suite.py``.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from cluster.build import build_model, make_reward, metric_scorers
 from cluster.config import RunConfig, load_config
@@ -28,14 +29,16 @@ from models.images import save_grid
 from models.lora import make_trainable
 
 
-def load_policy(checkpoint: str | Path):
-    """A checkpoint folder (or a run folder / its ``checkpoints/latest``) -> (FlowModel with the trained weights,
-    its config, the checkpoint folder)."""
-    from safetensors.torch import load_file
-
-    from cluster.config import _build
+def checkpoint_config(checkpoint: str | Path, overrides: list[str] = ()) -> tuple[Path, RunConfig]:
+    """A checkpoint folder (or a run folder / its ``checkpoints/latest``) -> (the checkpoint folder, its run config
+    with ``overrides`` applied). Overrides of ``model.*`` and ``lora.*`` are refused: they describe its weights."""
+    from cluster.config import _build, upgraded, with_overrides
     from learner.checkpoint import latest_checkpoint
 
+    fixed = [o for o in overrides if o.split("=", 1)[0].split(".")[0] in ("model", "lora")]
+    if fixed:
+        raise ValueError(f"override {fixed[0]!r}: a checkpoint's model and LoRA settings describe its weights and "
+                         "cannot change; evaluate the base model with --config instead")
     folder = Path(checkpoint)
     if folder.name == "latest" or (folder / "checkpoints").is_dir():
         run_dir = folder.parent.parent if folder.name == "latest" else folder
@@ -44,13 +47,32 @@ def load_policy(checkpoint: str | Path):
             raise FileNotFoundError(f"no checkpoint under {run_dir}/checkpoints")
     if not (folder / "state.json").exists():
         raise FileNotFoundError(f"{folder} is not an fdfo checkpoint folder (no state.json)")
-    cfg = _build(RunConfig, json.loads((folder / "state.json").read_text())["config"])
+    cfg = _build(RunConfig, upgraded(json.loads((folder / "state.json").read_text())["config"]))
+    # the checkpoint's weights supersede the run's starting point: its source is not loaded again (nor needed)
+    cfg = dataclasses.replace(cfg, lora=dataclasses.replace(cfg.lora, init_from=None))
+    return folder, with_overrides(cfg, list(overrides))
+
+
+def checkpoint_weights(folder: str | Path):
+    """The trained tensors of a checkpoint folder as a verified ``Weights`` (what a sampler actor loads)."""
+    from safetensors.torch import load_file
+
+    from learner.weights import Weights
+
+    state = json.loads((Path(folder) / "state.json").read_text())
+    weights = Weights(version=int(state["version"]), tensors=load_file(str(Path(folder) / "trainable.safetensors")),
+                      checksum=state["checksum"])
+    weights.verify()
+    return weights
+
+
+def load_policy(checkpoint: str | Path):
+    """A checkpoint folder (or a run folder / its ``checkpoints/latest``) -> (FlowModel with the trained weights,
+    its config, the checkpoint folder)."""
+    folder, cfg = checkpoint_config(checkpoint)
     model = build_model(cfg.model)
     make_trainable(model.transformer, cfg.lora)
-    params = dict(model.transformer.named_parameters())
-    with torch.no_grad():
-        for name, t in load_file(str(folder / "trainable.safetensors")).items():
-            params[name].copy_(t)
+    checkpoint_weights(folder).load_into(model.transformer)
     model.transformer.requires_grad_(False)
     return model, cfg, folder
 

@@ -9,7 +9,7 @@ from models.images import to_uint8  # float images in [0, 1] -> the uint8 [B, H,
 from rewards.base import REGISTRY, Reward, RewardOutput, build_reward, check_images, combine, register
 from rewards import jpeg  # noqa: F401  (registers jpeg_compressibility)
 from rewards import shapes  # noqa: F401  (registers shapes_judge, shapes_exact, shapes_count)
-from rewards import clip  # noqa: F401  (registers pickscore, clipscore, hpsv2, aesthetic)
+from rewards import clip  # noqa: F401  (registers pickscore, clipscore, hpsv2, clip_logit, aesthetic)
 from rewards import combined  # noqa: F401  (registers weighted_sum; PRESETS, build_preset)
 from rewards import imagereward  # noqa: F401  (registers imagereward)
 from rewards import ocr  # noqa: F401  (registers ocr)

@@ -1,18 +1,26 @@
-"""CLIP-family rewards: PickScore, CLIPScore, HPSv2 and the LAION aesthetic predictor.
+"""CLIP-family rewards: PickScore, CLIPScore, HPSv2, logit-scaled CLIP and the LAION aesthetic predictor.
 
 Usage::
 
     pick = PickScore()                                   # yuvalkirstain/PickScore_v1 on the GPU if there is one
     out = pick.score(images_uint8_bhwc, prompts)         # out.scores [B], about 20-23 for good images
 
-All four share ``ClipEmbedder``: a transformers ``CLIPModel`` plus its processor, returning L2-normalised
+All five share ``ClipEmbedder``: a transformers ``CLIPModel`` plus its processor, returning L2-normalised
 image and text embeddings. Image preprocessing is transformers' PIL image processor (resize, centre crop,
 normalise), so no torchvision is needed. Formulas, with cos = <normalised text emb, normalised image emb>:
 
 - PickScore (Kirstain et al. 2023):      logit_scale.exp() * cos          (the model's learned temperature)
 - CLIPScore (torchmetrics convention):  scale * max(cos, 0), scale = 100  (Hessel et al. use w = 2.5)
-- HPSv2 (Wu et al. 2023):               cos                               (as the hpsv2 package reports)
+- HPSv2 (Wu et al. 2023):               cos                               (as the hpsv2 package reports; the
+                                                                           training reward's definition)
+                                        logit_scale.exp() * cos           (``logit_scale=True``: the FDFO paper's
+                                                                           evaluation, about 28)
+- clip_logit:                           logit_scale.exp() * cos of any CLIPModel (the paper's CLIP-H/14 and
+                                                                           CLIP-L/14 evaluation metrics)
 - aesthetic (LAION predictor v2):       MLP(normalised CLIP ViT-L/14 image emb); prompts are ignored
+
+PickScore and clip_logit run in float32 unless told otherwise (as the reference's training and evaluation do;
+fp16 shifts the scores); the others default to ``auto`` (fp16 on CUDA).
 """
 
 from __future__ import annotations
@@ -112,8 +120,10 @@ class PickScore:
 
     FORWARDS_SETTINGS_TO = (ClipEmbedder,)  # **embedder_kwargs: device, dtype, batch_size
 
-    def __init__(self, model: Any = PICKSCORE_MODEL, processor: Any = PICKSCORE_PROCESSOR, **embedder_kwargs: Any):
-        self.clip = ClipEmbedder(model=model, processor=processor, **embedder_kwargs)
+    def __init__(self, model: Any = PICKSCORE_MODEL, processor: Any = PICKSCORE_PROCESSOR, dtype: str = "float32",
+                 **embedder_kwargs: Any):
+        """dtype: float32 by default, as the reference (``auto`` = fp16 on CUDA, faster but shifted)."""
+        self.clip = ClipEmbedder(model=model, processor=processor, dtype=dtype, **embedder_kwargs)
 
     def score(self, images: np.ndarray, prompts: Sequence[str]) -> RewardOutput:
         """images uint8 [B, H, W, 3], B prompts -> [B] PickScore."""
@@ -140,7 +150,9 @@ class CLIPScore:
 
 @register("hpsv2")
 class HPSv2:
-    """HPSv2 / v2.1: cos(text, image) of an OpenCLIP ViT-H/14 fine-tuned on human preferences.
+    """HPSv2 / v2.1: cos(text, image) of an OpenCLIP ViT-H/14 fine-tuned on human preferences; with
+    ``logit_scale=True`` logit_scale.exp() * cos, the number the FDFO paper's evaluation reports (28.29 for its
+    combined policy, with the transformers conversion ``adams-story/HPSv2-hf``).
 
     Weights: the authors publish an OpenCLIP checkpoint (``HPS_v2.1_compressed.pt``, a torch state dict).
     Pass it as ``checkpoint=`` (loaded with ``torch.load(weights_only=True)`` and converted to transformers'
@@ -151,7 +163,8 @@ class HPSv2:
     FORWARDS_SETTINGS_TO = (ClipEmbedder,)  # **embedder_kwargs: device, dtype, batch_size
 
     def __init__(self, model: Any = None, checkpoint: str | None = None, base: str = CLIP_H14,
-                 processor: Any = None, **embedder_kwargs: Any):
+                 processor: Any = None, logit_scale: bool = False, **embedder_kwargs: Any):
+        self.logit_scale = bool(logit_scale)
         if (model is None) == (checkpoint is None):
             raise ValueError("HPSv2 needs exactly one of checkpoint= (path to HPS_v2.1_compressed.pt from the "
                              "HPSv2 authors) or model= (a converted CLIPModel directory, or a built model)")
@@ -172,7 +185,25 @@ class HPSv2:
     def score(self, images: np.ndarray, prompts: Sequence[str]) -> RewardOutput:
         check_images(images, prompts)
         cos = self.clip.cosine(images, prompts)
-        return RewardOutput(scores=cos, info={"cosine": cos})
+        return RewardOutput(scores=self.clip.logit_scale() * cos if self.logit_scale else cos, info={"cosine": cos})
+
+
+@register("clip_logit")
+class ClipLogitScore:
+    """logit_scale.exp() * cos(text, image) of any CLIPModel: the FDFO paper's CLIP-H/14 (``model=`` CLIP_H14,
+    about 35.8 for its combined policy) and CLIP-L/14 (the default, about 28.2) evaluation metrics. The same
+    formula as PickScore, without PickScore's weights; float32 by default, as the reference."""
+
+    FORWARDS_SETTINGS_TO = (ClipEmbedder,)  # **embedder_kwargs: device, batch_size
+
+    def __init__(self, model: Any = CLIP_L14, processor: Any = None, dtype: str = "float32", **embedder_kwargs: Any):
+        self.clip = ClipEmbedder(model=model, processor=processor, dtype=dtype, **embedder_kwargs)
+
+    def score(self, images: np.ndarray, prompts: Sequence[str]) -> RewardOutput:
+        """images uint8 [B, H, W, 3], B prompts -> [B] logit_scale.exp() * cos."""
+        check_images(images, prompts)
+        cos = self.clip.cosine(images, prompts)
+        return RewardOutput(scores=self.clip.logit_scale() * cos, info={"cosine": cos})
 
 
 def openclip_to_hf(sd: dict, num_layers_text: int, num_layers_vision: int) -> dict:
