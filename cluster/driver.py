@@ -31,7 +31,7 @@ def run_local(cfg: RunConfig, resume: bool = False) -> dict:
     setup_process(cfg)
     check_run(cfg)
     reward = make_reward(cfg.reward)
-    sampler = Sampler(partial(build_model, cfg.model), cfg.sampling, cfg.lora, amp=cfg.train.amp)
+    sampler = Sampler(partial(build_model, cfg.model), cfg.sampling, cfg.lora, precision=cfg.train.precision)
     learner = Learner(partial(build_model, cfg.model), cfg.train, Batching.of(cfg), cfg.lora, seed=cfg.seed)
     book = Book(cfg, resume=resume,
                 evaluate=lambda png: heldout_reward(cfg, sampler.generate, reward.score, png),
@@ -51,8 +51,9 @@ def run_local(cfg: RunConfig, resume: bool = False) -> dict:
 
 
 def train(cfg: RunConfig, book: Book, sampler: Sampler, reward, learner: Learner) -> None:
-    """The epochs: sample, score and pack an epoch of pairs with the current weights, update, publish."""
-    while book.epoch < cfg.train.epochs:
+    """The epochs: sample, score and pack an epoch of pairs with the current weights, update, publish; until
+    ``train.epochs`` are done or the book stops the run early (the hacking guard: ``book.stop_reason``)."""
+    while book.running:
         batches, todo = [], book.batching.pairs_per_epoch
         while todo > 0:
             req = book.request(min(cfg.sampling.pairs_per_call, todo))
@@ -72,6 +73,8 @@ def train(cfg: RunConfig, book: Book, sampler: Sampler, reward, learner: Learner
                 publish(learner, sampler)                                        # publish
             book.ledger.check()
             book.end_epoch(m)
+    if book.stop_reason is not None:
+        log.warning("stopped early at epoch %d of %d: %s", book.epoch, cfg.train.epochs, book.stop_reason)
 
 
 def publish(learner, sampler) -> None:

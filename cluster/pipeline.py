@@ -34,6 +34,7 @@ import torch
 from cluster.accounting import Ledger, Timers, drop_reasons
 from cluster.config import Batching, RunConfig, to_dict
 from cluster.evaluate import plot_learning_curve
+from cluster.guard import BEST, HackingGuard, gold_key, keep_best, read_best
 from cluster.prompts import load_prompts
 from cluster.schedule import PairSchedule
 from rewards.base import RewardOutput
@@ -153,6 +154,13 @@ class Book:
         self.t_start = self.epoch_start = time.perf_counter()
         self.before: dict = {}
         self.progress = None
+        self.stop_reason: str | None = None   # set when the run should end early (the hacking guard); drivers check it
+        self.saved: tuple[int, str] | None = None   # (version, folder) of the newest checkpoint this run wrote
+        key = gold_key(cfg)
+        prior = read_best(self.runlog.dir / "checkpoints") if resume and key else None
+        self.guard = None if key is None else HackingGuard(
+            key, cfg.eval.hacking_window, cfg.eval.hacking_tolerance,
+            best=prior["value"] if prior and prior.get("metric") == key else -float("inf"))
 
     # -- stage bookkeeping ------------------------------------------------------------------------------------
     def request(self, n: int) -> dict:
@@ -221,12 +229,17 @@ class Book:
             **{f"drops/{k}": v for k, v in self.ledger.dropped.items()},
         })
         self.rewards = {}
-        every = self.cfg.eval.every_epochs
+        if self.guard is not None:
+            self.guard.epoch_reward(m["reward/mean"])
+        verdict, every = None, self.cfg.eval.every_epochs
         if every and (self.epoch + 1) % every == 0:
             t_eval = time.perf_counter()
             m.update(self.evaluate(self.runlog.dir / "heldout_latest.png"))
             m["perf/eval_s"] = time.perf_counter() - t_eval       # inside perf/wall_s (time-to-reward benches subtract it)
             self.runlog.image("eval/heldout", m.pop("grid"), self.epoch + 1)
+            if self.guard is not None:
+                verdict = self.guard.observe(self.epoch, m)
+                m.update(verdict.metrics)
         if self.sink is not None:
             self.sink.export(m)
         self.runlog.scalars(self.epoch, m)
@@ -240,9 +253,41 @@ class Book:
             self.progress.set_postfix(reward=f"{m['reward/mean']:.4g}", v=self.version)
         ckpt = self.cfg.train.checkpoint_every
         if ckpt and self.version - self.last_checkpoint >= ckpt:
-            self.save(self.epoch)
+            self.saved = (self.version, self.save(self.epoch))
             self.last_checkpoint = self.version
+        if verdict is not None:
+            self.guarded(verdict)
         return m
+
+    def guarded(self, verdict) -> None:
+        """Act on the hacking guard's verdict of the epoch just closed: a new best gold value is kept as
+        ``checkpoints/best`` (this epoch's checkpoint, written unless the cadence just wrote it); hacking is logged
+        loudly and, with ``eval.stop_on_hacking``, sets ``stop_reason``, which ends the drivers' loops."""
+        m = verdict.metrics
+        log.info("guard: %s %.4g (best %.4g), drop in window %.4g, training reward slope %.4g per epoch", self.guard.key,
+                 m["guard/gold"], m.get("guard/gold_best", float("nan")), m.get("guard/gold_drop", float("nan")),
+                 m.get("guard/reward_slope", float("nan")))
+        if verdict.new_best:
+            if self.saved is None or self.saved[0] != self.version:
+                self.saved = (self.version, self.save(self.epoch))
+            info = {"epoch": self.epoch, "version": self.version, "value": m["guard/gold"], "metric": self.guard.key}
+            try:
+                best = keep_best(self.saved[1], self.runlog.dir / "checkpoints", info)
+                log.info("guard: new best %s = %.4g after %d epochs (version %d): %s", self.guard.key, m["guard/gold"],
+                         self.epoch, self.version, best)
+            except FileNotFoundError as e:      # a learner on another node without a shared filesystem
+                log.warning("guard: best checkpoint not kept: %s", e)
+        if verdict.hacking:
+            alarm = self.guard.alarm(self.epoch - 1, m)
+            log.warning("!" * 20 + " " + alarm + (" -- stopping (eval.stop_on_hacking)" if self.cfg.eval.stop_on_hacking
+                        else " -- continuing (set eval.stop_on_hacking=true to stop)"))
+            if self.cfg.eval.stop_on_hacking:
+                self.stop_reason = alarm
+
+    @property
+    def running(self) -> bool:
+        """Whether the drivers' loops go on: epochs left and no early stop (``stop_reason``)."""
+        return self.epoch < self.cfg.train.epochs and self.stop_reason is None
 
     # -- start and end -----------------------------------------------------------------------------------------
     def resume(self, load: Callable[[str], dict]) -> None:
@@ -279,15 +324,24 @@ class Book:
     def finish(self, **extra) -> dict:
         """The final checkpoint, the held-out evaluation after training, grids, learning curve and the summary."""
         self.progress.close()
+        if self.stop_reason is not None:            # stopped early: pairs still in flight (Ray) are not trained
+            self.drop("interrupted", self.ledger.in_flight)
         self.ledger.check()
-        checkpoint = self.save(self.cfg.train.epochs)
+        checkpoint = self.save(self.epoch)          # train.epochs, unless the run stopped early
         after = self.evaluate(self.runlog.dir / "heldout_after.png")
         report = self._report(after)
         log.info(self.ledger.line())
         last = {k: v for k, v in (self.history[-1] if self.history else {}).items() if isinstance(v, (int, float))}
         return {"history": self.history, "ledger": self.ledger.summary(), "version": self.version,
                 "final": {**report.pop("heldout_summary"), **last},
-                "paths": {"run_dir": str(self.runlog.dir), "checkpoint": checkpoint, **report["paths"]}, **extra}
+                "paths": {"run_dir": str(self.runlog.dir), "checkpoint": checkpoint, **report["paths"],
+                          **self._best_paths()},
+                "stopped": self.stop_reason, **extra}
+
+    def _best_paths(self) -> dict:
+        """The kept best checkpoint and its ``best.json`` (empty without a gold metric or before a first evaluation)."""
+        info = read_best(self.runlog.dir / "checkpoints") if self.guard is not None else None
+        return {} if info is None else {"best_checkpoint": str(self.runlog.dir / "checkpoints" / BEST), "best": info}
 
     def _report(self, after: dict) -> dict:
         """Held-out reward before/after, the grids and the learning curve, logged and returned."""

@@ -12,11 +12,15 @@ A checkpoint folder ``<run_dir>/checkpoints/v<version>/`` holds:
 - ``trainable.safetensors``: the learner's trainable tensors by parameter name (exact resume);
 - ``optimizer.safetensors`` + ``optimizer.json``: AdamW moments and hyper-parameters;
 - ``state.json``: version, counters, seeds and the run config.
+
+``<run_dir>/checkpoints/latest`` names the newest folder (what ``--resume`` continues from); ``best`` beside
+them is the hacking guard's copy of the best-scoring one (cluster/guard.py), never resumed from.
 """
 
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import torch
@@ -72,12 +76,41 @@ def save_checkpoint(run_dir: str | Path, learner, state: dict, config: dict) -> 
     meta = {"version": learner.version, "checksum": w.checksum, "state": state, "config": config}
     (folder / "state.json").write_text(json.dumps(meta, indent=1, default=str))
     (Path(run_dir) / "checkpoints" / LATEST).write_text(folder.name)
+    prune_checkpoints(Path(run_dir) / "checkpoints", keep=int((config.get("train") or {}).get("keep_checkpoints", 0)))
     return folder
 
 
+def prune_checkpoints(folder: Path, keep: int) -> list[str]:
+    """Delete all but the ``keep`` newest versioned checkpoints under ``folder`` (0 = keep all); the one ``latest``
+    names and ``best`` always stay. Returns the names deleted."""
+    import shutil
+
+    if keep <= 0:
+        return []
+    marker = folder / LATEST
+    latest = marker.read_text().strip() if marker.exists() else None
+    versions = sorted((p for p in folder.glob("v[0-9]*") if p.is_dir() and re.fullmatch(r"v\d+", p.name)),
+                      key=lambda p: int(p.name[1:]))
+    gone = [p for p in versions[:-keep] if p.name != latest]
+    for p in gone:
+        shutil.rmtree(p)
+    return [p.name for p in gone]
+
+
 def latest_checkpoint(run_dir: str | Path) -> Path | None:
+    """The folder the ``latest`` marker names (None without a marker): always a versioned ``v<version>`` folder,
+    never ``best`` (the hacking guard's copy of the best-scoring checkpoint, cluster/guard.py), which may be older
+    than the run's state and so must not be resumed from."""
     marker = Path(run_dir) / "checkpoints" / LATEST
-    return marker.parent / marker.read_text().strip() if marker.exists() else None
+    if not marker.exists():
+        return None
+    name = marker.read_text().strip()
+    if not re.fullmatch(r"v\d+", name):
+        newest = sorted(marker.parent.glob("v[0-9]*"))
+        raise ValueError(f"{marker} names {name!r}, not a versioned checkpoint folder (v<version>): --resume continues "
+                         f"only from the run's newest checkpoint, never from 'best'; write "
+                         f"{newest[-1].name if newest else 'the newest v... folder name'!r} into it")
+    return marker.parent / name
 
 
 def load_checkpoint(folder: str | Path, learner) -> dict:
