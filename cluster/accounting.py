@@ -6,8 +6,9 @@ import time
 from collections import Counter
 from contextlib import contextmanager
 
-# interrupted: in flight when a run stopped (a resumed run reports them instead of forgetting them)
-DROP_REASONS = ("stale", "reward_failure", "non_finite_reward", "actor_lost", "interrupted")
+# interrupted: in flight when a run stopped (a resumed run reports them instead of forgetting them); rolled_back:
+# trained by updates a lost learner took with it (the run restarted from the checkpoint before them)
+DROP_REASONS = ("stale", "reward_failure", "non_finite_reward", "actor_lost", "interrupted", "rolled_back")
 
 
 class Ledger:

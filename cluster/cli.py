@@ -1,11 +1,14 @@
 """The ``fdfo`` command line.
 
-    fdfo train [--config PRESET_OR_YAML] [--local] [--resume] [section.key=value ...]
-    fdfo eval [--config PRESET | --checkpoint FOLDER] [--out DIR] [section.key=value ...]
-    fdfo generate --checkpoint FOLDER --prompt TEXT [--prompt TEXT ...] [--seed N ...] [--out DIR]
+    fdfo train [--config PRESET_OR_YAML] [--local] [--resume] [--init-from LORA] [section.key=value ...]
+    fdfo eval [--config PRESET [--init-from LORA] | --checkpoint FOLDER] [--out DIR] [section.key=value ...]
+    fdfo eval --suite paper|quick [--config PRESET [--init-from LORA] | --checkpoint FOLDER] [--local] [--out DIR] [...]
+    fdfo generate (--checkpoint FOLDER | [--config PRESET] --init-from LORA) --prompt TEXT [--prompt TEXT ...] [--seed N ...] [--out DIR]
     fdfo presets
 
 ``python -m cluster.cli train ...`` is the same thing, and is the ``ray job submit`` entrypoint.
+``--init-from LORA`` is the override ``lora.init_from=LORA``: a PEFT LoRA folder, an fdfo checkpoint or run folder, or
+a hub folder such as ``nvidia/finite-difference-flow-optimization/fdfo-combined-reward-no-cfg/epoch-0000100``.
 """
 
 from __future__ import annotations
@@ -16,7 +19,33 @@ import signal
 import sys
 from pathlib import Path
 
-from cluster.config import CONFIG_DIR, load_config, with_overrides
+from cluster.config import CONFIG_DIR, load_config
+
+
+INIT_HELP = ("start from these weights (= lora.init_from=...): a PEFT LoRA folder, an fdfo checkpoint or run folder, "
+             "or a hub folder owner/name/sub/folder")
+
+
+def _init_override(args) -> list[str]:
+    """``--init-from PATH`` as the override ``lora.init_from=PATH`` (quoted, so YAML keeps it a string); a local folder
+    made absolute, so that actors started elsewhere (another working directory) find it on this machine."""
+    source = getattr(args, "init_from", None)
+    if not source:
+        return []
+    local = Path(source).expanduser()
+    return [f"lora.init_from={json.dumps(str(local.resolve()) if local.exists() else source)}"]
+
+
+def _init_policy(config: str | None, overrides: list[str]):
+    """The base model of ``config`` with ``lora.init_from``'s weights, if set (evaluation and generation)."""
+    from cluster.evaluate import base_model
+    from models.lora import make_trainable
+
+    model, cfg = base_model(config, overrides)
+    if cfg.lora.init_from:
+        make_trainable(model.transformer, cfg.lora)
+        model.transformer.requires_grad_(False)
+    return model, cfg
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -27,6 +56,7 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("--local", action="store_true", help="one process, no Ray (debug: breakpoint() works)")
     t.add_argument("--resume", action="store_true", help="continue from the run's last checkpoint")
     t.add_argument("--summary-json", default=None, help="write the final summary (ledger, metrics) to this file")
+    t.add_argument("--init-from", default=None, help=INIT_HELP)
     t.add_argument("overrides", nargs="*", help="config overrides: section.key=value (e.g. train.lr=1e-4)")
     e = sub.add_parser("eval", help="held-out reward, unseen metrics, diversity; JSON + image grid")
     e.add_argument("--config", default=None, help="evaluate this preset's base model (when no --checkpoint)")
@@ -34,10 +64,18 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--out", default=None, help="output folder (default: the checkpoint's run folder / runs/<name>)")
     e.add_argument("--num-prompts", type=int, default=None)
     e.add_argument("--seeds", type=int, default=None, help="images per prompt")
+    e.add_argument("--suite", choices=("paper", "quick"), default=None,
+                   help="the paper's evaluation (cluster/eval_suite.py): pickscore_train 4,096 x 1 and HPDv2 3,200 x 4 "
+                        "prompts x images; quick: their first 64 prompts. --num-prompts caps each set")
+    e.add_argument("--local", action="store_true", help="with --suite: generate in this process, not on "
+                   "runtime.num_samplers sampler actors")
+    e.add_argument("--init-from", default=None, help=INIT_HELP + " (with --config)")
     e.add_argument("overrides", nargs="*", help="config overrides, e.g. prompts.eval_source=builtin:shapes-train "
                    "(with --checkpoint: any but model.* and lora.*)")
     g = sub.add_parser("generate", help="images from a checkpoint for given prompts and seeds")
-    g.add_argument("--checkpoint", required=True)
+    g.add_argument("--checkpoint", default=None, help="checkpoint folder, or a run folder (its latest checkpoint)")
+    g.add_argument("--config", default=None, help="with --init-from: the preset whose base model the LoRA adapts")
+    g.add_argument("--init-from", default=None, help=INIT_HELP + " (instead of --checkpoint)")
     g.add_argument("--prompt", action="append", required=True, help="repeat for several prompts")
     g.add_argument("--seed", type=int, nargs="+", default=[0])
     g.add_argument("--out", default="generated")
@@ -52,39 +90,69 @@ def main(argv: list[str] | None = None) -> int:
             first = path.read_text().splitlines()[0].lstrip("# ")
             print(f"{path.stem:20s} {first}")
         return 0
+    if args.command == "eval" and args.suite:
+        return _eval_suite(args)
     if args.command == "eval":
-        from cluster.evaluate import base_model, evaluate, load_policy
-
-        if args.checkpoint:
-            fixed = [o for o in args.overrides if o.split("=", 1)[0].split(".")[0] in ("model", "lora")]
-            if fixed:
-                raise ValueError(f"override {fixed[0]!r}: a checkpoint's model and LoRA settings describe its weights and "
-                                 "cannot change; evaluate the base model with --config instead")
-            model, cfg, folder = load_policy(args.checkpoint)
-            cfg = with_overrides(cfg, args.overrides)     # e.g. prompts.eval_source=builtin:shapes-train
-            out, tag = args.out or str(folder.parent.parent), f"eval_{folder.name}"
-        else:
-            (model, cfg), out, tag = base_model(args.config, args.overrides), args.out, "eval_base"
-            out = out or f"{cfg.output_dir}/{cfg.name}"
-        print(json.dumps(evaluate(model, cfg, out, args.num_prompts, args.seeds, tag=tag), indent=2))
-        return 0
+        return _eval(args)
     if args.command == "generate":
-        from PIL import Image
+        return _generate(args)
+    return _train(args)
 
-        from models.euler import generate_images
-        from cluster.evaluate import load_policy
 
-        model, cfg, _ = load_policy(args.checkpoint)
-        Path(args.out).mkdir(parents=True, exist_ok=True)
-        prompts = [p for p in args.prompt for _ in args.seed]
-        seeds = [s for _ in args.prompt for s in args.seed]
-        images = generate_images(model, prompts, seeds, cfg.eval.num_steps or cfg.sampling.num_steps, cfg.sampling.guidance_scale)
-        for k, (p, s, img) in enumerate(zip(prompts, seeds, images)):
-            path = Path(args.out) / f"{k:03d}_seed{s}_{'_'.join(p.split())[:60]}.png"
-            Image.fromarray(img).save(path)
-            print(path)
-        return 0
-    overrides = list(args.overrides) + (["runtime.local=true"] if args.local else [])
+def _eval_suite(args) -> int:
+    from cluster.eval_suite import eval_suite_command
+
+    if args.seeds is not None or (args.checkpoint and args.init_from):
+        raise ValueError("with --suite: --seeds does not apply (its prompt sets fix the images per prompt), and "
+                         "--init-from goes with --config, not --checkpoint")
+    print(json.dumps(eval_suite_command(args.suite, args.config, args.checkpoint, args.out,
+                                        args.overrides + _init_override(args), local=args.local,
+                                        num_prompts=args.num_prompts), indent=2))
+    return 0
+
+
+def _eval(args) -> int:
+    from cluster.evaluate import checkpoint_config, evaluate, load_policy
+
+    if args.local:
+        raise ValueError("--local goes with --suite (the held-out evaluation always runs in this process)")
+    if args.checkpoint and args.init_from:
+        raise ValueError("--init-from sets the starting weights of --config's model; a --checkpoint has its own "
+                         "weights: give one of them")
+    if args.checkpoint:
+        folder, cfg = checkpoint_config(args.checkpoint, args.overrides)   # e.g. prompts.eval_source=builtin:shapes-train
+        model = load_policy(folder)[0]
+        out, tag = args.out or str(folder.parent.parent), f"eval_{folder.name}"
+    else:
+        (model, cfg), out = _init_policy(args.config, args.overrides + _init_override(args)), args.out
+        tag = "eval_init" if cfg.lora.init_from else "eval_base"
+        out = out or f"{cfg.output_dir}/{cfg.name}"
+    print(json.dumps(evaluate(model, cfg, out, args.num_prompts, args.seeds, tag=tag), indent=2))
+    return 0
+
+
+def _generate(args) -> int:
+    from PIL import Image
+
+    from cluster.evaluate import load_policy
+    from models.euler import generate_images
+
+    if bool(args.checkpoint) == bool(args.init_from):
+        raise ValueError("fdfo generate needs exactly one of --checkpoint FOLDER or --init-from LORA (with --config)")
+    model, cfg = load_policy(args.checkpoint)[:2] if args.checkpoint else _init_policy(args.config, _init_override(args))
+    Path(args.out).mkdir(parents=True, exist_ok=True)
+    prompts = [p for p in args.prompt for _ in args.seed]
+    seeds = [s for _ in args.prompt for s in args.seed]
+    images = generate_images(model, prompts, seeds, cfg.eval.num_steps or cfg.sampling.num_steps, cfg.sampling.guidance_scale)
+    for k, (p, s, img) in enumerate(zip(prompts, seeds, images)):
+        path = Path(args.out) / f"{k:03d}_seed{s}_{'_'.join(p.split())[:60]}.png"
+        Image.fromarray(img).save(path)
+        print(path)
+    return 0
+
+
+def _train(args) -> int:
+    overrides = list(args.overrides) + (["runtime.local=true"] if args.local else []) + _init_override(args)
     cfg = load_config(args.config, overrides)            # bad config fails here, before Ray starts
     # `ray job stop` sends SIGTERM: stop as Ctrl-C does (the drivers write a checkpoint and the accounting line)
     signal.signal(signal.SIGTERM, lambda signum, frame: signal.default_int_handler(signum, frame))
@@ -96,7 +164,7 @@ def main(argv: list[str] | None = None) -> int:
         from cluster.runtime import run_ray
 
         result = run_ray(cfg, resume=args.resume)
-    summary = {k: v for k, v in result.items() if k in ("ledger", "version", "final", "paths", "samplers")}
+    summary = {k: v for k, v in result.items() if k in ("ledger", "version", "final", "paths", "samplers", "faults")}
     print(json.dumps(summary, indent=2, default=str))
     for name, v in (result.get("final") or {}).get("heldout", {}).items():
         print(f"held-out {name[:-len('/mean')]}: before {v['before']:.4f} -> after {v['after']:.4f} ({v['gain']:+.4f})")

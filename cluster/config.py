@@ -37,7 +37,7 @@ class ModelConfig:
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"  # compute dtype of the frozen weights
     device: str = "auto"  # "auto" = cuda when the actor has a GPU, else cpu
     resolution: int = 512  # image height and width (kind sd3)
-    max_sequence_length: int = 256  # T5 tokens (kind sd3)
+    max_sequence_length: int = 128  # T5 tokens (kind sd3; the reference's 128)
     seed: int = 0  # weight seed of the random tiny model (kind sd3_tiny)
 
 
@@ -47,7 +47,8 @@ class LoraSettings:
     rank: int = 32  # LoRA rank r
     alpha: float = 64.0  # LoRA alpha (scale alpha / r)
     init: str = "gaussian"  # peft init_lora_weights
-    target_modules: tuple[str, ...] = LORA_TARGET_MODULES  # attention projections (models/lora.py)
+    target_modules: tuple[str, ...] = LORA_TARGET_MODULES  # attention projections (models/lora.py; peft matches a dotted suffix)
+    init_from: str | None = None  # start weights: a PEFT LoRA folder, an fdfo checkpoint or run folder, or a hub folder (owner/name/sub/folder); every role loads it (fdfo ... --init-from)
 
 
 @dataclass(frozen=True)
@@ -87,9 +88,10 @@ class TrainConfig:
     epochs: int = 1000  # epochs to run
     lr_schedule: Literal["constant", "cosine", "linear"] = "constant"  # lr from `lr` at update 0 to `lr_final` at the last (epochs * updates_per_epoch)
     lr_final: float = 0.0  # the lr the cosine / linear schedule ends at (ignored when constant)
-    amp: bool = True  # bf16 autocast for the forward on CUDA (ignored on CPU)
+    precision: Literal["fp32", "bf16", "fp16"] = "bf16"  # numerics of every velocity, sampler and learner alike: autocast dtype on CUDA (fp16 = the reference's, with a GradScaler; fp32 = none); CPU never autocasts (the model's dtype)
     max_policy_lag: int | None = None  # max (learner version - sample version) at any update; None = 2*updates_per_epoch - 1
-    checkpoint_every: int = 0  # save every K updates (0 = only at the end)
+    checkpoint_every: int = 20  # save every K updates (0 = only at the end); a lost learner restarts from the last one, so at most K updates are trained again
+    keep_checkpoints: int = 3  # checkpoints kept under checkpoints/ (the oldest go; 0 = keep all)
 
 
 @dataclass(frozen=True)
@@ -99,7 +101,13 @@ class RuntimeConfig:
     overlap: bool = False  # false = lock-step, as the reference: sample an epoch with the current weights, then train it (bench_time_to_reward: as much gain per pair as the in-process loop); true = keep sampling while the learner trains, within train.max_policy_lag
     num_samplers: int = 1  # sampler actors at start (min of the pool)
     max_samplers: int | None = None  # autoscaling ceiling for samplers; None = num_samplers
-    num_reward_actors: int = 1  # reward actors, each serving the whole weighted sum (requests spread over them by pair id)
+    num_reward_actors: int = 1  # reward actors (or Serve replicas, the pool's minimum), each serving the whole weighted sum
+    max_reward_actors: int | None = None  # the reward pool's ceiling; above num_reward_actors the pool is a Ray Serve deployment whose replicas follow its queue (cluster/serving.py); None = num_reward_actors
+    reward_backend: Literal["auto", "actors", "serve"] = "auto"  # auto: Serve when max_reward_actors > num_reward_actors, else plain actors (requests spread by pair id)
+    reward_target_ongoing: float = 2.0  # Serve autoscaling: requests (sampler calls) in flight per replica it aims at
+    reward_upscale_delay_s: float = 10.0  # Serve autoscaling: how long demand must stay high before a replica is added
+    reward_downscale_delay_s: float = 60.0  # Serve autoscaling: how long demand must stay low before a replica goes
+    reward_look_back_s: float = 10.0  # Serve autoscaling: the window its queue-depth average is taken over
     sampler_num_gpus: float = 0.0  # GPUs per sampler actor
     sampler_num_cpus: float = 1.0  # CPUs per sampler actor
     reward_num_gpus: float = 0.0  # GPUs per reward actor
@@ -112,6 +120,9 @@ class RuntimeConfig:
     torch_threads: int | None = None  # torch intra-op threads of every actor; None = each actor's CPU reservation (at least 1); in process: torch's default (all cores)
     weight_sync: Literal["auto", "object_store", "collective"] = "auto"  # auto: weights under 512 MiB (LoRA, small models) via the object store after every update, larger via a gloo/NCCL group once an epoch
     weight_sync_timeout_s: float = 120.0  # a collective transfer stalled this long (a member died) fails over to the object store
+    sampler_resources: dict = field(default_factory=dict)  # custom Ray resources each sampler asks for, e.g. {sampler: 1}: roles land on their own node types (ray start --resources='{"sampler": 8}')
+    reward_resources: dict = field(default_factory=dict)  # the same for each reward actor
+    learner_resources: dict = field(default_factory=dict)  # the same for the learner
     resource_wait_s: float = 600.0  # a joined cluster short of what the pools ask may scale up: wait this long (logging every 30 s), then fail naming the role
 
 
@@ -123,6 +134,12 @@ class EvalConfig:
     num_steps: int | None = None  # Euler steps; None = sampling.num_steps
     seed: int = 1234  # fixes the evaluation prompts and seeds, so before/after numbers are paired
     metrics: tuple[dict, ...] = ()  # extra scorers the run does not train on, e.g. [{name: shapes_exact}]
+    gold_metric: str | None = None  # held-out metric that guards the run (cluster/guard.py): keeps checkpoints/best and detects reward hacking; a short name (shapes_exact) or full key (eval/metric/shapes_exact/mean); higher is better
+    hacking_window: int = 4  # evaluations the hacking test looks back over (>= 2)
+    hacking_tolerance: float = 0.05  # hacking = gold fell more than this (its units) below its best in the window while the training reward's slope is positive
+    stop_on_hacking: bool = False  # end the run when hacking is detected (final checkpoint and report still written)
+    suite_prompts: dict | None = None  # `fdfo eval --suite`: prompt source per set, {pickscore_train: FILE, hpdv2: FILE or hub:zhwang/HPDv2}; None = cluster/eval_suite.py's defaults
+    suite_scorers: dict | None = None  # `fdfo eval --suite`: settings per scorer (pickscore, hpsv2, clip_h14, clip_l14, dreamsim, vlm), e.g. {vlm: {backend: server, url: ...}}; None = the reference's models (vlm: the run's vlm_judge component if any)
 
 
 @dataclass(frozen=True)
@@ -281,8 +298,21 @@ def with_overrides(cfg: RunConfig, overrides: list[str] = ()) -> RunConfig:
     return config_from_dict(to_dict(cfg, redact=False), overrides)     # in memory: keeps the secrets it holds
 
 
+def upgraded(data: dict) -> dict:
+    """A config dict written before a key was renamed, in today's keys: ``train.amp`` (true = bf16 autocast on CUDA)
+    is ``train.precision`` since the fp16 numerics mode (checkpoints keep the config they were trained with)."""
+    train = data.get("train")
+    if isinstance(train, dict) and "amp" in train:
+        train = dict(train)
+        amp = train.pop("amp")
+        train.setdefault("precision", "bf16" if amp else "fp32")
+        data = {**data, "train": train}
+    return data
+
+
 def config_from_dict(data: dict, overrides: list[str] = ()) -> RunConfig:
     """A plain config dict plus ``a.b=value`` overrides -> a checked ``RunConfig``."""
+    data = upgraded(data)
     for item in overrides:
         if "=" not in item:
             raise ValueError(f"override {item!r} must look like section.key=value (e.g. train.lr=1e-4)")
@@ -296,6 +326,9 @@ def config_from_dict(data: dict, overrides: list[str] = ()) -> RunConfig:
         data = _merge(data, node)
     cfg = _build(RunConfig, data)
     Batching.of(cfg)  # fail on bad arithmetic before any resource is taken
+    from cluster.guard import gold_key
+
+    gold_key(cfg)     # eval.gold_metric names an eval metric of this run
     return cfg
 
 

@@ -32,6 +32,7 @@ import os
 
 os.environ.setdefault("RAY_AUTH_MODE", "token")  # must precede `import ray`
 
+import json
 import logging
 import time
 from dataclasses import dataclass, field
@@ -39,13 +40,14 @@ from functools import partial
 
 import numpy as np
 import ray
-from ray.exceptions import RayActorError, RayError
+from ray.exceptions import ObjectLostError, OwnerDiedError, RayActorError, RayError
 
 from actors.sampler import Sampler
 from cluster.build import build_model, check_run, reward_specs
 from cluster.config import Batching, RunConfig, to_dict
 from cluster.evaluate import heldout_reward
 from cluster.pipeline import Book, check_proof, deferred_interrupts, setup_process
+from cluster.serving import RewardService, check_reward_pool, uses_serve
 from learner.learner import Learner
 from rewards.batcher import RewardBatcher
 
@@ -82,11 +84,28 @@ ROLE_KEYS = {"learner": ("learner_num_cpus", "learner_num_gpus"), "reward": ("re
              "sampler": ("sampler_num_cpus", "sampler_num_gpus")}
 
 
+def role_ask(rt, role: str) -> dict[str, float]:
+    """What one actor of ``role`` asks of a node: CPU, GPU and the role's custom resources
+    (``runtime.<role>_resources``, which is how roles land on their own node types)."""
+    cpu_key, gpu_key = ROLE_KEYS[role]
+    custom = getattr(rt, f"{role}_resources")
+    for k, v in custom.items():
+        if k in ("CPU", "GPU", "memory", "object_store_memory") or not isinstance(v, (int, float)) or v < 0:
+            raise ValueError(f"runtime.{role}_resources: {k}: {v!r} is not a custom resource amount; give names of "
+                             f"resources the nodes advertise (ray start --resources) with amounts >= 0, and CPUs/GPUs "
+                             f"as runtime.{cpu_key} / runtime.{gpu_key}")
+    return {"CPU": getattr(rt, cpu_key), "GPU": getattr(rt, gpu_key), **{k: float(v) for k, v in custom.items()}}
+
+
+def role_counts(rt) -> dict[str, int]:
+    return {"learner": 1, "reward": rt.num_reward_actors, "sampler": rt.num_samplers}
+
+
 def resource_shortfall(rt, nodes: list[dict]) -> str | None:
     """What the run's actors ask for that ``nodes`` (each its resources: {"CPU": n, "GPU": n, ...}) cannot give,
     naming the role, its ask, what exists and the override; None when everything fits (each actor on some node,
     all of them within the totals)."""
-    count = {"learner": 1, "reward": rt.num_reward_actors, "sampler": rt.num_samplers}
+    count = role_counts(rt)
     have = {k: sum(n.get(k, 0.0) for n in nodes) for k in ("CPU", "GPU")}
     largest = {k: max((n.get(k, 0.0) for n in nodes), default=0.0) for k in ("CPU", "GPU")}
     shown = lambda r: f"{{CPU: {r['CPU']:g}, GPU: {r['GPU']:g}}}"  # noqa: E731
@@ -97,6 +116,9 @@ def resource_shortfall(rt, nodes: list[dict]) -> str | None:
             keys = " / ".join(f"runtime.{cpu_key if k == 'CPU' else gpu_key}" for k in short)
             return (f"the {role} actor asks for {shown(ask)} but the largest node of this cluster has {shown(largest)} "
                     f"({len(nodes)} nodes, {shown(have)} in all): lower {keys} or add a node that large")
+    short = custom_shortfall(rt, nodes)
+    if short:
+        return short
     need = {k: sum(count[r] * getattr(rt, ROLE_KEYS[r][k == "GPU"]) for r in count) for k in ("CPU", "GPU")}
     short = [k for k in need if need[k] > have[k]]
     if short:
@@ -104,6 +126,27 @@ def resource_shortfall(rt, nodes: list[dict]) -> str | None:
                           for r in count)
         return (f"the run's actors ask for {shown(need)} in all ({parts}) but this cluster has {shown(have)}: lower "
                 f"runtime.num_samplers / runtime.num_reward_actors or the per-actor asks, or add nodes")
+    return None
+
+
+def custom_shortfall(rt, nodes: list[dict]) -> str | None:
+    """The custom-resource part of ``resource_shortfall``: every role's whole ask on one node, the totals per name."""
+    count, totals = role_counts(rt), {}
+    for role in ROLE_KEYS:
+        ask = role_ask(rt, role)
+        custom = {k: v for k, v in ask.items() if k not in ("CPU", "GPU")}
+        for k, v in custom.items():
+            totals[k] = totals.get(k, 0.0) + count[role] * v
+        if custom and not any(all(n.get(k, 0.0) >= v for k, v in ask.items()) for n in nodes):
+            return (f"the {role} actor asks for {ask} (runtime.{role}_resources and its CPUs/GPUs) but no node of this "
+                    f"cluster has all of that: start nodes of that type (ray start --resources="
+                    f"'{json.dumps({k: int(v) if float(v).is_integer() else v for k, v in custom.items()})}' with the "
+                    f"CPUs/GPUs), or change runtime.{role}_resources")
+    for k, v in totals.items():
+        have = sum(n.get(k, 0.0) for n in nodes)
+        if v > have:
+            return (f"the run's actors ask for {v:g} of custom resource {k!r} in all but this cluster has {have:g}: "
+                    f"add nodes that advertise it, or lower runtime.num_samplers / runtime.num_reward_actors")
     return None
 
 
@@ -119,8 +162,7 @@ def await_resources(rt, can_scale: bool) -> None:
         raise RuntimeError(f"{short} (a local Ray instance does not grow)")
     from ray.autoscaler.sdk import request_resources
 
-    bundles = [{"CPU": getattr(rt, c), "GPU": getattr(rt, g)} for role, (c, g) in ROLE_KEYS.items()
-               for _ in range({"learner": 1, "reward": rt.num_reward_actors, "sampler": rt.num_samplers}[role])]
+    bundles = [role_ask(rt, role) for role, n in role_counts(rt).items() for _ in range(n)]
     request_resources(bundles=[{k: v for k, v in b.items() if v} for b in bundles])
     deadline, t_log = time.monotonic() + rt.resource_wait_s, 0.0
     while short is not None:
@@ -176,6 +218,10 @@ class Metrics:
             "samplers": g("fdfo_samplers", "live sampler actors"),
             "sampler_busy": g("fdfo_sampler_busy", "share of the last epoch's wall time the samplers computed"),
             "learner_busy": g("fdfo_learner_busy", "share of the last epoch's wall time the learner computed"),
+            "reward_replicas": g("fdfo_reward_replicas", "running reward actors / Serve replicas"),
+            "guard_hacking": g("fdfo_guard_hacking", "1 when the gold metric fell while the training reward rose"),
+            "guard_gold": g("fdfo_guard_gold", "the held-out gold metric at the last evaluation"),
+            "guard_gold_drop": g("fdfo_guard_gold_drop", "how far the gold metric is below its best in the window"),
         }
         self.trained_pairs = Counter("fdfo_pairs_trained", description="pairs trained on", tag_keys=tags)
         self.dropped = Counter("fdfo_pairs_dropped", description="pairs dropped, by reason", tag_keys=("run", "reason"))
@@ -217,6 +263,10 @@ EXPORTED = (  # (epoch metric, gauge name)
     ("runtime/samplers", "samplers"),
     ("perf/sampler_busy", "sampler_busy"),
     ("perf/learner_busy", "learner_busy"),
+    ("runtime/reward_replicas", "reward_replicas"),
+    ("guard/hacking", "guard_hacking"),
+    ("guard/gold", "guard_gold"),
+    ("guard/gold_drop", "guard_gold_drop"),
 )
 
 
@@ -253,11 +303,13 @@ def actor_threads(rt, num_cpus: float) -> int:
     return rt.torch_threads or max(1, int(num_cpus))
 
 
-def _learner_actor(cfg: RunConfig):
+def _learner_actor(cfg: RunConfig, index: int = 0):
+    """The learner; a replacement for a lost one is ``fdfo/learner/<index>``."""
     rt = cfg.runtime
     return (
         ray.remote(Learner)
-        .options(name="fdfo/learner", num_cpus=rt.learner_num_cpus, num_gpus=rt.learner_num_gpus, max_restarts=0)
+        .options(name="fdfo/learner" + (f"/{index}" if index else ""), num_cpus=rt.learner_num_cpus,
+                 num_gpus=rt.learner_num_gpus, resources=dict(rt.learner_resources), max_restarts=0)
         .remote(model=partial(build_model, cfg.model), train=cfg.train, batching=Batching.of(cfg), lora=cfg.lora,
                 seed=cfg.seed, threads=actor_threads(rt, rt.learner_num_cpus))
     )
@@ -267,7 +319,8 @@ def _reward_actor(cfg: RunConfig, index: int):
     rt = cfg.runtime
     return (
         ray.remote(RewardBatcher)
-        .options(name=f"fdfo/reward/{index}", num_cpus=rt.reward_num_cpus, num_gpus=rt.reward_num_gpus, max_restarts=0)
+        .options(name=f"fdfo/reward/{index}", num_cpus=rt.reward_num_cpus, num_gpus=rt.reward_num_gpus,
+                 resources=dict(rt.reward_resources), max_restarts=0)
         .remote(reward_spec={"name": "weighted_sum", "specs": reward_specs(cfg.reward)}, max_batch_size=rt.reward_max_batch,
                 max_wait_s=rt.reward_max_wait_s, timeout_s=rt.reward_timeout_s,
                 torch_threads=actor_threads(rt, rt.reward_num_cpus))
@@ -276,13 +329,15 @@ def _reward_actor(cfg: RunConfig, index: int):
 
 def _sampler_actor(cfg: RunConfig, index: int):
     """A sampler actor. ``complete`` runs in its own concurrency group ("pack"): packing a job whose reward is still
-    being computed never holds up the next ``sample`` call (sampling stays one call at a time)."""
+    being computed never holds up the next ``sample`` call (sampling stays one call at a time). Samplers spread
+    over the nodes that can hold them, so losing one node costs a share of the pool, not all of it."""
     rt = cfg.runtime
     return (
         ray.remote(concurrency_groups={"pack": 1})(Sampler)
-        .options(name=f"fdfo/sampler/{index}", num_cpus=rt.sampler_num_cpus, num_gpus=rt.sampler_num_gpus, max_restarts=0)
+        .options(name=f"fdfo/sampler/{index}", num_cpus=rt.sampler_num_cpus, num_gpus=rt.sampler_num_gpus,
+                 resources=dict(rt.sampler_resources), scheduling_strategy="SPREAD", max_restarts=0)
         .remote(model=partial(build_model, cfg.model), sampling=cfg.sampling, lora=cfg.lora, index=index,
-                amp=cfg.train.amp, threads=actor_threads(rt, rt.sampler_num_cpus))
+                precision=cfg.train.precision, threads=actor_threads(rt, rt.sampler_num_cpus))
     )
 
 
@@ -294,12 +349,14 @@ def run_ray(cfg: RunConfig, resume: bool = False) -> dict:
     max_samplers = rt.max_samplers or rt.num_samplers
     if not 1 <= rt.num_samplers <= max_samplers:
         raise ValueError(f"need 1 <= runtime.num_samplers ({rt.num_samplers}) <= runtime.max_samplers ({max_samplers})")
-    started = connect(rt, max_samplers * rt.sampler_num_cpus + rt.num_reward_actors * rt.reward_num_cpus + rt.learner_num_cpus)
+    check_reward_pool(rt)
+    max_rewards = rt.max_reward_actors or rt.num_reward_actors
+    started = connect(rt, max_samplers * rt.sampler_num_cpus + max_rewards * rt.reward_num_cpus + rt.learner_num_cpus)
     await_resources(rt, can_scale=not started)
     run = RayRun(cfg, resume)
     try:
         run.book.start()
-        while run.book.epoch < cfg.train.epochs:
+        while run.book.running:                        # epochs left, and no early stop (the hacking guard's)
             if not run.start_update():
                 break                                  # everything requested was dropped: nothing left to train on
             run.fill()
@@ -314,6 +371,7 @@ def run_ray(cfg: RunConfig, resume: bool = False) -> dict:
         run.stop()
         raise
     else:
+        run.finishing = True
         summary = run.book.finish()
         summary["samplers"] = run.close()
         summary["sampled_versions"] = dict(sorted(run.sampled.items()))
@@ -347,14 +405,21 @@ class RayRun:
         self.cfg, self.rt = cfg, cfg.runtime
         self.max_samplers = self.rt.max_samplers or self.rt.num_samplers
         self.learner = _learner_actor(cfg)
-        self.rewards = [_reward_actor(cfg, i) for i in range(self.rt.num_reward_actors)]
+        self.learner_index = 0                           # a replacement learner is fdfo/learner/<n>
+        self.checkpoint: str | None = None               # the last checkpoint this run wrote or resumed from
+        self.orphaned: set[tuple[int, str]] = set()      # (version, checksum) published by a learner since lost
+        self.finishing = False                           # the final checkpoint and evaluation are being written
+        self.service: RewardService | None = None       # the elastic reward pool (Serve), or fixed reward actors
+        self.rewards = [] if uses_serve(self.rt) else [_reward_actor(cfg, i) for i in range(self.rt.num_reward_actors)]
         self.reward_index = len(self.rewards)            # names of replacements continue from here
         self.faults: list[dict] = []                     # what was lost and what replaced it (the faults report)
         self.pool = Pool()
         try:
+            if uses_serve(self.rt):
+                self.service = RewardService(cfg, threads=actor_threads(self.rt, self.rt.reward_num_cpus))
             self.book = Book(cfg, evaluate=self.evaluate, save=self.save, resume=resume, sink=Metrics(cfg.name))
             if resume:
-                self.book.resume(lambda folder: ray.get(self.learner.load.remote(folder)))
+                self.book.resume(self._load)
             nbytes = ray.get(self.learner.trainable_bytes.remote())
             self.sync = WeightSync(self.learner, collective=use_collective(self.rt.weight_sync, nbytes),
                                    timeout_s=self.rt.weight_sync_timeout_s)
@@ -365,7 +430,8 @@ class RayRun:
             self.weights_ref = None if self.sync.collective else self.learner.weights.remote()
             self.book.version = self.book.last_checkpoint = self.version
             self.jobs: dict[ray.ObjectRef, Job] = {}
-            self.ready: list[tuple[ray.ObjectRef, int, dict, int]] = []   # (Arrow batch ref, pairs, reward stats, first pair id)
+            # (Arrow batch ref, pairs, reward stats, first pair id, (version, checksum) it was sampled with)
+            self.ready: list[tuple[ray.ObjectRef, int, dict, int, tuple[int, str]]] = []
             self.update: dict | None = None             # the epoch being updated: pairs, steps left, metrics so far
             self.learner_ref: ray.ObjectRef | None = None  # the learner call in flight (begin_epoch or update)
             self.waited_for_data = 0.0
@@ -373,7 +439,7 @@ class RayRun:
             for _ in range(self.rt.num_samplers):
                 self.add_sampler()
             self.threads = {"learner": ray.get(self.learner.torch_threads.remote()),
-                            "reward": [ray.get(r.stats.remote())["torch_threads"] for r in self.rewards]}
+                            "reward": [s["torch_threads"] for s in self.reward_stats()]}
             log.info("weights: %.1f MiB per version via %s; torch threads: %s", nbytes / 2**20,
                      "a collective group" if self.sync.collective else "the object store", self.threads)
         except BaseException:
@@ -395,7 +461,7 @@ class RayRun:
                 n_take += take[-1][1]
             # in request order, not arrival order: an epoch's update does not depend on which sampler finished first
             take.sort(key=lambda r: r[3])
-            self.book.taken([stats for _, _, stats, _ in take])
+            self.book.taken([r[2] for r in take])
             self.learner_ref = self.learner.begin_epoch.remote(*(ref for ref, *_ in take))          # update
             self.update = {"pairs": n_take, "left": self.book.batching.updates_per_epoch, "m": {},
                            "started": time.perf_counter(), "weights": None}
@@ -420,8 +486,12 @@ class RayRun:
             req = self.book.request(room)
             ahead += len(req["pair_ids"])
             job_ref, images_ref = actor.sample.options(num_returns=2).remote(**req, newest=self.newest())  # sample
-            reward = self.rewards[req["pair_ids"][0] % len(self.rewards)]
-            out_ref = reward.score.remote(images=images_ref, prompts=[p for p in req["prompts"] for _ in range(2)])  # score
+            prompts = [p for p in req["prompts"] for _ in range(2)]
+            if self.service is not None:                                                                # score
+                reward, out_ref = None, self.service.score(images_ref, prompts)
+            else:
+                reward = self.rewards[req["pair_ids"][0] % len(self.rewards)]
+                out_ref = reward.score.remote(images=images_ref, prompts=prompts)
             batch_ref, report_ref = actor.complete.options(num_returns=2, concurrency_group="pack").remote(
                 job=job_ref, rewards=out_ref)                                                           # pack
             self.jobs[report_ref] = Job(i, req["pair_ids"], reward, job_ref, out_ref, batch_ref, report_ref)
@@ -452,6 +522,9 @@ class RayRun:
         try:
             out = ray.get(ref)
         except RayError as e:  # an input batch was lost with its node, or the learner died
+            if isinstance(e, RayActorError) and e.actor_id == self.learner._actor_id.hex():
+                self.lose_learner()
+                return
             if isinstance(e, RayActorError) or u["m"]:
                 raise
             log.warning("epoch lost its inputs (%r); %d pairs counted as actor_lost", e, u["pairs"])
@@ -497,9 +570,10 @@ class RayRun:
             "reward/backlog": float(sum(s["backlog"] for s in stats)),
             "runtime/samplers": self.pool.size(),                  # working or still joining
             "runtime/samplers_joining": len(self.pool.joining),
+            "runtime/reward_replicas": self.service.replicas() if self.service is not None else len(self.rewards),
         })
         self.book.end_epoch(m)
-        if self.book.epoch < self.cfg.train.epochs:    # the pool changes only while there is sampling left to do
+        if self.book.running:                          # the pool changes only while there is sampling left to do
             self.autoscale(step_s)
 
     def on_job(self, ref) -> None:
@@ -511,24 +585,33 @@ class RayRun:
             report = ray.get(job.report_ref)
         except RayActorError as e:
             self.book.drop("actor_lost", len(job.pair_ids))
-            if e.actor_id == job.reward._actor_id.hex():   # the reward actor died: the sampler lives, free what it holds
-                self.lose_reward(job.reward)
-                self.forget(job)
-            else:
+            sampler = self.pool.actors.get(job.sampler)
+            if sampler is None or e.actor_id == sampler._actor_id.hex():
                 self.lose_sampler(job.sampler)
+            else:                  # the reward actor (or Serve replica, which Serve replaces) died: the sampler lives
+                if job.reward is not None:
+                    self.lose_reward(job.reward)
+                self.forget(job)
             return
-        except RayError as e:  # the reward actor failed this request: the pairs' trajectories are gone
-            log.warning("reward request failed for %d pairs: %s", len(job.pair_ids), e)
-            self.book.drop("reward_failure", len(job.pair_ids))
+        except RayError as e:  # the reward actor failed this request, or an input was lost with its node
+            lost = isinstance(e, (ObjectLostError, OwnerDiedError))
+            log.warning("%s for %d pairs: %s", "an input was lost with its node" if lost else "reward request failed",
+                        len(job.pair_ids), e)
+            self.book.drop("actor_lost" if lost else "reward_failure", len(job.pair_ids))
             self.forget(job)
             return
-        check_proof(report | {"sampler": job.sampler}, report["version"], self.checksums.get(report["version"]))
-        self.sampled[report["version"]] = self.sampled.get(report["version"], 0) + 1
+        sampled_with = (report["version"], report["checksum"])
+        orphan = sampled_with in self.orphaned         # sampled with a version a lost learner published
+        if not orphan:
+            check_proof(report | {"sampler": job.sampler}, report["version"], self.checksums.get(report["version"]))
+            self.sampled[report["version"]] = self.sampled.get(report["version"], 0) + 1
         out = ray.get(job.out_ref)
         self.book.timers.add("score", _score_seconds(out))
         kept, stats = self.book.packed(job.pair_ids, out, report)
-        if kept:
-            self.ready.append((job.batch_ref, kept, stats, job.pair_ids[0]))
+        if orphan:
+            self.book.drop("stale", kept)              # its policy is gone with the learner: not trained on
+        elif kept:
+            self.ready.append((job.batch_ref, kept, stats, job.pair_ids[0], sampled_with))
 
     # -- lost actors and the sampler pool ----------------------------------------------------------------------------
     def lose_reward(self, dead) -> None:
@@ -542,8 +625,59 @@ class RayRun:
         log.warning("reward actor %d lost; replaced by fdfo/reward/%d", k, self.reward_index)
         self.reward_index += 1
 
+    def lose_learner(self) -> None:
+        """The learner died: a new one restores the last checkpoint this run wrote or resumed from (the starting
+        weights if none), and the run goes on from there: the epochs since are trained again with new pairs (the
+        pairs they had trained count ``rolled_back``), the epoch being updated is lost with its pairs
+        (``actor_lost``), every sampler loads the restored version, and pairs sampled with a version the lost
+        learner published are dropped as ``stale`` (ready, or when they land)."""
+        t0, lost_epoch, lost_version = time.perf_counter(), self.book.epoch, self.book.version
+        u, self.update, self.learner_ref = self.update, None, None
+        if u is not None:
+            self.book.drop("actor_lost", u["pairs"])
+        ray.kill(self.learner)
+        self.learner_index += 1
+        self.learner = _learner_actor(self.cfg, self.learner_index)
+        state = self._load(self.checkpoint) if self.checkpoint else {"epoch": 0, "ledger": {"pairs_trained": 0}}
+        version, checksum = ray.get(self.learner.weights_info.remote())
+        self.orphaned |= {(v, c) for v, c in self.checksums.items() if v > version or (v == version and c != checksum)}
+        self.checksums = {v: c for v, c in self.checksums.items() if v < version} | {version: checksum}
+        b = self.book
+        rolled_back = b.ledger.trained - state["ledger"]["pairs_trained"]
+        b.ledger.trained -= rolled_back
+        b.drop("rolled_back", rolled_back)
+        b.history = [h for h in b.history if h["epoch"] < state["epoch"]]
+        b.epoch, b.version, b.checksum, b.last_checkpoint, b.rewards = state["epoch"], version, checksum, version, {}
+        if b.progress is not None:
+            b.progress.n = b.epoch
+        for r in [r for r in self.ready if r[4] in self.orphaned]:
+            self.ready.remove(r)
+            b.drop("stale", r[1])
+        self.version = version
+        self.sync.learner, self.sync.members_changed = self.learner, True
+        ref = self.sync.broadcast(self.pool, version, checksum)             # every sampler on the restored version
+        if not self.sync.collective:
+            self.weights_ref = ref
+        while self.sync.lost:
+            self.lose_sampler(self.sync.lost.pop())
+        fault = {"role": "learner", "lost": self.learner_index - 1, "replaced_by": self.learner_index,
+                 "epoch": lost_epoch, "lost_version": lost_version, "restored_from": self.checkpoint,
+                 "restored_version": version, "restored_epoch": b.epoch, "rolled_back_pairs": rolled_back,
+                 "recover_s": round(time.perf_counter() - t0, 3)}
+        self.faults.append(fault)
+        log.warning("learner lost at epoch %d (version %d); fdfo/learner/%d restored version %d (epoch %d) from %s in "
+                    "%.1f s; %d trained pairs rolled back", lost_epoch, lost_version, self.learner_index, version,
+                    b.epoch, self.checkpoint or "the starting weights", fault["recover_s"], rolled_back)
+
     def reward_stats(self) -> list[dict]:
-        """Each reward actor's counters; one that died since is replaced (its counters are gone with it)."""
+        """Each reward actor's counters (one replica's for a Serve pool); one that died since is replaced (its
+        counters are gone with it)."""
+        if self.service is not None:
+            try:
+                return [self.service.stats()]
+            except RayError as e:
+                log.warning("reward pool stats unavailable: %r", e)
+                return [{"mean_latency_s": float("nan"), "backlog": 0, "torch_threads": None}]
         stats = []
         for r in list(self.rewards):
             try:
@@ -578,6 +712,9 @@ class RayRun:
         except RayActorError as e:
             log.warning("sampler %d died while starting (%s)", i, e)
             self.lose_sampler(i)
+            return
+        if (proof["version"], proof["checksum"]) in self.orphaned:   # it loaded what a lost learner published
+            self.pool.joining[actor.set_weights.remote(weights=self.weights_ref)] = (i, actor)
             return
         check_proof(proof, proof["version"], self.checksums.get(proof["version"]))
         self.pool.actors[i], self.pool.busy[i] = actor, 0
@@ -626,23 +763,59 @@ class RayRun:
 
     # -- what the book calls -------------------------------------------------------------------------------------
     def evaluate(self, png) -> dict:
-        """Held-out evaluation on a sampler (the current weights) and the first reward actor."""
-        while not self.pool.actors:                   # at the start every sampler may still be joining
-            self.on_joined(ray.wait(list(self.pool.joining), num_returns=1)[0][0])
-        sampler = next(iter(self.pool.actors.values()))
-        gen = lambda prompts, seeds, steps: ray.get(sampler.generate.remote(prompts=prompts, seeds=seeds, num_steps=steps,  # noqa: E731
-                                                                            newest=self.newest()))
-        score = lambda images, prompts: ray.get(self.rewards[0].score.remote(images=images, prompts=prompts))  # noqa: E731
+        """Held-out evaluation on a sampler (the current weights) and the first reward actor; one that dies meanwhile
+        is replaced and its call made again on another."""
+        def gen(prompts, seeds, steps):
+            while True:
+                while not self.pool.actors:            # at the start (or after a loss) every sampler may be joining
+                    self.on_joined(ray.wait(list(self.pool.joining), num_returns=1)[0][0])
+                i, sampler = next(iter(self.pool.actors.items()))
+                try:
+                    return ray.get(sampler.generate.remote(prompts=prompts, seeds=seeds, num_steps=steps, newest=self.newest()))
+                except RayActorError:
+                    self.lose_sampler(i)
+
+        def score(images, prompts):
+            if self.service is not None:
+                return ray.get(self.service.score(images, prompts))
+            while True:
+                reward = self.rewards[0]
+                try:
+                    return ray.get(reward.score.remote(images=images, prompts=prompts))
+                except RayActorError:
+                    self.lose_reward(reward)
+
         return heldout_reward(self.cfg, gen, score, png)
 
     def save(self, epoch: int) -> str:
-        return ray.get(self.learner.save.remote(str(self.book.runlog.dir), self.book.state(epoch), to_dict(self.cfg)))
+        """Checkpoint the learner; one that dies meanwhile is restored from the previous checkpoint (the epochs since
+        are trained again), except at the final checkpoint, which fails the run (``--resume`` continues it)."""
+        try:
+            self.checkpoint = ray.get(self.learner.save.remote(str(self.book.runlog.dir), self.book.state(epoch),
+                                                               to_dict(self.cfg)))
+        except RayActorError as e:
+            if self.finishing or e.actor_id != self.learner._actor_id.hex():
+                raise
+            self.lose_learner()
+        return self.checkpoint
+
+    def _load(self, folder: str) -> dict:
+        """Restore the learner from a checkpoint folder; it becomes the one a lost learner restarts from."""
+        state = ray.get(self.learner.load.remote(folder))
+        self.checkpoint = folder
+        return state
 
     def close(self) -> list[dict]:
         """Every sampler brought to the final version (on the object-store path samplers load versions lazily) and
         its proof of what it holds; the weight group closed."""
-        for ref in list(self.pool.joining):           # one the pool grew by at the end: take it in
-            self.on_joined(ref)
+        if self.pool.joining:                         # one the pool grew by at the end: take it in if it has started
+            ready, pending = ray.wait(list(self.pool.joining), num_returns=len(self.pool.joining), timeout=30.0)
+            for ref in ready:
+                self.on_joined(ref)
+            for ref in pending:                       # never placed (no node for it): it never did any work
+                i, actor = self.pool.joining.pop(ref)
+                log.warning("sampler %d never started (no node could hold it); released", i)
+                ray.kill(actor)
         if self.weights_ref is not None:
             for proof in ray.get([a.set_weights.remote(weights=self.weights_ref) for a in self.pool.actors.values()]):
                 check_proof(proof, self.version, self.checksums[self.version])
@@ -665,6 +838,8 @@ class RayRun:
         """Release every actor now, not at garbage collection (their names and resources free at once)."""
         for handle in [self.learner, *self.rewards, *self.pool.actors.values(), *(a for _, a in self.pool.joining.values())]:
             ray.kill(handle)
+        if self.service is not None:
+            self.service.stop()
 
 
 def _score_seconds(out) -> float:

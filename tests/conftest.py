@@ -7,6 +7,10 @@ import socket
 import pytest
 
 os.environ.setdefault("RAY_AUTH_MODE", "token")
+# Serve's autoscaler sees queue depth as replicas and handles report it (every 10 s by default): twice a second here,
+# so the reward pool's scaling tests take seconds
+os.environ.setdefault("RAY_SERVE_REPLICA_AUTOSCALING_METRIC_PUSH_INTERVAL_S", "0.5")
+os.environ.setdefault("RAY_SERVE_HANDLE_AUTOSCALING_METRIC_PUSH_INTERVAL_S", "0.5")
 
 
 def free_port() -> int:
@@ -20,7 +24,8 @@ def ray_local():
     import ray
 
     port = free_port()
-    ray.init(num_cpus=8, namespace="fdfo", include_dashboard=False, _metrics_export_port=port,
+    # address="local": always a new instance, never a cluster another test or a `ray start` left on this machine
+    ray.init(address="local", num_cpus=8, namespace="fdfo", include_dashboard=False, _metrics_export_port=port,
              logging_level="WARNING", log_to_driver=False)
     yield {"metrics_port": port}
     ray.shutdown()

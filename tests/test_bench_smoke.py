@@ -43,3 +43,17 @@ def test_broadcast_smoke(tmp_path):
     # every path ran and is stated against its target: verified broadcasts within 3 x a raw copy + 50 ms
     assert payload["results"] and all(r["median_s"] > 0 for r in payload["results"].values())
     assert {r["target"] for r in payload["results"].values() if "target" in r} <= {"PASS", "FAIL"}
+
+
+def test_faults_smoke_a_whole_node_lost(tmp_path):
+    # node "a" holds the learner, the reward actor and one of the two samplers; it is removed mid-run (a replacement
+    # node of its type joins first): all three roles are replaced, the learner from its last checkpoint (every 4
+    # versions), and the run still trains each of its 6 epochs of 16 pairs once on the surviving lineage
+    (row,) = bench("bench/bench_faults.py", tmp_path, "--faults", "node")["rows"]
+    assert row["survived"], row
+    assert sorted(f["role"] for f in row["faults"]) == ["learner", "reward", "sampler"]
+    learner = next(f for f in row["faults"] if f["role"] == "learner")
+    assert learner["restored_version"] % 4 == 0 and learner["restored_epoch"] == learner["restored_version"] // 2
+    assert row["dropped"].get("rolled_back", 0) == learner["rolled_back_pairs"] == (learner["epoch"] - learner["restored_epoch"]) * 16
+    assert set(row["dropped"]) <= {"actor_lost", "rolled_back", "stale"} and row["dropped"].get("actor_lost", 0) > 0
+    assert row["pairs_trained"] == 6 * 16 and row["version"] == 12 and row["recover_s"] is not None

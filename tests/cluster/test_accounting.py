@@ -55,14 +55,14 @@ def test_check_fails_when_more_pairs_are_counted_than_requested():
 
 
 def test_drop_refuses_an_unknown_reason_and_ignores_zero():
-    book = ledger(5, 0)
+    book = ledger(6, 0)
     msg = ("unknown drop reason 'timeout'; one of ('stale', 'reward_failure', 'non_finite_reward', 'actor_lost', "
-           "'interrupted')")
+           "'interrupted', 'rolled_back')")
     with pytest.raises(ValueError, match="^" + re.escape(msg) + "$"):
         book.drop("timeout", 2)
     book.drop("interrupted", 0)                                # counted as nothing, not listed as a reason
-    assert book.dropped == Counter() and book.in_flight == 5
-    assert book.line() == "pairs requested 5 = trained 0 + dropped 0 (none) + in flight 5"
+    assert book.dropped == Counter() and book.in_flight == 6
+    assert book.line() == "pairs requested 6 = trained 0 + dropped 0 (none) + in flight 6"
     for reason in DROP_REASONS:
         book.drop(reason, 1)
     assert book.in_flight == 0 and dict(book.dropped) == {r: 1 for r in DROP_REASONS}

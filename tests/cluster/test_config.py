@@ -44,3 +44,12 @@ def test_wrong_types_and_bad_arithmetic_explain_themselves():
         load_config("no-such-preset")
     with pytest.raises(ValueError, match="section.key=value"):
         load_config("tiny-cpu", ["train.lr"])
+
+
+def test_a_config_written_before_train_precision_still_loads():
+    # checkpoints keep the config they were trained with: train.amp (bf16 autocast on CUDA, or none) is train.precision
+    from cluster.config import config_from_dict
+
+    assert config_from_dict({"train": {"amp": True}}).train.precision == "bf16"
+    assert config_from_dict({"train": {"amp": False, "lr": 1e-4}}).train.precision == "fp32"
+    assert config_from_dict({"train": {"amp": False, "precision": "fp16"}}).train.precision == "fp16"

@@ -110,3 +110,31 @@ def test_a_cluster_that_may_scale_is_asked_and_waited_for(monkeypatch):
     monkeypatch.setattr(runtime.ray, "nodes", lambda: [{"Alive": True, "Resources": {"CPU": 2.0}}])
     with pytest.raises(RuntimeError, match=r"waited runtime.resource_wait_s = 0 s for the cluster to scale$"):
         runtime.await_resources(rt("runtime.resource_wait_s=0"), can_scale=True)
+
+
+def test_roles_on_their_own_node_types_are_checked_by_custom_resource():
+    roles = ["runtime.sampler_resources={sampler: 1}", "runtime.learner_resources={learner: 1}"]
+    gpu_node, sampler_node = {"CPU": 8.0, "GPU": 1.0, "learner": 1.0}, {"CPU": 4.0, "sampler": 2.0}
+    assert runtime.resource_shortfall(rt(*roles, "runtime.num_samplers=2"), [gpu_node, sampler_node]) is None
+    # the sampler's CPU and its node type exist, but never on one node
+    msg = runtime.resource_shortfall(rt(*roles, "runtime.sampler_num_cpus=6"), [gpu_node, sampler_node])
+    assert msg == ("the sampler actor asks for {'CPU': 6.0, 'GPU': 0.0, 'sampler': 1.0} (runtime.sampler_resources and "
+                   "its CPUs/GPUs) but no node of this cluster has all of that: start nodes of that type (ray start "
+                   "--resources='{\"sampler\": 1}' with the CPUs/GPUs), or change runtime.sampler_resources")
+    msg = runtime.resource_shortfall(rt(*roles, "runtime.num_samplers=3"), [gpu_node, sampler_node])
+    assert msg == ("the run's actors ask for 3 of custom resource 'sampler' in all but this cluster has 2: add nodes "
+                   "that advertise it, or lower runtime.num_samplers / runtime.num_reward_actors")
+    with pytest.raises(ValueError, match=r"^runtime.reward_resources: GPU: 1 is not a custom resource amount; .* "
+                                         r"as runtime.reward_num_cpus / runtime.reward_num_gpus$"):
+        runtime.resource_shortfall(rt("runtime.reward_resources={GPU: 1}"), [gpu_node])
+
+
+def test_a_cluster_that_may_scale_is_asked_for_each_role_with_its_node_type(monkeypatch):
+    import ray.autoscaler.sdk
+
+    asked = []
+    monkeypatch.setattr(ray.autoscaler.sdk, "request_resources", lambda bundles: asked.append(bundles))
+    monkeypatch.setattr(runtime.ray, "nodes", lambda: [{"Alive": True, "Resources": {"CPU": 4.0}}])
+    with pytest.raises(RuntimeError, match="waited runtime.resource_wait_s"):
+        runtime.await_resources(rt("runtime.sampler_resources={sampler: 1}", "runtime.resource_wait_s=0"), can_scale=True)
+    assert asked == [[{"CPU": 1.0}, {"CPU": 0.5}, {"CPU": 1.0, "sampler": 1.0}]]

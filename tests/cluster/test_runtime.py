@@ -142,6 +142,40 @@ def test_a_killed_actor_costs_only_its_pairs(ray_local, tmp_path, role):
     assert all(s["version"] == out["version"] for s in out["samplers"])
 
 
+def test_a_lost_learner_restarts_from_the_last_checkpoint(ray_local, tmp_path):
+    # overlapped, two samplers, a checkpoint every 4 versions (2 epochs): the learner is killed mid-run; a new one
+    # restores the last checkpoint, the epochs since are trained again, pairs sampled with the lost versions are
+    # dropped as stale, and the run ends with every epoch trained exactly once on the surviving lineage
+    import ray
+
+    result = {}
+    extra = ["train.epochs=6", "train.checkpoint_every=4", "sampling.pairs_per_call=2"]
+    t = threading.Thread(target=lambda: result.update(out=run(tmp_path, extra)[1]))
+    t.start()
+    history = tmp_path / "tiny-cpu" / "history.jsonl"
+    for _ in range(600):
+        if history.exists() and history.read_text().count("\n") >= 3:
+            break
+        time.sleep(0.1)
+    ray.kill(ray.get_actor("fdfo/learner"))
+    t.join(timeout=300)
+    out = result["out"]
+    (fault,) = out["faults"]
+    assert {k: fault[k] for k in ("role", "lost", "replaced_by")} == {"role": "learner", "lost": 0, "replaced_by": 1}
+    # restored from the checkpoint of version 4 or 8, which closed epoch 2 or 4; everything trained since is rolled back
+    assert fault["restored_version"] in (4, 8) and fault["restored_epoch"] == fault["restored_version"] // 2
+    assert fault["restored_from"].endswith(f"v{fault['restored_version']:06d}")
+    assert fault["rolled_back_pairs"] == (fault["epoch"] - fault["restored_epoch"]) * 8
+    ledger = out["ledger"]
+    assert set(ledger["pairs_dropped"]) <= {"actor_lost", "rolled_back", "stale"} and ledger["pairs_in_flight"] == 0
+    assert ledger["pairs_dropped"].get("rolled_back", 0) == fault["rolled_back_pairs"]
+    assert ledger["pairs_requested"] == ledger["pairs_trained"] + sum(ledger["pairs_dropped"].values())
+    assert ledger["pairs_trained"] == 6 * 8 and out["version"] == 12
+    assert [h["epoch"] for h in out["history"]] == list(range(6))
+    assert all(s["version"] == 12 for s in out["samplers"])
+    assert max(h["learner/policy_lag_max"] for h in out["history"]) <= 3        # no lost version was trained on
+
+
 @pytest.mark.parametrize("stop", [RuntimeError, KeyboardInterrupt])
 def test_resume_continues_counters_and_weights(ray_local, tmp_path, monkeypatch, stop):
     # in lock-step a Ray run is deterministic: stopped after its mid-run checkpoint (epoch 2 of 4) and resumed, it

@@ -1,0 +1,71 @@
+"""The elastic reward pool: a Ray Serve deployment of the run's scorer whose replicas follow its queue."""
+
+import time
+
+import numpy as np
+import pytest
+
+from cluster.config import load_config
+
+ELASTIC = ["runtime.num_reward_actors=1", "runtime.max_reward_actors=2", "runtime.reward_target_ongoing=1",
+           "runtime.reward_upscale_delay_s=0.5", "runtime.reward_downscale_delay_s=2", "runtime.reward_look_back_s=1",
+           "runtime.reward_num_cpus=0.5"]
+
+
+def test_pool_bounds_are_checked_before_anything_starts():
+    from cluster.serving import check_reward_pool, uses_serve
+
+    rt = lambda *o: load_config("tiny-cpu", list(o)).runtime  # noqa: E731
+    assert not uses_serve(rt()) and uses_serve(rt("runtime.max_reward_actors=3")) and uses_serve(rt("runtime.reward_backend=serve"))
+    with pytest.raises(ValueError, match=r"^need 1 <= runtime.num_reward_actors \(3\) <= runtime.max_reward_actors \(2\)$"):
+        check_reward_pool(rt("runtime.num_reward_actors=3", "runtime.max_reward_actors=2"))
+    with pytest.raises(ValueError, match=r"^runtime.max_reward_actors=2 > runtime.num_reward_actors=1 needs an elastic "
+                                         r"pool: set runtime.reward_backend=serve"):
+        check_reward_pool(rt("runtime.max_reward_actors=2", "runtime.reward_backend=actors"))
+
+
+def until(cond, timeout_s: float, what: str):
+    deadline = time.monotonic() + timeout_s
+    while not cond():
+        assert time.monotonic() < deadline, f"timed out after {timeout_s} s waiting for {what}"
+        time.sleep(0.25)
+
+
+def test_reward_pool_grows_under_load_and_shrinks_when_idle(ray_local):
+    # one replica at rest; requests kept in flight (more than reward_target_ongoing=1 per replica) bring a second,
+    # which scores like the first; idle again, the pool goes back to its minimum
+    import ray
+
+    from cluster.serving import RewardService
+
+    svc = RewardService(load_config("tiny-cpu", ELASTIC), threads=1)
+    try:
+        assert svc.replicas() == 1
+        images = ray.put(np.random.default_rng(0).integers(0, 256, (64, 96, 96, 3), dtype=np.uint8))
+        prompts = ["a"] * 64
+        inflight = []
+
+        def loaded():
+            inflight.extend(svc.score(images, prompts) for _ in range(8 - len(inflight)))
+            done, rest = ray.wait(inflight, num_returns=len(inflight), timeout=0.2)
+            inflight[:] = rest
+            return svc.replicas() == 2
+
+        until(loaded, 90.0, "a second replica under load")
+        outs = ray.get(inflight + [svc.score(images, prompts) for _ in range(4)])
+        expected = outs[0].scores
+        assert all(np.array_equal(o.scores, expected) for o in outs)          # every replica scores the same
+        until(lambda: svc.replicas() == 1, 90.0, "the pool to shrink back to one replica when idle")
+    finally:
+        svc.stop()
+
+
+def test_a_run_through_the_elastic_reward_pool(ray_local, tmp_path):
+    from cluster.runtime import run_ray
+
+    cfg = load_config("tiny-cpu", ELASTIC + [f"output_dir={tmp_path}", "train.epochs=3", "train.pairs_per_epoch=8",
+                                             "sampling.pairs_per_call=4", "sampling.num_steps=4"])
+    out = run_ray(cfg)
+    assert out["ledger"] == {"pairs_requested": 24, "pairs_trained": 24, "pairs_dropped": {}, "pairs_in_flight": 0}
+    assert all(1 <= h["runtime/reward_replicas"] <= 2 for h in out["history"])
+    assert out["torch_threads"]["reward"] == [1]
