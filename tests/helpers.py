@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+from http.server import BaseHTTPRequestHandler
+
 import torch
 
 from models.adapter import PromptEmbeds
@@ -61,3 +64,18 @@ def stop_after_epoch(monkeypatch, epoch: int, exc: type[BaseException] = Runtime
         return out
 
     monkeypatch.setattr(Book, "end_epoch", stopping)
+
+
+class JsonHandler(BaseHTTPRequestHandler):
+    """A quiet HTTP handler answering JSON: the base of the fake vLLM servers the judge tests run on 127.0.0.1."""
+
+    def log_message(self, *args):
+        pass
+
+    def reply(self, code: int, body: dict):
+        data = json.dumps(body).encode()
+        self.send_response(code)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)

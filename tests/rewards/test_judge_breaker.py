@@ -8,13 +8,14 @@ from __future__ import annotations
 import json
 import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import ThreadingHTTPServer
 
 import numpy as np
 import pytest
 
 from cluster.accounting import drop_reasons
 from rewards.vlm_judge import CircuitBreaker, VLMJudge
+from tests.helpers import JsonHandler
 
 YES, NO = 7, 8
 IMGS = np.random.default_rng(0).integers(0, 256, (4, 8, 8, 3), dtype=np.uint8)
@@ -22,20 +23,9 @@ SCORE = 100 / (1 + np.exp(-(-0.2 - -1.8)))
 CHAT = "/v1/chat/completions"
 
 
-class Judge(BaseHTTPRequestHandler):
+class Judge(JsonHandler):
     """vLLM's two endpoints the client uses. ``server.mode``: ok | fail (HTTP 503) | hang (answers after 5 s or at
     teardown); ``server.chats`` counts chat requests."""
-
-    def log_message(self, *args):
-        pass
-
-    def reply(self, code: int, body: dict):
-        data = json.dumps(body).encode()
-        self.send_response(code)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(data)))
-        self.end_headers()
-        self.wfile.write(data)
 
     def do_POST(self):
         req = json.loads(self.rfile.read(int(self.headers["Content-Length"])))

@@ -7,7 +7,7 @@ from __future__ import annotations
 import hashlib
 import json
 import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import ThreadingHTTPServer
 from pathlib import Path
 
 import numpy as np
@@ -15,6 +15,7 @@ import pytest
 
 from tests.fixtures.tiny_vlm import build_tiny_vlm
 from rewards.vlm_judge import DEFAULT_QUESTION, VLMJudge, check_question_template, judge_score
+from tests.helpers import JsonHandler
 
 IMGS = np.random.default_rng(0).integers(0, 256, (3, 40, 40, 3), dtype=np.uint8)
 PROMPTS = ["a cat", "a red car", "two dogs"]
@@ -76,21 +77,10 @@ def test_transformers_judge_batched_equals_one_by_one(tiny_vlm):
 YES, NO = 7, 8
 
 
-class Stub(BaseHTTPRequestHandler):
+class Stub(JsonHandler):
     """Answers /tokenize and /v1/chat/completions the way vLLM does; behaviour keyed by the caption."""
 
     fail_once: set = set()
-
-    def log_message(self, *args):
-        pass
-
-    def reply(self, code: int, body: dict):
-        data = json.dumps(body).encode()
-        self.send_response(code)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(data)))
-        self.end_headers()
-        self.wfile.write(data)
 
     def do_POST(self):
         req = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
