@@ -36,7 +36,24 @@ def build_model(model_cfg) -> FlowModel:
             resolution=model_cfg.resolution,
             max_sequence_length=model_cfg.max_sequence_length,
         )
-    raise ValueError(f"unknown model.kind {model_cfg.kind!r}; use sd3, sd3_tiny or shapes")
+    if model_cfg.kind == "flux_tiny":
+        from models.flux import FluxAdapter
+
+        return FluxAdapter.tiny(seed=model_cfg.seed)
+    if model_cfg.kind == "flux":
+        from models.flux import FluxAdapter
+
+        if not model_cfg.path:
+            raise ValueError("model.kind=flux needs model.path: a hub id such as black-forest-labs/FLUX.1-dev (or "
+                             "black-forest-labs/FLUX.1-schnell) or a local FluxPipeline directory")
+        return FluxAdapter.from_pretrained(
+            model_cfg.path,
+            device=pick_device(model_cfg.device),
+            dtype=DTYPES[model_cfg.dtype],
+            resolution=model_cfg.resolution,
+            max_sequence_length=model_cfg.max_sequence_length,
+        )
+    raise ValueError(f"unknown model.kind {model_cfg.kind!r}; use sd3, sd3_tiny, flux, flux_tiny or shapes")
 
 
 def reward_specs(reward_cfg) -> list[dict]:
@@ -69,9 +86,16 @@ def check_run(cfg) -> None:
     if m.kind == "shapes" and m.path and not Path(m.path).is_dir():
         raise FileNotFoundError(f"model.path={m.path!r} is not a folder; build one with `python -m tasks.shapes.pretrain "
                                 "--out-dir <folder>` or drop model.path to use the shipped model")
-    if m.kind == "sd3" and m.path and m.path.startswith(("/", ".", "~")) and not Path(m.path).expanduser().is_dir():
+    if m.kind in ("sd3", "flux") and m.path and m.path.startswith(("/", ".", "~")) and not Path(m.path).expanduser().is_dir():
+        pipeline = "StableDiffusion3Pipeline" if m.kind == "sd3" else "FluxPipeline"
         raise FileNotFoundError(f"model.path={m.path!r} does not exist; point it at a downloaded "
-                                "StableDiffusion3Pipeline folder or use a hub id")
+                                f"{pipeline} folder or use a hub id")
+    if m.kind == "flux" and not 1 <= m.max_sequence_length <= 512:
+        raise ValueError(f"model.max_sequence_length={m.max_sequence_length}: FLUX's T5 takes 1 to 512 prompt tokens "
+                         "(its pipeline's default is 512); set model.max_sequence_length=512")
+    if m.kind == "flux" and m.resolution % 16:
+        raise ValueError(f"model.resolution={m.resolution}: FLUX packs 2x2 patches of its 8x-downsampled latents, so "
+                         f"the image size must be a multiple of 16; e.g. model.resolution={m.resolution - m.resolution % 16 or 16}")
     if cfg.lora.init_from:
         from models.lora import check_init_from
 

@@ -32,13 +32,13 @@ DEFAULT_PRESET = "shapes"
 
 @dataclass(frozen=True)
 class ModelConfig:
-    kind: Literal["sd3", "sd3_tiny", "shapes"] = "sd3_tiny"  # sd3: SD3/3.5 from `path`; sd3_tiny: random offline SD3; shapes: shipped demo model
-    path: str | None = None  # kind sd3: hub id or local directory of a StableDiffusion3Pipeline; kind shapes: a folder with a re-built base model (default: the shipped one)
+    kind: Literal["sd3", "sd3_tiny", "flux", "flux_tiny", "shapes"] = "sd3_tiny"  # sd3: SD3/3.5 from `path`; sd3_tiny: random offline SD3; flux: FLUX.1 (dev or schnell) from `path`; flux_tiny: random offline FLUX; shapes: shipped demo model
+    path: str | None = None  # kind sd3 / flux: hub id or local directory of a StableDiffusion3Pipeline / FluxPipeline; kind shapes: a folder with a re-built base model (default: the shipped one)
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"  # compute dtype of the frozen weights
     device: str = "auto"  # "auto" = cuda when the actor has a GPU, else cpu
-    resolution: int = 512  # image height and width (kind sd3)
-    max_sequence_length: int = 128  # T5 tokens (kind sd3; the reference's 128)
-    seed: int = 0  # weight seed of the random tiny model (kind sd3_tiny)
+    resolution: int = 512  # image height and width (kinds sd3, flux)
+    max_sequence_length: int = 128  # T5 tokens (kinds sd3, flux; the reference's 128; FLUX's pipeline: 512, at most 512)
+    seed: int = 0  # weight seed of the random tiny model (kinds sd3_tiny, flux_tiny)
 
 
 @dataclass(frozen=True)
@@ -88,6 +88,7 @@ class TrainConfig:
     epochs: int = 1000  # epochs to run
     lr_schedule: Literal["constant", "cosine", "linear"] = "constant"  # lr from `lr` at update 0 to `lr_final` at the last (epochs * updates_per_epoch)
     lr_final: float = 0.0  # the lr the cosine / linear schedule ends at (ignored when constant)
+    gradient_checkpointing: bool = False  # the learner recomputes block activations in the backward pass: less memory (FLUX / SD3.5-L LoRA need it to fit), one more forward; same values
     precision: Literal["fp32", "bf16", "fp16"] = "bf16"  # numerics of every velocity, sampler and learner alike: autocast dtype on CUDA (fp16 = the reference's, with a GradScaler; fp32 = none); CPU never autocasts (the model's dtype)
     max_policy_lag: int | None = None  # max (learner version - sample version) at any update; None = 2*updates_per_epoch - 1
     checkpoint_every: int = 20  # save every K updates (0 = only at the end); a lost learner restarts from the last one, so at most K updates are trained again
@@ -112,7 +113,8 @@ class RuntimeConfig:
     sampler_num_cpus: float = 1.0  # CPUs per sampler actor
     reward_num_gpus: float = 0.0  # GPUs per reward actor
     reward_num_cpus: float = 0.5  # CPUs per reward actor
-    learner_num_gpus: float = 0.0  # GPUs for the learner actor
+    num_learners: int = 1  # learner ranks in one gradient group (gloo on CPU, NCCL on GPU): each trains its share of every update's rows and the group sums the gradients, so M ranks take one learner's step
+    learner_num_gpus: float = 0.0  # GPUs per learner rank
     learner_num_cpus: float = 1.0  # CPUs for the learner actor
     reward_max_batch: int = 32  # images per reward call
     reward_max_wait_s: float = 0.05  # longest a reward request waits for its batch to fill
@@ -124,6 +126,7 @@ class RuntimeConfig:
     reward_resources: dict = field(default_factory=dict)  # the same for each reward actor
     learner_resources: dict = field(default_factory=dict)  # the same for the learner
     resource_wait_s: float = 600.0  # a joined cluster short of what the pools ask may scale up: wait this long (logging every 30 s), then fail naming the role
+    storage_path: str | None = None  # where the run folder <storage_path>/<name> lives: a local folder or a URI pyarrow.fs opens (s3://bucket/runs, gs://bucket/runs); checkpoints, history, TensorBoard, grids and curves go there and --resume reads from there on any node; None = output_dir (local files, as before)
 
 
 @dataclass(frozen=True)

@@ -7,44 +7,79 @@ Usage::
     v = model.velocity(x, sigma, cond, guidance_scale=1.0)
 
 Any model that provides the ``FlowModel`` members works with the sampler and learner (compose, don't
-inherit): SD3 / SD3.5 is implemented here; FLUX-like models need only their own ``encode_prompts``,
-``velocity`` and ``decode``.
+inherit): SD3 / SD3.5 is implemented here, FLUX.1 in ``models.flux``. What differs between models stays inside
+its adapter: how prompts are encoded (``PromptEmbeds``: pooled embedding, mask and extras optional), what
+``guidance_scale`` means (CFG against the empty prompt, or FLUX-dev's embedded guidance), the sigma schedule (the
+model's own scheduler, FLUX's resolution-dependent shift ``mu`` included), how latents are laid out for the
+transformer (FLUX packs 2x2 patches) and decoded, and which diffusers pipeline class writes and reads its LoRA.
 
 Conventions (SD3's): ``sigma`` runs from 1 (noise) to 0 (data); the model's velocity is
-``v ~ noise - data``; an Euler step from sigma t to s is ``x + (s - t) * v``.
+``v ~ noise - data``; an Euler step from sigma t to s is ``x + (s - t) * v``. Latents travel as
+``[B, C, H, W]`` (``latent_shape``) everywhere outside the adapter.
 """
 
 from __future__ import annotations
 
 import collections
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, Protocol, Sequence
 
 import torch
 
+
 @dataclass
 class PromptEmbeds:
-    """Text conditioning for a batch of B prompts.
+    """Text conditioning for a batch of B prompts; every tensor it holds has the batch first.
 
-    tokens: [B, L, D] per-token embeddings; pooled: [B, P] pooled embedding.
+    tokens: [B, L, D] per-token embeddings; pooled: [B, P] pooled embedding (None for a model without one);
+    mask: [B, L] attention mask, 1 = a real token (None = every token attends); extras: model-specific tensors
+    [B, ...] by name (an adapter reads its own keys).
     """
 
     tokens: torch.Tensor
-    pooled: torch.Tensor
+    pooled: torch.Tensor | None = None
+    mask: torch.Tensor | None = None
+    extras: dict[str, torch.Tensor] = field(default_factory=dict)
 
     def __len__(self) -> int:
         return self.tokens.shape[0]
 
+    def map(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> "PromptEmbeds":
+        """``fn`` applied to every tensor held (each has the batch first); absent fields stay absent."""
+        opt = lambda t: None if t is None else fn(t)  # noqa: E731
+        return PromptEmbeds(fn(self.tokens), opt(self.pooled), opt(self.mask), {k: fn(v) for k, v in self.extras.items()})
+
     def index(self, idx: torch.Tensor | slice | list[int]) -> "PromptEmbeds":
-        return PromptEmbeds(self.tokens[idx], self.pooled[idx])
+        return self.map(lambda t: t[idx])
 
     def repeat(self, n: int) -> "PromptEmbeds":
         """Each prompt repeated n times in place: [p0, p0, p1, p1, ...] for n = 2."""
-        return PromptEmbeds(self.tokens.repeat_interleave(n, 0), self.pooled.repeat_interleave(n, 0))
+        return self.map(lambda t: t.repeat_interleave(n, 0))
+
+    def expand(self, n: int) -> "PromptEmbeds":
+        """A batch of one prompt seen as n rows (a view, no copy)."""
+        return self.map(lambda t: t.expand(n, *t.shape[1:]))
 
     def to(self, device: torch.device | str) -> "PromptEmbeds":
-        return PromptEmbeds(self.tokens.to(device), self.pooled.to(device))
+        return self.map(lambda t: t.to(device))
+
+    @staticmethod
+    def cat(parts: Sequence["PromptEmbeds"]) -> "PromptEmbeds":
+        """The batches of ``parts`` joined in order. They must hold the same fields at the same token length (an
+        adapter pads its prompts to a fixed length, so that any prompts can share a batch)."""
+        first = parts[0]
+        for p in parts[1:]:
+            if p.tokens.shape[1:] != first.tokens.shape[1:]:
+                raise ValueError(f"prompt embeddings of shapes {tuple(first.tokens.shape[1:])} and "
+                                 f"{tuple(p.tokens.shape[1:])} cannot share a batch: the adapter must pad every prompt "
+                                 "to one length (its max_sequence_length)")
+            if (p.pooled is None, p.mask is None, sorted(p.extras)) != (first.pooled is None, first.mask is None,
+                                                                      sorted(first.extras)):
+                raise ValueError("prompt embeddings with different fields (pooled, mask, extras) cannot share a batch")
+        join = lambda get: None if get(first) is None else torch.cat([get(p) for p in parts])  # noqa: E731
+        return PromptEmbeds(join(lambda p: p.tokens), join(lambda p: p.pooled), join(lambda p: p.mask),
+                            {k: torch.cat([p.extras[k] for p in parts]) for k in first.extras})
 
 
 class PromptCache:
@@ -72,15 +107,16 @@ class PromptCache:
                     self._cache.popitem(last=False)
             self._cache.move_to_end(p)
             rows.append(e)
-        return PromptEmbeds(torch.cat([r.tokens for r in rows]), torch.cat([r.pooled for r in rows])).to(self.model.device)
+        return PromptEmbeds.cat(rows).to(self.model.device)
 
 
 class FlowModel(Protocol):
-    """What the sampler and learner use of a flow-matching text-to-image model."""
+    """What the sampler, the learner and checkpoints use of a flow-matching text-to-image model."""
 
     transformer: torch.nn.Module  # the velocity network; the only module FDFO trains
     device: torch.device
-    latent_shape: tuple[int, int, int]  # (C, H, W) of one latent
+    latent_shape: tuple[int, int, int]  # (C, H, W) of one latent, as the sampler and the Arrow batch hold it
+    guidance: str  # what velocity's guidance_scale means: "cfg" (1.0 = none) or "embedded" (FLUX-dev's input)
 
     def encode_prompts(self, prompts: Sequence[str]) -> PromptEmbeds: ...
 
@@ -96,6 +132,35 @@ class FlowModel(Protocol):
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor: ...
 
+    @property
+    def lora_pipeline_class(self) -> type: ...  # the diffusers pipeline whose save/load_lora_weights fit this model
+
+    def enable_gradient_checkpointing(self) -> None: ...  # the learner's train.gradient_checkpointing
+
+
+def cfg_velocity(forward: Callable[[torch.Tensor, torch.Tensor, PromptEmbeds], torch.Tensor], x: torch.Tensor,
+                 sigma: torch.Tensor, cond: PromptEmbeds, empty: PromptEmbeds, guidance_scale: float) -> torch.Tensor:
+    """Classifier-free guidance ``v_neg + w * (v_pos - v_neg)`` with ``empty`` (the empty prompt, a batch of one) as
+    the negative: both halves run as one batch of 2B through ``forward(x, sigma, cond)``. Combined in the dtype the
+    transformer computed in (fp16 under the reference's autocast), as the reference does: a v recorded in that dtype
+    is then exactly the v the sampler stepped with. Returns float32."""
+    both = PromptEmbeds.cat([empty.expand(len(cond)), cond])
+    sigma2 = sigma.expand(x.shape[0]).repeat(2) if sigma.ndim else sigma
+    v_neg, v_pos = forward(torch.cat([x, x]), sigma2, both).chunk(2)
+    return (v_neg + guidance_scale * (v_pos - v_neg)).float()
+
+
+@torch.no_grad()
+def vae_decode(vae, latents: torch.Tensor, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """Normalised latents [B, C, h, w] -> images [B, 3, H, W] float32 in [0, 1] through the VAE's own latent
+    normalisation (``x / scaling_factor + shift_factor``), as SD3's and FLUX's pipelines decode; ``vae=None`` is a
+    pixel-space model whose latents are images in [-1, 1]."""
+    if vae is None:
+        return (latents.float() / 2 + 0.5).clamp(0, 1)
+    z = latents.to(device, dtype) / vae.config.scaling_factor + vae.config.shift_factor
+    images = vae.decode(z, return_dict=False)[0]
+    return (images.float() / 2 + 0.5).clamp(0, 1)
+
 
 class SD3Adapter:
     """Stable Diffusion 3 / 3.5 through the components of a ``StableDiffusion3Pipeline``.
@@ -105,6 +170,8 @@ class SD3Adapter:
     ``v_neg + w * (v_pos - v_neg)`` with the empty prompt as negative; decoding undoes SD3's latent
     scaling and maps the VAE output from [-1, 1] to [0, 1].
     """
+
+    guidance = "cfg"
 
     def __init__(
         self,
@@ -212,16 +279,7 @@ class SD3Adapter:
             return self._transformer_out(x, sigma, cond).float()
         if self._empty is None:
             self._empty = self.encode_prompts([""])
-        neg = PromptEmbeds(
-            self._empty.tokens.expand(len(cond), -1, -1), self._empty.pooled.expand(len(cond), -1)
-        )
-        both = PromptEmbeds(torch.cat([neg.tokens, cond.tokens]), torch.cat([neg.pooled, cond.pooled]))
-        sigma2 = sigma.expand(x.shape[0]).repeat(2) if sigma.ndim else sigma
-        out = self._transformer_out(torch.cat([x, x]), sigma2, both)
-        # combined in the dtype the transformer computed in (fp16 under the reference's autocast), as the reference
-        # does: a v recorded in that dtype is then exactly the v the sampler stepped with
-        v_neg, v_pos = out.chunk(2)
-        return (v_neg + guidance_scale * (v_pos - v_neg)).float()
+        return cfg_velocity(self._transformer_out, x, sigma, cond, self._empty, guidance_scale)
 
     def sigmas(self, num_steps: int) -> torch.Tensor:
         """The scheduler's sigma schedule: [num_steps + 1] floats from 1 down to 0 (shifted, SD3.5: 3.0)."""
@@ -229,12 +287,16 @@ class SD3Adapter:
         scheduler.set_timesteps(num_steps, device="cpu")
         return scheduler.sigmas.detach().clone().float()
 
-    @torch.no_grad()
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         """Latents [B, C, h, w] -> images [B, 3, H, W] float32 in [0, 1]."""
-        vae = self.pipe.vae
-        if vae is None:  # pixel-space model
-            return (latents.float() / 2 + 0.5).clamp(0, 1)
-        z = latents.to(self.device, self.dtype) / vae.config.scaling_factor + vae.config.shift_factor
-        images = vae.decode(z, return_dict=False)[0]
-        return (images.float() / 2 + 0.5).clamp(0, 1)
+        return vae_decode(self.pipe.vae, latents, self.device, self.dtype)
+
+    @property
+    def lora_pipeline_class(self) -> type:
+        """``StableDiffusion3Pipeline``: writes the LoRA checkpoints and loads them back (``load_lora_weights``)."""
+        return type(self.pipe)
+
+    def enable_gradient_checkpointing(self) -> None:
+        """Recompute each transformer block's activations in the backward pass (less memory, one more forward);
+        the forward values, and so v_theta, are unchanged."""
+        self.transformer.enable_gradient_checkpointing()
