@@ -48,6 +48,7 @@ from cluster.config import Batching, RunConfig, to_dict
 from cluster.evaluate import heldout_reward
 from cluster.pipeline import Book, check_proof, deferred_interrupts, setup_process
 from cluster.serving import RewardService, check_reward_pool, uses_serve
+from learner.collective import LearnerGroupBroken
 from learner.learner import Learner
 from rewards.batcher import RewardBatcher
 
@@ -76,6 +77,8 @@ def connect(runtime_cfg, num_cpus_needed: float) -> bool:
         num_cpus=max(os.cpu_count() or 1, int(np.ceil(num_cpus_needed))),
         dashboard_host="127.0.0.1",
         include_dashboard=True,
+        # actors drop the same third-party notices the driver does (a joined cluster's jobs keep their own env)
+        runtime_env={"worker_process_setup_hook": "cluster.pipeline.quiet_third_party"},
     )
     return True
 
@@ -98,7 +101,7 @@ def role_ask(rt, role: str) -> dict[str, float]:
 
 
 def role_counts(rt) -> dict[str, int]:
-    return {"learner": 1, "reward": rt.num_reward_actors, "sampler": rt.num_samplers}
+    return {"learner": rt.num_learners, "reward": rt.num_reward_actors, "sampler": rt.num_samplers}
 
 
 def resource_shortfall(rt, nodes: list[dict]) -> str | None:
@@ -303,16 +306,34 @@ def actor_threads(rt, num_cpus: float) -> int:
     return rt.torch_threads or max(1, int(num_cpus))
 
 
-def _learner_actor(cfg: RunConfig, index: int = 0):
-    """The learner; a replacement for a lost one is ``fdfo/learner/<index>``."""
+def _learner_actor(cfg: RunConfig, index: int = 0, rank: int = 0):
+    """One learner rank; a replacement group for a lost one is ``fdfo/learner/<index>``, rank r > 0 of a group
+    ``.../rank<r>``. Ranks spread over the nodes that can hold them."""
     rt = cfg.runtime
+    name = "fdfo/learner" + (f"/{index}" if index else "") + (f"/rank{rank}" if rank else "")
     return (
         ray.remote(Learner)
-        .options(name="fdfo/learner" + (f"/{index}" if index else ""), num_cpus=rt.learner_num_cpus,
-                 num_gpus=rt.learner_num_gpus, resources=dict(rt.learner_resources), max_restarts=0)
+        .options(name=name, num_cpus=rt.learner_num_cpus, num_gpus=rt.learner_num_gpus,
+                 resources=dict(rt.learner_resources), scheduling_strategy="SPREAD", max_restarts=0)
         .remote(model=partial(build_model, cfg.model), train=cfg.train, batching=Batching.of(cfg), lora=cfg.lora,
-                seed=cfg.seed, threads=actor_threads(rt, rt.learner_num_cpus))
+                seed=cfg.seed, threads=actor_threads(rt, rt.learner_num_cpus), rank=rank, world_size=rt.num_learners)
     )
+
+
+def _learner_group(cfg: RunConfig, index: int = 0) -> list:
+    """``runtime.num_learners`` learner ranks, joined into one gradient group when there are several (NCCL on GPUs,
+    gloo on CPUs: the backend each rank picks from its own device); rank 0 publishes and checkpoints."""
+    ranks = [_learner_actor(cfg, index, r) for r in range(cfg.runtime.num_learners)]
+    if len(ranks) > 1:
+        backends = ray.get([r.weight_backend.remote() for r in ranks])
+        if len(set(backends)) > 1:
+            raise RuntimeError(f"learner ranks disagree on the backend ({backends}): give every rank a GPU "
+                               "(runtime.learner_num_gpus) or none")
+        nodes = ray.get([r.node_id.remote() for r in ranks])
+        addr, port = ray.get(ranks[0].learner_group_address.remote(peers_on_this_node=len(set(nodes)) == 1))
+        ray.get([r.join_learner_group.remote(master_addr=addr, master_port=port, backend=backends[0],
+                                             timeout_s=cfg.runtime.weight_sync_timeout_s) for r in ranks])
+    return ranks
 
 
 def _reward_actor(cfg: RunConfig, index: int):
@@ -350,8 +371,11 @@ def run_ray(cfg: RunConfig, resume: bool = False) -> dict:
     if not 1 <= rt.num_samplers <= max_samplers:
         raise ValueError(f"need 1 <= runtime.num_samplers ({rt.num_samplers}) <= runtime.max_samplers ({max_samplers})")
     check_reward_pool(rt)
+    if rt.num_learners < 1:
+        raise ValueError(f"runtime.num_learners must be >= 1, got {rt.num_learners}")
     max_rewards = rt.max_reward_actors or rt.num_reward_actors
-    started = connect(rt, max_samplers * rt.sampler_num_cpus + max_rewards * rt.reward_num_cpus + rt.learner_num_cpus)
+    started = connect(rt, max_samplers * rt.sampler_num_cpus + max_rewards * rt.reward_num_cpus
+                      + rt.num_learners * rt.learner_num_cpus)
     await_resources(rt, can_scale=not started)
     run = RayRun(cfg, resume)
     try:
@@ -363,6 +387,8 @@ def run_ray(cfg: RunConfig, resume: bool = False) -> dict:
             for ref in run.wait():
                 if ref is run.learner_ref:
                     run.on_learner()
+                elif ref in run.rank_refs:
+                    run.on_rank(ref)
                 elif ref in run.pool.joining:
                     run.on_joined(ref)
                 else:
@@ -376,6 +402,7 @@ def run_ray(cfg: RunConfig, resume: bool = False) -> dict:
         summary["samplers"] = run.close()
         summary["sampled_versions"] = dict(sorted(run.sampled.items()))
         summary["torch_threads"] = run.threads
+        summary["learner_ranks"] = len(run.learner_ranks)
         summary["faults"] = run.faults
         for f in run.faults:
             log.info("fault: %s %s lost at epoch %d, replaced by %s", f["role"], f["lost"], f["epoch"], f["replaced_by"])
@@ -404,7 +431,9 @@ class RayRun:
     def __init__(self, cfg: RunConfig, resume: bool):
         self.cfg, self.rt = cfg, cfg.runtime
         self.max_samplers = self.rt.max_samplers or self.rt.num_samplers
-        self.learner = _learner_actor(cfg)
+        self.learner_ranks = _learner_group(cfg)          # rank 0 publishes, checkpoints and answers for the group
+        self.learner = self.learner_ranks[0]
+        self.rank_refs: list[ray.ObjectRef] = []         # the other ranks' share of the learner call in flight
         self.learner_index = 0                           # a replacement learner is fdfo/learner/<n>
         self.checkpoint: str | None = None               # the last checkpoint this run wrote or resumed from
         self.orphaned: set[tuple[int, str]] = set()      # (version, checksum) published by a learner since lost
@@ -462,7 +491,8 @@ class RayRun:
             # in request order, not arrival order: an epoch's update does not depend on which sampler finished first
             take.sort(key=lambda r: r[3])
             self.book.taken([r[2] for r in take])
-            self.learner_ref = self.learner.begin_epoch.remote(*(ref for ref, *_ in take))          # update
+            refs = [ref for ref, *_ in take]
+            self.learner_ref, *self.rank_refs = [r.begin_epoch.remote(*refs) for r in self.learner_ranks]  # update
             self.update = {"pairs": n_take, "left": self.book.batching.updates_per_epoch, "m": {},
                            "started": time.perf_counter(), "weights": None}
         return not (self.update is None and not self.ready and landed)
@@ -504,7 +534,8 @@ class RayRun:
 
     def wait(self) -> list:
         """Whatever finishes first: a sampler call's report or the learner's call."""
-        waiting = list(self.jobs) + list(self.pool.joining) + ([self.learner_ref] if self.learner_ref is not None else [])
+        waiting = list(self.jobs) + list(self.pool.joining) + self.rank_refs + (
+            [self.learner_ref] if self.learner_ref is not None else [])
         if not waiting:
             raise RuntimeError(f"driver stalled with nothing in flight: {self.book.ledger.line()}, {len(self.ready)} "
                                f"batches ready, {len(self.pool.actors)} samplers; this is a bug, please report it with the config")
@@ -522,7 +553,7 @@ class RayRun:
         try:
             out = ray.get(ref)
         except RayError as e:  # an input batch was lost with its node, or the learner died
-            if isinstance(e, RayActorError) and e.actor_id == self.learner._actor_id.hex():
+            if self.learner_rank_died(e):
                 self.lose_learner()
                 return
             if isinstance(e, RayActorError) or u["m"]:
@@ -544,6 +575,7 @@ class RayRun:
         if u["left"]:
             info, u["weights"] = self.learner.update.options(num_returns=2).remote(publish=not self.sync.collective)
             self.learner_ref = info
+            self.rank_refs += [r.update.options(num_returns=2).remote(publish=False)[0] for r in self.learner_ranks[1:]]
         else:
             with deferred_interrupts():              # the epoch is recorded whole before a stop takes effect
                 self.end_epoch()
@@ -625,6 +657,24 @@ class RayRun:
         log.warning("reward actor %d lost; replaced by fdfo/reward/%d", k, self.reward_index)
         self.reward_index += 1
 
+    def learner_rank_died(self, e: BaseException) -> bool:
+        """Whether ``e`` says a learner rank died (any rank: a group missing one cannot step), or a rank's collective
+        broke because a peer did."""
+        if isinstance(e, LearnerGroupBroken):
+            return True
+        return isinstance(e, RayActorError) and e.actor_id in {r._actor_id.hex() for r in self.learner_ranks}
+
+    def on_rank(self, ref) -> None:
+        """Another rank finished its share of the learner call (rank 0's answer stands for the group); a rank that
+        died takes the group down: it restarts from the last checkpoint."""
+        self.rank_refs.remove(ref)
+        try:
+            ray.get(ref)
+        except RayError as e:
+            if not self.learner_rank_died(e):
+                raise
+            self.lose_learner()
+
     def lose_learner(self) -> None:
         """The learner died: a new one restores the last checkpoint this run wrote or resumed from (the starting
         weights if none), and the run goes on from there: the epochs since are trained again with new pairs (the
@@ -635,9 +685,12 @@ class RayRun:
         u, self.update, self.learner_ref = self.update, None, None
         if u is not None:
             self.book.drop("actor_lost", u["pairs"])
-        ray.kill(self.learner)
+        for rank in self.learner_ranks:
+            ray.kill(rank)
+        self.rank_refs = []
         self.learner_index += 1
-        self.learner = _learner_actor(self.cfg, self.learner_index)
+        self.learner_ranks = _learner_group(self.cfg, self.learner_index)
+        self.learner = self.learner_ranks[0]
         state = self._load(self.checkpoint) if self.checkpoint else {"epoch": 0, "ledger": {"pairs_trained": 0}}
         version, checksum = ray.get(self.learner.weights_info.remote())
         self.orphaned |= {(v, c) for v, c in self.checksums.items() if v > version or (v == version and c != checksum)}
@@ -791,17 +844,17 @@ class RayRun:
         """Checkpoint the learner; one that dies meanwhile is restored from the previous checkpoint (the epochs since
         are trained again), except at the final checkpoint, which fails the run (``--resume`` continues it)."""
         try:
-            self.checkpoint = ray.get(self.learner.save.remote(str(self.book.runlog.dir), self.book.state(epoch),
+            self.checkpoint = ray.get(self.learner.save.remote(self.book.runlog.location, self.book.state(epoch),
                                                                to_dict(self.cfg)))
         except RayActorError as e:
-            if self.finishing or e.actor_id != self.learner._actor_id.hex():
+            if self.finishing or not self.learner_rank_died(e):
                 raise
             self.lose_learner()
         return self.checkpoint
 
     def _load(self, folder: str) -> dict:
         """Restore the learner from a checkpoint folder; it becomes the one a lost learner restarts from."""
-        state = ray.get(self.learner.load.remote(folder))
+        state = ray.get([r.load.remote(folder) for r in self.learner_ranks])[0]     # every rank: replicated state
         self.checkpoint = folder
         return state
 
@@ -836,7 +889,7 @@ class RayRun:
 
     def kill(self) -> None:
         """Release every actor now, not at garbage collection (their names and resources free at once)."""
-        for handle in [self.learner, *self.rewards, *self.pool.actors.values(), *(a for _, a in self.pool.joining.values())]:
+        for handle in [*self.learner_ranks, *self.rewards, *self.pool.actors.values(), *(a for _, a in self.pool.joining.values())]:
             ray.kill(handle)
         if self.service is not None:
             self.service.stop()

@@ -138,6 +138,67 @@ def _local_ip_towards(addr: str) -> str:
         return s.getsockname()[0]
 
 
+def form_group(rank: int, world_size: int, master_addr: str, master_port: int, backend: str, timeout_s: float,
+               what: str = "group"):
+    """A standalone process group (its own ``TCPStore`` + gloo/NCCL group object, no global state): returns
+    (store, group, device). Blocks until all ``world_size`` ranks joined; rank 0 listens on ``master_addr`` only."""
+    timeout = datetime.timedelta(seconds=timeout_s)
+    device = torch.device("cpu")
+    if backend == "nccl":
+        if not torch.cuda.is_available() or not hasattr(dist, "ProcessGroupNCCL"):
+            raise RuntimeError("backend='nccl' needs a CUDA build of torch and a visible GPU; use backend='gloo' on CPU")
+        device = torch.device("cuda", torch.cuda.current_device())
+    if rank == 0:
+        # Bind the store's socket ourselves so it listens on master_addr only (TCPStore alone binds to all).
+        listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        try:
+            listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            listener.bind((master_addr, master_port))
+            listener.listen(128)
+        except OSError as e:
+            listener.close()
+            raise RuntimeError(
+                f"rank 0 could not listen on {master_addr}:{master_port} ({e}); the port was probably taken "
+                "after free_port() returned it: form the group again with a new free_port()"
+            ) from e
+        store = dist.TCPStore(
+            master_addr, master_port, world_size, True, timeout,
+            wait_for_workers=False, master_listen_fd=listener.detach(),
+        )  # fmt: skip
+    else:
+        store = dist.TCPStore(master_addr, master_port, world_size, False, timeout)
+    try:
+        if backend == "gloo":
+            opts = dist.ProcessGroupGloo._Options()
+            opts._timeout = timeout
+            # Gloo's data sockets bind to one address: this node's address on the route to master_addr
+            # (127.0.0.1 when rank 0 is reached over loopback), never to every interface.
+            opts._devices = [dist.ProcessGroupGloo.create_device(hostname=_local_ip_towards(master_addr))]
+            pg = dist.ProcessGroupGloo(store, rank, world_size, opts)
+        else:
+            opts = dist.ProcessGroupNCCL.Options()
+            opts._timeout = timeout
+            pg = dist.ProcessGroupNCCL(store, rank, world_size, opts)
+    except RuntimeError as e:
+        raise RuntimeError(
+            f"rank {rank} could not form the {what} of {world_size} at {master_addr}:{master_port} within "
+            f"{timeout_s}s ({e}); every rank must join concurrently (issue all the joins before waiting on any) and "
+            "master_addr must be rank 0's node IP"
+        ) from e
+    return store, pg, device
+
+
+def _leave(group) -> None:
+    """Shut a standalone group's process group down (idempotent) and drop its store."""
+    pg, group._pg = getattr(group, "_pg", None), None
+    if pg is not None:
+        try:
+            pg.shutdown()
+        except RuntimeError:
+            pass  # already broken by a dead peer: nothing left to release cleanly
+    group._store = None
+
+
 @dataclass(frozen=True)
 class _Bucket:
     """Tensors (by name) sent as one contiguous byte buffer of ``nbytes``; all share ``dtype``."""
@@ -233,51 +294,8 @@ class WeightGroup:
         self.rank, self.world_size, self.backend = rank, world_size, backend
         self.bucket_bytes = bucket_bytes
         self.last_stats: dict[str, float] = {}
-        timeout = datetime.timedelta(seconds=timeout_s)
-        self._device = torch.device("cpu")
-        if backend == "nccl":
-            if not torch.cuda.is_available() or not hasattr(dist, "ProcessGroupNCCL"):
-                raise RuntimeError("backend='nccl' needs a CUDA build of torch and a visible GPU; use backend='gloo' on CPU")
-            self._device = torch.device("cuda", torch.cuda.current_device())
-
-        if rank == 0:
-            # Bind the store's socket ourselves so it listens on master_addr only (TCPStore alone binds to all).
-            listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-            try:
-                listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-                listener.bind((master_addr, master_port))
-                listener.listen(128)
-            except OSError as e:
-                listener.close()
-                raise RuntimeError(
-                    f"rank 0 could not listen on {master_addr}:{master_port} ({e}); the port was probably taken "
-                    "after free_port() returned it: form the group again with a new free_port()"
-                ) from e
-            self._store = dist.TCPStore(
-                master_addr, master_port, world_size, True, timeout,
-                wait_for_workers=False, master_listen_fd=listener.detach(),
-            )  # fmt: skip
-        else:
-            self._store = dist.TCPStore(master_addr, master_port, world_size, False, timeout)
-
-        try:
-            if backend == "gloo":
-                opts = dist.ProcessGroupGloo._Options()
-                opts._timeout = timeout
-                # Gloo's data sockets bind to one address: this node's address on the route to master_addr
-                # (127.0.0.1 when the learner is reached over loopback), never to every interface.
-                opts._devices = [dist.ProcessGroupGloo.create_device(hostname=_local_ip_towards(master_addr))]
-                self._pg = dist.ProcessGroupGloo(self._store, rank, world_size, opts)
-            else:
-                opts = dist.ProcessGroupNCCL.Options()
-                opts._timeout = timeout
-                self._pg = dist.ProcessGroupNCCL(self._store, rank, world_size, opts)
-        except RuntimeError as e:
-            raise RuntimeError(
-                f"rank {rank} could not form the weight group of {world_size} at {master_addr}:{master_port} "
-                f"within {timeout_s}s ({e}); every rank must construct WeightGroup concurrently (issue all the joins "
-                "before waiting on any) and master_addr must be the learner node's IP"
-            ) from e
+        self._store, self._pg, self._device = form_group(rank, world_size, master_addr, master_port, backend, timeout_s,
+                                                         what="weight group")
 
     # -- the one place bytes move; a test may subclass this to corrupt data in flight ----------------------
     def _broadcast(self, t: torch.Tensor) -> None:
@@ -390,13 +408,7 @@ class WeightGroup:
 
     def close(self) -> None:
         """Leave the group (idempotent). Every rank closes; the driver then forms the next generation."""
-        pg, self._pg = getattr(self, "_pg", None), None
-        if pg is not None:
-            try:
-                pg.shutdown()
-            except RuntimeError:
-                pass  # already broken by a dead peer: nothing left to release cleanly
-        self._store = None
+        _leave(self)
 
     def _stats(self, version: int, buckets: list[_Bucket], transfer_s: float, checksum_s: float) -> dict[str, float]:
         return {
@@ -406,3 +418,72 @@ class WeightGroup:
             "transfer_s": transfer_s,
             "checksum_s": checksum_s,
         }
+
+
+class LearnerGroupBroken(RuntimeError):
+    """A learner rank's collective failed: a peer died or timed out; the group must be formed again."""
+
+
+class GradientGroup:
+    """The learner ranks' group (``runtime.num_learners``): each rank computes the gradient of its share of an
+    update's rows, scaled by its share of the update's row count, and ``all_reduce_grads`` sums them, so every rank
+    then holds the gradient one learner computes on all the rows and takes the same step (the weights and AdamW
+    states stay replicated: any rank's checkpoint resumes any number of ranks). A standalone group like
+    ``WeightGroup`` (gloo on CPU, NCCL on GPU); gradients travel flattened per dtype in buckets."""
+
+    def __init__(self, rank: int, world_size: int, master_addr: str, master_port: int, backend: str = "gloo",
+                 timeout_s: float = 120, bucket_bytes: int = DEFAULT_BUCKET_BYTES):
+        if master_addr in WILDCARDS:
+            raise ValueError(f"master_addr {master_addr!r} is a wildcard; give rank 0's node address")
+        self.rank, self.world_size, self.bucket_bytes = rank, world_size, bucket_bytes
+        self._store, self._pg, self._device = form_group(rank, world_size, master_addr, master_port, backend, timeout_s,
+                                                         what="learner group")
+
+    def _all_reduce(self, t: torch.Tensor, op) -> None:
+        if self._pg is None:
+            raise RuntimeError(f"learner rank {self.rank}'s group is closed")
+        opts = dist.AllreduceOptions()
+        opts.reduceOp = op
+        try:
+            self._pg.allreduce([t], opts).wait()
+        except RuntimeError as e:
+            raise LearnerGroupBroken(f"learner group all-reduce failed on rank {self.rank} of {self.world_size} ({e}): a "
+                               "rank died or timed out; the runtime restarts the group from the last checkpoint") from e
+
+    def all_reduce_grads(self, params: list[torch.Tensor]) -> None:
+        """Sum every parameter's ``.grad`` over the ranks, in place (a missing grad counts as zeros)."""
+        for p in params:
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+        by_dtype: dict[torch.dtype, list[torch.Tensor]] = {}
+        for p in params:
+            by_dtype.setdefault(p.grad.dtype, []).append(p.grad)
+        for grads in by_dtype.values():
+            bucket: list[torch.Tensor] = []
+            size = 0
+            for g in grads + [None]:
+                if g is None or (bucket and size + g.numel() * g.element_size() > self.bucket_bytes):
+                    flat = torch.cat([b.reshape(-1) for b in bucket])
+                    self._all_reduce(flat, dist.ReduceOp.SUM)
+                    offset = 0
+                    for b in bucket:
+                        b.copy_(flat[offset: offset + b.numel()].view_as(b))
+                        offset += b.numel()
+                    bucket, size = [], 0
+                if g is not None:
+                    bucket.append(g)
+                    size += g.numel() * g.element_size()
+
+    def reduce_metrics(self, sums: dict[str, float], maxima: dict[str, float]) -> tuple[dict, dict]:
+        """Each rank's metric sums added up and its maxima maxed over the ranks (keys in the same order everywhere)."""
+        out = []
+        for values, op in ((sums, dist.ReduceOp.SUM), (maxima, dist.ReduceOp.MAX)):
+            keys = sorted(values)
+            t = torch.tensor([float(values[k]) for k in keys] or [0.0], dtype=torch.float64, device=self._device)
+            self._all_reduce(t, op)
+            out.append(dict(zip(keys, t.tolist())))
+        return out[0], out[1]
+
+    def close(self) -> None:
+        """Leave the group (idempotent); the runtime forms a new one after a loss."""
+        _leave(self)

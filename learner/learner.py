@@ -55,11 +55,14 @@ def _finite_mean(values: list[float]) -> float:
 
 
 class Learner:
-    def __init__(self, model, train, batching, lora=None, seed: int = 0, threads: int | None = None):
+    def __init__(self, model, train, batching, lora=None, seed: int = 0, threads: int | None = None, rank: int = 0,
+                 world_size: int = 1):
         """model: a FlowModel, or a zero-argument callable that builds one (so a Ray actor loads it on its own
         device); train: ``TrainConfig`` (optimizer, loss); batching: ``Batching`` (which rows make each update);
         lora: ``LoraSettings`` or None (full fine-tuning); threads: torch intra-op threads of this process (None =
-        leave as is; a Ray actor gets ``runtime.torch_threads``)."""
+        leave as is; a Ray actor gets ``runtime.torch_threads``); rank / world_size: this learner's place in a
+        learner group (``runtime.num_learners``; ``join_learner_group`` forms it): each rank computes the gradient
+        of its share of every update's rows and the group sums them, so M ranks take one learner's step."""
         if threads:
             torch.set_num_threads(threads)
         if not hasattr(model, "velocity"):
@@ -70,15 +73,25 @@ class Learner:
         self.seed = seed
         tr = model.transformer
         self.lora = make_trainable(tr, lora)
+        if train.gradient_checkpointing:
+            model.enable_gradient_checkpointing()            # less memory, the same v_theta
         self.base = copy.deepcopy(tr).requires_grad_(False) if (train.kl_weight > 0 and not self.lora) else None
         tr.train()
         self.params = [p for p in tr.parameters() if p.requires_grad]
+        # fp32 master weights: when trainable weights are bf16/fp16 (full fine-tuning of a half-precision model; LoRA
+        # factors are fp32 already), AdamW steps fp32 copies and the model's weights are rounded from them after each
+        # step: an update at lr 3e-5 would otherwise round away. The forward stays in the model's dtype / autocast.
+        self.masters = ([p.detach().float().clone() for p in self.params]
+                        if any(p.dtype != torch.float32 for p in self.params) else None)
         self.opt = torch.optim.AdamW(
-            self.params, lr=train.lr, betas=tuple(train.betas), weight_decay=train.weight_decay, eps=train.adam_eps
+            self.masters or self.params, lr=train.lr, betas=tuple(train.betas), weight_decay=train.weight_decay,
+            eps=train.adam_eps,
         )
         self.scaler = grad_scaler(model.device, train.precision)   # pass-through unless fp16 on CUDA
         self.skipped_steps = 0                              # updates skipped for a non-finite gradient, all run
         self.version = 0
+        self.rank, self.world_size = rank, world_size
+        self._grads = None                                  # the learner group (GradientGroup) when world_size > 1
         self._epoch: dict | None = None                     # the epoch being updated (begin_epoch .. last update)
         self.prompts = PromptCache(model)                # embeddings per prompt, never shipped in batches
 
@@ -159,6 +172,7 @@ class Learner:
         ep["seconds"] += t_publish - t0
         if not ep["updates"]:                               # the epoch's last step: its metrics
             self._epoch = None
+            self._reduce_epoch_metrics(ep)
             out.update({f"learner/{k}": v for k, v in ep["sums"].items()})
             out.update({
                 "updates": len(ep["grad_norms"]),
@@ -176,13 +190,17 @@ class Learner:
         """Gradients of one update's ``rows`` (accumulated over micro-batches to the update's mean), and the
         epoch's running metrics."""
         self.opt.zero_grad(set_to_none=True)
-        for mb in self.batching.micro_batches(rows):
+        if self.masters is not None:
+            for p in self.params:
+                p.grad = None
+        mine = rows if self.world_size == 1 else torch.tensor_split(rows, self.world_size)[self.rank]
+        for mb in self.batching.micro_batches(mine):
             x, v, sigma, d, dR, cond, lag = self._rows(ep["tb"], ep["keep"], mb)
             with autocast(self.model.device, self.cfg.precision):
                 v_theta = self.model.velocity(x, sigma, cond, ep["w"])
                 v_base = self._base_velocity(x, sigma, cond, ep["w"]) if self.cfg.kl_weight > 0 else None
             loss, m = fdfo_loss(v_theta, v, d, dR, self.cfg.epsilon, v_base, self.cfg.kl_weight)
-            share = len(mb) / len(rows)                       # gradients accumulate to the update's mean
+            share = len(mb) / len(rows)        # gradients accumulate to the update's mean (over every rank's rows)
             self.scaler.scale(loss * share).backward()
             ep["lag_sum"], ep["lag_max"] = ep["lag_sum"] + float(lag.sum()), max(ep["lag_max"], int(lag.max()))
             for k, val in m.items():
@@ -203,12 +221,23 @@ class Learner:
     def _step(self) -> float:
         """Unscale (fp16), clip, set the scheduled lr and take the AdamW step, or skip it and count it when the
         gradient is not finite; returns the gradient norm before clipping (inf or nan for a skipped update)."""
+        if self._grads is not None:
+            self._grads.all_reduce_grads(self.params)        # every rank now holds the update's whole gradient
+        stepped = self.masters or self.params
+        if self.masters is not None:                        # the optimizer steps the fp32 masters
+            for m, p in zip(self.masters, self.params):
+                m.grad = None if p.grad is None else p.grad.float()
+                p.grad = None
         self.scaler.unscale_(self.opt)
-        gn = torch.nn.utils.clip_grad_norm_(self.params, self.cfg.grad_clip)
+        gn = torch.nn.utils.clip_grad_norm_(stepped, self.cfg.grad_clip)
         for group in self.opt.param_groups:
             group["lr"] = scheduled_lr(self.cfg, self.version)
         if torch.isfinite(gn):
             self.scaler.step(self.opt)
+            if self.masters is not None:
+                with torch.no_grad():
+                    for m, p in zip(self.masters, self.params):
+                        p.copy_(m)                          # the model's weights: the masters, rounded
         else:
             self.skipped_steps += 1
             log.warning("non-finite gradient norm at learner version %d: update skipped (%d so far); if this "
@@ -231,6 +260,31 @@ class Learner:
     def weights_info(self) -> tuple[int, str]:
         """(version, checksum) without copying or shipping the tensors."""
         return self.version, checksum(trainable(self.model.transformer))
+
+    # -- the learner group (runtime.num_learners ranks) ---------------------------------------------------------
+    def _reduce_epoch_metrics(self, ep: dict) -> None:
+        """Every rank's share of the epoch's metrics added up (maxima maxed), so each rank reports the epoch's."""
+        if self._grads is None:
+            return
+        sums = {k: v for k, v in ep["sums"].items() if k != "log_rho_abs_max"} | {"_lag_sum": ep["lag_sum"]}
+        maxima = {"_lag_max": ep["lag_max"]} | ({"log_rho_abs_max": ep["sums"]["log_rho_abs_max"]}
+                                               if "log_rho_abs_max" in ep["sums"] else {})
+        sums, maxima = self._grads.reduce_metrics(sums, maxima)
+        ep["lag_sum"], ep["lag_max"] = sums.pop("_lag_sum"), int(maxima.pop("_lag_max"))
+        ep["sums"] = sums | maxima
+
+    def learner_group_address(self, peers_on_this_node: bool) -> tuple[str, int]:
+        """Rank 0: where the other ranks meet it (loopback when they all run on this node)."""
+        from learner.collective import rendezvous_address
+
+        return rendezvous_address(peers_on_this_node)
+
+    def join_learner_group(self, master_addr: str, master_port: int, backend: str, timeout_s: float = 120.0) -> int:
+        """Form the learner group with the other ranks (each calls this at once); returns this rank."""
+        from learner.collective import GradientGroup
+
+        self._grads = GradientGroup(self.rank, self.world_size, master_addr, master_port, backend, timeout_s)
+        return self.rank
 
     # -- full-weight broadcast over a collective group (gloo on CPU, NCCL on GPU); LoRA uses the object store
     def weight_backend(self) -> str:
@@ -280,6 +334,10 @@ class Learner:
         from learner.checkpoint import load_checkpoint
 
         state = dict(load_checkpoint(folder, self))
+        if self.masters is not None and not state.pop("_masters_loaded", False):
+            with torch.no_grad():                           # a checkpoint without masters: start them from its weights
+                for m, p in zip(self.masters, self.params):
+                    m.copy_(p)
         ours = state.pop("learner", {})
         self.skipped_steps = int(ours.get("skipped_steps", 0))
         if ours.get("grad_scaler") and self.scaler.is_enabled():

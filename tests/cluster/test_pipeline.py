@@ -13,7 +13,7 @@ from cluster.config import load_config
 SHORT = ["train.epochs=4", "eval.every_epochs=2", "eval.num_prompts=16"]
 STAGES = ("perf/sample_s", "perf/score_s", "perf/pack_s", "perf/update_s", "perf/publish_s")
 RAY_ONLY = {"perf/learner_step_s", "perf/learner_waited_for_data_s", "reward/latency_s", "reward/backlog", "runtime/samplers",
-            "runtime/samplers_joining"}
+            "runtime/samplers_joining", "runtime/reward_replicas"}
 
 
 def short_run(tmp_path, mode: str) -> dict:

@@ -36,6 +36,22 @@ def run(tmp_path, extra, resume=False):
     return cfg, run_ray(cfg, resume=resume)
 
 
+def run_and_kill(tmp_path, extra, actor: str, after_epochs: int) -> dict:
+    """A run in a thread whose actor named ``actor`` is killed once ``after_epochs`` epochs are logged; its summary."""
+    import ray
+
+    result = {}
+    t = threading.Thread(target=lambda: result.update(out=run(tmp_path, extra)[1]))
+    t.start()
+    history = tmp_path / "tiny-cpu" / "history.jsonl"
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and not (history.exists() and history.read_text().count("\n") >= after_epochs):
+        time.sleep(0.1)
+    ray.kill(ray.get_actor(actor))
+    t.join(timeout=300)
+    return result["out"]
+
+
 def test_end_to_end_versions_accounting_metrics_checkpoint(ray_local, tmp_path):
     # a run name of its own: Ray's counters live as long as the process, and other tests run tiny-cpu in it too
     cfg, out = run(tmp_path, ["name=e2e", "lora.enabled=true", "lora.rank=4", "lora.alpha=8", "train.lr=1e-2",
@@ -109,21 +125,10 @@ def test_slow_learner_never_trains_beyond_max_policy_lag(ray_local, tmp_path):
 
 @pytest.mark.parametrize("role", ["sampler", "reward"])
 def test_a_killed_actor_costs_only_its_pairs(ray_local, tmp_path, role):
-    import ray
-
-    result = {}
-    t = threading.Thread(target=lambda: result.update(out=run(tmp_path, ["train.epochs=12", "train.pairs_per_epoch=16", "sampling.num_steps=8", "sampling.pairs_per_call=2"])[1]))
-    t.start()
-    history = tmp_path / "tiny-cpu" / "history.jsonl"
-    for _ in range(600):
-        if history.exists() and history.read_text().count("\n") >= 2:
-            break
-        time.sleep(0.1)
     # two pairs per call keep 2 jobs queued on each sampler almost all the time: it dies holding pairs (a reward
     # actor dies holding the requests of both samplers)
-    ray.kill(ray.get_actor("fdfo/sampler/1" if role == "sampler" else "fdfo/reward/0"))
-    t.join(timeout=300)
-    out = result["out"]
+    out = run_and_kill(tmp_path, ["train.epochs=12", "train.pairs_per_epoch=16", "sampling.num_steps=8",
+                                  "sampling.pairs_per_call=2"], "fdfo/sampler/1" if role == "sampler" else "fdfo/reward/0", 2)
     ledger = out["ledger"]
     assert set(ledger["pairs_dropped"]) <= {"actor_lost"} and ledger["pairs_in_flight"] == 0
     assert ledger["pairs_requested"] == ledger["pairs_trained"] + ledger["pairs_dropped"].get("actor_lost", 0)
@@ -146,20 +151,8 @@ def test_a_lost_learner_restarts_from_the_last_checkpoint(ray_local, tmp_path):
     # overlapped, two samplers, a checkpoint every 4 versions (2 epochs): the learner is killed mid-run; a new one
     # restores the last checkpoint, the epochs since are trained again, pairs sampled with the lost versions are
     # dropped as stale, and the run ends with every epoch trained exactly once on the surviving lineage
-    import ray
-
-    result = {}
-    extra = ["train.epochs=6", "train.checkpoint_every=4", "sampling.pairs_per_call=2"]
-    t = threading.Thread(target=lambda: result.update(out=run(tmp_path, extra)[1]))
-    t.start()
-    history = tmp_path / "tiny-cpu" / "history.jsonl"
-    for _ in range(600):
-        if history.exists() and history.read_text().count("\n") >= 3:
-            break
-        time.sleep(0.1)
-    ray.kill(ray.get_actor("fdfo/learner"))
-    t.join(timeout=300)
-    out = result["out"]
+    out = run_and_kill(tmp_path, ["train.epochs=6", "train.checkpoint_every=4", "sampling.pairs_per_call=2"],
+                       "fdfo/learner", 3)
     (fault,) = out["faults"]
     assert {k: fault[k] for k in ("role", "lost", "replaced_by")} == {"role": "learner", "lost": 0, "replaced_by": 1}
     # restored from the checkpoint of version 4 or 8, which closed epoch 2 or 4; everything trained since is rolled back
@@ -174,6 +167,20 @@ def test_a_lost_learner_restarts_from_the_last_checkpoint(ray_local, tmp_path):
     assert [h["epoch"] for h in out["history"]] == list(range(6))
     assert all(s["version"] == 12 for s in out["samplers"])
     assert max(h["learner/policy_lag_max"] for h in out["history"]) <= 3        # no lost version was trained on
+
+
+def test_a_learner_group_trains_and_survives_losing_a_rank(ray_local, tmp_path):
+    # two learner ranks in one gloo group (each its share of every update's rows, gradients summed); rank 1 is
+    # killed mid-run: the group restarts from the last checkpoint (rank 0 alone cannot step) and the run completes
+    out = run_and_kill(tmp_path, ["runtime.num_learners=2", "train.epochs=6", "train.checkpoint_every=4",
+                                  "runtime.num_samplers=1"], "fdfo/learner/rank1", 3)
+    assert out["learner_ranks"] == 2
+    (fault,) = out["faults"]
+    assert fault["role"] == "learner" and fault["restored_version"] in (4, 8)
+    ledger = out["ledger"]
+    assert ledger["pairs_trained"] == 6 * 8 and out["version"] == 12 and ledger["pairs_in_flight"] == 0
+    assert ledger["pairs_requested"] == ledger["pairs_trained"] + sum(ledger["pairs_dropped"].values())
+    assert all(s["version"] == 12 for s in out["samplers"])
 
 
 @pytest.mark.parametrize("stop", [RuntimeError, KeyboardInterrupt])
