@@ -1,8 +1,12 @@
 #!/usr/bin/env bash
 # Everything fdfo needs on a fresh machine, idempotent: the project venv (.venv) with the CPU torch pinned
 # first (so nothing pulls a CUDA build), the project itself (editable, so Ray workers import it), and the
-# separate vLLM venv the judge's tests serve from. Usage: bash .ci/setup.sh
+# separate vLLM venv the judge's tests serve from (with --tests). Usage: bash .ci/setup.sh [--tests]
 set -euo pipefail
+# --tests: also what only the test suite needs (Debian's prometheus, the vLLM venv the judge tests serve from); the
+# main command does without them
+FOR_TESTS=0
+[[ "${1:-}" == "--tests" ]] && FOR_TESTS=1
 cd "$(dirname "$0")/.."
 VENV="${FDFO_VENV:-$PWD/.venv}"
 PY="${FDFO_PYTHON:-python3}"
@@ -22,7 +26,7 @@ fi
 "$VENV/bin/python" -c "import torch; assert torch.__version__.startswith('2.13.0'), torch.__version__"
 # Debian's prometheus for tests/cluster/test_grafana_prometheus.py (the test starts its own on 127.0.0.1 and skips,
 # saying why, where it cannot be installed); the package's own service is not wanted: stop and disable it.
-if ! command -v prometheus >/dev/null 2>&1 && command -v apt-get >/dev/null 2>&1 && [[ "$(id -u)" == 0 ]]; then
+if [[ "$FOR_TESTS" == 1 ]] && ! command -v prometheus >/dev/null 2>&1 && command -v apt-get >/dev/null 2>&1 && [[ "$(id -u)" == 0 ]]; then
   if (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus) \
       >/dev/null 2>&1; then
     if command -v systemctl >/dev/null 2>&1; then systemctl disable --now prometheus >/dev/null 2>&1 || true; fi
@@ -30,6 +34,10 @@ if ! command -v prometheus >/dev/null 2>&1 && command -v apt-get >/dev/null 2>&1
     echo "could not install Debian's prometheus: tests/cluster/test_grafana_prometheus.py will skip" >&2
   fi
 fi
-export FDFO_VLLM_VENV="${FDFO_VLLM_VENV:-$HOME/.cache/fdfo/vllm-venv}"
-bash .ci/vllm_env.sh >/dev/null
-echo "fdfo ready: $VENV (vLLM venv: $FDFO_VLLM_VENV)" >&2
+if [[ "$FOR_TESTS" == 1 ]]; then
+  export FDFO_VLLM_VENV="${FDFO_VLLM_VENV:-$HOME/.cache/fdfo/vllm-venv}"
+  bash .ci/vllm_env.sh >/dev/null
+  echo "fdfo ready: $VENV (vLLM venv for the tests: $FDFO_VLLM_VENV)" >&2
+else
+  echo "fdfo ready: $VENV" >&2
+fi

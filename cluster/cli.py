@@ -5,6 +5,7 @@
     fdfo eval --suite paper|quick [--config PRESET [--init-from LORA] | --checkpoint FOLDER] [--local] [--out DIR] [...]
     fdfo generate (--checkpoint FOLDER | [--config PRESET] --init-from LORA) --prompt TEXT [--prompt TEXT ...] [--seed N ...] [--out DIR]
     fdfo presets
+    fdfo plan --gpus N [N ...] [--config PRESET] [--throughput BENCH_JSON | --sampler-ips X --learner-ips Y] [...]
 
 ``python -m cluster.cli train ...`` is the same thing, and is the ``ray job submit`` entrypoint.
 ``--init-from LORA`` is the override ``lora.init_from=LORA``: a PEFT LoRA folder, an fdfo checkpoint or run folder, or
@@ -17,6 +18,7 @@ import argparse
 import json
 import signal
 import sys
+import time
 from pathlib import Path
 
 from cluster.config import CONFIG_DIR, load_config
@@ -50,15 +52,18 @@ def _init_policy(config: str | None, overrides: list[str]):
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="fdfo", description="Finite Difference Flow Optimization on Ray")
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--debug", action="store_true", help="on an error, show the whole traceback (default: the message)")
     sub = p.add_subparsers(dest="command", required=True)
-    t = sub.add_parser("train", help="post-train a flow model with FDFO")
+    t = sub.add_parser("train", help="post-train a flow model with FDFO", parents=[common])
     t.add_argument("--config", default=None, help="preset name (see `fdfo presets`) or YAML path; default shapes")
     t.add_argument("--local", action="store_true", help="one process, no Ray (debug: breakpoint() works)")
     t.add_argument("--resume", action="store_true", help="continue from the run's last checkpoint")
-    t.add_argument("--summary-json", default=None, help="write the final summary (ledger, metrics) to this file")
+    t.add_argument("--summary-json", default=None, help="also write the final summary (ledger, metrics, paths) to this "
+                   "file (it is always written to <run folder>/summary.json)")
     t.add_argument("--init-from", default=None, help=INIT_HELP)
     t.add_argument("overrides", nargs="*", help="config overrides: section.key=value (e.g. train.lr=1e-4)")
-    e = sub.add_parser("eval", help="held-out reward, unseen metrics, diversity; JSON + image grid")
+    e = sub.add_parser("eval", help="held-out reward, unseen metrics, diversity; JSON + image grid", parents=[common])
     e.add_argument("--config", default=None, help="evaluate this preset's base model (when no --checkpoint)")
     e.add_argument("--checkpoint", default=None, help="checkpoint folder, or a run folder (its latest checkpoint)")
     e.add_argument("--out", default=None, help="output folder (default: the checkpoint's run folder / runs/<name>)")
@@ -72,19 +77,60 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--init-from", default=None, help=INIT_HELP + " (with --config)")
     e.add_argument("overrides", nargs="*", help="config overrides, e.g. prompts.eval_source=builtin:shapes-train "
                    "(with --checkpoint: any but model.* and lora.*)")
-    g = sub.add_parser("generate", help="images from a checkpoint for given prompts and seeds")
+    g = sub.add_parser("generate", help="images from a checkpoint for given prompts and seeds", parents=[common])
     g.add_argument("--checkpoint", default=None, help="checkpoint folder, or a run folder (its latest checkpoint)")
     g.add_argument("--config", default=None, help="with --init-from: the preset whose base model the LoRA adapts")
     g.add_argument("--init-from", default=None, help=INIT_HELP + " (instead of --checkpoint)")
     g.add_argument("--prompt", action="append", required=True, help="repeat for several prompts")
     g.add_argument("--seed", type=int, nargs="+", default=[0])
     g.add_argument("--out", default="generated")
-    sub.add_parser("presets", help="list the config presets")
+    sub.add_parser("presets", help="list the config presets", parents=[common])
+    from cluster.plan import add_plan_arguments
+
+    add_plan_arguments(sub.add_parser("plan", help="split a GPU count between samplers and learner ranks (cost model)",
+                                      parents=[common]))
     return p
 
 
-def main(argv: list[str] | None = None) -> int:
+def cli(argv: list[str] | None = None) -> int:
+    """The ``fdfo`` command (and ``python -m cluster.cli``): ``main``, with an error printed as one message and a
+    non-zero exit status (1; 130 when interrupted) instead of a traceback, unless ``--debug``."""
     args = _parser().parse_args(argv)
+    try:
+        return run(args)
+    except KeyboardInterrupt as e:      # Ctrl-C, or SIGTERM (`ray job stop`): the drivers logged their checkpoint
+        if args.debug:
+            raise
+        resume = " (continue with --resume)" if args.command == "train" else ""
+        print(f"fdfo: stopped: KeyboardInterrupt{': ' + str(e) if str(e) else ''}{resume}", file=sys.stderr)
+        return 130
+    except Exception as e:
+        if args.debug:
+            raise
+        print(f"fdfo: error: {error_message(e)}\n(run again with --debug for the traceback)", file=sys.stderr)
+        return 1
+
+
+def error_message(e: BaseException) -> str:
+    """What went wrong, in one message: a Ray task's error by its cause (the traceback stays for --debug)."""
+    cause = getattr(e, "cause", None)
+    if isinstance(cause, BaseException) and cause is not e:
+        e = cause
+    text = str(e).strip()
+    named = type(e).__name__ not in ("ValueError", "RuntimeError", "Exception") or not text
+    return f"{type(e).__name__}: {text}" if named and text else text or type(e).__name__
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Parse ``argv`` and run the command; errors propagate (``cli`` is the command line's wrapper)."""
+    return run(_parser().parse_args(argv))
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.command == "plan":
+        from cluster.plan import plan_command
+
+        return plan_command(args)
     if args.command == "presets":
         for path in sorted(CONFIG_DIR.glob("*.yaml")):
             first = path.read_text().splitlines()[0].lstrip("# ")
@@ -154,8 +200,14 @@ def _generate(args) -> int:
 def _train(args) -> int:
     overrides = list(args.overrides) + (["runtime.local=true"] if args.local else []) + _init_override(args)
     cfg = load_config(args.config, overrides)            # bad config fails here, before Ray starts
+    if cfg.runtime.storage_path:                          # so does storage that cannot be reached
+        from cluster.pipeline import run_location
+        from learner.storage import Storage
+
+        Storage(run_location(cfg)).check()
     # `ray job stop` sends SIGTERM: stop as Ctrl-C does (the drivers write a checkpoint and the accounting line)
     signal.signal(signal.SIGTERM, lambda signum, frame: signal.default_int_handler(signum, frame))
+    t0 = time.perf_counter()
     if cfg.runtime.local:
         from cluster.driver import run_local
 
@@ -164,18 +216,62 @@ def _train(args) -> int:
         from cluster.runtime import run_ray
 
         result = run_ray(cfg, resume=args.resume)
-    summary = {k: v for k, v in result.items() if k in ("ledger", "version", "final", "paths", "samplers", "faults")}
-    print(json.dumps(summary, indent=2, default=str))
-    for name, v in (result.get("final") or {}).get("heldout", {}).items():
-        print(f"held-out {name[:-len('/mean')]}: before {v['before']:.4f} -> after {v['after']:.4f} ({v['gain']:+.4f})")
-    for key in ("grid_before", "grid_after", "learning_curve", "checkpoint"):
-        if (result.get("paths") or {}).get(key):
-            print(f"{key.replace('_', ' ')}: {result['paths'][key]}")
-    if args.summary_json:
-        with open(args.summary_json, "w") as f:
-            json.dump(summary, f, indent=2, default=str)
+    keys = ("ledger", "version", "final", "paths", "stopped", "samplers", "faults")
+    summary = {"time_s": time.perf_counter() - t0, **{k: v for k, v in result.items() if k in keys}}
+    write_summary(cfg, summary, args.summary_json)
+    print(summary_table(cfg, summary))
     return 0
 
 
+def write_summary(cfg, summary: dict, extra: str | None) -> None:
+    """The full summary as JSON: ``summary.json`` in the run folder (and its storage folder), and ``extra`` if
+    given; ``summary["paths"]["summary"]`` says where the run folder's copy is kept."""
+    from cluster.config import redacted
+    from cluster.pipeline import run_location
+    from learner.storage import Mirror, Storage, join
+
+    local = Path(cfg.output_dir) / cfg.name
+    mirror = Mirror(local, Storage(run_location(cfg)))
+    summary["paths"]["summary"] = str(local / "summary.json") if mirror.same else redacted(join(run_location(cfg), "summary.json"))
+    text = json.dumps(summary, indent=2, default=str)
+    (local / "summary.json").write_text(text)
+    mirror.sync("summary.json")
+    if extra:
+        Path(extra).write_text(text)
+
+
+def summary_table(cfg, summary: dict) -> str:
+    """The end of a run in a few lines: held-out before/after per metric, the ledger, the time and the paths."""
+    from cluster.pipeline import clock
+
+    final, paths, ledger = summary.get("final") or {}, summary.get("paths") or {}, summary["ledger"]
+    epochs = int(final.get("epoch", -1)) + 1
+    lines = [(f"fdfo train {cfg.name}: {epochs} epochs, policy version {summary['version']}, "
+              f"{clock(summary['time_s'])} ({clock(final.get('perf/wall_s', float('nan')))} training)")]
+    if summary.get("stopped"):
+        lines.append(f"stopped early: {summary['stopped']}")
+    heldout = final.get("heldout") or {}
+    if heldout:
+        head = f"held-out ({cfg.eval.num_prompts} prompts x {cfg.eval.seeds_per_prompt} seeds)"
+        names = {k: "  " + k.removesuffix("/mean") for k in heldout}
+        width = max(len(head), *map(len, names.values()))
+        lines.append(f"{head:<{width}} {'before':>9} {'after':>9} {'change':>9}")
+        for k, v in heldout.items():
+            lines.append(f"{names[k]:<{width}} {v['before']:>9.4f} {v['after']:>9.4f} {v['gain']:>+9.4f}")
+    drops = ", ".join(f"{k} {n}" for k, n in sorted(ledger["pairs_dropped"].items())) or "none"
+    lines.append(f"pairs requested {ledger['pairs_requested']} = trained {ledger['pairs_trained']} + dropped "
+                 f"{sum(ledger['pairs_dropped'].values())} ({drops}) + in flight {ledger['pairs_in_flight']}")
+    for key in ("run_dir", "storage", "checkpoint", "best_checkpoint", "grid_before", "grid_after", "learning_curve",
+                "summary"):
+        if paths.get(key):
+            lines.append(f"{PATH_NAMES[key]:<16} {paths[key]}")
+    return "\n".join(lines)
+
+
+PATH_NAMES = {"run_dir": "run folder", "storage": "storage", "checkpoint": "checkpoint", "best_checkpoint": "best checkpoint",
+              "grid_before": "grid before", "grid_after": "grid after", "learning_curve": "learning curve",
+              "summary": "summary (JSON)"}
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(cli())

@@ -35,7 +35,7 @@ def run_local(cfg: RunConfig, resume: bool = False) -> dict:
     learner = Learner(partial(build_model, cfg.model), cfg.train, Batching.of(cfg), cfg.lora, seed=cfg.seed)
     book = Book(cfg, resume=resume,
                 evaluate=lambda png: heldout_reward(cfg, sampler.generate, reward.score, png),
-                save=lambda epoch: learner.save(str(book.runlog.dir), book.state(epoch), to_dict(cfg)))
+                save=lambda epoch: learner.save(book.runlog.location, book.state(epoch), to_dict(cfg)))
     if resume:
         book.resume(learner.load)
         book.version = book.last_checkpoint = learner.version

@@ -102,8 +102,8 @@ def heldout_reward(cfg: RunConfig, generate_fn, score_fn, out_png: str | Path | 
     for k, scorer in metric_scorers(cfg.eval).items():
         result[f"eval/metric/{k}/mean"] = float(np.nanmean(scorer.score(images, prompts).scores))
     if out_png is not None:
-        k = cfg.eval.seeds_per_prompt
-        save_grid(images[: min(len(chosen), 8) * k], k, out_png)
+        k, rows = cfg.eval.seeds_per_prompt, min(len(chosen), 8)          # a row per prompt, captioned with it
+        save_grid(images[: rows * k], k, out_png, labels=chosen[:rows])
         result["grid"] = str(out_png)
     return result
 
@@ -125,7 +125,8 @@ def best_of_seeds(scores: np.ndarray, seeds_per_prompt: int) -> float:
 
 def evaluate(model, cfg: RunConfig, out_dir: str | Path, num_prompts: int | None = None,
              seeds_per_prompt: int | None = None, tag: str = "eval") -> dict:
-    """Held-out evaluation; writes ``<tag>.json`` and ``<tag>_grid.png`` (rows = prompts, columns = seeds)."""
+    """Held-out evaluation; writes ``<tag>.json`` and ``<tag>_grid.png`` (rows = prompts, each captioned with
+    its prompt; columns = seeds)."""
     ev = cfg.eval
     chosen, prompts, seeds = eval_set(cfg, num_prompts, seeds_per_prompt)
     seeds_per_prompt = len(prompts) // len(chosen)
@@ -153,7 +154,8 @@ def evaluate(model, cfg: RunConfig, out_dir: str | Path, num_prompts: int | None
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     grid_n = min(len(chosen), 8)
-    save_grid(per_prompt[:grid_n].reshape(-1, *images.shape[1:]), seeds_per_prompt, out_dir / f"{tag}_grid.png")
+    save_grid(per_prompt[:grid_n].reshape(-1, *images.shape[1:]), seeds_per_prompt, out_dir / f"{tag}_grid.png",
+              labels=chosen[:grid_n])
     (out_dir / f"{tag}_prompts.txt").write_text("\n".join(chosen[:grid_n]) + "\n")
     summary["grid"] = str(out_dir / f"{tag}_grid.png")
     (out_dir / f"{tag}.json").write_text(json.dumps(summary, indent=2))

@@ -38,6 +38,8 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
+from learner.storage import Storage, is_uri
+
 log = logging.getLogger("fdfo")
 
 BEST = "best"            # <run_dir>/checkpoints/best: the checkpoint with the best gold value so far
@@ -153,21 +155,27 @@ class HackingGuard:
                 f"(tolerance {self.tolerance:g}); the best checkpoint so far is checkpoints/{BEST}")
 
 
-def read_best(checkpoints: Path) -> dict | None:
-    """``checkpoints/best/best.json`` as a dict, or None when no best was kept."""
-    info = Path(checkpoints) / BEST / BEST_INFO
-    return json.loads(info.read_text()) if info.exists() else None
+def read_best(checkpoints: str | Path) -> dict | None:
+    """``checkpoints/best/best.json`` as a dict (``checkpoints``: a local folder or a storage URI), or None when no
+    best was kept."""
+    store = Storage(checkpoints)
+    rel = f"{BEST}/{BEST_INFO}"
+    return json.loads(store.read_text(rel)) if store.exists(rel) else None
 
 
-def keep_best(source: str | Path, checkpoints: str | Path, info: dict) -> Path:
+def keep_best(source: str | Path, checkpoints: str | Path, info: dict) -> Path | str:
     """Copy the checkpoint folder ``source`` to ``<checkpoints>/best`` with ``best.json`` (``info``), replacing the
-    previous best. The copy is completed under a hidden name first, then renamed into place: a reader finds the
+    previous best. Locally the copy is completed under a hidden name first, then renamed into place: a reader finds the
     old best or the new one, never a half-written folder (a crash between the two renames leaves ``.best.old``,
-    which the next call clears). Returns the best folder."""
+    which the next call clears). In an object store (no rename) ``best.json`` goes first and comes back last: a
+    reader (``read_best``) sees no best while it is replaced. Returns the best folder."""
+    if is_uri(source) or is_uri(checkpoints):
+        return _keep_best_in_store(Storage(source), Storage(checkpoints), info)
     source, checkpoints = Path(source), Path(checkpoints)
     if not (source / "state.json").exists():
         raise FileNotFoundError(f"checkpoint {source} is not visible from the driver (no state.json there): "
-                                "checkpoints/best needs the run folder on a filesystem the driver and learner share")
+                                "checkpoints/best needs the run folder on a filesystem the driver and learner share, "
+                                "or runtime.storage_path (an object store both reach)")
     best, tmp, old = checkpoints / BEST, checkpoints / f".{BEST}.tmp", checkpoints / f".{BEST}.old"
     for stale in (tmp, old):
         shutil.rmtree(stale, ignore_errors=True)
@@ -178,3 +186,14 @@ def keep_best(source: str | Path, checkpoints: str | Path, info: dict) -> Path:
     os.replace(tmp, best)
     shutil.rmtree(old, ignore_errors=True)
     return best
+
+
+def _keep_best_in_store(source: Storage, checkpoints: Storage, info: dict) -> str:
+    if not source.exists("state.json"):
+        raise FileNotFoundError(f"checkpoint {source.location} has no state.json: not a complete checkpoint")
+    checkpoints.remove(f"{BEST}/{BEST_INFO}")
+    checkpoints.remove(BEST)
+    checkpoints.copy_from(source, BEST)
+    name = source.root.rstrip("/").rsplit("/", 1)[-1]
+    checkpoints.write_text(f"{BEST}/{BEST_INFO}", json.dumps({**info, "source": name}, indent=1))
+    return checkpoints.uri(BEST)

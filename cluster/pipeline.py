@@ -21,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import os
 import signal
 import sys
 import threading
@@ -32,15 +33,17 @@ import numpy as np
 import torch
 
 from cluster.accounting import Ledger, Timers, drop_reasons
-from cluster.config import Batching, RunConfig, to_dict
+from cluster.config import Batching, RunConfig, redacted, to_dict
 from cluster.evaluate import plot_learning_curve
 from cluster.guard import BEST, HackingGuard, gold_key, keep_best, read_best
 from cluster.prompts import load_prompts
 from cluster.schedule import PairSchedule
+from learner.storage import Mirror, Storage, join
 from rewards.base import RewardOutput
 
 log = logging.getLogger("fdfo")
 STAGES = ("sample", "score", "pack", "update", "publish")  # each timed as perf/<stage>_s, summed over an epoch
+HISTORY, WANDB_ID = "history.jsonl", "wandb.json"        # in the run folder
 
 
 def setup_process(cfg: RunConfig) -> None:
@@ -48,6 +51,38 @@ def setup_process(cfg: RunConfig) -> None:
         torch.set_num_threads(cfg.runtime.torch_threads)
     torch.manual_seed(cfg.seed)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    quiet_third_party()
+
+
+# Third-party log records that are notices, not problems, in fdfo's output: logger name -> message fragments.
+NOISE = {
+    # diffusers' SD3 pipeline module names SigLIP / CLIP image processors; without torchvision (never installed
+    # beside the CPU torch) transformers falls back to their PIL versions, which is what fdfo wants.
+    "transformers.utils.import_utils": ("requires torchvision (not installed); falling back to",),
+}
+
+
+class _DropNotices(logging.Filter):
+    def __init__(self, fragments: tuple[str, ...]):
+        super().__init__()
+        self.fragments = fragments
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not any(f in record.getMessage() for f in self.fragments)
+
+
+def quiet_third_party() -> None:
+    """Drop the records ``NOISE`` names (only those), and, when stderr is not a terminal (``ray job logs``, a file),
+    Hugging Face's progress bars: carriage-return bars turn a log into noise. Idempotent; also a Ray
+    ``worker_process_setup_hook``, so that actors are as quiet as the driver."""
+    for name, fragments in NOISE.items():
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, _DropNotices) for f in logger.filters):
+            logger.addFilter(_DropNotices(fragments))
+    if not sys.stderr.isatty():
+        os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")     # read when huggingface_hub is imported
+        if "transformers" in sys.modules:                               # imported already: tell it directly
+            sys.modules["transformers"].utils.logging.disable_progress_bar()
 
 
 @contextlib.contextmanager
@@ -89,27 +124,57 @@ def check_proof(proof: dict, version: int, checksum: str) -> None:
         )
 
 
+def run_location(cfg: RunConfig) -> str:
+    """Where the run folder lives: ``<runtime.storage_path>/<name>`` (a local folder or a storage URI), else
+    ``<output_dir>/<name>``."""
+    return join(cfg.runtime.storage_path, cfg.name) if cfg.runtime.storage_path else str(Path(cfg.output_dir) / cfg.name)
+
+
 class RunLog:
     """Scalars and image grids to TensorBoard (``<output_dir>/<name>/tb``) and, with ``wandb_project`` set, to
-    Weights & Biases; a JSON-lines history (appended to on resume)."""
+    Weights & Biases; a JSON-lines history (appended to on resume).
+
+    Everything is written to the local ``<output_dir>/<name>`` first (TensorBoard writes there as it goes); with
+    ``runtime.storage_path`` set, ``sync`` (at every epoch end, after a grid, and at close) uploads what changed to
+    the run's storage folder (``location``), where the learner writes its checkpoints directly, and a resumed run
+    downloads its history and W&B run id from there first. A W&B run resumes as the same run: its id is kept in
+    ``wandb.json`` in the run folder."""
 
     def __init__(self, cfg: RunConfig, resume: bool = False):
         self.dir = Path(cfg.output_dir) / cfg.name
         self.dir.mkdir(parents=True, exist_ok=True)
+        self.store = Storage(run_location(cfg))
+        self.location = self.store.location           # what the learner saves under, from whichever node
+        self.mirror = Mirror(self.dir, self.store)
+        if resume and not self.mirror.same:
+            for rel in (HISTORY, WANDB_ID):
+                if self.store.exists(rel):
+                    self.store.download(rel, self.dir / rel)
         (self.dir / "config.json").write_text(json.dumps(to_dict(cfg), indent=2))
         from torch.utils.tensorboard import SummaryWriter
 
         self.tb = SummaryWriter(str(self.dir / "tb"))
-        self.history = self.dir / "history.jsonl"
+        self.history = self.dir / HISTORY
         if not resume:
             self.history.write_text("")
-        self.wandb = None
-        if cfg.wandb_project:
-            try:
-                import wandb
-            except ImportError as e:
-                raise ImportError(f"wandb_project={cfg.wandb_project!r} needs `pip install wandb`") from e
-            self.wandb = wandb.init(project=cfg.wandb_project, name=cfg.name, config=to_dict(cfg), resume="allow")
+        self.wandb = _wandb_run(cfg, self.dir / WANDB_ID, resume)
+        self.sync()
+
+    def sync(self, *paths: str | Path) -> None:
+        """Upload to the storage folder what changed: config, history, TensorBoard events and ``paths`` (files in
+        the local run folder). A no-op without ``runtime.storage_path``."""
+        if self.mirror.same:
+            return
+        self.tb.flush()
+        self.mirror.sync("config.json", HISTORY, WANDB_ID, "tb", *(Path(p).relative_to(self.dir).as_posix() for p in paths))
+
+    def shown(self, path: str | Path | None) -> str | None:
+        """Where a file of the local run folder is kept, as a report shows it: its storage URI (secrets redacted),
+        or the local path itself without ``runtime.storage_path``."""
+        if path is None or self.mirror.same:
+            return None if path is None else str(path)
+        path = Path(path)
+        return redacted(self.store.uri(path.relative_to(self.dir).as_posix())) if path.is_relative_to(self.dir) else redacted(str(path))
 
     def scalars(self, step: int, metrics: dict) -> None:
         row = {"step": step, **{k: v for k, v in metrics.items() if isinstance(v, (int, float))}}
@@ -131,11 +196,33 @@ class RunLog:
             import wandb
 
             self.wandb.log({tag: wandb.Image(str(png))}, step=step)
+        self.sync(png)
 
     def close(self) -> None:
         self.tb.close()
+        self.sync()
         if self.wandb is not None:
             self.wandb.finish()
+
+
+def _wandb_run(cfg: RunConfig, id_file: Path, resume: bool):
+    """A W&B run for ``wandb_project`` (None without): on ``--resume`` the same run again, by the id kept in
+    ``id_file``; a new run otherwise, its id written there."""
+    if not cfg.wandb_project:
+        return None
+    try:
+        import wandb
+    except ImportError as e:
+        raise ImportError(f"wandb_project={cfg.wandb_project!r} needs `pip install wandb`") from e
+    prior = json.loads(id_file.read_text()) if resume and id_file.exists() else None
+    if resume and prior is None:
+        log.warning("--resume: no %s in the run folder (a run from before W&B ids were kept): W&B starts a new run",
+                    id_file.name)
+    same = prior is not None and prior.get("project") == cfg.wandb_project
+    run = wandb.init(project=cfg.wandb_project, name=cfg.name, config=to_dict(cfg),
+                     **({"id": prior["id"], "resume": "must"} if same else {}))
+    id_file.write_text(json.dumps({"project": cfg.wandb_project, "id": run.id}))
+    return run
 
 
 class Book:
@@ -149,6 +236,7 @@ class Book:
         self.runlog, self.ledger, self.timers = RunLog(cfg, resume), Ledger(), Timers()
         self.schedule = PairSchedule(load_prompts(cfg.prompts.source), cfg.seed)
         self.epoch, self.version, self.last_checkpoint, self.checksum = 0, 0, 0, None
+        self.first_epoch = 0                          # the epoch this session started at (resumed: later)
         self.history: list[dict] = []
         self.rewards: dict[str, list[float]] = {}          # finite branch rewards of this epoch's pairs, per scorer
         self.t_start = self.epoch_start = time.perf_counter()
@@ -157,7 +245,7 @@ class Book:
         self.stop_reason: str | None = None   # set when the run should end early (the hacking guard); drivers check it
         self.saved: tuple[int, str] | None = None   # (version, folder) of the newest checkpoint this run wrote
         key = gold_key(cfg)
-        prior = read_best(self.runlog.dir / "checkpoints") if resume and key else None
+        prior = read_best(self.runlog.store.uri("checkpoints")) if resume and key else None
         self.guard = None if key is None else HackingGuard(
             key, cfg.eval.hacking_window, cfg.eval.hacking_tolerance,
             best=prior["value"] if prior and prior.get("metric") == key else -float("inf"))
@@ -243,11 +331,12 @@ class Book:
         if self.sink is not None:
             self.sink.export(m)
         self.runlog.scalars(self.epoch, m)
+        self.runlog.sync()
         self.history.append(m)
         self.epoch += 1
-        log.info("epoch %d reward %.4g loss %.4g clip %.3f version %d lag %s | %s", self.epoch - 1,
+        log.info("epoch %d reward %.4g loss %.4g clip %.3f version %d lag %s | %s | %s", self.epoch - 1,
                  m["reward/mean"], m.get("learner/loss", float("nan")), m.get("learner/clip_frac", float("nan")),
-                 self.version, m.get("learner/policy_lag_max"), self.ledger.line())
+                 self.version, m.get("learner/policy_lag_max"), self.ledger.line(), self.eta(now))
         if self.progress is not None:
             self.progress.update(1)
             self.progress.set_postfix(reward=f"{m['reward/mean']:.4g}", v=self.version)
@@ -272,7 +361,7 @@ class Book:
                 self.saved = (self.version, self.save(self.epoch))
             info = {"epoch": self.epoch, "version": self.version, "value": m["guard/gold"], "metric": self.guard.key}
             try:
-                best = keep_best(self.saved[1], self.runlog.dir / "checkpoints", info)
+                best = keep_best(self.saved[1], self.runlog.store.uri("checkpoints"), info)
                 log.info("guard: new best %s = %.4g after %d epochs (version %d): %s", self.guard.key, m["guard/gold"],
                          self.epoch, self.version, best)
             except FileNotFoundError as e:      # a learner on another node without a shared filesystem
@@ -294,9 +383,10 @@ class Book:
         """Restore the learner (``load(folder) -> saved state``) and the counters from the run's latest checkpoint."""
         from learner.checkpoint import latest_checkpoint
 
-        folder = latest_checkpoint(self.runlog.dir)
+        folder = latest_checkpoint(self.runlog.location)
         if folder is None:
-            raise FileNotFoundError(f"--resume: no checkpoint under {self.runlog.dir}/checkpoints; run without --resume first")
+            raise FileNotFoundError(f"--resume: no checkpoint under {redacted(join(self.runlog.location, 'checkpoints'))}; "
+                                    "run without --resume first (or check runtime.storage_path and name)")
         state = load(str(folder))
         self.schedule.next_pair_id = state["next_pair_id"]
         ledger = state["ledger"]
@@ -304,7 +394,7 @@ class Book:
         self.ledger.dropped.update(ledger["pairs_dropped"])
         self.ledger.drop("interrupted", self.ledger.in_flight)     # pairs in flight when the checkpoint was taken
         self.epoch = state["epoch"]
-        log.info("resumed from %s at epoch %d", folder, self.epoch)
+        log.info("resumed from %s at epoch %d", redacted(str(folder)), self.epoch)
 
     def state(self, epoch: int) -> dict:
         """The driver-side counters a checkpoint carries beside the learner's weights and optimizer."""
@@ -320,6 +410,14 @@ class Book:
         self.progress = tqdm(total=self.cfg.train.epochs, initial=self.epoch, desc="fdfo epochs",
                              disable=not sys.stderr.isatty())
         self.t_start = self.epoch_start = time.perf_counter()
+        self.first_epoch = self.epoch
+
+    def eta(self, now: float) -> str:
+        """Progress for logs that are not a terminal (``ray job logs``): epochs done, time elapsed since ``start``
+        and the time left at this session's mean pace (its evaluations included)."""
+        done, total, elapsed = self.epoch - self.first_epoch, self.cfg.train.epochs, now - self.t_start
+        left = elapsed / done * (total - self.epoch) if done else float("nan")
+        return f"epoch {self.epoch}/{total}, {clock(elapsed)} elapsed, eta {clock(left)}"
 
     def finish(self, **extra) -> dict:
         """The final checkpoint, the held-out evaluation after training, grids, learning curve and the summary."""
@@ -334,14 +432,18 @@ class Book:
         last = {k: v for k, v in (self.history[-1] if self.history else {}).items() if isinstance(v, (int, float))}
         return {"history": self.history, "ledger": self.ledger.summary(), "version": self.version,
                 "final": {**report.pop("heldout_summary"), **last},
-                "paths": {"run_dir": str(self.runlog.dir), "checkpoint": checkpoint, **report["paths"],
-                          **self._best_paths()},
+                "paths": {"run_dir": str(self.runlog.dir), **self._storage_path(), "checkpoint": redacted(str(checkpoint)),
+                          **report["paths"], **self._best_paths()},
                 "stopped": self.stop_reason, **extra}
 
     def _best_paths(self) -> dict:
         """The kept best checkpoint and its ``best.json`` (empty without a gold metric or before a first evaluation)."""
-        info = read_best(self.runlog.dir / "checkpoints") if self.guard is not None else None
-        return {} if info is None else {"best_checkpoint": str(self.runlog.dir / "checkpoints" / BEST), "best": info}
+        info = read_best(self.runlog.store.uri("checkpoints")) if self.guard is not None else None
+        return {} if info is None else {"best_checkpoint": redacted(self.runlog.store.uri("checkpoints", BEST)), "best": info}
+
+    def _storage_path(self) -> dict:
+        """The run's storage folder, when it is not the local run folder (``runtime.storage_path``)."""
+        return {} if self.runlog.mirror.same else {"storage": redacted(self.runlog.location)}
 
     def _report(self, after: dict) -> dict:
         """Held-out reward before/after, the grids and the learning curve, logged and returned."""
@@ -351,13 +453,23 @@ class Book:
             self.runlog.image("eval/heldout", after["grid"], history[-1]["epoch"] + 1)
         start = {"pairs_trained": 0, "perf/wall_s": 0.0, **{k: v for k, v in before.items() if k.startswith("eval/")}}
         curve = plot_learning_curve([start, *history], self.runlog.dir / "learning_curve.png") if history else None
+        self.runlog.sync(*[p for p in (curve,) if p])
         self.runlog.close()
         gains = {k: (before[k], after[k]) for k in before if k.startswith("eval/") and k in after}
         for k, (b, a) in gains.items():
             log.info("held-out %s before %.4f -> after %.4f (%+.4f)", k[len("eval/"):-len("/mean")], b, a, a - b)
-        log.info("grids %s, %s; learning curve %s", before.get("grid"), after.get("grid"), curve)
+        shown = {k: self.runlog.shown(v) for k, v in (("grid_before", before.get("grid")),
+                                                      ("grid_after", after.get("grid")), ("learning_curve", curve))}
+        log.info("grids %s, %s; learning curve %s", shown["grid_before"], shown["grid_after"], shown["learning_curve"])
         b, a = before["eval/reward/mean"], after["eval/reward/mean"]
         summary = {"heldout_reward_before": b, "heldout_reward_after": a, "heldout_reward_gain": a - b,
                    "heldout": {k[len("eval/"):]: {"before": b, "after": a, "gain": a - b} for k, (b, a) in gains.items()}}
-        return {"heldout_summary": summary,
-                "paths": {"grid_before": before.get("grid"), "grid_after": after.get("grid"), "learning_curve": curve}}
+        return {"heldout_summary": summary, "paths": shown}
+
+
+def clock(seconds: float) -> str:
+    """Seconds as a short duration: 42s, 3m05s, 2h07m (``?`` when unknown)."""
+    if not np.isfinite(seconds):
+        return "?"
+    s = round(seconds)
+    return f"{s}s" if s < 60 else f"{s // 60}m{s % 60:02d}s" if s < 3600 else f"{s // 3600}h{s % 3600 // 60:02d}m"

@@ -6,25 +6,32 @@ Usage::
     state = load_checkpoint(latest_checkpoint(run_dir), learner)      # restores weights + optimizer
 
 A checkpoint folder ``<run_dir>/checkpoints/v<version>/`` holds:
-- ``pytorch_lora_weights.safetensors``: the LoRA in diffusers' format, so
-  ``StableDiffusion3Pipeline.load_lora_weights(folder)`` loads it directly (full fine-tuning instead writes
-  ``transformer/`` with ``save_pretrained``, loadable by ``SD3Transformer2DModel.from_pretrained``);
+- ``pytorch_lora_weights.safetensors``: the LoRA in diffusers' format, written by the model's own pipeline class
+  (``model.lora_pipeline_class``: ``StableDiffusion3Pipeline``, ``FluxPipeline``), so that class's
+  ``load_lora_weights(folder)`` loads it directly (full fine-tuning instead writes ``transformer/`` with
+  ``save_pretrained``, loadable by the transformer class's ``from_pretrained``);
 - ``trainable.safetensors``: the learner's trainable tensors by parameter name (exact resume);
-- ``optimizer.safetensors`` + ``optimizer.json``: AdamW moments and hyper-parameters;
+- ``optimizer.safetensors`` + ``optimizer.json``: AdamW moments and hyper-parameters (and ``masters.safetensors``,
+  the fp32 master weights, when the trained weights are half precision);
 - ``state.json``: version, counters, seeds and the run config.
 
 ``<run_dir>/checkpoints/latest`` names the newest folder (what ``--resume`` continues from); ``best`` beside
-them is the hacking guard's copy of the best-scoring one (cluster/guard.py), never resumed from.
+them is the hacking guard's copy of the best-scoring one (cluster/guard.py), never resumed from. ``run_dir`` may be
+an object-store URI (``runtime.storage_path``, learner/storage.py): the learner writes there from whichever node
+it runs on, and ``--resume`` or a restarted learner reads from there.
 """
 
 from __future__ import annotations
 
 import json
 import re
+import tempfile
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
+
+from learner.storage import Storage, is_uri
 
 LATEST = "latest"
 
@@ -53,69 +60,91 @@ def _load_optimizer(opt: torch.optim.Optimizer, folder: Path) -> None:
     opt.load_state_dict({"state": state, "param_groups": groups})
 
 
-def save_checkpoint(run_dir: str | Path, learner, state: dict, config: dict) -> Path:
-    """Write the learner's weights, optimizer and ``state`` (JSON-able) under ``run_dir``; returns the folder."""
-    folder = Path(run_dir) / "checkpoints" / f"v{learner.version:06d}"
+def save_checkpoint(run_dir: str | Path, learner, state: dict, config: dict) -> Path | str:
+    """Write the learner's weights, optimizer and ``state`` (JSON-able) under ``run_dir`` (a local folder or a storage
+    URI, learner/storage.py); returns the folder (a Path, or the URI under a URI). Into an object store the folder is
+    written locally, uploaded, and only then named by ``latest``."""
+    store, name = Storage(run_dir), f"v{learner.version:06d}"
+    if store.local:
+        folder = Path(run_dir) / "checkpoints" / name
+        _write_folder(folder, learner, state, config)
+    else:
+        with tempfile.TemporaryDirectory(prefix="fdfo-checkpoint-") as tmp:
+            store.upload(_write_folder(Path(tmp) / name, learner, state, config), f"checkpoints/{name}")
+        folder = store.uri("checkpoints", name)
+    store.write_text(f"checkpoints/{LATEST}", name)
+    prune_checkpoints(store.uri("checkpoints"), keep=int((config.get("train") or {}).get("keep_checkpoints", 0)))
+    return folder
+
+
+def _write_folder(folder: Path, learner, state: dict, config: dict) -> Path:
+    """The checkpoint's files in the local folder ``folder`` (created); returns it."""
     folder.mkdir(parents=True, exist_ok=True)
     tr = learner.model.transformer
     w = learner.weights()
     save_file({k: v.contiguous() for k, v in w.tensors.items()}, str(folder / "trainable.safetensors"))
     if learner.lora:
-        from diffusers import StableDiffusion3Pipeline
         from peft.utils import get_peft_model_state_dict
 
         layers = {k: v.detach().cpu().contiguous() for k, v in get_peft_model_state_dict(tr).items()}
         # the adapter config (rank, alpha, targets) rides along, so loaders use alpha / r, not a scale of 1
         meta = tr.peft_config["default"].to_dict()
-        StableDiffusion3Pipeline.save_lora_weights(
+        learner.model.lora_pipeline_class.save_lora_weights(       # the model's own diffusers pipeline
             str(folder), transformer_lora_layers=layers, safe_serialization=True, transformer_lora_adapter_metadata=meta
         )
     else:
         tr.save_pretrained(str(folder / "transformer"), safe_serialization=True)
     _save_optimizer(learner.opt, folder)
+    if getattr(learner, "masters", None) is not None:    # fp32 masters of half-precision weights: exact resume
+        names = [n for n, p in tr.named_parameters() if p.requires_grad]
+        save_file({n: m.contiguous() for n, m in zip(names, learner.masters)}, str(folder / "masters.safetensors"))
     meta = {"version": learner.version, "checksum": w.checksum, "state": state, "config": config}
     (folder / "state.json").write_text(json.dumps(meta, indent=1, default=str))
-    (Path(run_dir) / "checkpoints" / LATEST).write_text(folder.name)
-    prune_checkpoints(Path(run_dir) / "checkpoints", keep=int((config.get("train") or {}).get("keep_checkpoints", 0)))
     return folder
 
 
-def prune_checkpoints(folder: Path, keep: int) -> list[str]:
-    """Delete all but the ``keep`` newest versioned checkpoints under ``folder`` (0 = keep all); the one ``latest``
-    names and ``best`` always stay. Returns the names deleted."""
-    import shutil
-
+def prune_checkpoints(folder: str | Path, keep: int) -> list[str]:
+    """Delete all but the ``keep`` newest versioned checkpoints under ``folder`` (a local folder or a storage URI;
+    0 = keep all); the one ``latest`` names and ``best`` always stay. Returns the names deleted."""
     if keep <= 0:
         return []
-    marker = folder / LATEST
-    latest = marker.read_text().strip() if marker.exists() else None
-    versions = sorted((p for p in folder.glob("v[0-9]*") if p.is_dir() and re.fullmatch(r"v\d+", p.name)),
-                      key=lambda p: int(p.name[1:]))
-    gone = [p for p in versions[:-keep] if p.name != latest]
-    for p in gone:
-        shutil.rmtree(p)
-    return [p.name for p in gone]
+    store = Storage(folder)
+    latest = store.read_text(LATEST).strip() if store.exists(LATEST) else None
+    versions = sorted((n for n in store.listdir() if re.fullmatch(r"v\d+", n) and store.is_dir(n)), key=lambda n: int(n[1:]))
+    gone = [n for n in versions[:-keep] if n != latest]
+    for n in gone:
+        store.remove(n)
+    return gone
 
 
-def latest_checkpoint(run_dir: str | Path) -> Path | None:
-    """The folder the ``latest`` marker names (None without a marker): always a versioned ``v<version>`` folder,
-    never ``best`` (the hacking guard's copy of the best-scoring checkpoint, cluster/guard.py), which may be older
-    than the run's state and so must not be resumed from."""
-    marker = Path(run_dir) / "checkpoints" / LATEST
-    if not marker.exists():
+def latest_checkpoint(run_dir: str | Path) -> Path | str | None:
+    """The folder the ``latest`` marker names (None without a marker; a Path under a local ``run_dir``, the URI under
+    a storage URI): always a versioned ``v<version>`` folder, never ``best`` (the hacking guard's copy of the
+    best-scoring checkpoint, cluster/guard.py), which may be older than the run's state and so must not be resumed
+    from."""
+    store = Storage(run_dir)
+    marker = f"checkpoints/{LATEST}"
+    if not store.exists(marker):
         return None
-    name = marker.read_text().strip()
+    name = store.read_text(marker).strip()
     if not re.fullmatch(r"v\d+", name):
-        newest = sorted(marker.parent.glob("v[0-9]*"))
-        raise ValueError(f"{marker} names {name!r}, not a versioned checkpoint folder (v<version>): --resume continues "
-                         f"only from the run's newest checkpoint, never from 'best'; write "
-                         f"{newest[-1].name if newest else 'the newest v... folder name'!r} into it")
-    return marker.parent / name
+        newest = sorted(n for n in store.listdir("checkpoints") if re.fullmatch(r"v\d+", n))
+        raise ValueError(f"{store.uri(marker)} names {name!r}, not a versioned checkpoint folder (v<version>): --resume "
+                         f"continues only from the run's newest checkpoint, never from 'best'; write "
+                         f"{newest[-1] if newest else 'the newest v... folder name'!r} into it")
+    return Path(run_dir) / "checkpoints" / name if not is_uri(run_dir) else store.uri("checkpoints", name)
 
 
 def load_checkpoint(folder: str | Path, learner) -> dict:
-    """Restore weights, optimizer and version into ``learner``; returns the saved ``state`` dict."""
-    folder = Path(folder)
+    """Restore weights, optimizer and version into ``learner`` from a local folder or a storage URI (downloaded to a
+    temporary folder first); returns the saved ``state`` dict."""
+    if is_uri(folder):
+        with tempfile.TemporaryDirectory(prefix="fdfo-checkpoint-") as tmp:
+            return _load_folder(Storage(folder).download("", Path(tmp) / "checkpoint"), learner)
+    return _load_folder(Path(folder), learner)
+
+
+def _load_folder(folder: Path, learner) -> dict:
     meta = json.loads((folder / "state.json").read_text())
     tensors = load_file(str(folder / "trainable.safetensors"))
     params = dict(learner.model.transformer.named_parameters())
@@ -129,4 +158,11 @@ def load_checkpoint(folder: str | Path, learner) -> dict:
     learner.version = int(meta["version"])
     if learner.weights_info()[1] != meta["checksum"]:
         raise RuntimeError(f"checkpoint {folder}: restored weights do not match the saved checksum")
-    return meta["state"]
+    state = meta["state"]
+    if getattr(learner, "masters", None) is not None and (folder / "masters.safetensors").exists():
+        saved = load_file(str(folder / "masters.safetensors"))
+        with torch.no_grad():
+            for (n, p), m in zip(((n, p) for n, p in params.items() if p.requires_grad), learner.masters):
+                m.copy_(saved[n])
+        state = {**state, "_masters_loaded": True}
+    return state
