@@ -177,6 +177,9 @@ def test_judge_manifests_validate_as_kubernetes_objects_and_match_the_job():
     key = {e["name"]: e for e in vllm["env"]}["VLLM_API_KEY"]["valueFrom"]["secretKeyRef"]
     assert key == env["FDFO_JUDGE_API_KEY"]["valueFrom"]["secretKeyRef"]
     assert vllm["args"][vllm["args"].index("--model") + 1] == load_config("sd35m-combined").reward.components[1]["model"]
+    # the server binds the pod's own IP (the downward API's status.podIP, expanded by Kubernetes), never a wildcard
+    assert vllm["args"][vllm["args"].index("--host") + 1] == "$(POD_IP)"
+    assert {e["name"]: e for e in vllm["env"]}["POD_IP"]["valueFrom"] == {"fieldRef": {"fieldPath": "status.podIP"}}
     # the policy admits every pod of the RayJob (reward actors and the driver's evaluation call the judge)
     allowed = pol["spec"]["ingress"][0]["from"][0]["podSelector"]["matchLabels"]
     spec = rayjob()["spec"]["rayClusterSpec"]
