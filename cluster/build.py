@@ -17,6 +17,12 @@ from models.adapter import FlowModel, SD3Adapter
 from models.device import DTYPES, pick_device
 
 
+def _pretrained(adapter, model_cfg):
+    """``adapter.from_pretrained`` with the config's path, device, dtype, resolution and prompt length."""
+    return adapter.from_pretrained(model_cfg.path, device=pick_device(model_cfg.device), dtype=DTYPES[model_cfg.dtype],
+                                   resolution=model_cfg.resolution, max_sequence_length=model_cfg.max_sequence_length)
+
+
 def build_model(model_cfg) -> FlowModel:
     """model_cfg: ``cluster.config.ModelConfig``. The frozen weights load here; LoRA is added by the roles."""
     if model_cfg.kind == "sd3_tiny":
@@ -29,13 +35,7 @@ def build_model(model_cfg) -> FlowModel:
     if model_cfg.kind == "sd3":
         if not model_cfg.path:
             raise ValueError("model.kind=sd3 needs model.path: a hub id such as stabilityai/stable-diffusion-3.5-medium or a local directory")
-        return SD3Adapter.from_pretrained(
-            model_cfg.path,
-            device=pick_device(model_cfg.device),
-            dtype=DTYPES[model_cfg.dtype],
-            resolution=model_cfg.resolution,
-            max_sequence_length=model_cfg.max_sequence_length,
-        )
+        return _pretrained(SD3Adapter, model_cfg)
     if model_cfg.kind == "flux_tiny":
         from models.flux import FluxAdapter
 
@@ -46,13 +46,7 @@ def build_model(model_cfg) -> FlowModel:
         if not model_cfg.path:
             raise ValueError("model.kind=flux needs model.path: a hub id such as black-forest-labs/FLUX.1-dev (or "
                              "black-forest-labs/FLUX.1-schnell) or a local FluxPipeline directory")
-        return FluxAdapter.from_pretrained(
-            model_cfg.path,
-            device=pick_device(model_cfg.device),
-            dtype=DTYPES[model_cfg.dtype],
-            resolution=model_cfg.resolution,
-            max_sequence_length=model_cfg.max_sequence_length,
-        )
+        return _pretrained(FluxAdapter, model_cfg)
     raise ValueError(f"unknown model.kind {model_cfg.kind!r}; use sd3, sd3_tiny, flux, flux_tiny or shapes")
 
 

@@ -150,6 +150,20 @@ def cfg_velocity(forward: Callable[[torch.Tensor, torch.Tensor, PromptEmbeds], t
     return (v_neg + guidance_scale * (v_pos - v_neg)).float()
 
 
+def guided_velocity(model, x: torch.Tensor, sigma, cond: PromptEmbeds, guidance_scale: float) -> torch.Tensor:
+    """An adapter's velocity under its kind of guidance (``model.guidance``): the transformer's own input
+    ("embedded", FLUX.1-dev), none (w = 1), or CFG against the empty prompt (encoded once, kept on the adapter as
+    ``_empty``); ``model._transformer_out(x, sigma, cond[, guidance])`` is one transformer call. Returns float32."""
+    sigma = torch.as_tensor(sigma, dtype=torch.float32)
+    if model.guidance == "embedded":
+        return model._transformer_out(x, sigma, cond, float(guidance_scale)).float()
+    if guidance_scale == 1.0:
+        return model._transformer_out(x, sigma, cond).float()
+    if model._empty is None:
+        model._empty = model.encode_prompts([""])
+    return cfg_velocity(model._transformer_out, x, sigma, cond, model._empty, guidance_scale)
+
+
 @torch.no_grad()
 def vae_decode(vae, latents: torch.Tensor, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
     """Normalised latents [B, C, h, w] -> images [B, 3, H, W] float32 in [0, 1] through the VAE's own latent
@@ -274,12 +288,7 @@ class SD3Adapter:
         guidance_scale: float = 1.0,
     ) -> torch.Tensor:
         """v(x, sigma | prompt) for a batch x: [B, C, H, W]; sigma: scalar or [B]. Returns float32."""
-        sigma = torch.as_tensor(sigma, dtype=torch.float32)
-        if guidance_scale == 1.0:
-            return self._transformer_out(x, sigma, cond).float()
-        if self._empty is None:
-            self._empty = self.encode_prompts([""])
-        return cfg_velocity(self._transformer_out, x, sigma, cond, self._empty, guidance_scale)
+        return guided_velocity(self, x, sigma, cond, guidance_scale)
 
     def sigmas(self, num_steps: int) -> torch.Tensor:
         """The scheduler's sigma schedule: [num_steps + 1] floats from 1 down to 0 (shifted, SD3.5: 3.0)."""

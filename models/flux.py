@@ -33,7 +33,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from models.adapter import PromptEmbeds, cfg_velocity, vae_decode
+from models.adapter import PromptEmbeds, guided_velocity, vae_decode
 
 
 class FluxAdapter:
@@ -127,14 +127,7 @@ class FluxAdapter:
                  guidance_scale: float = 1.0) -> torch.Tensor:
         """v(x, sigma | prompt) for x: [B, C, h, w]; sigma: scalar or [B]; ``guidance_scale``: FLUX.1-dev's embedded
         guidance, or CFG for a model without a guidance input (1.0 = none). Returns float32 [B, C, h, w]."""
-        sigma = torch.as_tensor(sigma, dtype=torch.float32)
-        if self.guidance == "embedded":
-            return self._transformer_out(x, sigma, cond, float(guidance_scale)).float()
-        if guidance_scale == 1.0:
-            return self._transformer_out(x, sigma, cond).float()
-        if self._empty is None:
-            self._empty = self.encode_prompts([""])
-        return cfg_velocity(self._transformer_out, x, sigma, cond, self._empty, guidance_scale)
+        return guided_velocity(self, x, sigma, cond, guidance_scale)
 
     def sigmas(self, num_steps: int) -> torch.Tensor:
         """The pipeline's schedule at this resolution: [num_steps + 1] floats from 1 down to 0."""
