@@ -202,7 +202,7 @@ class Metrics:
     """Ray metrics (``ray.util.metrics``) for the dashboard / Prometheus, all tagged with the run name."""
 
     def __init__(self, run: str):
-        from ray.util.metrics import Counter, Gauge
+        from ray.util.metrics import Counter, Gauge, Histogram
 
         tags = ("run",)
         self.tags = {"run": run}
@@ -229,6 +229,12 @@ class Metrics:
         self.trained_pairs = Counter("fdfo_pairs_trained", description="pairs trained on", tag_keys=tags)
         self.dropped = Counter("fdfo_pairs_dropped", description="pairs dropped, by reason", tag_keys=("run", "reason"))
         self.component = Gauge("fdfo_reward_component_mean", description="raw mean per scorer", tag_keys=("run", "scorer"))
+        # distributions: how stale the pairs an update takes are, and how long a sampler takes to load a new version
+        self.policy_lag = Histogram("fdfo_policy_lag", description="pairs by (learner version - sample version) when "
+                                    "their epoch's update starts", boundaries=[0.5, 1.5, 2.5, 3.5, 5.5, 7.5, 15.5],
+                                    tag_keys=tags)
+        self.weight_sync = Histogram("fdfo_weight_sync_s", description="seconds a sampler took to load a published "
+                                     "version", boundaries=[0.01, 0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30], tag_keys=tags)
 
     def set(self, name: str, value: float) -> None:
         if value == value:  # skip NaN
@@ -240,6 +246,13 @@ class Metrics:
 
     def trained(self, n: int) -> None:
         self.trained_pairs.inc(n, tags=self.tags)
+
+    def lags(self, lag: int, pairs: int) -> None:
+        for _ in range(pairs):
+            self.policy_lag.observe(lag, tags=self.tags)
+
+    def loaded(self, seconds: float) -> None:
+        self.weight_sync.observe(seconds, tags=self.tags)
 
     def export(self, m: dict) -> None:
         """An epoch's metrics to the gauges (see ``EXPORTED``); each scorer's raw mean tagged by scorer."""
@@ -491,6 +504,8 @@ class RayRun:
             # in request order, not arrival order: an epoch's update does not depend on which sampler finished first
             take.sort(key=lambda r: r[3])
             self.book.taken([r[2] for r in take])
+            for r in take:                                   # staleness of each pair as its epoch's update starts
+                self.book.sink.lags(self.book.version - r[4][0], r[1])
             refs = [ref for ref, *_ in take]
             self.learner_ref, *self.rank_refs = [r.begin_epoch.remote(*refs) for r in self.learner_ranks]  # update
             self.update = {"pairs": n_take, "left": self.book.batching.updates_per_epoch, "m": {},
@@ -637,6 +652,8 @@ class RayRun:
         if not orphan:
             check_proof(report | {"sampler": job.sampler}, report["version"], self.checksums.get(report["version"]))
             self.sampled[report["version"]] = self.sampled.get(report["version"], 0) + 1
+        if report["load_s"] > 0:                       # this call loaded a newly published version
+            self.book.sink.loaded(report["load_s"])
         out = ray.get(job.out_ref)
         self.book.timers.add("score", _score_seconds(out))
         kept, stats = self.book.packed(job.pair_ids, out, report)

@@ -33,7 +33,9 @@ def panel_queries() -> list[str]:
 
 def test_dashboard_shows_every_exported_metric():
     # Ray exports a metric `fdfo_x` as `ray_fdfo_x` (counters with `_total`)
-    shown = {re.sub(r"_total$", "", m)[len("ray_"):] for q in panel_queries() for m in re.findall(r"ray_fdfo_[a-z_]+", q)}
+    # (histograms as `_bucket` / `_sum` / `_count` series)
+    shown = {re.sub(r"_(total|bucket|sum|count)$", "", m)[len("ray_"):] for q in panel_queries()
+             for m in re.findall(r"ray_fdfo_[a-z_]+", q)}
     assert shown == exported_metrics()
     dash = json.loads(DASHBOARD.read_text())
     assert dash["uid"] == "fdfo-training"
@@ -105,6 +107,12 @@ def test_prometheus_scrapes_a_run_and_answers_every_panel(ray_local, tmp_path):
             assert answer["status"] == "success", (expr, answer)
             if any(f"ray_fdfo_{m}" in expr for m in always) and "rate(" not in expr:
                 assert answer["data"]["result"], f"no data for {concrete}"
+        # the staleness histogram counted every trained pair once, at its epoch's first update: with 2 updates an epoch
+        # and max_policy_lag 3 at the last one, no pair starts more than 2 versions behind
+        lagged = prom_query(base, f'sum(ray_fdfo_policy_lag_count{{run="{RUN}"}})')["data"]["result"]
+        assert float(lagged[0]["value"][1]) == trained
+        within_2 = prom_query(base, f'sum(ray_fdfo_policy_lag_bucket{{run="{RUN}", le="2.5"}})')["data"]["result"]
+        assert float(within_2[0]["value"][1]) == trained
         version = prom_query(base, f'max(ray_fdfo_weight_version{{run="{RUN}"}})')["data"]["result"]
         assert float(version[0]["value"][1]) == out["version"]
     finally:
