@@ -26,9 +26,13 @@ def test_ray_job_submit_runs_to_success(tmp_path):
     env.pop("RAY_ADDRESS", None)
     subprocess.run([BIN / "ray", "get-auth-token", "--generate"], env=env, check=True, capture_output=True)
     gcs, dash = free_port(), free_port()
+    # its own agent ports: the default ones (52365, ...) belong to the test session's Ray instance if it started first,
+    # and a head whose job agent cannot bind answers every submission "No available agent to submit job"
+    agent = [f"--dashboard-agent-listen-port={free_port()}", f"--dashboard-agent-grpc-port={free_port()}",
+             f"--metrics-export-port={free_port()}", f"--runtime-env-agent-port={free_port()}"]
     subprocess.run(
         [BIN / "ray", "start", "--head", f"--port={gcs}", "--node-ip-address=127.0.0.1", "--dashboard-host=127.0.0.1",
-         f"--dashboard-port={dash}", "--num-cpus=4", f"--temp-dir={ray_tmp}", "--disable-usage-stats"],
+         f"--dashboard-port={dash}", "--num-cpus=4", f"--temp-dir={ray_tmp}", "--disable-usage-stats", *agent],
         env=env, check=True, capture_output=True, timeout=180,
     )
     address = f"http://127.0.0.1:{dash}"
