@@ -613,7 +613,7 @@ class RayRun:
         m.update({
             "perf/learner_step_s": step_s / max(m.get("updates", 1), 1),
             "perf/learner_waited_for_data_s": self.waited_for_data,
-            "reward/latency_s": float(np.nanmean([s["mean_latency_s"] for s in stats])),
+            "reward/latency_s": _finite_mean([s["mean_latency_s"] for s in stats]),
             "reward/backlog": float(sum(s["backlog"] for s in stats)),
             "runtime/samplers": self.pool.size(),                  # working or still joining
             "runtime/samplers_joining": len(self.pool.joining),
@@ -910,6 +910,12 @@ class RayRun:
             ray.kill(handle)
         if self.service is not None:
             self.service.stop()
+
+
+def _finite_mean(values: list[float]) -> float:
+    """The mean of the finite values; NaN when there is none (a pool whose only actor was just replaced)."""
+    finite = [v for v in values if v is not None and np.isfinite(v)]
+    return float(np.mean(finite)) if finite else float("nan")
 
 
 def _score_seconds(out) -> float:

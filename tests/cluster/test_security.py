@@ -327,6 +327,7 @@ class _FakeWandb(types.ModuleType):
         super().__init__("wandb")
         self.__spec__ = importlib.machinery.ModuleSpec("wandb", None)   # libraries probe for wandb by its spec
         self.inits, self.rows, self.finished = [], [], False
+        self.id = "run-1a2b3c"                     # wandb.init returns the run, whose id a resume asks for again
 
     def init(self, **kwargs):
         self.inits.append(kwargs)

@@ -84,7 +84,11 @@ def test_eval_and_generate_on_the_checkpoint(run, tmp_path, capsys):
     assert ev["reward/mean"] == pytest.approx((judge + clean).mean())
     px = images.reshape(6, 2, -1).astype(np.float64) / 255
     assert ev["diversity/pixel_rms"] == pytest.approx(np.mean(np.sqrt(((px[:, 0] - px[:, 1]) ** 2).mean(1))))
-    assert Image.open(ev["grid"]).size == (2 * 2 * 34, 6 * 2 * 34)  # 2 seeds x 6 prompts of 32 px + borders, 2x
+    # 2 seeds x 6 prompts of 32 px + borders, 2x, right of a caption column naming each row's prompt
+    grid = np.asarray(Image.open(ev["grid"]).convert("RGB"))
+    assert grid.shape[0] == 6 * 2 * 34 and grid.shape[1] > 2 * 2 * 34
+    tiles = grid[:, -2 * 2 * 34:]
+    assert np.array_equal(tiles[2:66:2, 2:66:2], images[0])       # the first tile is the first image, upscaled 2x
     prompt = "two red circles above a blue square"
     assert main(["generate", "--checkpoint", str(run_dir), "--prompt", prompt, "--seed", "0", "1",
                  "--out", str(tmp_path / "gen")]) == 0
