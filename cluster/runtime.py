@@ -49,7 +49,7 @@ from cluster.evaluate import heldout_reward
 from cluster.pipeline import Book, check_proof, deferred_interrupts, setup_process
 from cluster.serving import RewardService, check_reward_pool, uses_serve
 from learner.collective import LearnerGroupBroken
-from learner.learner import Learner
+from learner.learner import Learner, finite_mean
 from rewards.batcher import RewardBatcher
 
 log = logging.getLogger("fdfo")
@@ -613,7 +613,7 @@ class RayRun:
         m.update({
             "perf/learner_step_s": step_s / max(m.get("updates", 1), 1),
             "perf/learner_waited_for_data_s": self.waited_for_data,
-            "reward/latency_s": _finite_mean([s["mean_latency_s"] for s in stats]),
+            "reward/latency_s": finite_mean([s["mean_latency_s"] for s in stats]),   # NaN: a pool just replaced
             "reward/backlog": float(sum(s["backlog"] for s in stats)),
             "runtime/samplers": self.pool.size(),                  # working or still joining
             "runtime/samplers_joining": len(self.pool.joining),
@@ -910,12 +910,6 @@ class RayRun:
             ray.kill(handle)
         if self.service is not None:
             self.service.stop()
-
-
-def _finite_mean(values: list[float]) -> float:
-    """The mean of the finite values; NaN when there is none (a pool whose only actor was just replaced)."""
-    finite = [v for v in values if v is not None and np.isfinite(v)]
-    return float(np.mean(finite)) if finite else float("nan")
 
 
 def _score_seconds(out) -> float:

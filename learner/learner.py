@@ -48,9 +48,10 @@ def scheduled_lr(train, version: int) -> float:
     return train.lr_final + (train.lr - train.lr_final) * shape
 
 
-def _finite_mean(values: list[float]) -> float:
-    """Mean of the finite values (a skipped update's inf/nan norm left out); nan when there are none."""
-    finite = [v for v in values if math.isfinite(v)]
+def finite_mean(values: list) -> float:
+    """Mean of the finite values (a skipped update's inf/nan norm left out; None counts as missing); nan when there
+    are none."""
+    finite = [v for v in values if v is not None and math.isfinite(v)]
     return sum(finite) / len(finite) if finite else float("nan")
 
 
@@ -176,7 +177,7 @@ class Learner:
             out.update({f"learner/{k}": v for k, v in ep["sums"].items()})
             out.update({
                 "updates": len(ep["grad_norms"]),
-                "learner/grad_norm": _finite_mean(ep["grad_norms"]),
+                "learner/grad_norm": finite_mean(ep["grad_norms"]),
                 "learner/skipped_steps": self.skipped_steps,
                 "learner/lr": self.opt.param_groups[0]["lr"],
                 "learner/policy_lag_mean": ep["lag_sum"] / ep["rows"],
