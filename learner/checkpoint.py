@@ -15,6 +15,9 @@ A checkpoint folder ``<run_dir>/checkpoints/v<version>/`` holds:
   the fp32 master weights, when the trained weights are half precision);
 - ``state.json``: version, counters, seeds and the run config.
 
+A sharded learner group (``sharding="fsdp"``) writes the same files: every rank gathers the full tensors and AdamW
+moments, rank 0 writes them, so a checkpoint resumes at any number of ranks (each rank loads its own chunks).
+
 ``<run_dir>/checkpoints/latest`` names the newest folder (what ``--resume`` continues from); ``best`` beside
 them is the hacking guard's copy of the best-scoring one (cluster/guard.py), never resumed from. ``run_dir`` may be
 an object-store URI (``runtime.storage_path``, learner/storage.py): the learner writes there from whichever node
@@ -36,8 +39,8 @@ from learner.storage import Storage, is_uri
 LATEST = "latest"
 
 
-def _save_optimizer(opt: torch.optim.Optimizer, folder: Path) -> None:
-    sd = opt.state_dict()
+def _save_optimizer(sd: dict, folder: Path) -> None:
+    """An optimizer's state dict (unsharded, or a sharded one's ``full_optimizer_state``): moments by index."""
     tensors = {
         f"{idx}.{key}": (val if torch.is_tensor(val) else torch.tensor(val)).detach().cpu().contiguous()
         for idx, st in sd["state"].items()
@@ -48,7 +51,7 @@ def _save_optimizer(opt: torch.optim.Optimizer, folder: Path) -> None:
     (folder / "optimizer.json").write_text(json.dumps({"param_groups": groups}, indent=1))
 
 
-def _load_optimizer(opt: torch.optim.Optimizer, folder: Path) -> None:
+def _read_optimizer(folder: Path) -> dict:
     tensors = load_file(str(folder / "optimizer.safetensors"))
     groups = json.loads((folder / "optimizer.json").read_text())["param_groups"]
     for g in groups:
@@ -57,27 +60,29 @@ def _load_optimizer(opt: torch.optim.Optimizer, folder: Path) -> None:
     for name, t in tensors.items():
         idx, key = name.split(".", 1)
         state.setdefault(int(idx), {})[key] = t
-    opt.load_state_dict({"state": state, "param_groups": groups})
+    return {"state": state, "param_groups": groups}
 
 
-def save_checkpoint(run_dir: str | Path, learner, state: dict, config: dict) -> Path | str:
+def save_checkpoint(run_dir: str | Path, learner, state: dict, config: dict,
+                    gathered: dict | None = None) -> Path | str:
     """Write the learner's weights, optimizer and ``state`` (JSON-able) under ``run_dir`` (a local folder or a storage
     URI, learner/storage.py); returns the folder (a Path, or the URI under a URI). Into an object store the folder is
-    written locally, uploaded, and only then named by ``latest``."""
+    written locally, uploaded, and only then named by ``latest``. ``gathered``: a sharded learner's full tensors,
+    ``{"state": the transformer's fp32 state dict, "dtype": the trained dtype, "optimizer": full_optimizer_state}``."""
     store, name = Storage(run_dir), f"v{learner.version:06d}"
     if store.local:
         folder = Path(run_dir) / "checkpoints" / name
-        _write_folder(folder, learner, state, config)
+        _write_folder(folder, learner, state, config, gathered)
     else:
         with tempfile.TemporaryDirectory(prefix="fdfo-checkpoint-") as tmp:
-            store.upload(_write_folder(Path(tmp) / name, learner, state, config), f"checkpoints/{name}")
+            store.upload(_write_folder(Path(tmp) / name, learner, state, config, gathered), f"checkpoints/{name}")
         folder = store.uri("checkpoints", name)
     store.write_text(f"checkpoints/{LATEST}", name)
     prune_checkpoints(store.uri("checkpoints"), keep=int((config.get("train") or {}).get("keep_checkpoints", 0)))
     return folder
 
 
-def _write_folder(folder: Path, learner, state: dict, config: dict) -> Path:
+def _write_folder(folder: Path, learner, state: dict, config: dict, gathered: dict | None = None) -> Path:
     """The checkpoint's files in the local folder ``folder`` (created); returns it."""
     folder.mkdir(parents=True, exist_ok=True)
     tr = learner.model.transformer
@@ -92,15 +97,33 @@ def _write_folder(folder: Path, learner, state: dict, config: dict) -> Path:
         learner.model.lora_pipeline_class.save_lora_weights(       # the model's own diffusers pipeline
             str(folder), transformer_lora_layers=layers, safe_serialization=True, transformer_lora_adapter_metadata=meta
         )
+    elif gathered is not None:
+        _save_gathered_transformer(tr, gathered, folder / "transformer")
     else:
         tr.save_pretrained(str(folder / "transformer"), safe_serialization=True)
-    _save_optimizer(learner.opt, folder)
-    if getattr(learner, "masters", None) is not None:    # fp32 masters of half-precision weights: exact resume
-        names = [n for n, p in tr.named_parameters() if p.requires_grad]
-        save_file({n: m.contiguous() for n, m in zip(names, learner.masters)}, str(folder / "masters.safetensors"))
+    _save_optimizer(gathered["optimizer"] if gathered is not None else learner.opt.state_dict(), folder)
+    names = [n for n, p in tr.named_parameters() if p.requires_grad]
+    masters = None                                      # fp32 masters of half-precision weights: exact resume
+    if getattr(learner, "masters", None) is not None:
+        masters = dict(zip(names, learner.masters))
+    elif gathered is not None and gathered["dtype"] != torch.float32:
+        masters = {n: gathered["state"][n] for n in names}   # a sharded learner's fp32 shards, gathered
+    if masters is not None:
+        save_file({n: m.contiguous() for n, m in masters.items()}, str(folder / "masters.safetensors"))
     meta = {"version": learner.version, "checksum": w.checksum, "state": state, "config": config}
     (folder / "state.json").write_text(json.dumps(meta, indent=1, default=str))
     return folder
+
+
+def _save_gathered_transformer(tr: torch.nn.Module, gathered: dict, folder: Path) -> None:
+    """A sharded transformer's ``transformer/`` as ``save_pretrained`` writes the unsharded one: its gathered state in
+    the trained dtype, assigned (no copy) into an unsharded model of the same config built on the meta device."""
+    dtype = gathered["dtype"]
+    with torch.device("meta"):
+        plain = type(tr).from_config(tr.config)           # an FSDP2 class builds the model's own class
+    plain.load_state_dict({k: v.to(dtype) if v.is_floating_point() else v for k, v in gathered["state"].items()},
+                          assign=True)
+    plain.save_pretrained(str(folder), safe_serialization=True)
 
 
 def prune_checkpoints(folder: str | Path, keep: int) -> list[str]:
@@ -151,10 +174,13 @@ def _load_folder(folder: Path, learner) -> dict:
     missing = set(tensors) ^ {n for n, p in params.items() if p.requires_grad}
     if missing:
         raise ValueError(f"checkpoint {folder} does not match this model's trainable parameters (LoRA config?): {sorted(missing)[:3]}")
-    with torch.no_grad():
-        for name, t in tensors.items():
-            params[name].copy_(t)
-    _load_optimizer(learner.opt, folder)
+    if getattr(learner, "sharding", "replicate") == "fsdp":
+        _load_sharded(folder, learner, tensors)
+    else:
+        with torch.no_grad():
+            for name, t in tensors.items():
+                params[name].copy_(t)
+        learner.opt.load_state_dict(_read_optimizer(folder))
     learner.version = int(meta["version"])
     if learner.weights_info()[1] != meta["checksum"]:
         raise RuntimeError(f"checkpoint {folder}: restored weights do not match the saved checksum")
@@ -166,3 +192,17 @@ def _load_folder(folder: Path, learner) -> dict:
                 m.copy_(saved[n])
         state = {**state, "_masters_loaded": True}
     return state
+
+
+def _load_sharded(folder: Path, learner, tensors: dict[str, torch.Tensor]) -> None:
+    """A sharded (fsdp) learner, every rank at once: each keeps its chunks of the full trainable tensors, of the fp32
+    masters over them when saved (half-precision weights) and of AdamW's moments; then the group gathers what rank 0
+    publishes (``Learner.gather_weights``), which the checksum check reads."""
+    from learner.sharded import load_full_optimizer_state, load_full_state
+
+    tr = learner.model.transformer
+    load_full_state(tr, tensors, strict=False)
+    if (folder / "masters.safetensors").exists():
+        load_full_state(tr, load_file(str(folder / "masters.safetensors")), strict=False)
+    load_full_optimizer_state(learner.opt, _read_optimizer(folder))
+    learner.gather_weights()

@@ -180,10 +180,12 @@ class Weights:
     checksum: str
 
     @classmethod
-    def of(cls, transformer: torch.nn.Module, version: int, digest: str | None = None) -> Weights:
-        """A snapshot of ``transformer``'s trainable tensors as ``version``; ``digest``: their checksum if the caller
-        has just computed it (the learner has, after every step), else computed here."""
-        live = trainable(transformer)
+    def of(cls, transformer: torch.nn.Module | dict[str, torch.Tensor], version: int,
+           digest: str | None = None) -> Weights:
+        """A snapshot of ``transformer``'s trainable tensors as ``version`` (or of a dict of tensors by name: the full
+        tensors a sharded learner gathered); ``digest``: their checksum if the caller has just computed it (the
+        learner has, after every step), else computed here."""
+        live = trainable(transformer) if isinstance(transformer, torch.nn.Module) else transformer
         tensors = {n: t.to("cpu", copy=True, memory_format=torch.contiguous_format) for n, t in live.items()}
         # Taken over the live tensors (same digest as the snapshot's: it does not depend on the device): for
         # full weights on a GPU the fingerprint runs there, and the digest also vouches for the snapshot's copy.

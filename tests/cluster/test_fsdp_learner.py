@@ -1,0 +1,176 @@
+"""A sharded learner group (runtime.learner_sharding=fsdp): two Learner ranks, each a Ray actor (FSDP2 needs a process
+per rank), take the update one unsharded Learner takes on the same rows, rank 0 publishes without a collective, an
+uneven split pads instead of hanging, and checkpoints have one learner's layout: M=2 resumes at M=1 and back."""
+
+import functools
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from actors.sampler import Sampler
+from cluster.config import Batching, learner_sharding, load_config
+from learner.learner import Learner
+from models.adapter import SD3Adapter
+
+PROMPTS = ["a red circle", "a blue square", "two green triangles"]
+
+
+def cfg(*extra):
+    # 3 pairs x 2 branches x 3 steps = 18 rows in 2 updates of 9: the ranks take 5 and 4 rows. Micro-batches of 5 make
+    # each rank's share one micro-batch, so the group sums the single learner's two micro-batch terms in its order
+    # (another order differs by float rounding, which AdamW magnifies in near-zero components: 1e-6 would not hold)
+    return load_config("tiny-cpu", ["sampling.num_steps=3", "train.pairs_per_epoch=3", "train.updates_per_epoch=2",
+                                    "train.micro_batch_rows=5", "train.lr=1e-2", "runtime.num_learners=2", *extra])
+
+
+@pytest.fixture(scope="module")
+def batch():
+    c = cfg()
+    sampler = Sampler(SD3Adapter.tiny(seed=0), c.sampling, c.lora)
+    job, _ = sampler.sample(prompts=PROMPTS, prompt_ids=[0, 1, 2], pair_ids=[0, 1, 2], seeds=[5, 6, 7])
+    out, _ = sampler.complete(job=job, rewards=np.array([[1.0, 0.0], [0.25, 0.75], [0.5, 0.6]]))
+    return out
+
+
+def single(*extra) -> Learner:
+    c = cfg(*extra)
+    return Learner(SD3Adapter.tiny(seed=0), c.train, Batching.of(c), c.lora, seed=0)
+
+
+def sharded_group(*extra) -> list:
+    """Two fsdp Learner ranks as Ray actors, joined (gloo), as cluster.runtime builds them."""
+    import ray
+
+    c = cfg(*extra)
+    assert learner_sharding(c) == "fsdp"                # auto: full fine-tuning over 2 ranks
+    remote = ray.remote(Learner).options(num_cpus=1)
+    # the test process's torch threads: its single learner's matmuls then sum in the same order as the ranks'
+    ranks = [remote.remote(model=functools.partial(SD3Adapter.tiny, seed=0), train=c.train, batching=Batching.of(c),
+                           lora=c.lora, seed=0, threads=torch.get_num_threads(), rank=r, world_size=2,
+                           sharding=learner_sharding(c)) for r in range(2)]
+    addr, port = ray.get(ranks[0].learner_group_address.remote(peers_on_this_node=True))
+    ray.get([r.join_learner_group.remote(master_addr=addr, master_port=port, backend="gloo", timeout_s=60)
+             for r in ranks])
+    return ranks
+
+
+def epoch(ranks, batch) -> list[dict]:
+    import ray
+
+    return ray.get([r.train_epoch.remote(batch) for r in ranks], timeout=120)
+
+
+def layout(folder: str) -> list[str]:
+    return sorted(str(p.relative_to(folder)) for p in Path(folder).rglob("*"))
+
+
+def close(a: dict, b: dict, atol: float) -> None:
+    assert a.keys() == b.keys()
+    for k, t in a.items():
+        torch.testing.assert_close(t, b[k], rtol=0, atol=atol)
+
+
+@pytest.fixture(scope="module")
+def group(ray_local, batch):
+    import ray
+
+    ranks = sharded_group()
+    yield ranks
+    for r in ranks:
+        ray.kill(r)
+
+
+def test_two_sharded_ranks_make_the_update_of_one_learner_and_resume_either_way(group, batch, tmp_path):
+    import ray
+
+    one = single()
+    start = one.weights().tensors
+    want = one.train_epoch(batch)
+    outs = epoch(group, batch)
+    published = ray.get(group[0].weights.remote())         # rank 0 alone: the weights gathered after the last step
+    published.verify()
+    assert published.version == one.version == 2
+    assert ray.get(group[1].weights_info.remote()) == (2, published.checksum)
+    moved = max(float((one.weights().tensors[k] - start[k]).abs().max()) for k in start)
+    assert moved > 0.01
+    close(published.tensors, one.weights().tensors, atol=1e-6)
+    for key in ("learner/grad_norm", "learner/loss", "learner/rows", "learner/policy_lag_mean"):
+        assert outs[0][key] == pytest.approx(want[key], rel=1e-5) == outs[1][key]
+
+    # M=2 -> M=1: rank 0 writes one learner's layout (the others gather with it and return None) ...
+    folders = ray.get([r.save.remote(str(tmp_path / "m2"), {"epoch": 1}, {"train": {"keep_checkpoints": 0}})
+                       for r in group])
+    assert folders[1] is None
+    m2, m1 = folders[0], one.save(str(tmp_path / "m1"), {"epoch": 1}, {"train": {"keep_checkpoints": 0}})
+    assert layout(m2) == layout(m1)
+    saved, theirs = load_file(f"{m2}/optimizer.safetensors"), load_file(f"{m1}/optimizer.safetensors")
+    assert saved.keys() == theirs.keys()
+    for k in saved:                                        # indexed like one learner's AdamW, the same moments
+        torch.testing.assert_close(saved[k], theirs[k], rtol=1e-5, atol=1e-9)
+    # ... which one learner resumes: the published tensors and AdamW moments, bit for bit
+    solo = single()
+    assert solo.load(m2) == {"epoch": 1} and solo.weights_info() == (2, published.checksum)
+    assert all(torch.equal(t, published.tensors[k]) for k, t in solo.weights().tensors.items())
+    moments = {f"{i}.{k}": v for i, s in solo.opt.state_dict()["state"].items() for k, v in s.items()}
+    assert moments.keys() == saved.keys() and all(torch.equal(moments[k], saved[k]) for k in saved)
+
+    # M=1 -> M=2: the group resumes the single learner's checkpoint (every rank its chunks, then one gather) and the
+    # next epoch from there is again one learner's
+    assert ray.get([r.load.remote(m1) for r in group]) == [{"epoch": 1}] * 2
+    assert ray.get(group[0].weights_info.remote()) == one.weights_info()
+    one.train_epoch(batch)
+    epoch(group, batch)
+    close(ray.get(group[0].weights.remote()).tensors, one.weights().tensors, atol=1e-6)
+
+
+def test_an_uneven_split_pads_the_short_rank_instead_of_hanging(ray_local, batch):
+    # micro-batches of 2: the ranks' 5 and 4 rows are 3 and 2 micro-batches; the short rank runs one zero-weight
+    # micro-batch, which adds no gradient and no metrics
+    import ray
+
+    ranks = sharded_group("train.micro_batch_rows=2")
+    try:
+        one = single("train.micro_batch_rows=2")
+        start = one.weights().tensors
+        want = one.train_epoch(batch)
+        outs = epoch(ranks, batch)
+        got = ray.get(ranks[0].weights.remote()).tensors
+    finally:
+        for r in ranks:
+            ray.kill(r)
+    w1 = one.weights().tensors
+    moved = max(float((w1[k] - start[k]).abs().max()) for k in w1)
+    # the gradient sums run in another order than the single learner's (micro-batch by micro-batch over the ranks):
+    # float rounding only, which AdamW magnifies in near-zero components; a padding row that counted would move the
+    # weights by a share of the steps (and the gradient norm by a ninth)
+    assert max(float((got[k] - w1[k]).abs().max()) for k in w1) < 1e-3 * moved
+    assert outs[0]["learner/rows"] == want["learner/rows"] == 18
+    for key in ("learner/grad_norm", "learner/loss", "learner/policy_lag_mean"):
+        assert outs[0][key] == pytest.approx(want[key], rel=1e-5) == outs[1][key]
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["runtime.learner_sharding=fsdp", "lora.enabled=true"],
+     ("runtime.learner_sharding = fsdp shards full fine-tuning, but lora.enabled is true (LoRA factors are small: "
+      "every rank holds them); set runtime.learner_sharding=auto (or replicate), or lora.enabled=false")),
+    (["train.precision=fp16"],                              # auto resolves to fsdp: full fine-tuning, 2 ranks
+     ("runtime.learner_sharding resolves to fsdp (2 learner ranks, full fine-tuning) but train.precision is fp16: "
+      "the GradScaler's inf check reads only each rank's gradient shard, so the ranks could disagree on skipping a "
+      "step; use train.precision=bf16 (or runtime.learner_sharding=replicate to keep fp16)")),
+])
+def test_sharding_config_errors_name_the_fix(overrides, message):
+    with pytest.raises(ValueError, match=f"^{re.escape(message)}$"):
+        cfg(*overrides)
+
+
+def test_learner_sharding_resolves_auto():
+    assert learner_sharding(cfg()) == "fsdp"
+    assert learner_sharding(cfg("lora.enabled=true")) == "replicate"
+    assert learner_sharding(cfg("runtime.num_learners=1")) == "replicate"
+    assert learner_sharding(cfg("runtime.learner_sharding=fsdp", "runtime.num_learners=1")) == "replicate"
+    assert learner_sharding(cfg("runtime.learner_sharding=replicate")) == "replicate"
+    assert learner_sharding(cfg("train.precision=fp16", "runtime.learner_sharding=replicate")) == "replicate"
