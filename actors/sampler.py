@@ -1,4 +1,5 @@
-"""The sampler: churned pairs with the current policy weights, held until their rewards arrive.
+"""The sampler: churned pairs (FDFO) or SDE groups (Flow-GRPO) with the current policy weights, held until their
+rewards arrive.
 
 Usage (plain class; the Ray runtime wraps it with ``ray.remote``)::
 
@@ -9,7 +10,8 @@ Usage (plain class; the Ray runtime wraps it with ``ray.remote``)::
     report["dropped"]                                             # pair ids left out (a non-finite reward)
 
 Trajectories (x_i, v_i for every step) stay in this process until ``complete``; only images leave it, and
-only the finished Arrow batch goes to the learner.
+only the finished Arrow batch goes to the learner. With ``grpo`` (``train.algorithm: flow_grpo``) a request's
+"pairs" are groups: ``sample`` returns G images per prompt (group-major) and ``complete`` packs Flow-GRPO's rows.
 """
 
 from __future__ import annotations
@@ -22,8 +24,8 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from actors.sampling import PairTrajectory, sample_pairs
-from learner.batch import to_arrow
+from actors.sampling import GroupTrajectory, PairTrajectory, sample_groups, sample_pairs
+from learner.batch import to_arrow, to_arrow_groups
 from learner.weights import Weights, checksum
 from models.device import DTYPES
 from models.adapter import PromptCache
@@ -34,7 +36,7 @@ from models.lora import make_trainable, trainable
 
 @dataclass
 class _Pending:
-    traj: PairTrajectory
+    traj: PairTrajectory | GroupTrajectory
     prompts: list[str]
     prompt_ids: list[int]
     pair_ids: list[int]
@@ -45,12 +47,14 @@ class _Pending:
 
 
 class Sampler:
-    def __init__(self, model, sampling, lora=None, index: int = 0, precision: str = "bf16", threads: int | None = None):
+    def __init__(self, model, sampling, lora=None, index: int = 0, precision: str = "bf16", threads: int | None = None,
+                 grpo=None):
         """model: a FlowModel, or a zero-argument callable that builds one (so a Ray actor loads it on its own
         device); sampling: ``SamplingConfig``; lora: ``LoraSettings`` (None or disabled = full weights; its
         ``init_from`` sets the starting weights); precision: the learner's ``train.precision`` (velocities are
         recorded under the autocast the learner trains under; default = the config's default); threads:
-        torch intra-op threads of this process (None = leave as is; a Ray actor gets ``runtime.torch_threads``)."""
+        torch intra-op threads of this process (None = leave as is; a Ray actor gets ``runtime.torch_threads``);
+        grpo: ``GrpoConfig`` to sample Flow-GRPO groups (``cluster.config.grpo_of``), None for FDFO pairs."""
         if threads:
             torch.set_num_threads(threads)
         if not hasattr(model, "velocity"):
@@ -59,6 +63,8 @@ class Sampler:
         self.cfg = sampling
         self.index = index
         self.precision = precision
+        self.grpo = grpo
+        self.images_per_unit = 2 if grpo is None else grpo.group_size
         make_trainable(model.transformer, lora)             # marks the set the learner broadcasts
         model.transformer.eval()
         params = trainable(model.transformer)               # what the learner trains and broadcasts
@@ -76,7 +82,8 @@ class Sampler:
 
     def sample(self, prompts: list[str], prompt_ids: list[int], pair_ids: list[int], seeds: list[int],
                newest: tuple[int, str, list] | None = None) -> tuple[int, np.ndarray]:
-        """Sample P pairs; returns (job id, images uint8 [2P, H, W, 3], branches of a pair adjacent) and keeps
+        """Sample P pairs (groups); returns (job id, images uint8 [2P, H, W, 3], branches of a pair adjacent; [G P, ...]
+        for groups, members adjacent) and keeps
         the trajectories until ``complete``. newest: (version, checksum, [object ref of its ``Weights``]), the
         learner's newest published version (the Ray runtime's): loaded first (verified) unless this sampler holds
         it. (The ref travels inside a list so that Ray hands it over unresolved: it is fetched only when new.)"""
@@ -85,17 +92,15 @@ class Sampler:
         if self.version < 0:
             raise RuntimeError(f"sampler {self.index} holds no verified weights (the last transfer failed); refusing to sample")
         t0 = time.perf_counter()
-        traj = sample_pairs(
-            self.model,
-            prompts,
-            seeds,
-            cond=self.prompts(prompts),                     # encoded as the learner encodes them
-            num_steps=self.cfg.num_steps,
-            gamma=self.cfg.gamma,
-            guidance_scale=self.cfg.guidance_scale,
-            record_dtype=DTYPES[self.cfg.record_dtype],
-            precision=self.precision,
-        )
+        common = dict(cond=self.prompts(prompts),           # encoded as the learner encodes them
+                      num_steps=self.cfg.num_steps, guidance_scale=self.cfg.guidance_scale,
+                      record_dtype=DTYPES[self.cfg.record_dtype], precision=self.precision)
+        if self.grpo is None:
+            traj = sample_pairs(self.model, prompts, seeds, gamma=self.cfg.gamma, **common)
+        else:
+            g = self.grpo
+            traj = sample_groups(self.model, prompts, seeds, g.group_size, noise_level=g.noise_level,
+                                 window=g.sde_window, window_range=g.sde_window_range, **common)
         images = to_uint8(self.model.decode(traj.x_final.flatten(0, 1)))   # [2P, H, W, 3]
         job = next(self._jobs)
         self._pending[job] = _Pending(traj, list(prompts), list(prompt_ids), list(pair_ids), self.version, self.checksum,
@@ -117,8 +122,9 @@ class Sampler:
             self.set_weights(ray.get(newest[2][0]))
 
     def complete(self, job: int, rewards) -> tuple[pa.RecordBatch | None, dict]:
-        """Turn job's pairs into Arrow rows. rewards: [2P] or [P, 2] scores, or the ``RewardOutput`` of the images
-        ``sample`` returned; pairs with a non-finite reward are left out. Returns (batch, or None if no pair is
+        """Turn job's pairs (groups) into Arrow rows. rewards: [2P] or [P, 2] scores ([G P] or [P, G] for groups), or
+        the ``RewardOutput`` of the images ``sample`` returned; a pair (group) with a non-finite reward is left out
+        whole. Returns (batch, or None if no pair is
         left; report): report["dropped"] is the left-out pair ids (the caller counts them as dropped),
         report["sample_s"] / report["pack_s"] the time this sampler spent sampling and packing the job, and
         report["version"] / report["checksum"] the weights it was sampled with (the caller checks that proof) and
@@ -126,18 +132,24 @@ class Sampler:
         t0 = time.perf_counter()
         p = self._pending.pop(job)
         scores = getattr(rewards, "scores", rewards)
-        rewards = np.asarray(scores, dtype=np.float64).reshape(len(p.pair_ids), 2)
+        rewards = np.asarray(scores, dtype=np.float64).reshape(len(p.pair_ids), self.images_per_unit)
         ok = np.isfinite(rewards).all(1)
         report = {"dropped": [pid for pid, k in zip(p.pair_ids, ok) if not k], "sample_s": p.sample_s,
                   "load_s": p.load_s, "version": p.version, "checksum": p.checksum}
         batch = None
         if ok.any():
             keep = torch.from_numpy(np.flatnonzero(ok))
-            t = p.traj
-            traj = PairTrajectory(t.xs[keep], t.vs[keep], t.sigmas, t.x_final[keep], [t.seeds[i] for i in keep])
             pick = lambda seq: [seq[i] for i in keep]  # noqa: E731
-            batch = to_arrow(traj, rewards[ok], pick(p.prompt_ids), pick(p.pair_ids), pick(p.prompts), p.version,
-                             self.cfg.guidance_scale)
+            t = p.traj
+            if self.grpo is None:
+                traj = PairTrajectory(t.xs[keep], t.vs[keep], t.sigmas, t.x_final[keep], pick(t.seeds))
+                pack = to_arrow
+            else:
+                traj = GroupTrajectory(t.xs[keep], t.x_next[keep], t.log_probs[keep], t.steps[keep], t.sigmas[keep],
+                                       t.sigmas_next[keep], t.x_final[keep], pick(t.seeds), t.sigma_max)
+                pack = to_arrow_groups
+            batch = pack(traj, rewards[ok], pick(p.prompt_ids), pick(p.pair_ids), pick(p.prompts), p.version,
+                         self.cfg.guidance_scale)
         return batch, report | {"pack_s": time.perf_counter() - t0}
 
     def forget(self, job: int) -> list[int]:

@@ -115,3 +115,106 @@ def sample_pairs(
         x_final=x.float().cpu().view(P, 2, C, H, W),
         seeds=[int(s) for s in seeds],
     )
+
+
+@dataclass
+class GroupTrajectory:
+    """P groups of G SDE trajectories (Flow-GRPO), the W recorded steps of each. Shapes: xs, x_next [P, G, W, C, H, W];
+    log_probs [P, G, W]; steps, sigmas, sigmas_next [P, W] (a group's window: the same steps for its G members);
+    x_final [P, G, C, H, W].
+
+    xs[p, g, j] is the state member g visited before its recorded step j (the trajectory's step ``steps[p, j]``, from
+    sigma ``sigmas[p, j]`` to ``sigmas_next[p, j]``), x_next[p, g, j] the state the SDE step reached, and
+    log_probs[p, g, j] = log p(x_next | x) under the sampling weights (``learner.flow_grpo.sde_step``)."""
+
+    xs: torch.Tensor
+    x_next: torch.Tensor
+    log_probs: torch.Tensor
+    steps: torch.Tensor
+    sigmas: torch.Tensor
+    sigmas_next: torch.Tensor
+    x_final: torch.Tensor
+    seeds: list[int]
+    sigma_max: float           # the schedule's sigmas[1]: the SDE's std at sigma = 1 uses it
+
+
+def sde_window(num_steps: int, window: int, window_range: int | None, generator: torch.Generator) -> range:
+    """The steps a group samples with the SDE and records: all of them (window 0, Flow-GRPO), or ``window`` consecutive
+    steps starting uniformly in [0, window_range - window] (Flow-GRPO-Fast; window_range None = num_steps)."""
+    if window <= 0:
+        return range(num_steps)
+    hi = num_steps if window_range is None else window_range
+    if not 1 <= window <= hi <= num_steps:
+        raise ValueError(f"grpo.sde_window = {window} must lie in [1, grpo.sde_window_range = {hi}] and the range in "
+                         f"[window, sampling.num_steps = {num_steps}]")
+    start = int(torch.randint(0, hi - window + 1, (1,), generator=generator))
+    return range(start, start + window)
+
+
+@torch.no_grad()
+def sample_groups(
+    model: FlowModel,
+    prompts: Sequence[str],
+    seeds: Sequence[int],
+    group_size: int,
+    num_steps: int = 10,
+    noise_level: float = 0.7,
+    window: int = 0,
+    window_range: int | None = None,
+    guidance_scale: float = 1.0,
+    cond: PromptEmbeds | None = None,
+    record_dtype: torch.dtype = torch.float32,
+    precision: str = "fp32",
+) -> GroupTrajectory:
+    """Sample G = ``group_size`` images per prompt with Flow-GRPO's SDE (``learner.flow_grpo.sde_step``, noise level
+    ``noise_level``) on the window's steps and the ODE's Euler step elsewhere; group p draws everything (its window,
+    start noise, step noise) from ``seeds[p]`` alone. A recorded x_next is rounded to ``record_dtype`` and the
+    trajectory continues from it, and its log-probability is of that rounded state: the learner, scoring the
+    recorded step with the same weights and numerics, gets the same log p (ratio 1 at lag 0)."""
+    from learner.flow_grpo import sde_step
+
+    if len(prompts) != len(seeds):
+        raise ValueError(f"{len(prompts)} prompts but {len(seeds)} seeds: pass one seed per prompt")
+    if group_size < 2:
+        raise ValueError(f"grpo.group_size must be >= 2 (advantages are relative to the group); got {group_size}")
+    P, G, (C, H, W) = len(prompts), group_size, model.latent_shape
+    device, sigmas = model.device, model.sigmas(num_steps)
+    sigma_max = float(sigmas[1])
+    windows, noise = [], []
+    for s in seeds:
+        g = torch.Generator().manual_seed(int(s))
+        windows.append(sde_window(num_steps, window, window_range, g))
+        noise.append(torch.randn((num_steps + 1, G, C, H, W), generator=g))
+    noise = torch.stack(noise)                                  # [P, N + 1, G, C, H, W]; [:, 0] starts the trajectories
+    x = noise[:, 0].reshape(P * G, C, H, W).to(device)
+    cond = (model.encode_prompts(list(prompts)) if cond is None else cond).repeat(G)   # members of a group adjacent
+    sde = torch.tensor([[i in w for w in windows] for i in range(num_steps)])           # [N, P]: SDE step of group p?
+    xs, x_next, log_probs = [], [], []
+    for i in range(num_steps):
+        t, s = float(sigmas[i]), float(sigmas[i + 1])
+        x_rec = x.to(record_dtype)
+        with autocast(device, precision):
+            v = model.velocity(x_rec, torch.tensor(t), cond, guidance_scale)
+        if not sde[i].any():
+            x = x_rec.float() + (s - t) * v                     # the ODE's Euler step
+            continue
+        step = sde_step(x_rec, v, t, s, noise_level, sigma_max, noise=noise[:, i + 1].reshape(P * G, C, H, W))
+        nxt = step.x_next.to(record_dtype)
+        scored = sde_step(x_rec, v, t, s, noise_level, sigma_max, x_next=nxt)          # log p of the recorded state
+        ode = x_rec.float() + (s - t) * v
+        on = sde[i].repeat_interleave(G).view(-1, 1, 1, 1).to(device)
+        x = torch.where(on, nxt.float(), ode)
+        xs.append(x_rec.cpu())
+        x_next.append(nxt.cpu())
+        log_probs.append(scored.log_prob.cpu())
+    # every group records the same number of steps; gather each group's own from the steps any group took
+    taken = [i for i in range(num_steps) if sde[i].any()]
+    pick = torch.tensor([[taken.index(i) for i in w] for w in windows])                # [P, W]
+    shape = lambda t: t.view(len(taken), P, G, *t.shape[2:]).transpose(0, 1)  # noqa: E731  [P, T, G, ...]
+    take = lambda t: torch.stack([shape(t)[p, pick[p]] for p in range(P)]).transpose(1, 2)  # noqa: E731  [P, G, W, ...]
+    steps = torch.tensor([list(w) for w in windows])
+    return GroupTrajectory(
+        xs=take(torch.stack(xs)), x_next=take(torch.stack(x_next)), log_probs=take(torch.stack(log_probs)),
+        steps=steps, sigmas=sigmas[steps].float(), sigmas_next=sigmas[steps + 1].float(),
+        x_final=x.float().cpu().view(P, G, C, H, W), seeds=[int(s) for s in seeds], sigma_max=sigma_max,
+    )

@@ -11,8 +11,17 @@ from contextlib import contextmanager
 DROP_REASONS = ("stale", "reward_failure", "non_finite_reward", "actor_lost", "interrupted", "rolled_back")
 
 
+def ledger_line(summary: dict, unit: str = "pairs") -> str:
+    """The accounting identity of a ledger ``summary`` in one line; ``unit``: what a run counts (pairs, or a
+    Flow-GRPO run's groups)."""
+    drops = ", ".join(f"{k} {n}" for k, n in sorted(summary["pairs_dropped"].items())) or "none"
+    return (f"{unit} requested {summary['pairs_requested']} = trained {summary['pairs_trained']} + dropped "
+            f"{sum(summary['pairs_dropped'].values())} ({drops}) + in flight {summary['pairs_in_flight']}")
+
+
 class Ledger:
-    def __init__(self):
+    def __init__(self, unit: str = "pairs"):
+        self.unit = unit                  # what a unit is called in the log line: pairs, or groups (Flow-GRPO)
         self.requested = 0
         self.trained = 0
         self.dropped: Counter[str] = Counter()
@@ -47,8 +56,7 @@ class Ledger:
         }
 
     def line(self) -> str:
-        drops = ", ".join(f"{k} {v}" for k, v in sorted(self.dropped.items())) or "none"
-        return f"pairs requested {self.requested} = trained {self.trained} + dropped {sum(self.dropped.values())} ({drops}) + in flight {self.in_flight}"
+        return ledger_line(self.summary(), self.unit)
 
 
 class Timers:
@@ -82,11 +90,12 @@ def reward_drop_reason(reasons: list) -> str:
     return "non_finite_reward" if (not text or "non-finite" in text) else "reward_failure"
 
 
-def drop_reasons(pair_ids: list[int], dropped: list[int], reasons: list | None) -> Counter:
-    """Reason -> count for the ``dropped`` pairs of a request of ``pair_ids`` (2 images a pair, branches adjacent),
-    from the reward's per-image ``reasons`` (None when it gave none)."""
+def drop_reasons(pair_ids: list[int], dropped: list[int], reasons: list | None, images_per_unit: int = 2) -> Counter:
+    """Reason -> count for the ``dropped`` pairs (groups) of a request of ``pair_ids`` (``images_per_unit`` images
+    each, adjacent), from the reward's per-image ``reasons`` (None when it gave none)."""
     out: Counter[str] = Counter()
+    K = images_per_unit
     for pid in dropped:
         k = pair_ids.index(pid)
-        out[reward_drop_reason((reasons or [None] * 2 * len(pair_ids))[2 * k : 2 * k + 2])] += 1
+        out[reward_drop_reason((reasons or [None] * K * len(pair_ids))[K * k : K * k + K])] += 1
     return out

@@ -242,7 +242,8 @@ def write_summary(cfg, summary: dict, extra: str | None) -> None:
 
 def summary_table(cfg, summary: dict) -> str:
     """The end of a run in a few lines: held-out before/after per metric, the ledger, the time and the paths."""
-    from cluster.pipeline import clock
+    from cluster.accounting import ledger_line
+    from cluster.pipeline import clock, unit_name
 
     final, paths, ledger = summary.get("final") or {}, summary.get("paths") or {}, summary["ledger"]
     epochs = int(final.get("epoch", -1)) + 1
@@ -258,9 +259,7 @@ def summary_table(cfg, summary: dict) -> str:
         lines.append(f"{head:<{width}} {'before':>9} {'after':>9} {'change':>9}")
         for k, v in heldout.items():
             lines.append(f"{names[k]:<{width}} {v['before']:>9.4f} {v['after']:>9.4f} {v['gain']:>+9.4f}")
-    drops = ", ".join(f"{k} {n}" for k, n in sorted(ledger["pairs_dropped"].items())) or "none"
-    lines.append(f"pairs requested {ledger['pairs_requested']} = trained {ledger['pairs_trained']} + dropped "
-                 f"{sum(ledger['pairs_dropped'].values())} ({drops}) + in flight {ledger['pairs_in_flight']}")
+    lines.append(ledger_line(ledger, unit_name(cfg)))
     for key in ("run_dir", "storage", "checkpoint", "best_checkpoint", "grid_before", "grid_after", "learning_curve",
                 "summary"):
         if paths.get(key):

@@ -56,7 +56,7 @@ class SamplingConfig:
     num_steps: int = 40  # N Euler steps (all recorded and trained on)
     gamma: float = 0.0025  # churn strength per step (last step 0)
     guidance_scale: float = 1.0  # CFG weight w; 1.0 = no CFG; inference must use the same w
-    pairs_per_call: int = 4  # pairs a sampler generates per batched call
+    pairs_per_call: int = 4  # pairs a sampler generates per batched call (flow_grpo: groups)
     record_dtype: Literal["float32", "bfloat16", "float16"] = "float32"  # dtype of x_i, v_i in the Arrow batch
 
 
@@ -73,17 +73,29 @@ class PromptConfig:
 
 
 @dataclass(frozen=True)
+class GrpoConfig:
+    group_size: int = 8  # G images per prompt (one group, one "pair" of the run's counts); advantages are relative to it (Flow-GRPO's SD3.5: 24)
+    noise_level: float = 0.7  # a: the SDE's noise, sigma_t = a * sqrt(sigma / (1 - sigma)) (Flow-GRPO: 0.7)
+    clip_range: float = 1.0e-4  # PPO clip range on the per-step ratio (Flow-GRPO: 1e-4; its log-probability is a per-element mean)
+    adv_clip_max: float = 5.0  # advantages clamped to +- this
+    global_std: bool = False  # normalise advantages by the std of the whole epoch's rewards instead of each group's (Flow-GRPO's SD3 settings: true)
+    sde_window: int = 0  # 0 = every step is an SDE step and trained on (Flow-GRPO); W > 0 = only W consecutive steps are, ODE elsewhere (Flow-GRPO-Fast)
+    sde_window_range: int | None = None  # the window starts uniformly in [0, range - W] per group; None = sampling.num_steps
+
+
+@dataclass(frozen=True)
 class TrainConfig:
+    algorithm: Literal["fdfo", "flow_grpo"] = "fdfo"  # fdfo: finite-difference pairs (ALGORITHM.md); flow_grpo: Flow-GRPO's SDE groups and PPO-clipped objective (the `grpo` section; learner/flow_grpo.py)
     lr: float = 3e-5  # AdamW learning rate: the main knob (ALGORITHM.md §9)
     betas: tuple[float, float] = (0.9, 0.999)  # AdamW betas
     weight_decay: float = 1e-4  # AdamW weight decay
     adam_eps: float = 1e-8  # AdamW epsilon
     grad_clip: float = 1.0  # max global grad norm
     epsilon: float = 0.03  # SPO trust-region epsilon
-    kl_weight: float = 0.0  # weight of mean((v_theta - v_base)^2) against the frozen base model
-    pairs_per_epoch: int = 432  # pairs sampled per epoch (the reference: 432 pairs = 864 images)
+    kl_weight: float = 0.0  # weight of the KL term against the frozen base model: fdfo mean((v_theta - v_base)^2); flow_grpo mean((mu_theta - mu_base)^2) / (2 std^2) of each SDE step (its beta)
+    pairs_per_epoch: int = 432  # pairs sampled per epoch (the reference: 432 pairs = 864 images); flow_grpo: groups per epoch
     updates_per_epoch: int = 4  # optimizer steps per epoch, each on a global shuffle share of (image, step) rows
-    micro_batch_rows: int = 64  # (branch, step) rows per forward/backward; gradients accumulate over an update
+    micro_batch_rows: int = 64  # (image, step) rows per forward/backward; gradients accumulate over an update
     timestep_fraction: float = 1.0  # share of each epoch's (branch, step) rows trained on, drawn at random (1.0 = all, the reference)
     epochs: int = 1000  # epochs to run
     lr_schedule: Literal["constant", "cosine", "linear"] = "constant"  # lr from `lr` at update 0 to `lr_final` at the last (epochs * updates_per_epoch)
@@ -114,6 +126,7 @@ class RuntimeConfig:
     reward_num_gpus: float = 0.0  # GPUs per reward actor
     reward_num_cpus: float = 0.5  # CPUs per reward actor
     num_learners: int = 1  # learner ranks in one gradient group (gloo on CPU, NCCL on GPU): each trains its share of every update's rows and the group sums the gradients, so M ranks take one learner's step
+    learner_sharding: Literal["auto", "replicate", "fsdp"] = "auto"  # how the learner ranks hold full fine-tuning: fsdp = each rank 1/M of the fp32 weights, gradients and AdamW moments (FSDP2; bf16 or fp32 only); replicate = every rank all of them, gradients all-reduced; auto = fsdp for full fine-tuning with num_learners > 1, replicate for LoRA or one learner
     learner_num_gpus: float = 0.0  # GPUs per learner rank
     learner_num_cpus: float = 1.0  # CPUs for the learner actor
     reward_max_batch: int = 32  # images per reward call
@@ -157,6 +170,7 @@ class RunConfig:
     reward: RewardConfig = field(default_factory=RewardConfig)
     prompts: PromptConfig = field(default_factory=PromptConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    grpo: GrpoConfig = field(default_factory=GrpoConfig)
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
 
@@ -164,7 +178,8 @@ class RunConfig:
 @dataclass(frozen=True)
 class Batching:
     """The batch arithmetic of an epoch, derived and checked once; the learner takes its updates from ``plan``.
-    Rows are (branch, step) training rows: an epoch of P pairs and N steps has 2 * P * N of them."""
+    A unit is what one schedule entry samples: a pair (FDFO, 2 images) or a group (Flow-GRPO, grpo.group_size
+    images). Rows are (image, step) training rows: an epoch of P units of K images recording N steps has K * P * N."""
 
     pairs_per_epoch: int
     rows_per_epoch: int
@@ -172,22 +187,29 @@ class Batching:
     timestep_fraction: float
     micro_batch_rows: int
     max_policy_lag: int
+    algorithm: str = "fdfo"
+    images_per_unit: int = 2       # K: 2 (a pair) or grpo.group_size (a group)
+    recorded_steps: int = 0        # N: steps each image records (FDFO: all; Flow-GRPO: its SDE window)
 
     @classmethod
     def of(cls, cfg: RunConfig) -> "Batching":
-        t, N = cfg.train, cfg.sampling.num_steps
+        t, g = cfg.train, cfg.grpo
         if t.pairs_per_epoch < 1 or t.updates_per_epoch < 1 or t.micro_batch_rows < 1:
             raise ValueError("train.pairs_per_epoch, train.updates_per_epoch and train.micro_batch_rows must be >= 1")
         if not 0.0 < t.timestep_fraction <= 1.0:
             raise ValueError(f"train.timestep_fraction must be in (0, 1] (the share of rows trained on); got {t.timestep_fraction}")
         if not 0.0 <= t.lr_final <= t.lr:
             raise ValueError(f"train.lr_final must lie in [0, train.lr = {t.lr}] (where the schedule ends); got {t.lr_final}")
-        rows = 2 * t.pairs_per_epoch * N
+        K, N, unit, each = 2, cfg.sampling.num_steps, "pairs", "branches"
+        if t.algorithm == "flow_grpo":
+            K, N, unit, each = g.group_size, g.sde_window or cfg.sampling.num_steps, "groups", "images"
+            _check_grpo(cfg)
+        rows = K * t.pairs_per_epoch * N
         if rows % t.updates_per_epoch:
             raise ValueError(
-                f"an epoch has 2 branches x {t.pairs_per_epoch} pairs x {N} steps = {rows} rows, which "
+                f"an epoch has {K} {each} x {t.pairs_per_epoch} {unit} x {N} steps = {rows} rows, which "
                 f"train.updates_per_epoch = {t.updates_per_epoch} does not divide; choose pairs_per_epoch so that "
-                f"2 * pairs_per_epoch * num_steps is a multiple of updates_per_epoch"
+                f"{K} * pairs_per_epoch * {N} is a multiple of updates_per_epoch"
             )
         lag = 2 * t.updates_per_epoch - 1 if t.max_policy_lag is None else t.max_policy_lag
         if lag < t.updates_per_epoch - 1:
@@ -195,7 +217,8 @@ class Batching:
                 f"train.max_policy_lag = {lag} is below updates_per_epoch - 1 = {t.updates_per_epoch - 1}: even pairs "
                 "sampled with the current weights reach that lag by the last update of an epoch; raise it"
             )
-        return cls(t.pairs_per_epoch, rows, t.updates_per_epoch, t.timestep_fraction, t.micro_batch_rows, lag)
+        return cls(t.pairs_per_epoch, rows, t.updates_per_epoch, t.timestep_fraction, t.micro_batch_rows, lag,
+                   t.algorithm, K, N)
 
     def plan(self, rows: int, generator) -> list:
         """The reference's arithmetic over the ``rows`` (branch, step) rows an epoch brought: one global random
@@ -212,6 +235,50 @@ class Batching:
         import torch
 
         return torch.split(update_rows, self.micro_batch_rows)
+
+
+def grpo_of(cfg: RunConfig) -> GrpoConfig | None:
+    """The ``grpo`` settings a sampler and the learner take: None unless ``train.algorithm`` is flow_grpo."""
+    return cfg.grpo if cfg.train.algorithm == "flow_grpo" else None
+
+
+def learner_sharding(cfg: RunConfig) -> str:
+    """``runtime.learner_sharding`` resolved: "fsdp" or "replicate" (what every learner rank is built with). One
+    learner has nothing to shard; auto shards full fine-tuning and replicates LoRA (its factors are small)."""
+    rt = cfg.runtime
+    if rt.num_learners < 2:
+        return "replicate"
+    if rt.learner_sharding == "auto":
+        return "replicate" if cfg.lora.enabled else "fsdp"
+    return rt.learner_sharding
+
+
+def _check_sharding(cfg: RunConfig) -> None:
+    """The learner group's sharding against the run's settings, checked with the fix named."""
+    if cfg.runtime.learner_sharding == "fsdp" and cfg.lora.enabled:
+        raise ValueError("runtime.learner_sharding = fsdp shards full fine-tuning, but lora.enabled is true (LoRA "
+                         "factors are small: every rank holds them); set runtime.learner_sharding=auto (or replicate), "
+                         "or lora.enabled=false")
+    if learner_sharding(cfg) == "fsdp" and cfg.train.precision == "fp16":
+        raise ValueError(f"runtime.learner_sharding resolves to fsdp ({cfg.runtime.num_learners} learner ranks, full "
+                         "fine-tuning) but train.precision is fp16: the GradScaler's inf check reads only each rank's "
+                         "gradient shard, so the ranks could disagree on skipping a step; use train.precision=bf16 "
+                         "(or runtime.learner_sharding=replicate to keep fp16)")
+
+
+def _check_grpo(cfg: RunConfig) -> None:
+    """Flow-GRPO's settings, checked with the fix named (train.algorithm flow_grpo)."""
+    g, N = cfg.grpo, cfg.sampling.num_steps
+    if g.group_size < 2:
+        raise ValueError(f"grpo.group_size must be >= 2 (advantages are relative to the group); got {g.group_size}")
+    if g.noise_level <= 0:
+        raise ValueError(f"grpo.noise_level must be > 0 (0 is the ODE, which has no log-probability); got {g.noise_level}")
+    if g.clip_range <= 0 or g.adv_clip_max <= 0:
+        raise ValueError("grpo.clip_range and grpo.adv_clip_max must be > 0")
+    hi = N if g.sde_window_range is None else g.sde_window_range
+    if g.sde_window < 0 or (g.sde_window and not g.sde_window <= hi <= N):
+        raise ValueError(f"grpo.sde_window = {g.sde_window} must be 0 (every step) or lie in [1, grpo.sde_window_range "
+                         f"= {hi}], and the range in [sde_window, sampling.num_steps = {N}]")
 
 
 def _coerce(tp: Any, value: Any, key: str) -> Any:
@@ -329,6 +396,7 @@ def config_from_dict(data: dict, overrides: list[str] = ()) -> RunConfig:
         data = _merge(data, node)
     cfg = _build(RunConfig, data)
     Batching.of(cfg)  # fail on bad arithmetic before any resource is taken
+    _check_sharding(cfg)
     from cluster.guard import gold_key
 
     gold_key(cfg)     # eval.gold_metric names an eval metric of this run

@@ -18,7 +18,7 @@ from functools import partial
 
 from actors.sampler import Sampler
 from cluster.build import build_model, check_run, make_reward
-from cluster.config import Batching, RunConfig, to_dict
+from cluster.config import Batching, RunConfig, grpo_of, to_dict
 from cluster.evaluate import heldout_reward
 from cluster.pipeline import Book, check_proof, deferred_interrupts, score_pairs, setup_process
 from learner.learner import Learner
@@ -31,8 +31,10 @@ def run_local(cfg: RunConfig, resume: bool = False) -> dict:
     setup_process(cfg)
     check_run(cfg)
     reward = make_reward(cfg.reward)
-    sampler = Sampler(partial(build_model, cfg.model), cfg.sampling, cfg.lora, precision=cfg.train.precision)
-    learner = Learner(partial(build_model, cfg.model), cfg.train, Batching.of(cfg), cfg.lora, seed=cfg.seed)
+    sampler = Sampler(partial(build_model, cfg.model), cfg.sampling, cfg.lora, precision=cfg.train.precision,
+                      grpo=grpo_of(cfg))
+    learner = Learner(partial(build_model, cfg.model), cfg.train, Batching.of(cfg), cfg.lora, seed=cfg.seed,
+                      grpo=grpo_of(cfg))
     book = Book(cfg, resume=resume,
                 evaluate=lambda png: heldout_reward(cfg, sampler.generate, reward.score, png),
                 save=lambda epoch: learner.save(book.runlog.location, book.state(epoch), to_dict(cfg)))

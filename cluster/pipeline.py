@@ -2,8 +2,9 @@
 
 The stages are plain methods of the role classes, each with a one-line contract::
 
-    sample   Sampler.sample(**request)           -> (job, images uint8 [2P, H, W, 3]); trajectories stay put
-    score    reward.score(images, prompts x 2)   -> RewardOutput: scores [2P], NaN + reason where unscored
+    sample   Sampler.sample(**request)           -> (job, images uint8 [K P, H, W, 3]); trajectories stay put
+    score    reward.score(images, prompts x K)   -> RewardOutput: scores [K P], NaN + reason where unscored
+             (K = 2 images a pair, FDFO; grpo.group_size a group, Flow-GRPO)
     pack     Sampler.complete(job, rewards)      -> (Arrow batch of the finite pairs | None, report)
     update   Learner.train_epoch(*batches)       -> metrics, trained / stale pair ids, new checksum
              (= Learner.begin_epoch(*batches), then Learner.update() per optimizer step: the Ray runtime publishes
@@ -105,9 +106,10 @@ def deferred_interrupts():
 
 
 def score_pairs(reward, images: np.ndarray, prompts: list[str]) -> RewardOutput:
-    """The score stage in process: images [2P, H, W, 3] (branches adjacent) of P prompts -> RewardOutput [2P]. A
-    scorer that raises fails these pairs only (NaN with the reason), as the Ray reward actors do."""
-    doubled = [p for p in prompts for _ in range(2)]
+    """The score stage in process: images [K P, H, W, 3] (a pair's branches or a group's members adjacent) of P
+    prompts -> RewardOutput [K P]. A scorer that raises fails these pairs only (NaN with the reason), as the Ray
+    reward actors do."""
+    doubled = [p for p in prompts for _ in range(len(images) // len(prompts))]
     try:
         return reward.score(images, doubled)
     except Exception as e:  # a failing scorer fails these pairs only; the run goes on
@@ -122,6 +124,11 @@ def check_proof(proof: dict, version: int, checksum: str) -> None:
             f"sampler {proof['sampler']} reports version {proof['version']} checksum {proof['checksum']} but the "
             f"learner broadcast version {version} checksum {checksum}: weight sync failed"
         )
+
+
+def unit_name(cfg: RunConfig) -> str:
+    """What the run's ledger counts: pairs (FDFO), or groups of G images (Flow-GRPO)."""
+    return f"groups of {cfg.grpo.group_size}" if cfg.train.algorithm == "flow_grpo" else "pairs"
 
 
 def run_location(cfg: RunConfig) -> str:
@@ -233,7 +240,7 @@ class Book:
     def __init__(self, cfg: RunConfig, evaluate: Callable, save: Callable, resume: bool = False, sink=None):
         self.cfg, self.evaluate, self.save, self.sink = cfg, evaluate, save, sink
         self.batching = Batching.of(cfg)
-        self.runlog, self.ledger, self.timers = RunLog(cfg, resume), Ledger(), Timers()
+        self.runlog, self.ledger, self.timers = RunLog(cfg, resume), Ledger(unit_name(cfg)), Timers()
         self.schedule = PairSchedule(load_prompts(cfg.prompts.source), cfg.seed)
         self.epoch, self.version, self.last_checkpoint, self.checksum = 0, 0, 0, None
         self.first_epoch = 0                          # the epoch this session started at (resumed: later)
@@ -266,7 +273,8 @@ class Book:
         """A scored and packed request: its dropped pairs counted by reason and the sampler's stage times recorded.
         Returns how many of its pairs are in the batch, and its reward statistics, which count towards the epoch
         whose update takes the batch (``taken``): a request whose pairs were all dropped counts at once."""
-        for reason, n in drop_reasons(pair_ids, report["dropped"], out.info.get("reasons")).items():
+        K = self.batching.images_per_unit
+        for reason, n in drop_reasons(pair_ids, report["dropped"], out.info.get("reasons"), K).items():
             self.drop(reason, n)
         self.timers.add("sample", report["sample_s"])
         self.timers.add("pack", report["pack_s"])
@@ -311,6 +319,7 @@ class Book:
             **{f"reward/{k}/mean": float(np.mean(v)) for k, v in self.rewards.items() if v and k != "reward"},
             "perf/wall_s": now - self.t_start,
             "perf/pairs_per_s": m.get("pairs_trained", 0) / wall if wall > 0 else float("nan"),
+            "perf/images_sampled": self.ledger.requested * self.batching.images_per_unit,   # so far, this session
             # the share of this epoch's wall time each role computed (the samplers' summed over the pool)
             "perf/sampler_busy": (m["perf/sample_s"] + m["perf/pack_s"]) / (max(wall, 1e-9) * m.get("runtime/samplers", 1)),
             "perf/learner_busy": m["perf/update_s"] / max(wall, 1e-9),

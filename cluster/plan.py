@@ -48,7 +48,7 @@ import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from cluster.config import RunConfig
+from cluster.config import Batching, RunConfig
 from models.lora import target_matches
 
 REFERENCE_IMAGES_PER_GPU_S = 0.50  # 864 images x 100 epochs in ~12 h on 4 x H200 (ALGORITHM.md section 6)
@@ -155,11 +155,13 @@ def reward_gpus(cfg: RunConfig) -> tuple[int, str]:
 
 def workload(cfg: RunConfig, rates: Rates, grad_bytes: float, bandwidth_gbps: float) -> Workload:
     """The epoch of ``cfg`` in GPU-seconds of each role at ``rates`` (scaled to the preset's steps per image)."""
-    images = 2 * cfg.train.pairs_per_epoch
+    b = Batching.of(cfg)                                 # a pair's 2 images, or a Flow-GRPO group's
+    images = b.images_per_unit * cfg.train.pairs_per_epoch
     per_image = cfg.sampling.num_steps / rates.steps
+    trained = b.recorded_steps / rates.steps             # Flow-GRPO's window: only its steps are trained
     k = cfg.train.updates_per_epoch * 2 * grad_bytes / (bandwidth_gbps * 1e9)
     return Workload(images, images * per_image / rates.sampler_ips,
-                    images * per_image * cfg.train.timestep_fraction / rates.learner_ips, k)
+                    images * trained * cfg.train.timestep_fraction / rates.learner_ips, k)
 
 
 def continuous_samplers(w: Workload, gpus: int, overlap: bool) -> float:

@@ -44,7 +44,7 @@ from ray.exceptions import ObjectLostError, OwnerDiedError, RayActorError, RayEr
 
 from actors.sampler import Sampler
 from cluster.build import build_model, check_run, reward_specs
-from cluster.config import Batching, RunConfig, to_dict
+from cluster.config import Batching, RunConfig, grpo_of, learner_sharding, to_dict
 from cluster.evaluate import heldout_reward
 from cluster.pipeline import Book, check_proof, deferred_interrupts, setup_process
 from cluster.serving import RewardService, check_reward_pool, uses_serve
@@ -201,8 +201,10 @@ def local_cluster_address(timeout_s: float = 3.0) -> str | None:
 class Metrics:
     """Ray metrics (``ray.util.metrics``) for the dashboard / Prometheus, all tagged with the run name."""
 
-    def __init__(self, run: str):
+    def __init__(self, run: str, images_per_unit: int = 2):
         from ray.util.metrics import Counter, Gauge, Histogram
+
+        self.images_per_unit = images_per_unit          # images of a pair (2) or a Flow-GRPO group
 
         tags = ("run",)
         self.tags = {"run": run}
@@ -214,8 +216,8 @@ class Metrics:
             "reward_latency_s": g("fdfo_reward_latency_s", "mean scorer latency per reward batch"),
             "reward_backlog": g("fdfo_reward_backlog", "images queued at the reward actors"),
             "learner_step_s": g("fdfo_learner_step_s", "learner wall time per optimizer step"),
-            "loss": g("fdfo_learner_loss", "FDFO loss of the last epoch"),
-            "clip_frac": g("fdfo_learner_clip_frac", "fraction of rows with |rho - 1| > epsilon"),
+            "loss": g("fdfo_learner_loss", "loss of the last epoch (FDFO or Flow-GRPO)"),
+            "clip_frac": g("fdfo_learner_clip_frac", "fraction of rows with |rho - 1| beyond the trust region (epsilon; Flow-GRPO: clip_range)"),
             "version": g("fdfo_weight_version", "learner weight version"),
             "policy_lag": g("fdfo_policy_lag_max", "largest (learner version - sample version) trained on"),
             "samplers": g("fdfo_samplers", "live sampler actors"),
@@ -260,7 +262,7 @@ class Metrics:
             if key in m:
                 self.set(name, m[key])
         if "perf/pairs_per_s" in m:
-            self.set("images_per_s", 2 * m["perf/pairs_per_s"])
+            self.set("images_per_s", self.images_per_unit * m["perf/pairs_per_s"])
         for k, v in m.items():
             if k.startswith("reward/") and k.endswith("/mean") and k != "reward/mean":
                 self.component.set(v, tags={**self.tags, "scorer": k.split("/")[1]})
@@ -329,7 +331,8 @@ def _learner_actor(cfg: RunConfig, index: int = 0, rank: int = 0):
         .options(name=name, num_cpus=rt.learner_num_cpus, num_gpus=rt.learner_num_gpus,
                  resources=dict(rt.learner_resources), scheduling_strategy="SPREAD", max_restarts=0)
         .remote(model=partial(build_model, cfg.model), train=cfg.train, batching=Batching.of(cfg), lora=cfg.lora,
-                seed=cfg.seed, threads=actor_threads(rt, rt.learner_num_cpus), rank=rank, world_size=rt.num_learners)
+                seed=cfg.seed, threads=actor_threads(rt, rt.learner_num_cpus), rank=rank, world_size=rt.num_learners,
+                grpo=grpo_of(cfg), sharding=learner_sharding(cfg))
     )
 
 
@@ -371,7 +374,7 @@ def _sampler_actor(cfg: RunConfig, index: int):
         .options(name=f"fdfo/sampler/{index}", num_cpus=rt.sampler_num_cpus, num_gpus=rt.sampler_num_gpus,
                  resources=dict(rt.sampler_resources), scheduling_strategy="SPREAD", max_restarts=0)
         .remote(model=partial(build_model, cfg.model), sampling=cfg.sampling, lora=cfg.lora, index=index,
-                precision=cfg.train.precision, threads=actor_threads(rt, rt.sampler_num_cpus))
+                precision=cfg.train.precision, threads=actor_threads(rt, rt.sampler_num_cpus), grpo=grpo_of(cfg))
     )
 
 
@@ -459,7 +462,7 @@ class RayRun:
         try:
             if uses_serve(self.rt):
                 self.service = RewardService(cfg, threads=actor_threads(self.rt, self.rt.reward_num_cpus))
-            self.book = Book(cfg, evaluate=self.evaluate, save=self.save, resume=resume, sink=Metrics(cfg.name))
+            self.book = Book(cfg, evaluate=self.evaluate, save=self.save, resume=resume, sink=Metrics(cfg.name, Batching.of(cfg).images_per_unit))
             if resume:
                 self.book.resume(self._load)
             nbytes = ray.get(self.learner.trainable_bytes.remote())
@@ -531,7 +534,7 @@ class RayRun:
             req = self.book.request(room)
             ahead += len(req["pair_ids"])
             job_ref, images_ref = actor.sample.options(num_returns=2).remote(**req, newest=self.newest())  # sample
-            prompts = [p for p in req["prompts"] for _ in range(2)]
+            prompts = [p for p in req["prompts"] for _ in range(b.images_per_unit)]
             if self.service is not None:                                                                # score
                 reward, out_ref = None, self.service.score(images_ref, prompts)
             else:
@@ -858,12 +861,14 @@ class RayRun:
         return heldout_reward(self.cfg, gen, score, png)
 
     def save(self, epoch: int) -> str:
-        """Checkpoint the learner; one that dies meanwhile is restored from the previous checkpoint (the epochs since
-        are trained again), except at the final checkpoint, which fails the run (``--resume`` continues it)."""
+        """Checkpoint the learner (rank 0 writes; a sharded group's every rank takes part in gathering the weights and
+        AdamW moments); one that dies meanwhile is restored from the previous checkpoint (the epochs since are trained
+        again), except at the final checkpoint, which fails the run (``--resume`` continues it)."""
+        ranks = self.learner_ranks if learner_sharding(self.cfg) == "fsdp" else [self.learner]
+        state, config = self.book.state(epoch), to_dict(self.cfg)
         try:
-            self.checkpoint = ray.get(self.learner.save.remote(self.book.runlog.location, self.book.state(epoch),
-                                                               to_dict(self.cfg)))
-        except RayActorError as e:
+            self.checkpoint = ray.get([r.save.remote(self.book.runlog.location, state, config) for r in ranks])[0]
+        except (RayActorError, LearnerGroupBroken) as e:
             if self.finishing or not self.learner_rank_died(e):
                 raise
             self.lose_learner()

@@ -1,4 +1,4 @@
-"""The learner: FDFO updates on Arrow batches of velocity pairs, versioned weights out.
+"""The learner: FDFO (or Flow-GRPO) updates on the samplers' Arrow batches, versioned weights out.
 
 Usage (plain class; the Ray runtime wraps it with ``ray.remote``)::
 
@@ -15,6 +15,16 @@ Numerics (``train.precision``): every forward runs under ``models.device.autocas
 v under; fp16 adds the reference's GradScaler. An update whose gradient is not finite is skipped (the weights and
 AdamW state stay as they were, as the reference's scaler skips it), counted in ``learner/skipped_steps`` and the run
 goes on; the version still advances (it counts updates, so the epoch's arithmetic and the lr schedule hold).
+
+Algorithms (``train.algorithm``): the loss of a micro-batch is the only part that differs (``_micro_loss``): FDFO's
+``learner.loss.fdfo_loss`` on (branch, step) rows, or Flow-GRPO's ``learner.flow_grpo.grpo_loss`` on (image, SDE
+step) rows; batching, staleness, the learner group, publication and checkpoints are shared.
+
+The learner group (``runtime.num_learners`` ranks, each its own process) either replicates the weights and all-reduces
+the gradients, or (``sharding="fsdp"``, full fine-tuning) shards the fp32 weights, gradients and AdamW moments with
+FSDP2 (``learner.sharded``): every rank then runs as many micro-batches per update as the busiest (zero-weight padding),
+gathers the full trainable tensors after each step for rank 0 to publish, and takes part in every checkpoint, which
+has one learner's layout, so a checkpoint resumes at any number of ranks.
 """
 
 from __future__ import annotations
@@ -28,7 +38,16 @@ import pyarrow as pa
 import torch
 
 from learner.batch import from_arrow
+from learner.collective import LearnerGroupBroken
+from learner.flow_grpo import group_advantages, grpo_loss, sde_step
 from learner.loss import fdfo_loss
+from learner.sharded import (
+    clip_grad_norm,
+    full_optimizer_state,
+    full_state,
+    init_default_group,
+    shard_transformer,
+)
 from learner.weights import Weights, checksum
 from models.adapter import PromptCache
 from models.device import autocast, grad_scaler
@@ -48,6 +67,12 @@ def scheduled_lr(train, version: int) -> float:
     return train.lr_final + (train.lr - train.lr_final) * shape
 
 
+def peer_lost(e: BaseException) -> bool:
+    """Whether a sharded (default-group) collective failed because a rank died or timed out: torch says so with a
+    ``DistError`` (NCCL, stores), gloo with a plain RuntimeError from its transport."""
+    return isinstance(e, torch.distributed.DistError) or (isinstance(e, RuntimeError) and "gloo/" in str(e))
+
+
 def finite_mean(values: list) -> float:
     """Mean of the finite values (a skipped update's inf/nan norm left out; None counts as missing); nan when there
     are none."""
@@ -57,13 +82,21 @@ def finite_mean(values: list) -> float:
 
 class Learner:
     def __init__(self, model, train, batching, lora=None, seed: int = 0, threads: int | None = None, rank: int = 0,
-                 world_size: int = 1):
+                 world_size: int = 1, grpo=None, sharding: str = "replicate"):
         """model: a FlowModel, or a zero-argument callable that builds one (so a Ray actor loads it on its own
         device); train: ``TrainConfig`` (optimizer, loss); batching: ``Batching`` (which rows make each update);
         lora: ``LoraSettings`` or None (full fine-tuning); threads: torch intra-op threads of this process (None =
         leave as is; a Ray actor gets ``runtime.torch_threads``); rank / world_size: this learner's place in a
         learner group (``runtime.num_learners``; ``join_learner_group`` forms it): each rank computes the gradient
-        of its share of every update's rows and the group sums them, so M ranks take one learner's step."""
+        of its share of every update's rows and the group sums them, so M ranks take one learner's step; grpo:
+        ``GrpoConfig`` when ``train.algorithm`` is flow_grpo (``cluster.config.grpo_of``), else None; sharding: how
+        a group of ranks holds the weights (``cluster.config.learner_sharding``): "replicate" (every rank all of them)
+        or "fsdp" (full fine-tuning sharded over the ranks when ``join_learner_group`` forms the group)."""
+        if sharding not in ("replicate", "fsdp"):
+            raise ValueError(f"sharding must be 'replicate' or 'fsdp', got {sharding!r}")
+        if (grpo is not None) != (train.algorithm == "flow_grpo"):
+            raise ValueError(f"train.algorithm = {train.algorithm!r} but grpo settings were {'' if grpo else 'not '}given: "
+                             "build the learner with grpo=cluster.config.grpo_of(cfg)")
         if threads:
             torch.set_num_threads(threads)
         if not hasattr(model, "velocity"):
@@ -72,8 +105,12 @@ class Learner:
         self.cfg = train
         self.batching = batching
         self.seed = seed
+        self.grpo = grpo
         tr = model.transformer
         self.lora = make_trainable(tr, lora)
+        if sharding == "fsdp" and self.lora:
+            raise ValueError("sharding='fsdp' shards full fine-tuning; a LoRA learner group replicates "
+                             "(sharding='replicate')")
         if train.gradient_checkpointing:
             model.enable_gradient_checkpointing()            # less memory, the same v_theta
         self.base = copy.deepcopy(tr).requires_grad_(False) if (train.kl_weight > 0 and not self.lora) else None
@@ -82,21 +119,36 @@ class Learner:
         # fp32 master weights: when trainable weights are bf16/fp16 (full fine-tuning of a half-precision model; LoRA
         # factors are fp32 already), AdamW steps fp32 copies and the model's weights are rounded from them after each
         # step: an update at lr 3e-5 would otherwise round away. The forward stays in the model's dtype / autocast.
+        # Sharded (fsdp), the fp32 shards made when the group forms are the masters: no whole fp32 copy here.
         self.masters = ([p.detach().float().clone() for p in self.params]
-                        if any(p.dtype != torch.float32 for p in self.params) else None)
-        self.opt = torch.optim.AdamW(
-            self.masters or self.params, lr=train.lr, betas=tuple(train.betas), weight_decay=train.weight_decay,
-            eps=train.adam_eps,
-        )
+                        if any(p.dtype != torch.float32 for p in self.params) and sharding == "replicate" else None)
+        self.opt = self._adamw(self.masters or self.params)
         self.scaler = grad_scaler(model.device, train.precision)   # pass-through unless fp16 on CUDA
         self.skipped_steps = 0                              # updates skipped for a non-finite gradient, all run
         self.version = 0
         self.rank, self.world_size = rank, world_size
         self._grads = None                                  # the learner group (GradientGroup) when world_size > 1
+        self.sharding = sharding
+        self._dtype = self.params[0].dtype if self.params else torch.float32   # the trained weights' (published) dtype
+        self._gathered: tuple[dict, str] | None = None     # fsdp: the full trainable tensors and their checksum
         self._epoch: dict | None = None                     # the epoch being updated (begin_epoch .. last update)
         self.prompts = PromptCache(model)                # embeddings per prompt, never shipped in batches
 
     # -- helpers -------------------------------------------------------------------------------------------
+    def _adamw(self, params: list[torch.Tensor]) -> torch.optim.AdamW:
+        c = self.cfg
+        return torch.optim.AdamW(params, lr=c.lr, betas=tuple(c.betas), weight_decay=c.weight_decay, eps=c.adam_eps)
+
+    def _published(self) -> tuple[dict[str, torch.Tensor], str | None]:
+        """(the trainable tensors by name as samplers load them, their checksum or None when not yet computed):
+        views of the live parameters, or (fsdp) the full tensors every rank gathered after the last step or load
+        with their checksum, so rank 0 reads them alone, starting no collective."""
+        if self.sharding == "replicate":
+            return trainable(self.model.transformer), None
+        if self._gathered is None:
+            raise RuntimeError("a sharded learner publishes once its group is formed: call join_learner_group first")
+        return self._gathered
+
     def _base_velocity(self, x, sigma, cond, w) -> torch.Tensor:
         with torch.no_grad():
             if self.lora:
@@ -135,16 +187,18 @@ class Learner:
         t0 = time.perf_counter()
         if self._epoch is not None:
             raise RuntimeError(f"begin_epoch while {len(self._epoch['updates'])} updates of the previous epoch are left")
-        tb = from_arrow(pa.Table.from_batches(batches))
+        tb = from_arrow(pa.Table.from_batches(batches), algorithm=self.cfg.algorithm)
         stale = self.stale_mask(tb.policy_version)
         keep = torch.nonzero(~stale).squeeze(1)
-        out = {"stale_pair_ids": sorted(set(tb.pair_id[stale].tolist())),
-               "trained_pair_ids": sorted(set(tb.pair_id[keep].tolist())), "updates": 0}
+        out = {"stale_pair_ids": sorted(set(tb.unit_id[stale].tolist())),
+               "trained_pair_ids": sorted(set(tb.unit_id[keep].tolist())), "updates": 0}
         if len(keep) == 0:
             return out
         w = float(tb.guidance_scale[0])
         if not torch.all(tb.guidance_scale == w):
             raise ValueError("one epoch mixes guidance scales; sampling.guidance_scale must be the same on every sampler")
+        if self.grpo is not None and self.grpo.global_std:     # Flow-GRPO's SD3 settings: the epoch's std
+            tb.advantage = group_advantages(tb.reward, tb.group_id, global_std=True)
         g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.version)
         updates = self.batching.plan(len(keep) * tb.x.shape[1], g)     # row indices of each update
         self._epoch = {"tb": tb, "keep": keep, "w": w, "updates": updates, "rows": sum(len(r) for r in updates),
@@ -162,13 +216,16 @@ class Learner:
         try:
             self._accumulate(ep, ep["updates"].pop(0))
             ep["grad_norms"].append(self._step())
-        except BaseException:
+        except BaseException as e:
             self._epoch = None                              # a failed step abandons the epoch (weights untouched)
+            if self.sharding == "fsdp" and peer_lost(e):
+                raise LearnerGroupBroken(f"learner rank {self.rank} of {self.world_size}: a sharded collective failed "
+                                         f"({e}); the runtime restarts the group from the last checkpoint") from e
             raise
         version, digest = self.weights_info()
         out = {"learner/version": version, "checksum": digest}
         t_publish = time.perf_counter()
-        weights = Weights.of(self.model.transformer, version, digest) if publish else None
+        weights = Weights.of(self._published()[0], version, digest) if publish else None
         out["perf/publish_s"] = time.perf_counter() - t_publish
         ep["seconds"] += t_publish - t0
         if not ep["updates"]:                               # the epoch's last step: its metrics
@@ -188,27 +245,57 @@ class Learner:
         return out, weights
 
     def _accumulate(self, ep: dict, rows: torch.Tensor) -> None:
-        """Gradients of one update's ``rows`` (accumulated over micro-batches to the update's mean), and the
-        epoch's running metrics."""
+        """Gradients of this rank's share of one update's ``rows`` (accumulated over micro-batches to the update's
+        mean), and the epoch's running metrics. Sharded (fsdp), every forward and backward is a collective, so a rank
+        with fewer micro-batches than the busiest pads with zero-weight ones (a row of the update, loss * 0)."""
         self.opt.zero_grad(set_to_none=True)
         if self.masters is not None:
             for p in self.params:
                 p.grad = None
-        mine = rows if self.world_size == 1 else torch.tensor_split(rows, self.world_size)[self.rank]
-        for mb in self.batching.micro_batches(mine):
-            x, v, sigma, d, dR, cond, lag = self._rows(ep["tb"], ep["keep"], mb)
-            with autocast(self.model.device, self.cfg.precision):
-                v_theta = self.model.velocity(x, sigma, cond, ep["w"])
-                v_base = self._base_velocity(x, sigma, cond, ep["w"]) if self.cfg.kl_weight > 0 else None
-            loss, m = fdfo_loss(v_theta, v, d, dR, self.cfg.epsilon, v_base, self.cfg.kl_weight)
-            share = len(mb) / len(rows)        # gradients accumulate to the update's mean (over every rank's rows)
+        shares = [[mb for mb in self.batching.micro_batches(part) if len(mb)]
+                  for part in torch.tensor_split(rows, self.world_size)]
+        mine = shares[self.rank]
+        pad = max(map(len, shares)) - len(mine) if self.sharding == "fsdp" else 0
+        for i, mb in enumerate(mine + [rows[:1]] * pad):
+            loss, m, lag = self._micro_loss(ep, mb)
+            share = len(mb) / len(rows) if i < len(mine) else 0.0     # of the update's rows (over every rank's)
             self.scaler.scale(loss * share).backward()
+            if i >= len(mine):
+                continue                                    # padding: no rows, no metrics
             ep["lag_sum"], ep["lag_max"] = ep["lag_sum"] + float(lag.sum()), max(ep["lag_max"], int(lag.max()))
             for k, val in m.items():
                 if k == "log_rho_abs_max":
                     ep["sums"][k] = max(ep["sums"].get(k, 0.0), float(val))
                 else:
                     ep["sums"][k] = ep["sums"].get(k, 0.0) + float(val) * share / self.batching.updates_per_epoch
+
+    def _micro_loss(self, ep: dict, mb: torch.Tensor) -> tuple[torch.Tensor, dict, torch.Tensor]:
+        """The run's algorithm on one micro-batch of rows ``mb``: (loss, its metrics, each row's lag [B])."""
+        if self.grpo is not None:
+            return self._grpo_loss(ep, mb)
+        x, v, sigma, d, dR, cond, lag = self._rows(ep["tb"], ep["keep"], mb)
+        with autocast(self.model.device, self.cfg.precision):
+            v_theta = self.model.velocity(x, sigma, cond, ep["w"])
+            v_base = self._base_velocity(x, sigma, cond, ep["w"]) if self.cfg.kl_weight > 0 else None
+        loss, m = fdfo_loss(v_theta, v, d, dR, self.cfg.epsilon, v_base, self.cfg.kl_weight)
+        return loss, m, lag
+
+    def _grpo_loss(self, ep: dict, mb: torch.Tensor) -> tuple[torch.Tensor, dict, torch.Tensor]:
+        """Flow-GRPO on (image, SDE step) rows: log p_theta of the recorded step under v_theta, against the sampler's."""
+        tb, g, dev, w = ep["tb"], self.grpo, self.model.device, ep["w"]
+        W = tb.x.shape[1]
+        r, i = ep["keep"][mb // W], mb % W                  # row of the table, recorded step
+        cond = self.prompts([tb.prompt[j] for j in r.tolist()])
+        x, x_next = tb.x[r, i].to(dev), tb.x_next[r, i].to(dev)
+        sigma, sigma_next, sigma_max = tb.sigmas[r, i].to(dev), tb.sigmas_next[r, i].to(dev), float(tb.sigma_max[r[0]])
+        with autocast(dev, self.cfg.precision):
+            v_theta = self.model.velocity(x, sigma, cond, w)
+            v_base = self._base_velocity(x, sigma, cond, w) if self.cfg.kl_weight > 0 else None
+        step = sde_step(x, v_theta, sigma, sigma_next, g.noise_level, sigma_max, x_next=x_next)
+        base = None if v_base is None else sde_step(x, v_base, sigma, sigma_next, g.noise_level, sigma_max, x_next=x_next)
+        loss, m = grpo_loss(step.log_prob, tb.log_prob[r, i].to(dev), tb.advantage[r].to(dev), g.clip_range,
+                            g.adv_clip_max, step.mean, None if base is None else base.mean, step.std, self.cfg.kl_weight)
+        return loss, m, self.version - tb.policy_version[r]
 
     def _rows(self, tb, keep: torch.Tensor, mb: torch.Tensor):
         """One micro-batch of (branch, step) rows ``mb`` (indices into kept rows x steps) on the learner's device:
@@ -222,7 +309,7 @@ class Learner:
     def _step(self) -> float:
         """Unscale (fp16), clip, set the scheduled lr and take the AdamW step, or skip it and count it when the
         gradient is not finite; returns the gradient norm before clipping (inf or nan for a skipped update)."""
-        if self._grads is not None:
+        if self._grads is not None and self.sharding == "replicate":
             self._grads.all_reduce_grads(self.params)        # every rank now holds the update's whole gradient
         stepped = self.masters or self.params
         if self.masters is not None:                        # the optimizer steps the fp32 masters
@@ -230,7 +317,7 @@ class Learner:
                 m.grad = None if p.grad is None else p.grad.float()
                 p.grad = None
         self.scaler.unscale_(self.opt)
-        gn = torch.nn.utils.clip_grad_norm_(stepped, self.cfg.grad_clip)
+        gn = clip_grad_norm(stepped, self.cfg.grad_clip)    # fsdp: the global norm over the shards
         for group in self.opt.param_groups:
             group["lr"] = scheduled_lr(self.cfg, self.version)
         if torch.isfinite(gn):
@@ -246,21 +333,34 @@ class Learner:
         self.scaler.update()                                # fp16: a skipped update halves the loss scale
         self.opt.zero_grad(set_to_none=True)
         self.version += 1
+        if self.sharding == "fsdp":
+            self.gather_weights()
         return float(gn)
 
+    def gather_weights(self) -> None:
+        """Sharded (fsdp), every rank at once (a collective), after each step and each load: the full trainable
+        tensors gathered in the trained dtype, and their checksum, which ``weights``, ``weights_info``,
+        ``trainable_bytes``, ``send_weights`` and ``update(publish=True)`` read on rank 0 alone."""
+        tr = self.model.transformer
+        full = full_state(tr, dtype=self._dtype)
+        tensors = {n: full[n] for n, p in tr.named_parameters() if p.requires_grad}
+        self._gathered = (tensors, checksum(tensors))
+
     def weights(self) -> Weights:
-        return Weights.of(self.model.transformer, self.version)
+        tensors, digest = self._published()
+        return Weights.of(tensors, self.version, digest)
 
     def torch_threads(self) -> int:
         return torch.get_num_threads()
 
     def trainable_bytes(self) -> int:
         """Bytes of one published version (what every sampler loads)."""
-        return sum(t.numel() * t.element_size() for t in trainable(self.model.transformer).values())
+        return sum(t.numel() * t.element_size() for t in self._published()[0].values())
 
     def weights_info(self) -> tuple[int, str]:
         """(version, checksum) without copying or shipping the tensors."""
-        return self.version, checksum(trainable(self.model.transformer))
+        tensors, digest = self._published()
+        return self.version, digest or checksum(tensors)
 
     # -- the learner group (runtime.num_learners ranks) ---------------------------------------------------------
     def _reduce_epoch_metrics(self, ep: dict) -> None:
@@ -281,11 +381,24 @@ class Learner:
         return rendezvous_address(peers_on_this_node)
 
     def join_learner_group(self, master_addr: str, master_port: int, backend: str, timeout_s: float = 120.0) -> int:
-        """Form the learner group with the other ranks (each calls this at once); returns this rank."""
+        """Form the learner group with the other ranks (each calls this at once); returns this rank. Sharded
+        (fsdp), the group's store also hosts this process's default group, and the transformer is sharded over it."""
         from learner.collective import GradientGroup
 
         self._grads = GradientGroup(self.rank, self.world_size, master_addr, master_port, backend, timeout_s)
+        if self.sharding == "fsdp":
+            self._shard(backend, timeout_s)
         return self.rank
+
+    def _shard(self, backend: str, timeout_s: float) -> None:
+        """FSDP2 over the learner group: the transformer sharded in place (its fp32 shards are the masters, stepped
+        by a new AdamW with the same settings), then the first publication gathered."""
+        group = init_default_group(self.rank, self.world_size, self._grads._store, backend, timeout_s)
+        tr = shard_transformer(self.model.transformer, group, self.model.device, param_dtype=self._dtype)
+        self.params = [p for p in tr.parameters() if p.requires_grad]
+        self.masters = None
+        self.opt = self._adamw(self.params)
+        self.gather_weights()
 
     # -- full-weight broadcast over a collective group (gloo on CPU, NCCL on GPU); LoRA uses the object store
     def weight_backend(self) -> str:
@@ -315,7 +428,7 @@ class Learner:
 
     def send_weights(self) -> dict:
         """Broadcast the trainable tensors to every sampler of the group; returns {version, checksum}."""
-        sent = self._group.send(trainable(self.model.transformer), version=self.version)
+        sent = self._group.send(self._published()[0], version=self.version)
         return {"version": self.version, "checksum": sent}
 
     def leave_weight_group(self) -> None:
@@ -323,15 +436,29 @@ class Learner:
             self._group.close()
             self._group = None
 
-    def save(self, run_dir: str, state: dict, config: dict) -> str:
-        """Checkpoint weights, optimizer and ``state`` under ``run_dir``; returns the folder."""
+    def save(self, run_dir: str, state: dict, config: dict) -> str | None:
+        """Checkpoint weights, optimizer and ``state`` under ``run_dir``; returns the folder. Sharded (fsdp), every
+        rank calls it at once (the full weights and AdamW moments are gathered: collectives), rank 0 writes them in
+        one learner's layout and returns the folder, the others None."""
         from learner.checkpoint import save_checkpoint
 
         ours = {"skipped_steps": self.skipped_steps, "grad_scaler": self.scaler.state_dict()}
-        return str(save_checkpoint(run_dir, self, {**state, "learner": ours}, config))
+        gathered = None
+        if self.sharding == "fsdp":
+            try:
+                gathered = {"state": full_state(self.model.transformer, device="cpu"), "dtype": self._dtype,
+                            "optimizer": full_optimizer_state(self.opt)}
+            except RuntimeError as e:
+                if peer_lost(e):
+                    raise LearnerGroupBroken(f"learner rank {self.rank}: a checkpoint's gather failed ({e})") from e
+                raise
+            if self.rank != 0:
+                return None
+        return str(save_checkpoint(run_dir, self, {**state, "learner": ours}, config, gathered=gathered))
 
     def load(self, folder: str) -> dict:
-        """Restore from a checkpoint folder; returns its saved ``state``."""
+        """Restore from a checkpoint folder (of any number of ranks); returns its saved ``state``. Sharded (fsdp),
+        every rank calls it at once."""
         from learner.checkpoint import load_checkpoint
 
         state = dict(load_checkpoint(folder, self))

@@ -21,7 +21,7 @@ def test_presets_load_and_overrides_apply():
 
 
 def test_unknown_key_is_named_with_the_valid_ones():
-    with pytest.raises(ValueError, match=r"unknown config key 'train.lrr'; valid keys here: train.lr, "):
+    with pytest.raises(ValueError, match=r"unknown config key 'train.lrr'; valid keys here: train.algorithm, train.lr, "):
         load_config("tiny-cpu", ["train.lrr=1"])
     with pytest.raises(ValueError, match=r"unknown config key 'bogus'"):
         load_config("tiny-cpu", ["bogus=1"])
@@ -32,6 +32,13 @@ def test_wrong_types_and_bad_arithmetic_explain_themselves():
         load_config("tiny-cpu", ["sampling.num_steps=many"])
     with pytest.raises(ValueError, match=r"2 branches x 3 pairs x 8 steps = 48 rows, which train.updates_per_epoch = 5"):
         load_config("tiny-cpu", ["train.pairs_per_epoch=3", "train.updates_per_epoch=5"])
+    grpo = ["train.algorithm=flow_grpo", "grpo.group_size=3", "train.pairs_per_epoch=3", "train.updates_per_epoch=5"]
+    with pytest.raises(ValueError, match=r"3 images x 3 groups x 2 steps = 18 rows, which train.updates_per_epoch = 5"):
+        load_config("tiny-cpu", [*grpo, "grpo.sde_window=2"])
+    with pytest.raises(ValueError, match=r"grpo.sde_window = 9 must be 0 \(every step\) or lie in \[1, grpo.sde_window_range = 8\]"):
+        load_config("tiny-cpu", [*grpo, "grpo.sde_window=9"])
+    with pytest.raises(ValueError, match=r"grpo.group_size must be >= 2"):
+        load_config("tiny-cpu", [*grpo, "grpo.group_size=1"])
     with pytest.raises(ValueError, match="max_policy_lag = 0 is below updates_per_epoch - 1 = 1"):
         load_config("tiny-cpu", ["train.max_policy_lag=0"])
     with pytest.raises(ValueError, match=r"train.timestep_fraction must be in \(0, 1\]"):

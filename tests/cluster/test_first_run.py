@@ -54,7 +54,7 @@ def test_heldout_grid_rows_are_labelled_with_the_eval_prompts(tmp_path, monkeypa
 def test_errors_print_one_message_and_exit_non_zero(capsys, monkeypatch):
     assert cli(["train", "--config", "tiny-cpu", "train.nope=1"]) == 1
     err = capsys.readouterr().err
-    assert err.startswith("fdfo: error: unknown config key 'train.nope'; valid keys here: train.lr, ")
+    assert err.startswith("fdfo: error: unknown config key 'train.nope'; valid keys here: train.algorithm, train.lr, ")
     assert err.endswith("\n(run again with --debug for the traceback)\n") and "Traceback" not in err
     with pytest.raises(ValueError, match="unknown config key 'train.nope'"):
         cli(["train", "--config", "tiny-cpu", "--debug", "train.nope=1"])

@@ -44,3 +44,24 @@ def test_init_from_override_and_cli_flag_are_the_same():
 
     cfg = load_config("sd35m-combined-cfg4.5", _init_override(Args()))
     assert cfg.lora.init_from == Args.init_from
+
+
+def test_the_flow_grpo_preset_is_flow_grpos_published_sd35m_pickscore_run():
+    import torch
+
+    from cluster.config import Batching
+
+    cfg = load_config("sd35m-flow-grpo-pickscore")
+    check_run(cfg)
+    m, lo, s, t, g = cfg.model, cfg.lora, cfg.sampling, cfg.train, cfg.grpo
+    assert (m.path, m.resolution, m.max_sequence_length, lo.rank, lo.alpha, lo.target_modules) == (
+        "stabilityai/stable-diffusion-3.5-medium", 512, 128, 32, 64.0, LORA_TARGET_MODULES)
+    assert (t.algorithm, s.num_steps, cfg.eval.num_steps, s.guidance_scale, t.precision) == ("flow_grpo", 10, 40, 4.5, "fp16")
+    assert (t.lr, t.kl_weight, t.grad_clip, t.updates_per_epoch, t.timestep_fraction) == (3e-4, 0.01, 1.0, 2, 0.99)
+    assert (g.group_size, g.noise_level, g.clip_range, g.adv_clip_max, g.global_std, g.sde_window) == (
+        24, 0.7, 1e-4, 5.0, True, 0)
+    assert {spec["name"]: spec["weight"] for spec in reward_specs(cfg.reward)} == {"pickscore": 1.0}
+    # 48 groups x 24 images x 10 steps = 11,520 (image, step) rows; 99 % of them in two updates
+    b = Batching.of(cfg)
+    assert (b.images_per_unit, b.recorded_steps, b.rows_per_epoch) == (24, 10, 11520)
+    assert [len(u) for u in b.plan(b.rows_per_epoch, torch.Generator().manual_seed(0))] == [5703, 5702]
