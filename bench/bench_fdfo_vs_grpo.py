@@ -89,13 +89,60 @@ def run_one(method: str, overrides: list[str]) -> dict:
             "dropped": res["ledger"]["pairs_dropped"], "clip_frac_last": res["history"][-1].get("learner/clip_frac")}
 
 
-def best_lr(runs: list[dict], method: str, cfg_w: float) -> float:
-    """The lr whose runs (seeds averaged) end with the highest held-out judge."""
+def reward_spread(images: int = 512, seed: int = 0) -> dict:
+    """How often each method's unit carries a judge signal at the shipped base: the share of FDFO pairs whose two
+    branches the judge scores differently, and of Flow-GRPO groups whose members it does not score all alike, on
+    ``images`` images of training prompts each (the presets' sampling: churn 0.03 / SDE noise 0.7, 6 steps)."""
+    import numpy as np
+
+    from actors.sampler import Sampler
+    from cluster.build import build_model
+    from cluster.config import grpo_of, load_config
+    from cluster.schedule import PairSchedule
+    from cluster.prompts import load_prompts
+    from tasks.shapes import world
+
+    out = {}
+    for method, preset in METHODS.items():
+        cfg = load_config(preset, [f"seed={seed}"])
+        sampler = Sampler(build_model(cfg.model), cfg.sampling, cfg.lora, precision=cfg.train.precision, grpo=grpo_of(cfg))
+        k = sampler.images_per_unit
+        req = PairSchedule(load_prompts(cfg.prompts.source), seed).take(images // k)
+        _, imgs = sampler.sample(**req)
+        judged = world.clause_fraction(world.judge(imgs, [p for p in req["prompts"] for _ in range(k)]))
+        per_unit = np.asarray(judged).reshape(-1, k)
+        out[method] = {"units": len(per_unit), "images_per_unit": k,
+                       "share_with_signal": float(np.mean(per_unit.max(1) > per_unit.min(1))),
+                       "mean_spread": float(np.mean(per_unit.max(1) - per_unit.min(1)))}
+    return out
+
+
+def judge_at(points: list[dict], images: float) -> float:
+    """The held-out judge at ``images`` sampled (linear between evaluations; the last one past the end)."""
+    for a, b in zip(points, points[1:]):
+        if a["images"] <= images <= b["images"]:
+            f = (images - a["images"]) / max(b["images"] - a["images"], 1)
+            return a["judge"] + f * (b["judge"] - a["judge"])
+    return points[-1]["judge"]
+
+
+def best_lr(runs: list[dict], method: str, cfg_w: float) -> float | None:
+    """The lr whose runs (seeds averaged) have the highest held-out judge at the image budget every run of the sweep
+    reached (so a longer run at one lr does not win by its length)."""
+    mine = [r for r in runs if r["method"] == method and r["cfg"] == cfg_w]
+    if not mine:
+        return None
+    budget = min(r["points"][-1]["images"] for r in mine)
     by_lr: dict[float, list[float]] = {}
-    for r in runs:
-        if r["method"] == method and r["cfg"] == cfg_w:
-            by_lr.setdefault(r["lr"], []).append(r["points"][-1]["judge"])
+    for r in mine:
+        by_lr.setdefault(r["lr"], []).append(judge_at(r["points"], budget))
     return max(by_lr, key=lambda lr: sum(by_lr[lr]) / len(by_lr[lr]))
+
+
+def longest(runs: list[dict], method: str, cfg_w: float, seed: int, lr: float) -> dict | None:
+    """The run of ``method`` at this guidance, seed and lr that sampled the most images (None if there is none)."""
+    mine = [r for r in runs if (r["method"], r["cfg"], r["seed"], r["lr"]) == (method, cfg_w, seed, lr)]
+    return max(mine, key=lambda r: r["points"][-1]["images"], default=None)
 
 
 def headline(runs: list[dict]) -> list[dict]:
@@ -104,9 +151,12 @@ def headline(runs: list[dict]) -> list[dict]:
     rows = []
     for w in sorted({r["cfg"] for r in runs}):
         lrs = {m: best_lr(runs, m, w) for m in METHODS}
+        if None in lrs.values():
+            continue                                         # one method not run at this guidance
         for seed in sorted({r["seed"] for r in runs if r["cfg"] == w}):
-            pick = {m: next(r for r in runs if (r["method"], r["cfg"], r["seed"], r["lr"]) == (m, w, seed, lrs[m]))
-                    for m in METHODS}
+            pick = {m: longest(runs, m, w, seed, lrs[m]) for m in METHODS}
+            if None in pick.values():
+                continue                                     # a seed not run at both best lrs
             g, f = pick["flow_grpo"]["points"], pick["fdfo"]["points"]
             target = max(p["judge"] for p in g)
             row = {"cfg": w, "seed": seed, "fdfo_lr": lrs["fdfo"], "grpo_lr": lrs["flow_grpo"], "grpo_best_judge": target,
@@ -145,7 +195,7 @@ def plot(runs: list[dict], path: Path) -> None:
     for row, w in zip(axes, ws):
         lrs = {m: best_lr(runs, m, w) for m in METHODS}
         for r in runs:
-            if r["cfg"] != w or r["lr"] != lrs[r["method"]]:
+            if r["cfg"] != w or r is not longest(runs, r["method"], w, r["seed"], lrs[r["method"]]):
                 continue
             style = {"color": "C0" if r["method"] == "fdfo" else "C3", "alpha": 0.8}
             label = f"{r['method']} lr {r['lr']:g} seed {r['seed']}"
@@ -170,6 +220,8 @@ def main() -> None:
     ap.add_argument("--fdfo-epochs", type=int, default=20)
     ap.add_argument("--grpo-epochs", type=int, default=50)
     ap.add_argument("--eval-every", type=int, default=5)
+    ap.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS),
+                    help="run only these (a slice whose runs --report pools with the others)")
     ap.add_argument("--smoke", action="store_true", help="tiny budgets: 2 epochs, 1 seed, 1 lr each, no CFG")
     ap.add_argument("--out", default="bench/results/fdfo_vs_grpo.json")
     ap.add_argument("--report", metavar="JSON", nargs="+", help="print the table of finished runs' JSON files (their "
@@ -178,7 +230,9 @@ def main() -> None:
     if args.report:
         parts = [json.loads(Path(p).read_text()) for p in args.report]
         runs = [r for part in parts for r in part["runs"]]
-        write(Path(args.out), {"setup": [part["setup"] for part in parts], "headline": headline(runs), "runs": runs})
+        logging.disable(logging.INFO)
+        write(Path(args.out), {"setup": [part["setup"] for part in parts], "signal": reward_spread(),
+                               "headline": headline(runs), "runs": runs})
         return
     if args.smoke:
         args.seeds, args.cfg, args.fdfo_lrs, args.grpo_lrs = [0], [1.0], [1e-4], [3e-4]
@@ -190,7 +244,7 @@ def main() -> None:
     for w in args.cfg:
         for seed in args.seeds:
             for method, lrs in (("fdfo", args.fdfo_lrs), ("flow_grpo", args.grpo_lrs)):
-                for lr in lrs:
+                for lr in lrs if method in args.methods else []:
                     name = f"{method}-w{w:g}-s{seed}-lr{lr:g}"
                     over = [*COMMON, f"train.epochs={epochs[method]}", f"eval.every_epochs={args.eval_every}",
                             f"seed={seed}", f"train.lr={lr}", f"sampling.guidance_scale={w}", f"output_dir={out_dir}",
@@ -201,9 +255,10 @@ def main() -> None:
                     print(f"{name}: judge {r['points'][0]['judge']:.4f} -> {r['points'][-1]['judge']:.4f} "
                           f"(best {max(p['judge'] for p in r['points']):.4f}) in {r['images']} images, "
                           f"{r['points'][-1]['train_s']:.0f} s", flush=True)
-    setup = {"epochs": epochs, "eval_every": args.eval_every, "seeds": args.seeds, "cfg": args.cfg,
+    setup = {"methods": args.methods, "epochs": epochs, "eval_every": args.eval_every, "seeds": args.seeds, "cfg": args.cfg,
              "lrs": {"fdfo": args.fdfo_lrs, "flow_grpo": args.grpo_lrs}, "common": COMMON, "smoke": args.smoke}
-    write(Path(args.out), {"setup": setup, "headline": headline(runs), "runs": runs})
+    write(Path(args.out), {"setup": setup, "signal": reward_spread(64 if args.smoke else 512), "headline": headline(runs),
+                           "runs": runs})
 
 
 def write(out: Path, report: dict) -> None:
@@ -212,6 +267,9 @@ def write(out: Path, report: dict) -> None:
     out.write_text(json.dumps(report, indent=2))
     plot(report["runs"], out.with_suffix(".png"))
     print(table(report["headline"]))
+    for method, sig in report["signal"].items():
+        print(f"{method}: {sig['share_with_signal']:.0%} of {sig['units']} units of {sig['images_per_unit']} images carry a "
+              f"judge difference at the base (mean max-min spread {sig['mean_spread']:.3f})")
 
 
 if __name__ == "__main__":

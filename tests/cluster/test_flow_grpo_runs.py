@@ -31,3 +31,44 @@ def test_a_ray_run_of_groups_keeps_the_books(ray_local, tmp_path):
     # every sampler holds the final weights, proven by checksum against the checkpoint
     final = json.loads((tmp_path / "grpo-ray" / "checkpoints" / "v000008" / "state.json").read_text())["checksum"]
     assert all(s["version"] == 8 and s["checksum"] == final and s["pending_pairs"] == 0 for s in out["samplers"])
+
+
+# Short Flow-GRPO runs of the shapes-flow-grpo preset in one process: 12 epochs of 16 groups of 8 (1,536 images) at
+# lr 3e-4, the held-out judge on 32 prompts x 4 seeds (0.530 at the base). Measured here (the same runs are
+# bench_fdfo_vs_grpo's curves at 1,536 images): seeds 0 / 1 gain +0.091 / +0.151.
+GAIN_RUN = ["train.epochs=12", "train.lr=3e-4", "eval.every_epochs=0", "eval.num_prompts=32", "runtime.local=true",
+            "runtime.torch_threads=2", "train.checkpoint_every=0"]
+MIN_GAIN = 0.04
+
+
+def grpo_run(tmp_path, seed: int, monkeypatch=None, shuffled: bool = False) -> dict:
+    import cluster.driver as driver
+    from cluster.pipeline import score_pairs
+
+    if shuffled:   # the control: every reward call's scores permuted among its images (seeded), so no signal is left
+        rng = np.random.default_rng(seed)
+
+        def shuffled_scores(reward, images, prompts):
+            out = score_pairs(reward, images, prompts)
+            return RewardOutput(scores=rng.permutation(out.scores), info=out.info)
+
+        monkeypatch.setattr(driver, "score_pairs", shuffled_scores)
+    cfg = load_config("shapes-flow-grpo", [*GAIN_RUN, f"seed={seed}", f"output_dir={tmp_path}"])
+    logging.disable(logging.INFO)
+    try:
+        return driver.run_local(cfg)["final"]["heldout"]["reward/shapes_judge/mean"]
+    finally:
+        logging.disable(logging.NOTSET)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("seed", [0, 1])
+def test_a_short_flow_grpo_run_raises_the_heldout_judge(seed, tmp_path):
+    judge = grpo_run(tmp_path, seed)
+    assert judge["gain"] > MIN_GAIN, f"seed {seed}: held-out judge {judge['before']:.4f} -> {judge['after']:.4f}"
+
+
+@pytest.mark.slow
+def test_a_shuffled_reward_control_does_not(tmp_path, monkeypatch):
+    judge = grpo_run(tmp_path, 0, monkeypatch, shuffled=True)
+    assert judge["gain"] < MIN_GAIN / 2, f"shuffled: held-out judge {judge['before']:.4f} -> {judge['after']:.4f}"
