@@ -205,7 +205,6 @@ class Metrics:
         from ray.util.metrics import Counter, Gauge, Histogram
 
         self.images_per_unit = images_per_unit          # images of a pair (2) or a Flow-GRPO group
-
         tags = ("run",)
         self.tags = {"run": run}
         g = lambda n, d: Gauge(n, description=d, tag_keys=tags)  # noqa: E731
@@ -462,7 +461,8 @@ class RayRun:
         try:
             if uses_serve(self.rt):
                 self.service = RewardService(cfg, threads=actor_threads(self.rt, self.rt.reward_num_cpus))
-            self.book = Book(cfg, evaluate=self.evaluate, save=self.save, resume=resume, sink=Metrics(cfg.name, Batching.of(cfg).images_per_unit))
+            sink = Metrics(cfg.name, Batching.of(cfg).images_per_unit)
+            self.book = Book(cfg, evaluate=self.evaluate, save=self.save, resume=resume, sink=sink)
             if resume:
                 self.book.resume(self._load)
             nbytes = ray.get(self.learner.trainable_bytes.remote())
