@@ -90,7 +90,9 @@ def run_fault(fault: str, epochs: int, kill_after: int, out_dir: Path, overrides
             try:
                 result["out"] = run_ray(cfg)
             except BaseException as e:                                        # reported as not survived
-                result["error"] = repr(e)
+                import traceback
+
+                result["error"], result["traceback"] = repr(e), traceback.format_exc()
 
         t0 = time.perf_counter()
         thread = threading.Thread(target=target, daemon=True)
@@ -118,7 +120,8 @@ def row(fault: str, result: dict, epochs: int, wall: float, recovered: float | N
     """Survived or not, pairs lost by reason, recovery time, and the faults report of the run."""
     out = result.get("out")
     if out is None:
-        return {"fault": fault, "survived": False, "error": result.get("error", "timed out"), "wall_s": wall}
+        return {"fault": fault, "survived": False, "error": result.get("error", "timed out"), "wall_s": wall,
+                "traceback": result.get("traceback")}
     ledger = out["ledger"]
     identity = ledger["pairs_requested"] == ledger["pairs_trained"] + sum(ledger["pairs_dropped"].values()) + ledger["pairs_in_flight"]
     synced = all(s["version"] == out["version"] for s in out["samplers"])
@@ -134,13 +137,13 @@ def main() -> None:
     ap.add_argument("--epochs", type=int, default=12)
     ap.add_argument("--kill-after", type=int, default=None, help="epochs done before the fault (default: a third)")
     ap.add_argument("--timeout", type=float, default=600.0, help="seconds a run may take before it counts as hung")
-    ap.add_argument("--smoke", action="store_true", help="a short run (6 epochs, fault after 3)")
+    ap.add_argument("--smoke", action="store_true", help="a short run (6 epochs, fault after 2)")
     ap.add_argument("--out", default="bench/results/faults.json")
     ap.add_argument("overrides", nargs="*", help="config overrides a.b=value")
     args = ap.parse_args()
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     epochs = 6 if args.smoke else args.epochs
-    kill_after = args.kill_after or (3 if args.smoke else max(epochs // 3, 1))
+    kill_after = args.kill_after or (2 if args.smoke else max(epochs // 3, 1))   # smoke: early enough to be noticed
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for fault in args.faults:

@@ -891,9 +891,14 @@ class RayRun:
                 i, actor = self.pool.joining.pop(ref)
                 log.warning("sampler %d never started (no node could hold it); released", i)
                 ray.kill(actor)
-        if self.weights_ref is not None:
-            for proof in ray.get([a.set_weights.remote(weights=self.weights_ref) for a in self.pool.actors.values()]):
-                check_proof(proof, self.version, self.checksums[self.version])
+        for i, actor in list(self.pool.actors.items()):   # a sampler lost at the very end (its node gone) is let go:
+            try:                                          # its work is done and accounted; the others prove their weights
+                if self.weights_ref is not None:
+                    check_proof(ray.get(actor.set_weights.remote(weights=self.weights_ref)), self.version,
+                                self.checksums[self.version])
+            except RayActorError:
+                log.warning("sampler %d was lost after the last epoch; the run's books are complete without it", i)
+                del self.pool.actors[i]
         samplers = ray.get([self.pool.actors[i].status.remote() for i in sorted(self.pool.actors)])
         self.sync.close(self.pool)
         return samplers
