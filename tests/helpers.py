@@ -79,3 +79,17 @@ class JsonHandler(BaseHTTPRequestHandler):
         self.send_header("Content-Length", str(len(data)))
         self.end_headers()
         self.wfile.write(data)
+
+
+def three_pair_batch(cfg):
+    """The learner-group tests' batch: 3 pairs of the tiny SD3 (seed 0) sampled with ``cfg``, fixed rewards."""
+    import numpy as np
+
+    from actors.sampler import Sampler
+    from models.adapter import SD3Adapter
+
+    sampler = Sampler(SD3Adapter.tiny(seed=0), cfg.sampling, cfg.lora)
+    job, _ = sampler.sample(prompts=["a red circle", "a blue square", "two green triangles"], prompt_ids=[0, 1, 2],
+                            pair_ids=[0, 1, 2], seeds=[5, 6, 7])
+    out, _ = sampler.complete(job=job, rewards=np.array([[1.0, 0.0], [0.25, 0.75], [0.5, 0.6]]))
+    return out

@@ -6,17 +6,15 @@ import functools
 import re
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
 
-from actors.sampler import Sampler
 from cluster.config import Batching, learner_sharding, load_config
 from learner.learner import Learner
 from models.adapter import SD3Adapter
+from tests.helpers import three_pair_batch
 
-PROMPTS = ["a red circle", "a blue square", "two green triangles"]
 
 
 def cfg(*extra):
@@ -29,11 +27,7 @@ def cfg(*extra):
 
 @pytest.fixture(scope="module")
 def batch():
-    c = cfg()
-    sampler = Sampler(SD3Adapter.tiny(seed=0), c.sampling, c.lora)
-    job, _ = sampler.sample(prompts=PROMPTS, prompt_ids=[0, 1, 2], pair_ids=[0, 1, 2], seeds=[5, 6, 7])
-    out, _ = sampler.complete(job=job, rewards=np.array([[1.0, 0.0], [0.25, 0.75], [0.5, 0.6]]))
-    return out
+    return three_pair_batch(cfg())
 
 
 def single(*extra) -> Learner:

@@ -3,17 +3,15 @@ rows. Two ranks run in threads of this process (each its own standalone group ob
 
 import threading
 
-import numpy as np
 import pytest
 import torch
 
-from actors.sampler import Sampler
 from cluster.config import Batching, load_config
 from learner.collective import free_port
 from learner.learner import Learner
 from models.adapter import SD3Adapter
+from tests.helpers import three_pair_batch
 
-PROMPTS = ["a red circle", "a blue square", "two green triangles"]
 
 
 def cfg(*extra):
@@ -24,11 +22,7 @@ def cfg(*extra):
 
 @pytest.fixture(scope="module")
 def batch():
-    c = cfg()
-    sampler = Sampler(SD3Adapter.tiny(seed=0), c.sampling, c.lora)
-    job, _ = sampler.sample(prompts=PROMPTS, prompt_ids=[0, 1, 2], pair_ids=[0, 1, 2], seeds=[5, 6, 7])
-    out, _ = sampler.complete(job=job, rewards=np.array([[1.0, 0.0], [0.25, 0.75], [0.5, 0.6]]))
-    return out
+    return three_pair_batch(cfg())
 
 
 def learner(rank=0, world=1, *extra):
