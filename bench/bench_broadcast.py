@@ -76,10 +76,12 @@ def make_payload(mb: float, n_tensors: int, fill: float) -> torch.nn.Module:
 class BenchLearner:
     def __init__(self):
         self.model: torch.nn.Module | None = None
+        self.buffer: torch.Tensor | None = None
         self.group: WeightGroup | None = None
 
     def set_payload(self, mb: float, n_tensors: int) -> None:
         self.model = make_payload(mb, n_tensors, fill=1.0)
+        self.buffer = None
 
     def address(self) -> tuple[str, int]:
         ip = node_ip()
@@ -97,7 +99,10 @@ class BenchLearner:
         return [ray.put(trainable(self.model))]
 
     def snapshot(self, version: int) -> Weights:
-        return Weights.of(self.model, version=version)
+        # as the Learner publishes: packed into the previous snapshot's buffer (Ray stored that one as it returned)
+        w = Weights.of(self.model, version=version, buffer=self.buffer)
+        self.buffer = w.packed
+        return w
 
     def checksum_s(self) -> float:
         t = time.perf_counter()

@@ -193,7 +193,9 @@ def test_weights_pickle_as_out_of_band_buffers_and_load_from_read_only_memory():
     buffers = []
     data = pickle.dumps(w, protocol=5, buffer_callback=buffers.append)
     assert len(data) < 4096                                            # the 64 KiB tensor is not in the stream
-    assert sum(memoryview(b).nbytes for b in buffers) == sum(t.numel() * t.element_size() for t in tensors.values())
+    # one buffer (Ray pays per out-of-band buffer), every tensor at a 64-byte aligned offset, in order: a_weight
+    # 60 bytes, b_weight 14, c_step 8, d_mask 3 take 64 each, e_empty 0, f_big 65,536
+    assert [memoryview(b).nbytes for b in buffers] == [4 * 64 + 65_536]
     views = [memoryview(b).toreadonly() for b in buffers]
     with warnings.catch_warnings():
         warnings.simplefilter("error")                                  # no "not writable" warning escapes
@@ -201,8 +203,9 @@ def test_weights_pickle_as_out_of_band_buffers_and_load_from_read_only_memory():
     assert got.version == 4 and got.checksum == w.checksum
     layout = {n: (t.dtype, t.shape) for n, t in tensors.items()}
     assert {n: (t.dtype, t.shape) for n, t in got.tensors.items()} == layout
-    addresses = {np.frombuffer(v, np.uint8).__array_interface__["data"][0] for v in views if v.nbytes}
-    assert {t.data_ptr() for t in got.tensors.values() if t.numel()} == addresses   # views, not copies
+    base = np.frombuffer(views[0], np.uint8).__array_interface__["data"][0]
+    offsets = {n: t.data_ptr() - base for n, t in got.tensors.items() if t.numel()}
+    assert offsets == {"a_weight": 0, "b_weight": 64, "c_step": 128, "d_mask": 192, "f_big": 256}   # views, not copies
     target = torch.nn.Module()
     for name, t in tensors.items():
         target.register_parameter(name, torch.nn.Parameter(torch.zeros_like(t), requires_grad=False))
@@ -355,3 +358,14 @@ def test_a_checkpoint_with_changed_bytes_fails_its_checksum(copy_of):
     msg = f"checkpoint {folder}: restored weights do not match the saved checksum"
     with pytest.raises(RuntimeError, match=re.escape(msg)):
         load_checkpoint(folder, fresh_learner(cfg))
+
+
+def test_a_packed_snapshot_moves_to_a_model_device_as_one_buffer():
+    # a GPU sampler's load: the packed bytes cross once, then every tensor is a view of the moved buffer (the meta
+    # device stands in for CUDA here: same code, no data)
+    w = Weights.of(Net(seed=1), version=1)
+    moved = w._on(torch.device("meta"))
+    assert list(moved) == list(w.tensors)
+    assert {n: (t.device.type, t.dtype, t.shape) for n, t in moved.items()} == {
+        n: ("meta", t.dtype, t.shape) for n, t in w.tensors.items()}
+    assert w._on(torch.device("cpu")) is w.tensors                   # a CPU model reads the snapshot in place
