@@ -35,6 +35,7 @@ from __future__ import annotations
 import dataclasses
 import importlib.util
 import json
+import logging
 import os
 import time
 from dataclasses import dataclass
@@ -45,10 +46,12 @@ import numpy as np
 
 from cluster.build import build_model, reward_specs
 from cluster.config import RunConfig
+from cluster.plan import sampler_room
 from models.euler import generate_images
 from models.images import save_grid
 from models.lora import make_trainable
 
+log = logging.getLogger("fdfo")
 CHUNK_IMAGES = 16       # images per generation call (whole prompts): fixed, so images do not depend on the pool
 PROMPT_SEED = 0         # np.random.RandomState seed of the prompt shuffle (the reference's prompt_seed)
 IMAGE_SEED = 0          # seed of image r of prompt i: IMAGE_SEED + i * R + r (the reference's image_seed)
@@ -279,8 +282,12 @@ class RayImages:
         from cluster.runtime import actor_threads, connect
 
         rt, n = cfg.runtime, cfg.runtime.num_samplers
-        started = connect(rt, n * rt.sampler_num_cpus)
+        started = connect(rt, (1 if n == "auto" else n) * rt.sampler_num_cpus)
         have = ray.cluster_resources()
+        if n == "auto":                                # evaluation only samples: every sampler that fits
+            n, why = sampler_room(rt, have, learners=0, rewards=0)
+            n = max(1, n)
+            log.info("runtime.num_samplers=auto: %d sampler actor(s) (%s)", n, why)
         if started and (n * rt.sampler_num_gpus > have.get("GPU", 0) or n * rt.sampler_num_cpus > have.get("CPU", 0)):
             raise RuntimeError(f"{n} sampler actors x {{CPU: {rt.sampler_num_cpus:g}, GPU: {rt.sampler_num_gpus:g}}} do "
                                f"not fit this local Ray instance ({{CPU: {have.get('CPU', 0):g}, GPU: "
@@ -364,7 +371,7 @@ def run_suite(cfg: RunConfig, suite: str, out_dir: str | Path, *, tag: str, mode
     needed = [[METRIC_SCORER[m] for m in p.spec.metrics] for p in parts]
     specs = scorer_specs(cfg, sorted({k for keys in needed for k in keys} - set(given)))
     num_steps = cfg.eval.num_steps or cfg.sampling.num_steps
-    local = (cfg.runtime.local or cfg.runtime.num_samplers <= 1) if local is None else local
+    local = (cfg.runtime.local or cfg.runtime.num_samplers in (0, 1)) if local is None else local
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     if local:

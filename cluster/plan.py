@@ -185,6 +185,45 @@ def best_split(w: Workload, gpus: int, overlap: bool) -> tuple[int, int]:
     return min(((s, gpus - s) for s in candidates), key=lambda sl: (w.epoch_s(*sl, overlap), sl[1]))
 
 
+def sampler_room(rt, resources: dict[str, float], learners: int, rewards: int) -> tuple[int, str]:
+    """How many samplers of ``rt``'s ask fit in ``resources`` (``ray.cluster_resources()``) beside ``learners``
+    learner ranks and ``rewards`` reward actors: (count, the unit's arithmetic). The unit is a GPU when
+    ``runtime.sampler_num_gpus`` > 0, else a CPU."""
+    key, per = ("GPU", rt.sampler_num_gpus) if rt.sampler_num_gpus > 0 else ("CPU", rt.sampler_num_cpus)
+    other = {"GPU": learners * rt.learner_num_gpus + rewards * rt.reward_num_gpus,
+             "CPU": learners * rt.learner_num_cpus + rewards * rt.reward_num_cpus}[key]
+    have = resources.get(key, 0.0)
+    room = max(0, math.floor((have - other) / per + 1e-9)) if per > 0 else 0
+    return room, (f"{have:g} {key}s - {other:g} for {learners} learner rank(s) and {rewards} reward actor(s) = "
+                  f"{have - other:g}, / {per:g} per sampler = {room}")
+
+
+def auto_samplers(cfg: RunConfig, resources: dict[str, float], rates: Rates) -> tuple[int, int, str]:
+    """``runtime.num_samplers: auto``: (samplers to start, the pool's ceiling, the arithmetic in one line) on a
+    cluster with ``resources``, beside ``runtime.num_learners`` ranks and the reward pool at its ceiling.
+
+    Room R = the samplers that fit (``sampler_room``). Lock-step: the learner waits for the whole epoch's sampling,
+    so every sampler shortens the epoch and all R start. Overlap: the epoch is the slower role's time, so samplers
+    beyond the balance a / S = train(L) (module docstring, at ``rates``) would idle: S = ceil(a / train(L)) start,
+    and the pool may grow to R when the learner waits for data (the rates are estimates). Always at least 1;
+    ``runtime.max_samplers`` caps both."""
+    rt = cfg.runtime
+    rewards = rt.max_reward_actors or rt.num_reward_actors
+    room, why = sampler_room(rt, resources, rt.num_learners, rewards)
+    ceiling = max(1, room if rt.max_samplers is None else min(room, rt.max_samplers))
+    if not rt.overlap:
+        return ceiling, ceiling, f"lock-step: all that fit ({why})"
+    try:
+        grad = gradient_bytes(cfg) if rt.num_learners > 1 else 0.0
+    except ValueError:
+        grad = 0.0                                     # not SD3.5-M: the all-reduce is not modelled (k = 0)
+    w = workload(cfg, rates, grad, DEFAULT_BANDWIDTH_GBPS)
+    balance = math.ceil(w.a / w.train_s(rt.num_learners) - 1e-9)
+    start = max(1, min(balance, ceiling))
+    return start, ceiling, (f"overlap: a / train(L) = {w.a:.1f} / {w.train_s(rt.num_learners):.1f} s -> {balance} keep "
+                            f"{rt.num_learners} learner rank(s) busy ({rates.source}); room for {room} ({why})")
+
+
 def scaling_efficiency(base_gpus: int, base_epoch_s: float, gpus: int, epoch_s: float) -> float:
     """Images per GPU-second at ``gpus`` over those at ``base_gpus``: base_gpus x base_epoch / (gpus x epoch)."""
     return base_gpus * base_epoch_s / (gpus * epoch_s)

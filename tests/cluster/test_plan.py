@@ -12,6 +12,7 @@ from cluster.config import load_config
 from cluster.plan import (
     Rates,
     Workload,
+    auto_samplers,
     best_split,
     continuous_samplers,
     default_rates,
@@ -19,6 +20,7 @@ from cluster.plan import (
     load_rates,
     plan,
     reward_gpus,
+    sampler_room,
     scaling_efficiency,
 )
 
@@ -146,3 +148,33 @@ def test_cli_plan(capsys):
     out = capsys.readouterr().out
     assert "sd35m-combined, lock-step" in out
     assert "8 GPUs: runtime.overlap=false runtime.num_samplers=2 runtime.max_samplers=2 runtime.num_learners=4" in out
+
+
+def test_auto_samplers_lockstep_takes_every_sampler_that_fits():
+    # sd35m-combined: 1 GPU per sampler, per learner rank and per reward actor; 2 learner ranks, reward pool of 2
+    cfg = load_config("sd35m-combined", ["runtime.num_samplers=auto", "runtime.num_learners=2",
+                                         "runtime.max_reward_actors=2"])
+    assert sampler_room(cfg.runtime, {"GPU": 8.0, "CPU": 64.0}, learners=2, rewards=2) == (
+        4, "8 GPUs - 4 for 2 learner rank(s) and 2 reward actor(s) = 4, / 1 per sampler = 4")
+    start, ceiling, why = auto_samplers(cfg, {"GPU": 8.0, "CPU": 64.0}, default_rates())
+    assert (start, ceiling) == (4, 4) and why.startswith("lock-step: all that fit (8 GPUs - 4")
+    # runtime.max_samplers caps it; a cluster with no room still gets one sampler (the resource check then says why)
+    capped = load_config("sd35m-combined", ["runtime.num_samplers=auto", "runtime.max_samplers=3"])
+    assert auto_samplers(capped, {"GPU": 16.0}, default_rates())[:2] == (3, 3)
+    assert auto_samplers(capped, {"GPU": 2.0}, default_rates())[:2] == (1, 1)
+
+
+def test_auto_samplers_overlap_starts_enough_to_keep_the_learner_busy():
+    cfg = load_config("sd35m-combined", ["runtime.num_samplers=auto", "runtime.overlap=true", "runtime.num_learners=2"])
+    # a = 864 / 0.6 = 1,440 s; train(2) = (864 / 2.0 - k) / 2 + k with k = 4 x 2 x 75,104,256 B / 25 GB/s = 24 ms
+    k = 4 * 2 * 75_104_256 / 25e9
+    train = (432.0 - k) / 2 + k
+    assert 1440 / train == pytest.approx(6.6663, abs=1e-4)          # -> 7 samplers keep 2 learner ranks busy
+    # room: 16 GPUs - 2 learner ranks - 1 reward actor = 13; the pool may grow there when the learner waits
+    start, ceiling, why = auto_samplers(cfg, {"GPU": 16.0}, Rates(0.6, 2.0))
+    assert (start, ceiling) == (7, 13) and "-> 7 keep 2 learner rank(s) busy" in why
+    assert auto_samplers(cfg, {"GPU": 6.0}, Rates(0.6, 2.0))[:2] == (3, 3)      # room for 3 only
+    # CPU actors (no GPU asked): the unit is a CPU; tiny-cpu: 1 CPU per sampler and learner, 0.5 per reward actor
+    tiny = load_config("tiny-cpu", ["runtime.num_samplers=auto"])
+    assert sampler_room(tiny.runtime, {"CPU": 8.0}, learners=1, rewards=1) == (
+        6, "8 CPUs - 1.5 for 1 learner rank(s) and 1 reward actor(s) = 6.5, / 1 per sampler = 6")
