@@ -64,9 +64,11 @@ def test_two_ranks_make_the_update_of_one_learner_on_the_same_rows(batch):
     assert all(torch.equal(w_a[k], w_b[k]) for k in w_a)
     assert ranks[0].weights_info() == ranks[1].weights_info()
     # ... and equal the single learner's weights up to the order of float sums (AdamW divides each gradient by its
-    # own size, so summation-order differences in near-zero components show: bounded by 1e-4 of the steps taken)
+    # own size, so summation-order differences in near-zero components show, by how much depends on the CPU's
+    # vector kernels: 6.8e-6 of a 0.040 move on one, under 4e-6 on another): bounded by 1e-3 of the steps taken; rows
+    # trained twice or left out would differ by the order of the move itself, a mis-scaled sum shows in grad_norm
     moved = max(float((w1[k] - start[k]).abs().max()) for k in w1)
-    assert moved > 0.01 and max(float((w_a[k] - w1[k]).abs().max()) for k in w1) < 1e-4 * moved
+    assert moved > 0.01 and max(float((w_a[k] - w1[k]).abs().max()) for k in w1) < 1e-3 * moved
     assert outs[0]["learner/grad_norm"] == pytest.approx(single["learner/grad_norm"], rel=1e-5)
     # the epoch's metrics cover every rank's rows: each rank reports the single learner's numbers
     for key in ("learner/loss", "learner/clip_frac", "learner/policy_lag_mean", "learner/rows"):
