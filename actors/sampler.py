@@ -94,7 +94,8 @@ class Sampler:
         t0 = time.perf_counter()
         common = dict(cond=self.prompts(prompts),           # encoded as the learner encodes them
                       num_steps=self.cfg.num_steps, guidance_scale=self.cfg.guidance_scale,
-                      record_dtype=DTYPES[self.cfg.record_dtype], precision=self.precision)
+                      record_dtype=DTYPES[self.cfg.record_dtype], precision=self.precision,
+                      noise_device=self.cfg.noise_device)
         if self.grpo is None:
             traj = sample_pairs(self.model, prompts, seeds, gamma=self.cfg.gamma, **common)
         else:

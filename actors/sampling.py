@@ -19,7 +19,17 @@ from typing import Sequence
 import torch
 
 from models.adapter import FlowModel, PromptEmbeds
-from models.device import autocast
+from models.device import HostCopies, autocast, to_device
+from models.euler import noise_generator, seed_noise
+
+NOISE_DEVICES = ("host", "device")
+
+
+def noise_device_of(noise_device: str, model_device: torch.device) -> torch.device:
+    """``sampling.noise_device`` -> where the per-seed generators draw: the CPU ("host") or the model's device."""
+    if noise_device not in NOISE_DEVICES:
+        raise ValueError(f"sampling.noise_device must be one of {NOISE_DEVICES}, got {noise_device!r}")
+    return torch.device("cpu") if noise_device == "host" else torch.device(model_device)
 
 
 def churn_start(eps: torch.Tensor, n: torch.Tensor, gamma: float) -> torch.Tensor:
@@ -64,6 +74,7 @@ def sample_pairs(
     cond: PromptEmbeds | None = None,
     record_dtype: torch.dtype = torch.float32,
     precision: str = "fp32",
+    noise_device: str = "host",
 ) -> PairTrajectory:
     """Sample one pair per prompt; pair p uses only ``seeds[p]`` for its noise, so it does not depend on batching.
 
@@ -71,6 +82,9 @@ def sample_pairs(
     step (to sigma 0) has no churn. Both branches of all prompts run as one batch of 2P. ``precision``: the
     learner's ``train.precision``, so the recorded v is computed under the same autocast as the learner's v_theta;
     and v is computed at the state as recorded (x in ``record_dtype``), the input the learner will see.
+    ``noise_device`` (``sampling.noise_device``): "host" draws each seed's noise on the CPU, "device" on the model's
+    device (no copies; on a CPU the same numbers). On CUDA the host never waits inside the step loop: the recorded
+    x and v are copied into pinned memory as they come (``HostCopies``) and waited for once.
     """
     if len(prompts) != len(seeds):
         raise ValueError(f"{len(prompts)} prompts but {len(seeds)} seeds: pass one seed per prompt")
@@ -82,35 +96,31 @@ def sample_pairs(
     device = model.device
     sigmas = model.sigmas(num_steps)
     # All noise for pair p from one generator: eps, n_1, n_2 at the start, then n for each branch per step.
-    noise = []
-    for s in seeds:
-        g = torch.Generator().manual_seed(int(s))
-        noise.append(torch.randn((2 * num_steps + 1, C, H, W), generator=g))
-    noise = torch.stack(noise)                              # [P, 2N + 1, C, H, W]
+    noise = seed_noise(seeds, (2 * num_steps + 1, C, H, W), noise_device_of(noise_device, device))  # [P, 2N+1, C, H, W]
     eps = noise[:, 0]                                       # [P, C, H, W]
     churn = noise[:, 1:].view(P, num_steps, 2, C, H, W)     # [P, N, 2, C, H, W]; churn[:, 0] starts the branches
     x = churn_start(eps[:, None], churn[:, 0], gamma)       # [P, 2, C, H, W]
-    x = x.reshape(2 * P, C, H, W).to(device)
+    x = to_device(x.reshape(2 * P, C, H, W), device)
     if cond is None:
         cond = model.encode_prompts(list(prompts))
     cond2 = cond.repeat(2)                                  # [2P, ...], branches of a prompt adjacent
-    xs, vs = [], []
+    xs, vs = HostCopies(device), HostCopies(device)
     for i in range(num_steps):
         t, s = float(sigmas[i]), float(sigmas[i + 1])
         x_rec = x.to(record_dtype)                          # the state as the learner will read it
         with autocast(device, precision):
             v = model.velocity(x_rec, torch.tensor(t), cond2, guidance_scale)
-        xs.append(x_rec.cpu())
-        vs.append(v.to(record_dtype).cpu())
+        xs.add(x_rec)
+        vs.add(v.to(record_dtype))
         last = i == num_steps - 1
         g_i = 0.0 if last else gamma
         # fresh churn noise for the step into sigmas[i + 1]; the start noise used churn[:, 0]
-        n = None if last else churn[:, i + 1].reshape(2 * P, C, H, W).to(device)
+        n = None if last else to_device(churn[:, i + 1].reshape(2 * P, C, H, W), device)
         x = churn_step(x.float(), v, t, s, g_i, n)
     shape = (P, 2, num_steps, C, H, W)
     return PairTrajectory(
-        xs=torch.stack(xs, 1).view(shape),
-        vs=torch.stack(vs, 1).view(shape),
+        xs=xs.stack(1).view(shape),
+        vs=vs.stack(1).view(shape),
         sigmas=sigmas,
         x_final=x.float().cpu().view(P, 2, C, H, W),
         seeds=[int(s) for s in seeds],
@@ -147,7 +157,7 @@ def sde_window(num_steps: int, window: int, window_range: int | None, generator:
     if not 1 <= window <= hi <= num_steps:
         raise ValueError(f"grpo.sde_window = {window} must lie in [1, grpo.sde_window_range = {hi}] and the range in "
                          f"[window, sampling.num_steps = {num_steps}]")
-    start = int(torch.randint(0, hi - window + 1, (1,), generator=generator))
+    start = int(torch.randint(0, hi - window + 1, (1,), generator=generator, device=generator.device))
     return range(start, start + window)
 
 
@@ -165,12 +175,14 @@ def sample_groups(
     cond: PromptEmbeds | None = None,
     record_dtype: torch.dtype = torch.float32,
     precision: str = "fp32",
+    noise_device: str = "host",
 ) -> GroupTrajectory:
     """Sample G = ``group_size`` images per prompt with Flow-GRPO's SDE (``learner.flow_grpo.sde_step``, noise level
     ``noise_level``) on the window's steps and the ODE's Euler step elsewhere; group p draws everything (its window,
     start noise, step noise) from ``seeds[p]`` alone. A recorded x_next is rounded to ``record_dtype`` and the
     trajectory continues from it, and its log-probability is of that rounded state: the learner, scoring the
-    recorded step with the same weights and numerics, gets the same log p (ratio 1 at lag 0)."""
+    recorded step with the same weights and numerics, gets the same log p (ratio 1 at lag 0). ``noise_device`` and
+    the host copies: as in ``sample_pairs``."""
     from learner.flow_grpo import sde_step
 
     if len(prompts) != len(seeds):
@@ -180,16 +192,17 @@ def sample_groups(
     P, G, (C, H, W) = len(prompts), group_size, model.latent_shape
     device, sigmas = model.device, model.sigmas(num_steps)
     sigma_max = float(sigmas[1])
-    windows, noise = [], []
+    windows, noise, on_device = [], [], noise_device_of(noise_device, device)
     for s in seeds:
-        g = torch.Generator().manual_seed(int(s))
+        g = noise_generator(s, on_device)
         windows.append(sde_window(num_steps, window, window_range, g))
-        noise.append(torch.randn((num_steps + 1, G, C, H, W), generator=g))
+        noise.append(torch.randn((num_steps + 1, G, C, H, W), generator=g, device=on_device))
     noise = torch.stack(noise)                                  # [P, N + 1, G, C, H, W]; [:, 0] starts the trajectories
-    x = noise[:, 0].reshape(P * G, C, H, W).to(device)
+    x = to_device(noise[:, 0].reshape(P * G, C, H, W), device)
     cond = (model.encode_prompts(list(prompts)) if cond is None else cond).repeat(G)   # members of a group adjacent
     sde = torch.tensor([[i in w for w in windows] for i in range(num_steps)])           # [N, P]: SDE step of group p?
-    xs, x_next, log_probs = [], [], []
+    sde_on = to_device(sde.repeat_interleave(G, 1).view(num_steps, P * G, 1, 1, 1), device)  # [N, PG, 1, 1, 1]
+    xs, x_next, log_probs = HostCopies(device), HostCopies(device), HostCopies(device)
     for i in range(num_steps):
         t, s = float(sigmas[i]), float(sigmas[i + 1])
         x_rec = x.to(record_dtype)
@@ -198,15 +211,15 @@ def sample_groups(
         if not sde[i].any():
             x = x_rec.float() + (s - t) * v                     # the ODE's Euler step
             continue
-        step = sde_step(x_rec, v, t, s, noise_level, sigma_max, noise=noise[:, i + 1].reshape(P * G, C, H, W))
+        n = to_device(noise[:, i + 1].reshape(P * G, C, H, W), device)
+        step = sde_step(x_rec, v, t, s, noise_level, sigma_max, noise=n)
         nxt = step.x_next.to(record_dtype)
         scored = sde_step(x_rec, v, t, s, noise_level, sigma_max, x_next=nxt)          # log p of the recorded state
         ode = x_rec.float() + (s - t) * v
-        on = sde[i].repeat_interleave(G).view(-1, 1, 1, 1).to(device)
-        x = torch.where(on, nxt.float(), ode)
-        xs.append(x_rec.cpu())
-        x_next.append(nxt.cpu())
-        log_probs.append(scored.log_prob.cpu())
+        x = torch.where(sde_on[i], nxt.float(), ode)
+        xs.add(x_rec)
+        x_next.add(nxt)
+        log_probs.add(scored.log_prob)
     # every group records the same number of steps; gather each group's own from the steps any group took
     taken = [i for i in range(num_steps) if sde[i].any()]
     pick = torch.tensor([[taken.index(i) for i in w] for w in windows])                # [P, W]
@@ -214,7 +227,7 @@ def sample_groups(
     take = lambda t: torch.stack([shape(t)[p, pick[p]] for p in range(P)]).transpose(1, 2)  # noqa: E731  [P, G, W, ...]
     steps = torch.tensor([list(w) for w in windows])
     return GroupTrajectory(
-        xs=take(torch.stack(xs)), x_next=take(torch.stack(x_next)), log_probs=take(torch.stack(log_probs)),
+        xs=take(xs.stack()), x_next=take(x_next.stack()), log_probs=take(log_probs.stack()),
         steps=steps, sigmas=sigmas[steps].float(), sigmas_next=sigmas[steps + 1].float(),
         x_final=x.float().cpu().view(P, G, C, H, W), seeds=[int(s) for s in seeds], sigma_max=sigma_max,
     )

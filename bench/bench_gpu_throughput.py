@@ -53,6 +53,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from models.device import ATTENTION_BACKENDS, COMPILE_MODES, apply_compile, attention, check_attention
 from models.lora import LORA_TARGET_MODULES, add_lora, lora_module_names
 
 # stabilityai/stable-diffusion-3.5-medium, transformer/config.json (MMDiT-X: dual attention in blocks 0-12, qk RMSNorm)
@@ -130,16 +131,6 @@ def build_transformer(config: dict, device: torch.device, dtype: torch.dtype, lo
     torch.nn.Module.to(model, dtype)  # (ModelMixin.to warns about from_pretrained's keep-in-fp32 rule: none here)
     add_lora(model, rank=lora_rank, alpha=2.0 * lora_rank, target_modules=LORA_TARGET_MODULES)
     return model
-
-
-def compile_blocks(model, mode: str, backend: str) -> None:
-    """``regional``: ``torch.compile`` each transformer block (same code, compiled once, reused 24 times);
-    ``full``: the whole model; ``none``: eager."""
-    if mode == "regional":
-        for block in model.transformer_blocks:
-            block.compile(backend=backend, dynamic=False)
-    elif mode == "full":
-        model.compile(backend=backend, dynamic=False)
 
 
 def inputs(config: dict, batch: int, latent_size: int, text_tokens: int, device, dtype) -> dict:
@@ -229,11 +220,12 @@ def measure(args, device: torch.device) -> dict:
     dtype = torch.float32 if smoke else torch.bfloat16
     flops = flop_count(config, latent, text_tokens, args.lora_rank)
     fwd, bwd = flops["forward"]["total"], flops["backward"]["total"]
+    check_attention(args.sdpa, device, setting="--sdpa")
     model = build_transformer(config, device, dtype, args.lora_rank)
-    compile_blocks(model, args.compile, args.compile_backend)
-    sdpa = _sdpa_context(args.sdpa)
+    # the product's switches (model.compile, model.attention), applied by the same code as cluster.build.build_model
+    apply_compile(model, args.compile, backend=args.compile_backend, dynamic=False)
     samplers, learners = [], []
-    with sdpa:
+    with attention(args.sdpa):
         for b in args.sampler_batch:
             x = inputs(config, b, latent, text_tokens, device, dtype)
             try:
@@ -251,16 +243,6 @@ def measure(args, device: torch.device) -> dict:
                 model.zero_grad(set_to_none=True)
                 learners.append(_out_of_memory(e, micro_batch_rows=m))
     return _report(args, device, config, latent, text_tokens, model, flops, samplers, learners)
-
-
-def _sdpa_context(name: str):
-    if name == "auto":
-        return nullcontext()
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-
-    backend = {"flash": SDPBackend.FLASH_ATTENTION, "efficient": SDPBackend.EFFICIENT_ATTENTION,
-               "cudnn": SDPBackend.CUDNN_ATTENTION, "math": SDPBackend.MATH}[name]
-    return sdpa_kernel([backend])
 
 
 def _best(rows: list[dict]) -> float | None:
@@ -303,10 +285,11 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="(branch, step) rows per forward/backward (the presets' train.micro_batch_rows: 32)")
     p.add_argument("--precision", choices=("bf16", "fp16", "fp32"), default="bf16",
                    help="CUDA autocast dtype over the bf16 weights (fp16: the reference's)")
-    p.add_argument("--compile", choices=("none", "regional", "full"), default="none")
+    p.add_argument("--compile", choices=COMPILE_MODES, default="off",
+                   help="torch.compile of the transformer, as model.compile (regional: each block)")
     p.add_argument("--compile-backend", default="inductor", help="torch.compile backend (eager: trace only)")
-    p.add_argument("--sdpa", choices=("auto", "flash", "efficient", "cudnn", "math"), default="auto",
-                   help="scaled_dot_product_attention backend (auto: PyTorch's choice)")
+    p.add_argument("--sdpa", choices=tuple(ATTENTION_BACKENDS), default="auto",
+                   help="scaled_dot_product_attention backend, as model.attention (auto: PyTorch's choice)")
     p.add_argument("--lora-rank", type=int, default=None, help="LoRA rank (default 32, the reference's; smoke 4)")
     p.add_argument("--repeats", type=int, default=None, help="timed sampler runs after a warm-up (default 3; smoke 1)")
     p.add_argument("--iters", type=int, default=None, help="timed learner micro-batches (default 10; smoke 2)")

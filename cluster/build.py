@@ -4,17 +4,19 @@ Usage::
 
     check_run(cfg)                            # rewards, metrics and model files: fails fast with the fix named
     model = build_model(cfg.model)            # a FlowModel (the frozen weights; what trains is set by the roles)
+    model = build_model(cfg.model, role="learner")    # the learner's: no VAE, text encoders per model.learner_encoders
     reward = make_reward(cfg.reward)          # CombinedReward: the weighted sum, raw components kept
     scorers = metric_scorers(cfg.eval)        # eval.metrics scorers, built once per process
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
 from models.adapter import FlowModel, SD3Adapter
-from models.device import DTYPES, pick_device
+from models.device import DTYPES, apply_compile, check_attention, pick_device
 
 
 def _pretrained(adapter, model_cfg):
@@ -23,8 +25,33 @@ def _pretrained(adapter, model_cfg):
                                    resolution=model_cfg.resolution, max_sequence_length=model_cfg.max_sequence_length)
 
 
-def build_model(model_cfg) -> FlowModel:
-    """model_cfg: ``cluster.config.ModelConfig``. The frozen weights load here; LoRA is added by the roles."""
+ROLES = ("sampler", "learner")  # build_model's roles: samplers and evaluation keep every component on the device
+TINY_KINDS = ("sd3_tiny", "flux_tiny")  # random offline models: built on the CPU whatever model.device says
+
+
+def build_model(model_cfg, role: str = "sampler") -> FlowModel:
+    """model_cfg: ``cluster.config.ModelConfig``. The frozen weights load here; LoRA is added by the roles. role:
+    "sampler" (samplers, evaluation: every component on ``model.device``) or "learner": loaded on the CPU, then
+    placed by ``for_learner`` (the transformer on the device, the text encoders where ``model.learner_encoders``
+    says, the VAE released), so T5 and the VAE never reach the learner's GPU unless asked."""
+    if role not in ROLES:
+        raise ValueError(f"build_model role must be one of {ROLES}, got {role!r}")
+    device = "cpu" if model_cfg.kind in TINY_KINDS else pick_device(model_cfg.device)
+    check_attention(model_cfg.attention, device)        # before anything loads
+    if role == "learner":
+        model = _load_model(dataclasses.replace(model_cfg, device="cpu"))
+        model = model.for_learner(model_cfg.learner_encoders, device=device)
+    else:
+        model = _load_model(model_cfg)
+    # the GPU switches, one place for every kind and role: the SDPA backend of every transformer call (the adapter's)
+    # and torch.compile of the transformer (at its first call, so LoRA added by the roles is compiled with it)
+    model.attention = model_cfg.attention
+    apply_compile(model.transformer, model_cfg.compile)
+    return model
+
+
+def _load_model(model_cfg) -> FlowModel:
+    """The adapter of ``model.kind`` with its frozen weights, every component on ``model.device``."""
     if model_cfg.kind == "sd3_tiny":
         return SD3Adapter.tiny(seed=model_cfg.seed)
     if model_cfg.kind == "shapes":

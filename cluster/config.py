@@ -39,6 +39,9 @@ class ModelConfig:
     resolution: int = 512  # image height and width (kinds sd3, flux)
     max_sequence_length: int = 128  # T5 tokens (kinds sd3, flux; the reference's 128; FLUX's pipeline: 512, at most 512)
     seed: int = 0  # weight seed of the random tiny model (kinds sd3_tiny, flux_tiny)
+    learner_encoders: Literal["device", "offload", "cpu"] = "offload"  # where the learner keeps the text encoders (it never holds the VAE): offload = in CPU memory, on its GPU only while encoding prompts not yet cached (one copy each way per epoch's new prompts; the samplers' bits); device = on its GPU all along; cpu = encode on the CPU (slow for T5-XXL, no GPU memory; CPU kernels round differently from the samplers', so log rho at lag 0 is no longer exactly 0)
+    compile: Literal["off", "regional", "full"] = "off"  # torch.compile of the transformer: regional = each transformer block (one block's compile time, reused by every identical block), full = the whole transformer (longer compile, may fuse more); off = eager
+    attention: Literal["auto", "flash", "efficient", "cudnn", "math"] = "auto"  # the SDPA backend forced around every transformer forward (and its recompute); auto = torch's choice; efficient and cudnn are CUDA kernels
 
 
 @dataclass(frozen=True)
@@ -58,6 +61,7 @@ class SamplingConfig:
     guidance_scale: float = 1.0  # CFG weight w; 1.0 = no CFG; inference must use the same w
     pairs_per_call: int = 4  # pairs a sampler generates per batched call (flow_grpo: groups)
     record_dtype: Literal["float32", "bfloat16", "float16"] = "float32"  # dtype of x_i, v_i in the Arrow batch
+    noise_device: Literal["host", "device"] = "host"  # where a sampler draws its per-seed noise: host = a CPU generator per seed (the same numbers on every device), device = a generator per seed on the model's device (no copy; on a GPU other numbers, still a function of the seed; on CPU the same); evaluation always draws on the host
 
 
 @dataclass(frozen=True)
@@ -112,8 +116,9 @@ class RuntimeConfig:
     local: bool = False  # True = one process, no Ray (debug mode: breakpoint() works)
     address: str | None = None  # Ray address; None = RAY_ADDRESS or a running cluster if any, else a new local one; "local" = always a new local one
     overlap: bool = False  # false = lock-step, as the reference: sample an epoch with the current weights, then train it (bench_time_to_reward: as much gain per pair as the in-process loop); true = keep sampling while the learner trains, within train.max_policy_lag
-    num_samplers: int = 1  # sampler actors at start (min of the pool)
+    num_samplers: int | Literal["auto"] = 1  # sampler actors at start (min of the pool); auto = from the cluster's resources at start: lock-step all that fit beside the learner ranks and the reward pool, overlap enough to keep the learner busy at runtime.throughput's rates (cluster/plan.py auto_samplers; the run logs the arithmetic)
     max_samplers: int | None = None  # autoscaling ceiling for samplers; None = num_samplers
+    throughput: str | None = None  # bench/bench_gpu_throughput.py's JSON (images/s per sampler GPU and learner rank) for num_samplers auto; None = the reference's 0.50 images/GPU-s split 40 : 92
     num_reward_actors: int = 1  # reward actors (or Serve replicas, the pool's minimum), each serving the whole weighted sum
     max_reward_actors: int | None = None  # the reward pool's ceiling; above num_reward_actors the pool is a Ray Serve deployment whose replicas follow its queue (cluster/serving.py); None = num_reward_actors
     reward_backend: Literal["auto", "actors", "serve"] = "auto"  # auto: Serve when max_reward_actors > num_reward_actors, else plain actors (requests spread by pair id)

@@ -33,7 +33,7 @@ def run_local(cfg: RunConfig, resume: bool = False) -> dict:
     reward = make_reward(cfg.reward)
     sampler = Sampler(partial(build_model, cfg.model), cfg.sampling, cfg.lora, precision=cfg.train.precision,
                       grpo=grpo_of(cfg))
-    learner = Learner(partial(build_model, cfg.model), cfg.train, Batching.of(cfg), cfg.lora, seed=cfg.seed,
+    learner = Learner(partial(build_model, cfg.model, role="learner"), cfg.train, Batching.of(cfg), cfg.lora, seed=cfg.seed,
                       grpo=grpo_of(cfg))
     book = Book(cfg, resume=resume,
                 evaluate=lambda png: heldout_reward(cfg, sampler.generate, reward.score, png),

@@ -32,6 +32,7 @@ import os
 
 os.environ.setdefault("RAY_AUTH_MODE", "token")  # must precede `import ray`
 
+import dataclasses
 import json
 import logging
 import time
@@ -47,6 +48,7 @@ from cluster.build import build_model, check_run, reward_specs
 from cluster.config import Batching, RunConfig, grpo_of, learner_sharding, to_dict
 from cluster.evaluate import heldout_reward
 from cluster.pipeline import Book, check_proof, deferred_interrupts, setup_process
+from cluster.plan import Rates, auto_samplers, load_rates
 from cluster.serving import RewardService, check_reward_pool, uses_serve
 from learner.collective import LearnerGroupBroken
 from learner.learner import Learner, finite_mean
@@ -329,9 +331,9 @@ def _learner_actor(cfg: RunConfig, index: int = 0, rank: int = 0):
         ray.remote(Learner)
         .options(name=name, num_cpus=rt.learner_num_cpus, num_gpus=rt.learner_num_gpus,
                  resources=dict(rt.learner_resources), scheduling_strategy="SPREAD", max_restarts=0)
-        .remote(model=partial(build_model, cfg.model), train=cfg.train, batching=Batching.of(cfg), lora=cfg.lora,
+        .remote(model=partial(build_model, cfg.model, role="learner"), train=cfg.train, batching=Batching.of(cfg), lora=cfg.lora,
                 seed=cfg.seed, threads=actor_threads(rt, rt.learner_num_cpus), rank=rank, world_size=rt.num_learners,
-                grpo=grpo_of(cfg), sharding=learner_sharding(cfg))
+                grpo=grpo_of(cfg), sharding=learner_sharding(cfg), reuse_snapshots=True)
     )
 
 
@@ -377,20 +379,45 @@ def _sampler_actor(cfg: RunConfig, index: int):
     )
 
 
+def check_sampler_count(rt) -> Rates | None:
+    """The sampler pool's bounds, checked before anything starts; for ``num_samplers: auto`` the per-role rates it
+    will be resolved with (``runtime.throughput``'s, else the reference's)."""
+    if rt.num_samplers == "auto":
+        if rt.max_samplers is not None and rt.max_samplers < 1:
+            raise ValueError(f"runtime.max_samplers must be >= 1, got {rt.max_samplers}")
+        return load_rates(rt.throughput)
+    if rt.throughput is not None:
+        raise ValueError(f"runtime.throughput ({rt.throughput}) is read only by runtime.num_samplers=auto, but "
+                         f"num_samplers is {rt.num_samplers}: set num_samplers=auto or drop runtime.throughput")
+    max_samplers = rt.max_samplers or rt.num_samplers
+    if not 1 <= rt.num_samplers <= max_samplers:
+        raise ValueError(f"need 1 <= runtime.num_samplers ({rt.num_samplers}) <= runtime.max_samplers ({max_samplers})")
+    return None
+
+
+def with_auto_samplers(cfg: RunConfig, resources: dict, rates: Rates) -> RunConfig:
+    """``cfg`` with ``runtime.num_samplers: auto`` resolved on the cluster as it is now (``auto_samplers``); logged."""
+    start, ceiling, why = auto_samplers(cfg, resources, rates)
+    log.info("runtime.num_samplers=auto: %d sampler(s) at start, up to %d: %s", start, ceiling, why)
+    return dataclasses.replace(cfg, runtime=dataclasses.replace(cfg.runtime, num_samplers=start, max_samplers=ceiling))
+
+
 def run_ray(cfg: RunConfig, resume: bool = False) -> dict:
     """Train through Ray actors until ``train.epochs`` epochs are done; returns history, ledger and paths."""
     setup_process(cfg)
     check_run(cfg)                                     # a bad reward or model config fails before any actor starts
     rt = cfg.runtime
-    max_samplers = rt.max_samplers or rt.num_samplers
-    if not 1 <= rt.num_samplers <= max_samplers:
-        raise ValueError(f"need 1 <= runtime.num_samplers ({rt.num_samplers}) <= runtime.max_samplers ({max_samplers})")
+    rates = check_sampler_count(rt)
     check_reward_pool(rt)
     if rt.num_learners < 1:
         raise ValueError(f"runtime.num_learners must be >= 1, got {rt.num_learners}")
     max_rewards = rt.max_reward_actors or rt.num_reward_actors
-    started = connect(rt, max_samplers * rt.sampler_num_cpus + max_rewards * rt.reward_num_cpus
+    samplers = 1 if rt.num_samplers == "auto" else (rt.max_samplers or rt.num_samplers)
+    started = connect(rt, samplers * rt.sampler_num_cpus + max_rewards * rt.reward_num_cpus
                       + rt.num_learners * rt.learner_num_cpus)
+    if rt.num_samplers == "auto":
+        cfg = with_auto_samplers(cfg, ray.cluster_resources(), rates)
+        rt = cfg.runtime
     await_resources(rt, can_scale=not started)
     run = RayRun(cfg, resume)
     try:

@@ -33,6 +33,7 @@ import copy
 import logging
 import math
 import time
+import weakref
 
 import pyarrow as pa
 import torch
@@ -50,7 +51,7 @@ from learner.sharded import (
 )
 from learner.weights import Weights, checksum
 from models.adapter import PromptCache
-from models.device import autocast, grad_scaler
+from models.device import autocast, grad_scaler, to_device
 from models.lora import make_trainable, trainable
 
 log = logging.getLogger("fdfo")
@@ -82,7 +83,7 @@ def finite_mean(values: list) -> float:
 
 class Learner:
     def __init__(self, model, train, batching, lora=None, seed: int = 0, threads: int | None = None, rank: int = 0,
-                 world_size: int = 1, grpo=None, sharding: str = "replicate"):
+                 world_size: int = 1, grpo=None, sharding: str = "replicate", reuse_snapshots: bool = False):
         """model: a FlowModel, or a zero-argument callable that builds one (so a Ray actor loads it on its own
         device); train: ``TrainConfig`` (optimizer, loss); batching: ``Batching`` (which rows make each update);
         lora: ``LoraSettings`` or None (full fine-tuning); threads: torch intra-op threads of this process (None =
@@ -91,7 +92,10 @@ class Learner:
         of its share of every update's rows and the group sums them, so M ranks take one learner's step; grpo:
         ``GrpoConfig`` when ``train.algorithm`` is flow_grpo (``cluster.config.grpo_of``), else None; sharding: how
         a group of ranks holds the weights (``cluster.config.learner_sharding``): "replicate" (every rank all of them)
-        or "fsdp" (full fine-tuning sharded over the ranks when ``join_learner_group`` forms the group)."""
+        or "fsdp" (full fine-tuning sharded over the ranks when ``join_learner_group`` forms the group);
+        reuse_snapshots: pack each published snapshot into the previous one's buffer once that ``Weights`` is gone
+        (no allocation: its first touch costs more than the copy) — for a Ray actor, whose results Ray stores as the
+        call returns; a caller that keeps snapshots' tensors leaves it off."""
         if sharding not in ("replicate", "fsdp"):
             raise ValueError(f"sharding must be 'replicate' or 'fsdp', got {sharding!r}")
         if (grpo is not None) != (train.algorithm == "flow_grpo"):
@@ -131,8 +135,13 @@ class Learner:
         self.sharding = sharding
         self._dtype = self.params[0].dtype if self.params else torch.float32   # the trained weights' (published) dtype
         self._gathered: tuple[dict, str] | None = None     # fsdp: the full trainable tensors and their checksum
+        self.reuse_snapshots = reuse_snapshots
+        self._snapshot_buffer: torch.Tensor | None = None
+        self._last_snapshot: weakref.ref | None = None     # the last published Weights (its buffer is reused once it is gone)
         self._epoch: dict | None = None                     # the epoch being updated (begin_epoch .. last update)
         self.prompts = PromptCache(model)                # embeddings per prompt, never shipped in batches
+        if rank == 0:
+            log.info("learner model placement: %s", self.placement())
 
     # -- helpers -------------------------------------------------------------------------------------------
     def _adamw(self, params: list[torch.Tensor]) -> torch.optim.AdamW:
@@ -199,6 +208,7 @@ class Learner:
             raise ValueError("one epoch mixes guidance scales; sampling.guidance_scale must be the same on every sampler")
         if self.grpo is not None and self.grpo.global_std:     # Flow-GRPO's SD3 settings: the epoch's std
             tb.advantage = group_advantages(tb.reward, tb.group_id, global_std=True)
+        self.prompts.prefetch([tb.prompt[j] for j in keep.tolist()])    # new prompts: one encoder window
         g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.version)
         updates = self.batching.plan(len(keep) * tb.x.shape[1], g)     # row indices of each update
         self._epoch = {"tb": tb, "keep": keep, "w": w, "updates": updates, "rows": sum(len(r) for r in updates),
@@ -225,7 +235,7 @@ class Learner:
         version, digest = self.weights_info()
         out = {"learner/version": version, "checksum": digest}
         t_publish = time.perf_counter()
-        weights = Weights.of(self._published()[0], version, digest) if publish else None
+        weights = self._snapshot(version, digest) if publish else None
         out["perf/publish_s"] = time.perf_counter() - t_publish
         ep["seconds"] += t_publish - t0
         if not ep["updates"]:                               # the epoch's last step: its metrics
@@ -256,18 +266,32 @@ class Learner:
                   for part in torch.tensor_split(rows, self.world_size)]
         mine = shares[self.rank]
         pad = max(map(len, shares)) - len(mine) if self.sharding == "fsdp" else 0
+        metrics = []                                        # (share, metrics) of each micro-batch, read after the loop
         for i, mb in enumerate(mine + [rows[:1]] * pad):
             loss, m, lag = self._micro_loss(ep, mb)
             share = len(mb) / len(rows) if i < len(mine) else 0.0     # of the update's rows (over every rank's)
             self.scaler.scale(loss * share).backward()
             if i >= len(mine):
                 continue                                    # padding: no rows, no metrics
+            # lag is on the host (versions): reading it does not wait for the device
             ep["lag_sum"], ep["lag_max"] = ep["lag_sum"] + float(lag.sum()), max(ep["lag_max"], int(lag.max()))
-            for k, val in m.items():
+            metrics.append((share, m))
+        self._add_metrics(ep, metrics)
+
+    def _add_metrics(self, ep: dict, metrics: list) -> None:
+        """The micro-batches' metrics (0-dim tensors on the device) into the epoch's running sums, in micro-batch order
+        and with the same float arithmetic as reading each at once, but read from the device together: one host sync
+        per update, none per micro-batch."""
+        if not metrics:
+            return
+        values = iter(torch.stack([v.detach().double() for _, m in metrics for v in m.values()]).tolist())
+        for share, m in metrics:
+            for k in m:
+                val = next(values)
                 if k == "log_rho_abs_max":
-                    ep["sums"][k] = max(ep["sums"].get(k, 0.0), float(val))
+                    ep["sums"][k] = max(ep["sums"].get(k, 0.0), val)
                 else:
-                    ep["sums"][k] = ep["sums"].get(k, 0.0) + float(val) * share / self.batching.updates_per_epoch
+                    ep["sums"][k] = ep["sums"].get(k, 0.0) + val * share / self.batching.updates_per_epoch
 
     def _micro_loss(self, ep: dict, mb: torch.Tensor) -> tuple[torch.Tensor, dict, torch.Tensor]:
         """The run's algorithm on one micro-batch of rows ``mb``: (loss, its metrics, each row's lag [B])."""
@@ -286,25 +310,28 @@ class Learner:
         W = tb.x.shape[1]
         r, i = ep["keep"][mb // W], mb % W                  # row of the table, recorded step
         cond = self.prompts([tb.prompt[j] for j in r.tolist()])
-        x, x_next = tb.x[r, i].to(dev), tb.x_next[r, i].to(dev)
-        sigma, sigma_next, sigma_max = tb.sigmas[r, i].to(dev), tb.sigmas_next[r, i].to(dev), float(tb.sigma_max[r[0]])
+        x, x_next = to_device(tb.x[r, i], dev), to_device(tb.x_next[r, i], dev)
+        sigma, sigma_next = to_device(tb.sigmas[r, i], dev), to_device(tb.sigmas_next[r, i], dev)
+        sigma_max = float(tb.sigma_max[r[0]])
         with autocast(dev, self.cfg.precision):
             v_theta = self.model.velocity(x, sigma, cond, w)
             v_base = self._base_velocity(x, sigma, cond, w) if self.cfg.kl_weight > 0 else None
         step = sde_step(x, v_theta, sigma, sigma_next, g.noise_level, sigma_max, x_next=x_next)
         base = None if v_base is None else sde_step(x, v_base, sigma, sigma_next, g.noise_level, sigma_max, x_next=x_next)
-        loss, m = grpo_loss(step.log_prob, tb.log_prob[r, i].to(dev), tb.advantage[r].to(dev), g.clip_range,
+        old_log_prob, advantage = to_device(tb.log_prob[r, i], dev), to_device(tb.advantage[r], dev)
+        loss, m = grpo_loss(step.log_prob, old_log_prob, advantage, g.clip_range,
                             g.adv_clip_max, step.mean, None if base is None else base.mean, step.std, self.cfg.kl_weight)
         return loss, m, self.version - tb.policy_version[r]
 
     def _rows(self, tb, keep: torch.Tensor, mb: torch.Tensor):
         """One micro-batch of (branch, step) rows ``mb`` (indices into kept rows x steps) on the learner's device:
-        x, v [B, C, H, W], sigma [B], d [B, C, H, W], dR [B], the prompts' conditioning, and each row's lag [B]."""
+        x, v [B, C, H, W], sigma [B], d [B, C, H, W], dR [B], the prompts' conditioning, and each row's lag [B] (on
+        the host). To a GPU the rows go through pinned memory without a host sync (``to_device``)."""
         N, dev = tb.x.shape[1], self.model.device
         r, i = keep[mb // N], mb % N                    # row of the table, step index
         cond = self.prompts([tb.prompt[j] for j in r.tolist()])
-        return (tb.x[r, i].to(dev), tb.v[r, i].to(dev), tb.sigmas[r, i].to(dev), tb.d[r].to(dev), tb.dR[r].to(dev),
-                cond, self.version - tb.policy_version[r])
+        x, v, sigma, d, dR = (to_device(t, dev) for t in (tb.x[r, i], tb.v[r, i], tb.sigmas[r, i], tb.d[r], tb.dR[r]))
+        return x, v, sigma, d, dR, cond, self.version - tb.policy_version[r]
 
     def _step(self) -> float:
         """Unscale (fp16), clip, set the scheduled lr and take the AdamW step, or skip it and count it when the
@@ -347,11 +374,26 @@ class Learner:
         self._gathered = (tensors, checksum(tensors))
 
     def weights(self) -> Weights:
-        tensors, digest = self._published()
-        return Weights.of(tensors, self.version, digest)
+        return self._snapshot(self.version, self._published()[1])
+
+    def _snapshot(self, version: int, digest: str | None) -> Weights:
+        """The published tensors as ``version``; with ``reuse_snapshots``, packed into the last snapshot's buffer when
+        no one holds that ``Weights`` any more."""
+        last = self._last_snapshot() if self._last_snapshot is not None else None
+        buffer = self._snapshot_buffer if (self.reuse_snapshots and last is None) else None
+        w = Weights.of(self._published()[0], version, digest, buffer=buffer)
+        self._snapshot_buffer = w.packed if self.reuse_snapshots else None
+        self._last_snapshot = weakref.ref(w)
+        return w
 
     def torch_threads(self) -> int:
         return torch.get_num_threads()
+
+    def placement(self) -> dict[str, str]:
+        """Where the model's components live (``model.placement()``: the transformer's device, each text encoder's,
+        the VAE's or "released"); {} for a model that does not say."""
+        placement = getattr(self.model, "placement", None)
+        return placement() if placement is not None else {}
 
     def trainable_bytes(self) -> int:
         """Bytes of one published version (what every sampler loads)."""

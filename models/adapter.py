@@ -21,11 +21,14 @@ Conventions (SD3's): ``sigma`` runs from 1 (noise) to 0 (data); the model's velo
 from __future__ import annotations
 
 import collections
+import contextlib
 
 from dataclasses import dataclass, field
 from typing import Callable, Protocol, Sequence
 
 import torch
+
+from models.device import attention, checkpoint_function, to_device
 
 
 @dataclass
@@ -62,7 +65,8 @@ class PromptEmbeds:
         return self.map(lambda t: t.expand(n, *t.shape[1:]))
 
     def to(self, device: torch.device | str) -> "PromptEmbeds":
-        return self.map(lambda t: t.to(device))
+        """On ``device`` (host to CUDA through pinned memory, without a host sync: ``models.device.to_device``)."""
+        return self.map(lambda t: to_device(t, device))
 
     @staticmethod
     def cat(parts: Sequence["PromptEmbeds"]) -> "PromptEmbeds":
@@ -97,17 +101,29 @@ class PromptCache:
         self._cache: collections.OrderedDict[str, PromptEmbeds] = collections.OrderedDict()
 
     def __call__(self, prompts: Sequence[str]) -> PromptEmbeds:
-        rows = []
+        return PromptEmbeds.cat(self._rows(prompts)).to(self.model.device)
+
+    def prefetch(self, prompts: Sequence[str]) -> None:
+        """Encode the prompts not yet cached (the first ``max_prompts`` distinct ones) in one window of the text
+        encoders: an offloaded encoder (``model.learner_encoders``) then moves to the GPU once for an epoch's new
+        prompts, not once for each micro-batch that meets one."""
+        self._rows(list(dict.fromkeys(prompts))[: self.max_prompts])
+
+    def _rows(self, prompts: Sequence[str]) -> list[PromptEmbeds]:
+        """Each prompt's embedding (on the CPU), the misses encoded one by one inside one ``encoders_loaded``
+        window; the cache then holds the ``max_prompts`` most recently used."""
+        distinct = list(dict.fromkeys(prompts))
+        got = {p: self._cache[p] for p in distinct if p in self._cache}
+        missing = [p for p in distinct if p not in got]
+        if missing:
+            with encoders_loaded(self.model):
+                got.update({p: self.model.encode_prompts([p]).to("cpu") for p in missing})
         for p in prompts:
-            e = self._cache.get(p)
-            if e is None:
-                e = self.model.encode_prompts([p]).to("cpu")
-                self._cache[p] = e
-                while len(self._cache) > self.max_prompts:
-                    self._cache.popitem(last=False)
+            self._cache[p] = got[p]
             self._cache.move_to_end(p)
-            rows.append(e)
-        return PromptEmbeds.cat(rows).to(self.model.device)
+            while len(self._cache) > self.max_prompts:
+                self._cache.popitem(last=False)
+        return [got[p] for p in prompts]
 
 
 class FlowModel(Protocol):
@@ -117,6 +133,7 @@ class FlowModel(Protocol):
     device: torch.device
     latent_shape: tuple[int, int, int]  # (C, H, W) of one latent, as the sampler and the Arrow batch hold it
     guidance: str  # what velocity's guidance_scale means: "cfg" (1.0 = none) or "embedded" (FLUX-dev's input)
+    attention: str  # model.attention: the SDPA backend every transformer call runs under ("auto": torch's choice)
 
     def encode_prompts(self, prompts: Sequence[str]) -> PromptEmbeds: ...
 
@@ -176,6 +193,83 @@ def vae_decode(vae, latents: torch.Tensor, device: torch.device, dtype: torch.dt
     return (images.float() / 2 + 0.5).clamp(0, 1)
 
 
+# -- the learner's placement: what a learner does not need stays off its GPU ------------------------------------
+# An adapter holds ``learner_encoders`` (where its text encoders live: "device" for samplers and evaluation),
+# ``vae_released`` and ``encoder_moves`` (offload windows opened: host -> device copies of the encoders); the class
+# defaults below are a sampler's, ``place_for_learner`` sets the learner's on the instance.
+LEARNER_ENCODERS = ("device", "offload", "cpu")  # model.learner_encoders (cluster/config.py)
+NO_VAE = ("the learner's model has no VAE: build_model(model_cfg, role='learner') released it (the learner never "
+          "decodes); decode with a sampler's or evaluation's model, built by build_model(model_cfg)")
+
+
+def text_encoders(model) -> dict[str, object]:
+    """The model's prompt encoders by name: its pipeline's CLIP / T5 modules, and a ``prompt_encoder`` that can move
+    (has ``to`` and ``device``, as the shapes task's MiniLM); a plain callable stays where it is and is not listed."""
+    pipe = model.pipe
+    out = {n: getattr(pipe, n) for n in ("text_encoder", "text_encoder_2", "text_encoder_3")
+           if getattr(pipe, n, None) is not None}
+    encoder = getattr(model, "prompt_encoder", None)
+    if hasattr(encoder, "to") and hasattr(encoder, "device"):
+        out["prompt_encoder"] = encoder
+    return out
+
+
+def encoder_device(model) -> torch.device:
+    """Where an encode call runs: the CPU for ``learner_encoders="cpu"``, else the model's device."""
+    return torch.device("cpu") if getattr(model, "learner_encoders", "device") == "cpu" else model.device
+
+
+@contextlib.contextmanager
+def encoders_loaded(model):
+    """The text encoders on the device for the duration, when the model offloads them (``learner_encoders`` =
+    "offload"): moved there on entry (``encoder_moves`` counts it) and back to the CPU on exit; a nested window and
+    every other placement (or a model without one) move nothing."""
+    if getattr(model, "learner_encoders", "device") != "offload" or model._encoders_in:
+        yield
+        return
+    encoders = text_encoders(model).values()
+    model._encoders_in = True
+    model.encoder_moves += 1
+    try:
+        for e in encoders:
+            e.to(model.device)
+        yield
+    finally:
+        for e in encoders:
+            e.to("cpu")
+        model._encoders_in = False
+
+
+def place_for_learner(model, encoders: str, device: str | torch.device | None = None) -> None:
+    """The learner's placement of ``model``: the transformer on ``device`` (None: where it is; the model's
+    ``device`` follows), the text encoders on it (``encoders`` = "device") or in CPU memory ("offload": on the
+    device inside ``encoders_loaded`` only; "cpu": they encode there), and the VAE released (``decode`` raises)."""
+    if encoders not in LEARNER_ENCODERS:
+        raise ValueError(f"model.learner_encoders must be one of {LEARNER_ENCODERS}, got {encoders!r}")
+    if device is not None:
+        model.device = torch.device(device)
+        model.transformer.to(model.device)
+    for e in text_encoders(model).values():
+        e.to(model.device if encoders == "device" else "cpu")
+    model.learner_encoders, model.encoder_moves, model._encoders_in = encoders, 0, False
+    model._empty = None                                 # CFG's empty prompt: encoded again where it now belongs
+    if getattr(model, "_img_ids", None):                # FLUX's position ids, made on the old device
+        model._img_ids = {}
+    if model.pipe.vae is not None:
+        model.pipe.vae = None
+        model.vae_released = True
+
+
+def component_placement(model) -> dict[str, str]:
+    """Where each of the model's components lives: {"transformer": "cuda:0", "text_encoder": "cpu", ...,
+    "vae": "cuda:0" | "released" (a learner's) | "none" (a pixel-space model)}."""
+    out = {"transformer": str(next(model.transformer.parameters()).device)}
+    out |= {name: str(e.device) for name, e in text_encoders(model).items()}
+    vae = model.pipe.vae
+    out["vae"] = "released" if model.vae_released else "none" if vae is None else str(next(vae.parameters()).device)
+    return out
+
+
 class SD3Adapter:
     """Stable Diffusion 3 / 3.5 through the components of a ``StableDiffusion3Pipeline``.
 
@@ -186,6 +280,8 @@ class SD3Adapter:
     """
 
     guidance = "cfg"
+    attention = "auto"  # model.attention (cluster.build.build_model sets it): the SDPA backend of transformer calls
+    learner_encoders, vae_released, encoder_moves, _encoders_in = "device", False, 0, False   # a sampler's placement
 
     def __init__(
         self,
@@ -252,33 +348,38 @@ class SD3Adapter:
 
     @torch.no_grad()
     def encode_prompts(self, prompts: Sequence[str]) -> PromptEmbeds:
-        if self.prompt_encoder is not None:
-            emb = self.prompt_encoder(list(prompts))
-            return PromptEmbeds(emb.tokens.to(self.device, self.dtype), emb.pooled.to(self.device, self.dtype))
-        tokens, _, pooled, _ = self.pipe.encode_prompt(
-            prompt=list(prompts),
-            prompt_2=None,
-            prompt_3=None,
-            device=self.device,
-            do_classifier_free_guidance=False,
-            max_sequence_length=self.max_sequence_length,
-        )
-        return PromptEmbeds(tokens.to(self.dtype), pooled.to(self.dtype))
+        """tokens [B, L, D] and pooled [B, P] on the model's device in its dtype, encoded where ``learner_encoders``
+        says (an offloaded encoder visits the device for the call: ``encoders_loaded``)."""
+        with encoders_loaded(self):
+            if self.prompt_encoder is not None:
+                emb = self.prompt_encoder(list(prompts))
+                tokens, pooled = emb.tokens, emb.pooled
+            else:
+                tokens, _, pooled, _ = self.pipe.encode_prompt(
+                    prompt=list(prompts),
+                    prompt_2=None,
+                    prompt_3=None,
+                    device=encoder_device(self),
+                    do_classifier_free_guidance=False,
+                    max_sequence_length=self.max_sequence_length,
+                )
+        return PromptEmbeds(tokens.to(self.device, self.dtype), pooled.to(self.device, self.dtype))
 
     def _transformer_out(self, x: torch.Tensor, sigma: torch.Tensor, cond: PromptEmbeds) -> torch.Tensor:
         # Timesteps reach the transformer in float32 (1000 * sigma), as the reference passes them: the model embeds
         # them in float32 and casts the embedding itself (rounding t to bf16 would move it by up to 1.9 of 1000).
-        timestep = (sigma.to(self.device, torch.float32) * 1000.0).expand(x.shape[0])
+        timestep = (to_device(sigma.float(), self.device) * 1000.0).expand(x.shape[0])
         # Under autocast x enters as given (the patch embedding's conv casts it to the autocast dtype, as in the
         # reference); without it, x must match the weights' dtype.
         autocasting = torch.is_autocast_enabled(self.device.type)
-        return self.transformer(
-            hidden_states=x if autocasting else x.to(self.dtype),
-            encoder_hidden_states=cond.tokens,
-            pooled_projections=cond.pooled,
-            timestep=timestep,
-            return_dict=False,
-        )[0]
+        with attention(self.attention):
+            return self.transformer(
+                hidden_states=x if autocasting else x.to(self.dtype),
+                encoder_hidden_states=cond.tokens,
+                pooled_projections=cond.pooled,
+                timestep=timestep,
+                return_dict=False,
+            )[0]
 
     def velocity(
         self,
@@ -297,8 +398,21 @@ class SD3Adapter:
         return scheduler.sigmas.detach().clone().float()
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
-        """Latents [B, C, h, w] -> images [B, 3, H, W] float32 in [0, 1]."""
+        """Latents [B, C, h, w] -> images [B, 3, H, W] float32 in [0, 1]; a learner's model has no VAE (raises)."""
+        if self.vae_released:
+            raise RuntimeError(NO_VAE)
         return vae_decode(self.pipe.vae, latents, self.device, self.dtype)
+
+    def for_learner(self, encoders: str = "offload", device: str | torch.device | None = None) -> "SD3Adapter":
+        """This model placed for a learner (``place_for_learner``): the transformer on ``device``, the text encoders
+        where ``encoders`` says (``model.learner_encoders``), the VAE released. Returns self."""
+        place_for_learner(self, encoders, device)
+        return self
+
+    def placement(self) -> dict[str, str]:
+        """Where each component lives (``component_placement``), e.g. {"transformer": "cuda:0", "text_encoder_3":
+        "cpu", "vae": "released"}."""
+        return component_placement(self)
 
     @property
     def lora_pipeline_class(self) -> type:
@@ -306,6 +420,6 @@ class SD3Adapter:
         return type(self.pipe)
 
     def enable_gradient_checkpointing(self) -> None:
-        """Recompute each transformer block's activations in the backward pass (less memory, one more forward);
-        the forward values, and so v_theta, are unchanged."""
-        self.transformer.enable_gradient_checkpointing()
+        """Recompute each transformer block's activations in the backward pass (less memory, one more forward; the
+        recompute under the forward's SDPA backend); the forward values, and so v_theta, are unchanged."""
+        self.transformer.enable_gradient_checkpointing(checkpoint_function(self))

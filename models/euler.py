@@ -5,8 +5,9 @@ Usage::
     images = generate_images(model, ["a cat"], seeds=[7], num_steps=40)       # uint8 [1, H, W, 3]
     latents = sample_euler(model, ["a cat"], seeds=[7], num_steps=40)         # final latents [1, C, H, W]
 
-Sample p starts from ``seed_noise(seeds)[p]``, drawn from its own generator seeded with ``seeds[p]``, so an
-image does not depend on how prompts are batched.
+Sample p starts from ``seed_noise(seeds, shape)[p]``, drawn from its own generator seeded with ``seeds[p]``, so an
+image does not depend on how prompts are batched. Evaluation draws it on the host (the same numbers on every device);
+the sampler's training noise may be drawn on the model's device (``sampling.noise_device``, ``noise_generator``).
 """
 
 from __future__ import annotations
@@ -20,9 +21,15 @@ from models.adapter import FlowModel, PromptEmbeds
 from models.images import to_uint8
 
 
-def seed_noise(seeds: Sequence[int], latent_shape: tuple[int, int, int]) -> torch.Tensor:
-    """Start noise [len(seeds), C, H, W]: sample p from its own generator seeded with ``seeds[p]``."""
-    return torch.stack([torch.randn(latent_shape, generator=torch.Generator().manual_seed(int(s))) for s in seeds])
+def noise_generator(seed: int, device: torch.device | str = "cpu") -> torch.Generator:
+    """The generator of one seed's noise, on ``device`` (the CPU's: the same numbers on every machine; a GPU's: other
+    numbers, still a function of the seed alone, drawn where they are used)."""
+    return torch.Generator(device=device).manual_seed(int(seed))
+
+
+def seed_noise(seeds: Sequence[int], shape: Sequence[int], device: torch.device | str = "cpu") -> torch.Tensor:
+    """Noise [len(seeds), *shape] on ``device``: row p from its own ``noise_generator(seeds[p], device)``."""
+    return torch.stack([torch.randn(tuple(shape), generator=noise_generator(s, device), device=device) for s in seeds])
 
 
 @torch.no_grad()

@@ -33,12 +33,26 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from models.adapter import PromptEmbeds, guided_velocity, vae_decode
+from models.adapter import (
+    NO_VAE,
+    PromptEmbeds,
+    component_placement,
+    encoder_device,
+    encoders_loaded,
+    guided_velocity,
+    place_for_learner,
+    vae_decode,
+)
+from models.device import attention, checkpoint_function, to_device
 
 
 class FluxAdapter:
     """FLUX.1 through a ``FluxPipeline``'s components: CLIP-L pooled + T5 tokens (the pipeline's ``encode_prompt``),
     the ``FluxTransformer2DModel`` on packed latents, the pipeline's schedule and VAE decoding."""
+
+    learner_encoders, vae_released, encoder_moves, _encoders_in = "device", False, 0, False   # a sampler's placement
+
+    attention = "auto"  # model.attention (cluster.build.build_model sets it): the SDPA backend of transformer calls
 
     def __init__(
         self,
@@ -71,6 +85,7 @@ class FluxAdapter:
         self.image_size = (height, width)
         self.latent_shape = (cfg.in_channels // 4, height // pipe.vae_scale_factor, width // pipe.vae_scale_factor)
         self._empty: PromptEmbeds | None = None
+        self._img_ids: dict[tuple, torch.Tensor] = {}       # the pipeline's img_ids by (h, w, dtype), made once
 
     @classmethod
     def from_pretrained(cls, path: str, device: str | torch.device = "cuda", dtype: torch.dtype = torch.bfloat16,
@@ -96,10 +111,12 @@ class FluxAdapter:
     @torch.no_grad()
     def encode_prompts(self, prompts: Sequence[str]) -> PromptEmbeds:
         """T5 tokens [B, max_sequence_length, D] (padded to that length: FLUX attends to every token, as its
-        pipeline does) and CLIP-L's pooled output [B, P]."""
-        tokens, pooled, _ = self.pipe.encode_prompt(prompt=list(prompts), prompt_2=None, device=self.device,
-                                                    max_sequence_length=self.max_sequence_length)
-        return PromptEmbeds(tokens.to(self.dtype), pooled.to(self.dtype))
+        pipeline does) and CLIP-L's pooled output [B, P], on the model's device in its dtype, encoded where
+        ``learner_encoders`` says (``models.adapter.encoders_loaded``)."""
+        with encoders_loaded(self):
+            tokens, pooled, _ = self.pipe.encode_prompt(prompt=list(prompts), prompt_2=None, device=encoder_device(self),
+                                                        max_sequence_length=self.max_sequence_length)
+        return PromptEmbeds(tokens.to(self.device, self.dtype), pooled.to(self.device, self.dtype))
 
     def _transformer_out(self, x: torch.Tensor, sigma: torch.Tensor, cond: PromptEmbeds,
                          guidance: float | None = None) -> torch.Tensor:
@@ -109,19 +126,28 @@ class FluxAdapter:
         # as in SD3Adapter: under autocast x enters as given, without it in the weights' dtype
         x = x if torch.is_autocast_enabled(self.device.type) else x.to(self.dtype)
         packed = pipe._pack_latents(x.contiguous(), B, C, h, w)
-        timestep = (sigma.to(self.device, torch.float32) * 1000.0).expand(B) / 1000.0
+        timestep = (to_device(sigma.float(), self.device) * 1000.0).expand(B) / 1000.0
         g = None if guidance is None else torch.full([B], guidance, device=self.device, dtype=torch.float32)
-        out = self.transformer(
-            hidden_states=packed,
-            timestep=timestep,
-            guidance=g,
-            pooled_projections=cond.pooled,
-            encoder_hidden_states=cond.tokens,
-            txt_ids=torch.zeros(cond.tokens.shape[1], 3, device=self.device, dtype=cond.tokens.dtype),
-            img_ids=pipe._prepare_latent_image_ids(B, h // 2, w // 2, self.device, cond.tokens.dtype),
-            return_dict=False,
-        )[0]
+        with attention(self.attention):
+            out = self.transformer(
+                hidden_states=packed,
+                timestep=timestep,
+                guidance=g,
+                pooled_projections=cond.pooled,
+                encoder_hidden_states=cond.tokens,
+                txt_ids=torch.zeros(cond.tokens.shape[1], 3, device=self.device, dtype=cond.tokens.dtype),
+                img_ids=self._image_ids(h, w, cond.tokens.dtype),
+                return_dict=False,
+            )[0]
         return pipe._unpack_latents(out, h * pipe.vae_scale_factor, w * pipe.vae_scale_factor, pipe.vae_scale_factor)
+
+    def _image_ids(self, h: int, w: int, dtype: torch.dtype) -> torch.Tensor:
+        """The pipeline's ``img_ids`` [(h/2)(w/2), 3] of an h x w latent (the same for any batch), made once per size:
+        the pipeline builds them on the CPU, and a copy to the GPU at every call would wait for the GPU."""
+        key = (h, w, dtype)
+        if key not in self._img_ids:
+            self._img_ids[key] = self.pipe._prepare_latent_image_ids(1, h // 2, w // 2, self.device, dtype)
+        return self._img_ids[key]
 
     def velocity(self, x: torch.Tensor, sigma: torch.Tensor, cond: PromptEmbeds,
                  guidance_scale: float = 1.0) -> torch.Tensor:
@@ -143,8 +169,21 @@ class FluxAdapter:
         return scheduler.sigmas.detach().clone().float()
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
-        """Unpacked latents [B, C, h, w] -> images [B, 3, H, W] float32 in [0, 1]."""
+        """Unpacked latents [B, C, h, w] -> images [B, 3, H, W] float32 in [0, 1]; a learner's model has no VAE
+        (raises)."""
+        if self.vae_released:
+            raise RuntimeError(NO_VAE)
         return vae_decode(self.pipe.vae, latents, self.device, self.dtype)
+
+    def for_learner(self, encoders: str = "offload", device: str | torch.device | None = None) -> "FluxAdapter":
+        """This model placed for a learner (``models.adapter.place_for_learner``): the transformer on ``device``, CLIP
+        and T5 where ``encoders`` says (``model.learner_encoders``), the VAE released. Returns self."""
+        place_for_learner(self, encoders, device)
+        return self
+
+    def placement(self) -> dict[str, str]:
+        """Where each component lives (``models.adapter.component_placement``)."""
+        return component_placement(self)
 
     def pack(self, latents: torch.Tensor) -> torch.Tensor:
         """[B, C, h, w] -> the pipeline's packed layout [B, hw/4, 4C] (e.g. its ``latents=`` argument)."""
@@ -163,5 +202,5 @@ class FluxAdapter:
 
     def enable_gradient_checkpointing(self) -> None:
         """Recompute each block's activations in the backward pass (FLUX LoRA needs it to fit a GPU); forward
-        values, and so v_theta, are unchanged."""
-        self.transformer.enable_gradient_checkpointing()
+        values, and so v_theta, are unchanged (the recompute runs under the forward's SDPA backend)."""
+        self.transformer.enable_gradient_checkpointing(checkpoint_function(self))

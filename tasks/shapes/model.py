@@ -86,6 +86,13 @@ class MiniLMPromptEncoder:
         self.device = torch.device(device)
         self._cache: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
 
+    def to(self, device: str | torch.device) -> "MiniLMPromptEncoder":
+        """MiniLM moved to ``device``, where it then encodes (a learner keeps it off its GPU between encode calls:
+        ``models.adapter.place_for_learner``). Returns self."""
+        self.model.to(device)
+        self.device = torch.device(device)
+        return self
+
     @torch.no_grad()
     def _encode(self, prompts: list[str]) -> None:
         batch = self.tokenizer(

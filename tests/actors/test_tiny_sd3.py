@@ -60,6 +60,19 @@ def test_pair_batch_step_and_weight_swap(cfg):
     assert proof == {"version": 1, "checksum": after.checksum, "sampler": 0}
 
 
+def test_a_learner_actor_packs_a_snapshot_into_the_last_ones_buffer_once_it_is_gone(cfg):
+    # reuse_snapshots (the runtime's learner actor): no new buffer per version, but never under a live snapshot
+    learner = Learner(SD3Adapter.tiny(), cfg.train, Batching.of(cfg), cfg.lora, seed=0, reuse_snapshots=True)
+    first = learner.weights()
+    second = learner.weights()                                  # first is still held: a buffer of its own
+    assert second.packed.data_ptr() != first.packed.data_ptr()
+    address = second.packed.data_ptr()
+    del first, second
+    third = learner.weights()
+    assert third.packed.data_ptr() == address
+    third.verify()                                              # the reused bytes are this version's
+
+
 def test_timestep_fraction_trains_on_a_random_share_of_the_rows(cfg):
     sampler = Sampler(SD3Adapter.tiny(), cfg.sampling, cfg.lora)
     job, images = sampler.sample(prompts=PROMPTS, prompt_ids=[0, 1], pair_ids=[0, 1], seeds=[5, 6])

@@ -225,6 +225,22 @@ def test_sampler_pool_grows_when_the_learner_waits_for_data(ray_local, tmp_path)
     assert out["ledger"]["pairs_trained"] == 24 and out["ledger"]["pairs_dropped"] == {}
 
 
+def test_auto_sampler_count_is_resolved_on_the_cluster(ray_local, tmp_path, caplog):
+    # lock-step, 8 CPUs: room for (8 - 1 learner CPU - 0.5 reward CPU) / 1 = 6 samplers, capped by max_samplers = 2
+    with caplog.at_level("INFO", logger="fdfo"):
+        _, out = run(tmp_path, ["runtime.num_samplers=auto", "runtime.max_samplers=2", "runtime.overlap=false",
+                                "train.epochs=2"])
+    assert "runtime.num_samplers=auto: 2 sampler(s) at start, up to 2: lock-step: all that fit (8 CPUs - 1.5" in caplog.text
+    assert [s["sampler"] for s in out["samplers"]] == [0, 1]
+    assert [h["runtime/samplers"] for h in out["history"]] == [2, 2] and out["ledger"]["pairs_trained"] == 16
+    # runtime.throughput only feeds auto: set without it, the run refuses before it connects
+    with pytest.raises(ValueError) as e:
+        run(tmp_path, ["runtime.throughput=bench/results/gpu_throughput.json"])
+    assert str(e.value) == ("runtime.throughput (bench/results/gpu_throughput.json) is read only by "
+                            "runtime.num_samplers=auto, but num_samplers is 2: set num_samplers=auto or drop "
+                            "runtime.throughput")
+
+
 def test_autoscale_releases_an_idle_sampler_when_the_learner_is_the_bottleneck(ray_local):
     # the release path on real actors: three samplers above a minimum of one, the learner never waited for data;
     # sampler 2 has a call queued and sampler 1 still owes a report, so only sampler 0 is idle and released
