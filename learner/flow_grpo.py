@@ -51,20 +51,28 @@ class SdeStep:
     std: torch.Tensor
 
 
+def check_descending(sigma, sigma_next) -> None:
+    """Raise unless every step goes to a smaller sigma (dt < 0). Reads the values: call it on host tensors (on a GPU's
+    it would wait for the device), before they move."""
+    if bool((torch.as_tensor(sigma_next) >= torch.as_tensor(sigma)).any()):
+        raise ValueError("sde_step goes from sigma to a smaller sigma_next (dt < 0)")
+
+
 def sde_step(x: torch.Tensor, v: torch.Tensor, sigma, sigma_next, a: float, sigma_max: float,
              noise: torch.Tensor | None = None, x_next: torch.Tensor | None = None) -> SdeStep:
     """The step from x at ``sigma`` to ``sigma_next`` with velocity v (x, v: [B, ...]; sigma, sigma_next: scalars
     or [B]). Pass ``noise`` (eps) to take the step, or ``x_next`` to score a step taken before (the learner's
-    ratio); the log-probability is of the x_next returned. Computed in float32 whatever x and v are."""
+    ratio); the log-probability is of the x_next returned. Computed in float32 whatever x and v are. Sigmas given
+    on the host are checked here (``check_descending``); sigmas given on a device are the caller's to check first."""
     if (noise is None) == (x_next is None):
         raise ValueError("sde_step takes exactly one of noise (to step) or x_next (to score a step)")
     if a <= 0:
         raise ValueError(f"the SDE's noise level a must be > 0 (a = 0 is the ODE, which has no density); got {a}")
+    if not any(isinstance(t, torch.Tensor) and t.device.type != "cpu" for t in (sigma, sigma_next)):
+        check_descending(sigma, sigma_next)          # on the host: free; a device's sigmas are checked by the caller
     x, v = x.float(), v.float()
     s, s_next = _col(sigma, x), _col(sigma_next, x)
     dt = s_next - s
-    if bool((dt >= 0).any()):
-        raise ValueError("sde_step goes from sigma to a smaller sigma_next (dt < 0)")
     std_t = sde_std(s, sigma_max, a)
     mean = x * (1 + std_t**2 / (2 * s) * dt) + v * (1 + std_t**2 * (1 - s) / (2 * s)) * dt
     scale = std_t * torch.sqrt(-dt)

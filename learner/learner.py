@@ -40,7 +40,7 @@ import torch
 
 from learner.batch import from_arrow
 from learner.collective import LearnerGroupBroken
-from learner.flow_grpo import group_advantages, grpo_loss, sde_step
+from learner.flow_grpo import check_descending, group_advantages, grpo_loss, sde_step
 from learner.loss import fdfo_loss
 from learner.sharded import (
     clip_grad_norm,
@@ -311,6 +311,7 @@ class Learner:
         r, i = ep["keep"][mb // W], mb % W                  # row of the table, recorded step
         cond = self.prompts([tb.prompt[j] for j in r.tolist()])
         x, x_next = to_device(tb.x[r, i], dev), to_device(tb.x_next[r, i], dev)
+        check_descending(tb.sigmas[r, i], tb.sigmas_next[r, i])          # on the host, before they move
         sigma, sigma_next = to_device(tb.sigmas[r, i], dev), to_device(tb.sigmas_next[r, i], dev)
         sigma_max = float(tb.sigma_max[r[0]])
         with autocast(dev, self.cfg.precision):

@@ -13,7 +13,7 @@ from actors.sampling import sample_groups
 from cluster.build import build_model
 from cluster.config import Batching, grpo_of, load_config
 from learner.batch import ALGORITHM_KEY, VERSION_KEY, from_arrow, to_arrow_groups
-from learner.flow_grpo import group_advantages, grpo_loss, sde_std, sde_step
+from learner.flow_grpo import check_descending, group_advantages, grpo_loss, sde_std, sde_step
 from learner.learner import Learner
 from tests.helpers import GaussianFlow
 
@@ -169,3 +169,15 @@ def test_a_batch_of_another_algorithm_or_schema_version_is_refused():
     with pytest.raises(ValueError, match="train.algorithm = 'fdfo' but grpo settings were given"):
         Learner(build_model(fdfo.model), fdfo.train, Batching.of(fdfo), fdfo.lora, grpo=cfg.grpo)
     assert isinstance(pa.Table.from_batches([batch]).schema.metadata, dict)
+
+
+def test_a_step_that_does_not_go_down_in_sigma_is_refused_on_the_host():
+    x = torch.zeros(2, 1, 1, 1)
+    msg = r"^sde_step goes from sigma to a smaller sigma_next \(dt < 0\)$"
+    with pytest.raises(ValueError, match=msg):
+        sde_step(x, x, 0.5, 0.5, a=0.7, sigma_max=0.9, noise=x)                   # dt = 0
+    with pytest.raises(ValueError, match=msg):
+        sde_step(x, x, torch.tensor([0.5, 0.4]), torch.tensor([0.3, 0.6]), a=0.7, sigma_max=0.9, x_next=x)
+    with pytest.raises(ValueError, match=msg):                                     # the learner's check, per row
+        check_descending(torch.tensor([0.5, 0.4]), torch.tensor([0.3, 0.4]))
+    check_descending(torch.tensor([0.5, 0.4]), torch.tensor([0.3, 0.2]))
