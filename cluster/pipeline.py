@@ -434,7 +434,10 @@ class Book:
         if self.stop_reason is not None:            # stopped early: pairs still in flight (Ray) are not trained
             self.drop("interrupted", self.ledger.in_flight)
         self.ledger.check()
-        checkpoint = self.save(self.epoch)          # train.epochs, unless the run stopped early
+        # train.epochs, unless the run stopped early; kept when this version's checkpoint was just written (nothing
+        # has changed since: no pair is in flight at a run's normal end)
+        kept = self.saved is not None and self.saved[0] == self.version and self.stop_reason is None
+        checkpoint = self.saved[1] if kept else self.save(self.epoch)
         after = self.evaluate(self.runlog.dir / "heldout_after.png")
         report = self._report(after)
         log.info(self.ledger.line())

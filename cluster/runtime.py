@@ -422,19 +422,22 @@ def run_ray(cfg: RunConfig, resume: bool = False) -> dict:
     run = RayRun(cfg, resume)
     try:
         run.book.start()
-        while run.book.running:                        # epochs left, and no early stop (the hacking guard's)
-            if not run.start_update():
-                break                                  # everything requested was dropped: nothing left to train on
-            run.fill()
-            for ref in run.wait():
-                if ref is run.learner_ref:
-                    run.on_learner()
-                elif ref in run.rank_refs:
-                    run.on_rank(ref)
-                elif ref in run.pool.joining:
-                    run.on_joined(ref)
-                else:
-                    run.on_job(ref)
+        while True:
+            while run.book.running:                    # epochs left, and no early stop (the hacking guard's)
+                if not run.start_update():
+                    break                              # everything requested was dropped: nothing left to train on
+                run.fill()
+                for ref in run.wait():
+                    if ref is run.learner_ref:
+                        run.on_learner()
+                    elif ref in run.rank_refs:
+                        run.on_rank(ref)
+                    elif ref in run.pool.joining:
+                        run.on_joined(ref)
+                    else:
+                        run.on_job(ref)
+            if run.book.stop_reason is not None or run.final_checkpoint():
+                break                                  # else the learner was lost writing it: train the epochs since
     except KeyboardInterrupt:                          # Ctrl-C, or SIGTERM from `ray job stop` (cluster/cli.py)
         run.stop()
         raise
@@ -890,7 +893,8 @@ class RayRun:
     def save(self, epoch: int) -> str:
         """Checkpoint the learner (rank 0 writes; a sharded group's every rank takes part in gathering the weights and
         AdamW moments); one that dies meanwhile is restored from the previous checkpoint (the epochs since are trained
-        again), except at the final checkpoint, which fails the run (``--resume`` continues it)."""
+        again: ``final_checkpoint`` too), except once the run is finishing (a graceful stop's checkpoint, or an early
+        stop's), which fails the run (``--resume`` continues it)."""
         ranks = self.learner_ranks if learner_sharding(self.cfg) == "fsdp" else [self.learner]
         state, config = self.book.state(epoch), to_dict(self.cfg)
         try:
@@ -900,6 +904,19 @@ class RayRun:
                 raise
             self.lose_learner()
         return self.checkpoint
+
+    def final_checkpoint(self) -> bool:
+        """The last epoch's checkpoint, written before the report (``Book.finish`` then keeps it) unless the epoch's
+        cadence wrote it. A learner lost meanwhile (its node removed as the run ends) is restored from the previous
+        checkpoint as one lost mid-run (``save``): False, and the run trains the epochs since again."""
+        b, learner = self.book, self.learner_index
+        if b.saved is not None and b.saved[0] == b.version:
+            return True
+        folder = self.save(b.epoch)
+        if self.learner_index != learner:
+            return False
+        b.saved = (b.version, folder)
+        return True
 
     def _load(self, folder: str) -> dict:
         """Restore the learner from a checkpoint folder; it becomes the one a lost learner restarts from."""

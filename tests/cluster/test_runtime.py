@@ -169,6 +169,33 @@ def test_a_lost_learner_restarts_from_the_last_checkpoint(ray_local, tmp_path):
     assert max(h["learner/policy_lag_max"] for h in out["history"]) <= 3        # no lost version was trained on
 
 
+def test_a_learner_lost_writing_the_final_checkpoint_is_restored_and_the_last_epoch_trained_again(ray_local, tmp_path,
+                                                                                                  monkeypatch):
+    # 4 epochs of 2 updates, a checkpoint every 5 versions: version 6 (epoch 3) is the last one before the end, and the
+    # final version 8 is written by final_checkpoint, during which the learner dies (as when its node is removed as
+    # the run ends): restored from version 6, epoch 4 is trained again, and the run finishes instead of failing
+    import ray
+
+    from cluster.runtime import RayRun
+
+    final_checkpoint, killed = RayRun.final_checkpoint, []
+
+    def dying(self):
+        if not killed:
+            killed.append(self.book.version)
+            ray.kill(self.learner)
+        return final_checkpoint(self)
+
+    monkeypatch.setattr(RayRun, "final_checkpoint", dying)
+    _, out = run(tmp_path, ["runtime.overlap=false", "train.checkpoint_every=5"])
+    (fault,) = out["faults"]
+    assert killed == [8] and fault["role"] == "learner" and fault["epoch"] == 4 and fault["lost_version"] == 8
+    assert (fault["restored_version"], fault["restored_epoch"], fault["rolled_back_pairs"]) == (6, 3, 8)
+    ledger = out["ledger"]
+    assert ledger["pairs_trained"] == 32 and ledger["pairs_dropped"] == {"rolled_back": 8} and out["version"] == 8
+    assert out["paths"]["checkpoint"].endswith("v000008") and [h["epoch"] for h in out["history"]] == [0, 1, 2, 3]
+
+
 def test_a_learner_group_trains_and_survives_losing_a_rank(ray_local, tmp_path):
     # two learner ranks in one gloo group (each its share of every update's rows, gradients summed); rank 1 is
     # killed mid-run: the group restarts from the last checkpoint (rank 0 alone cannot step) and the run completes
