@@ -228,9 +228,9 @@ class Weights:
         """A snapshot of ``transformer``'s trainable tensors as ``version`` (or of a dict of tensors by name: the full
         tensors a sharded learner gathered); ``digest``: their checksum if the caller has just computed it (the
         learner has, after every step), else computed here. ``buffer``: the previous snapshot's ``packed`` to write
-        this one into (``pack``): the caller's promise that the previous snapshot is no longer read (the learner's:
-        Ray stores a call's result when the call returns, the in-process loop loads it at once; a snapshot
-        overwritten all the same fails ``verify``, it never loads other bytes silently)."""
+        this one into (``pack``): the caller's promise that the previous snapshot is no longer read (the runtime's
+        learner actor, ``Learner(reuse_snapshots=True)``, once that ``Weights`` is gone: Ray stores a call's result
+        when the call returns; a snapshot overwritten all the same fails ``verify``, it never loads other bytes)."""
         live = trainable(transformer) if isinstance(transformer, torch.nn.Module) else transformer
         flat, tensors = pack(live, out=buffer)
         # Taken over the live tensors (same digest as the snapshot's: it does not depend on the device): for
