@@ -449,7 +449,7 @@ def eval_suite_command(suite: str, config: str | None, checkpoint: str | None, o
         folder, cfg = None, load_config(config, overrides)
         tag = f"eval_{suite}_init" if getattr(cfg.lora, "init_from", None) else f"eval_{suite}_base"
         out = out or f"{cfg.output_dir}/{cfg.name}"
-    local = local or cfg.runtime.local or cfg.runtime.num_samplers <= 1
+    local = local or cfg.runtime.local or cfg.runtime.num_samplers in (0, 1)   # auto: sampler actors, all that fit
     model = (lambda: load_policy(folder)[0]) if local and folder else None
     weights = checkpoint_weights(folder) if folder and not local else None
     return run_suite(cfg, suite, out, tag=tag, model=model, weights=weights, local=local, num_prompts=num_prompts,

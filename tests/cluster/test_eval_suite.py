@@ -121,3 +121,19 @@ def test_a_bad_setup_fails_before_anything_loads(tmp_path, monkeypatch):
         main(["eval", "--suite", "quick", "--config", "tiny-cpu", *files])
     with pytest.raises(ValueError, match="--seeds does not apply"):
         main(["eval", "--suite", "quick", "--config", "tiny-cpu", "--seeds", "2"])
+
+
+def test_auto_samplers_go_to_the_ray_pool_from_the_command(tmp_path, monkeypatch):
+    """`fdfo eval --suite quick --config tiny-cpu runtime.num_samplers=auto`: auto is not a count to compare with 1
+    (it was: TypeError '<=' between str and int); it means sampler actors, as many as fit, so the suite runs off-process."""
+    import cluster.eval_suite as eval_suite
+
+    monkeypatch.chdir(tmp_path)                                 # no prompts/ folder: the command reaches the plan
+    with pytest.raises(FileNotFoundError, match="^prompt set 'pickscore_train': no file at"):
+        main(["eval", "--suite", "quick", "--config", "tiny-cpu", "runtime.num_samplers=auto"])
+    calls = []
+    monkeypatch.setattr(eval_suite, "run_suite", lambda cfg, suite, out, **kw: calls.append((cfg, kw)) or {})
+    for samplers, local in (("auto", False), ("1", True), ("0", True), ("2", False)):
+        main(["eval", "--suite", "quick", "--config", "tiny-cpu", f"runtime.num_samplers={samplers}"])
+        cfg, kw = calls.pop()
+        assert (str(cfg.runtime.num_samplers), kw["local"], kw["weights"]) == (samplers, local, None)
