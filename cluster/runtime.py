@@ -33,13 +33,11 @@ import os
 os.environ.setdefault("RAY_AUTH_MODE", "token")  # must precede `import ray`
 
 import dataclasses
-import json
 import logging
 import time
 from dataclasses import dataclass, field
 from functools import partial
 
-import numpy as np
 import ray
 from ray.exceptions import ObjectLostError, OwnerDiedError, RayActorError, RayError
 
@@ -50,243 +48,15 @@ from cluster.evaluate import heldout_reward
 from cluster.pipeline import Book, check_proof, deferred_interrupts, setup_process
 from cluster.plan import Rates, auto_samplers, load_rates
 from cluster.serving import RewardService, check_reward_pool, uses_serve
+from cluster.metrics import Metrics
+# connect, local_cluster_address and the resource checks live in cluster/resources.py (re-exported: cluster.runtime.connect)
+from cluster.resources import (NAMESPACE, ROLE_KEYS, actor_threads, await_resources, connect,  # noqa: F401
+                               custom_shortfall, local_cluster_address, resource_shortfall, role_ask, role_counts)
 from learner.collective import LearnerGroupBroken
 from learner.learner import Learner, finite_mean
 from rewards.batcher import RewardBatcher
 
 log = logging.getLogger("fdfo")
-NAMESPACE = "fdfo"
-
-
-def connect(runtime_cfg, num_cpus_needed: float) -> bool:
-    """Join the cluster named by runtime.address / RAY_ADDRESS (or fail clearly); else a ``ray start`` cluster on this
-    machine if it answers within seconds; else start a local instance (also when the last one on this machine
-    stopped uncleanly and left its address behind). Returns whether it started a local instance (which cannot
-    grow: what it lacks never comes)."""
-    if ray.is_initialized():
-        return False
-    address = runtime_cfg.address or os.environ.get("RAY_ADDRESS")
-    if address and address != "local":
-        ray.init(address=address, namespace=NAMESPACE)
-        return False
-    running = None if address == "local" else local_cluster_address()
-    if running is not None:
-        ray.init(address=running, namespace=NAMESPACE)
-        return False
-    # A laptop: logical CPUs are scheduling tokens, so give at least what the pools ask for.
-    ray.init(
-        namespace=NAMESPACE,
-        num_cpus=max(os.cpu_count() or 1, int(np.ceil(num_cpus_needed))),
-        dashboard_host="127.0.0.1",
-        include_dashboard=True,
-        # actors drop the same third-party notices the driver does (a joined cluster's jobs keep their own env)
-        runtime_env={"worker_process_setup_hook": "cluster.pipeline.quiet_third_party"},
-    )
-    return True
-
-
-ROLE_KEYS = {"learner": ("learner_num_cpus", "learner_num_gpus"), "reward": ("reward_num_cpus", "reward_num_gpus"),
-             "sampler": ("sampler_num_cpus", "sampler_num_gpus")}
-
-
-def role_ask(rt, role: str) -> dict[str, float]:
-    """What one actor of ``role`` asks of a node: CPU, GPU and the role's custom resources
-    (``runtime.<role>_resources``, which is how roles land on their own node types)."""
-    cpu_key, gpu_key = ROLE_KEYS[role]
-    custom = getattr(rt, f"{role}_resources")
-    for k, v in custom.items():
-        if k in ("CPU", "GPU", "memory", "object_store_memory") or not isinstance(v, (int, float)) or v < 0:
-            raise ValueError(f"runtime.{role}_resources: {k}: {v!r} is not a custom resource amount; give names of "
-                             f"resources the nodes advertise (ray start --resources) with amounts >= 0, and CPUs/GPUs "
-                             f"as runtime.{cpu_key} / runtime.{gpu_key}")
-    return {"CPU": getattr(rt, cpu_key), "GPU": getattr(rt, gpu_key), **{k: float(v) for k, v in custom.items()}}
-
-
-def role_counts(rt) -> dict[str, int]:
-    return {"learner": rt.num_learners, "reward": rt.num_reward_actors, "sampler": rt.num_samplers}
-
-
-def resource_shortfall(rt, nodes: list[dict]) -> str | None:
-    """What the run's actors ask for that ``nodes`` (each its resources: {"CPU": n, "GPU": n, ...}) cannot give,
-    naming the role, its ask, what exists and the override; None when everything fits (each actor on some node,
-    all of them within the totals)."""
-    count = role_counts(rt)
-    have = {k: sum(n.get(k, 0.0) for n in nodes) for k in ("CPU", "GPU")}
-    largest = {k: max((n.get(k, 0.0) for n in nodes), default=0.0) for k in ("CPU", "GPU")}
-    shown = lambda r: f"{{CPU: {r['CPU']:g}, GPU: {r['GPU']:g}}}"  # noqa: E731
-    for role, (cpu_key, gpu_key) in ROLE_KEYS.items():
-        ask = {"CPU": getattr(rt, cpu_key), "GPU": getattr(rt, gpu_key)}
-        short = [k for k in ask if ask[k] > largest[k]]
-        if short:
-            keys = " / ".join(f"runtime.{cpu_key if k == 'CPU' else gpu_key}" for k in short)
-            return (f"the {role} actor asks for {shown(ask)} but the largest node of this cluster has {shown(largest)} "
-                    f"({len(nodes)} nodes, {shown(have)} in all): lower {keys} or add a node that large")
-    short = custom_shortfall(rt, nodes)
-    if short:
-        return short
-    need = {k: sum(count[r] * getattr(rt, ROLE_KEYS[r][k == "GPU"]) for r in count) for k in ("CPU", "GPU")}
-    short = [k for k in need if need[k] > have[k]]
-    if short:
-        parts = ", ".join(f"{count[r]} {r} x {shown({'CPU': getattr(rt, ROLE_KEYS[r][0]), 'GPU': getattr(rt, ROLE_KEYS[r][1])})}"
-                          for r in count)
-        return (f"the run's actors ask for {shown(need)} in all ({parts}) but this cluster has {shown(have)}: lower "
-                f"runtime.num_samplers / runtime.num_reward_actors or the per-actor asks, or add nodes")
-    return None
-
-
-def custom_shortfall(rt, nodes: list[dict]) -> str | None:
-    """The custom-resource part of ``resource_shortfall``: every role's whole ask on one node, the totals per name."""
-    count, totals = role_counts(rt), {}
-    for role in ROLE_KEYS:
-        ask = role_ask(rt, role)
-        custom = {k: v for k, v in ask.items() if k not in ("CPU", "GPU")}
-        for k, v in custom.items():
-            totals[k] = totals.get(k, 0.0) + count[role] * v
-        if custom and not any(all(n.get(k, 0.0) >= v for k, v in ask.items()) for n in nodes):
-            return (f"the {role} actor asks for {ask} (runtime.{role}_resources and its CPUs/GPUs) but no node of this "
-                    f"cluster has all of that: start nodes of that type (ray start --resources="
-                    f"'{json.dumps({k: int(v) if float(v).is_integer() else v for k, v in custom.items()})}' with the "
-                    f"CPUs/GPUs), or change runtime.{role}_resources")
-    for k, v in totals.items():
-        have = sum(n.get(k, 0.0) for n in nodes)
-        if v > have:
-            return (f"the run's actors ask for {v:g} of custom resource {k!r} in all but this cluster has {have:g}: "
-                    f"add nodes that advertise it, or lower runtime.num_samplers / runtime.num_reward_actors")
-    return None
-
-
-def await_resources(rt, can_scale: bool) -> None:
-    """Fail at once if the cluster can never fit the run's actors (a local instance cannot grow); a cluster that
-    may scale is asked for the bundles (``request_resources``), and waited for up to ``runtime.resource_wait_s``,
-    saying what is awaited every 30 s."""
-    nodes = lambda: [n["Resources"] for n in ray.nodes() if n["Alive"]]  # noqa: E731
-    short = resource_shortfall(rt, nodes())
-    if short is None:
-        return
-    if not can_scale:
-        raise RuntimeError(f"{short} (a local Ray instance does not grow)")
-    from ray.autoscaler.sdk import request_resources
-
-    bundles = [role_ask(rt, role) for role, n in role_counts(rt).items() for _ in range(n)]
-    request_resources(bundles=[{k: v for k, v in b.items() if v} for b in bundles])
-    deadline, t_log = time.monotonic() + rt.resource_wait_s, 0.0
-    while short is not None:
-        if time.monotonic() > deadline:
-            raise RuntimeError(f"{short}; waited runtime.resource_wait_s = {rt.resource_wait_s:g} s for the cluster to scale")
-        if time.monotonic() - t_log >= 30.0:
-            log.warning("waiting for the cluster to scale: %s", short)
-            t_log = time.monotonic()
-        time.sleep(1.0)
-        short = resource_shortfall(rt, nodes())
-
-
-def local_cluster_address(timeout_s: float = 3.0) -> str | None:
-    """The GCS address of the Ray cluster last started on this machine (``ray start``), if it accepts a connection
-    within ``timeout_s``; None if there is none or it is gone (a stale address would make ``ray.init`` retry for
-    minutes)."""
-    import socket
-
-    from ray._private.utils import read_ray_address
-
-    address = read_ray_address(None)
-    if not address:
-        return None
-    host, _, port = address.rpartition(":")
-    try:
-        with socket.create_connection((host, int(port)), timeout=timeout_s):
-            return address
-    except (OSError, ValueError):
-        log.warning("the Ray cluster last started on this machine (%s) does not answer: starting a local instance", address)
-        return None
-
-
-class Metrics:
-    """Ray metrics (``ray.util.metrics``) for the dashboard / Prometheus, all tagged with the run name."""
-
-    def __init__(self, run: str, images_per_unit: int = 2):
-        from ray.util.metrics import Counter, Gauge, Histogram
-
-        self.images_per_unit = images_per_unit          # images of a pair (2) or a Flow-GRPO group
-        tags = ("run",)
-        self.tags = {"run": run}
-        g = lambda n, d: Gauge(n, description=d, tag_keys=tags)  # noqa: E731
-        self.gauges = {
-            "pairs_per_s": g("fdfo_pairs_per_s", "finished pairs per second over the last epoch"),
-            "images_per_s": g("fdfo_images_per_s", "sampled images per second over the last epoch"),
-            "reward_mean": g("fdfo_reward_mean", "mean combined reward of the last epoch's pairs"),
-            "reward_latency_s": g("fdfo_reward_latency_s", "mean scorer latency per reward batch"),
-            "reward_backlog": g("fdfo_reward_backlog", "images queued at the reward actors"),
-            "learner_step_s": g("fdfo_learner_step_s", "learner wall time per optimizer step"),
-            "loss": g("fdfo_learner_loss", "loss of the last epoch (FDFO or Flow-GRPO)"),
-            "clip_frac": g("fdfo_learner_clip_frac", "fraction of rows with |rho - 1| beyond the trust region (epsilon; Flow-GRPO: clip_range)"),
-            "version": g("fdfo_weight_version", "learner weight version"),
-            "policy_lag": g("fdfo_policy_lag_max", "largest (learner version - sample version) trained on"),
-            "samplers": g("fdfo_samplers", "live sampler actors"),
-            "sampler_busy": g("fdfo_sampler_busy", "share of the last epoch's wall time the samplers computed"),
-            "learner_busy": g("fdfo_learner_busy", "share of the last epoch's wall time the learner computed"),
-            "reward_replicas": g("fdfo_reward_replicas", "running reward actors / Serve replicas"),
-            "guard_hacking": g("fdfo_guard_hacking", "1 when the gold metric fell while the training reward rose"),
-            "guard_gold": g("fdfo_guard_gold", "the held-out gold metric at the last evaluation"),
-            "guard_gold_drop": g("fdfo_guard_gold_drop", "how far the gold metric is below its best in the window"),
-        }
-        self.trained_pairs = Counter("fdfo_pairs_trained", description="pairs trained on", tag_keys=tags)
-        self.dropped = Counter("fdfo_pairs_dropped", description="pairs dropped, by reason", tag_keys=("run", "reason"))
-        self.component = Gauge("fdfo_reward_component_mean", description="raw mean per scorer", tag_keys=("run", "scorer"))
-        # distributions: how stale the pairs an update takes are, and how long a sampler takes to load a new version
-        self.policy_lag = Histogram("fdfo_policy_lag", description="pairs by (learner version - sample version) when "
-                                    "their epoch's update starts", boundaries=[0.5, 1.5, 2.5, 3.5, 5.5, 7.5, 15.5],
-                                    tag_keys=tags)
-        self.weight_sync = Histogram("fdfo_weight_sync_s", description="seconds a sampler took to load a published "
-                                     "version", boundaries=[0.01, 0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30], tag_keys=tags)
-
-    def set(self, name: str, value: float) -> None:
-        if value == value:  # skip NaN
-            self.gauges[name].set(float(value), tags=self.tags)
-
-    def drop(self, reason: str, n: int) -> None:
-        if n:
-            self.dropped.inc(n, tags={**self.tags, "reason": reason})
-
-    def trained(self, n: int) -> None:
-        self.trained_pairs.inc(n, tags=self.tags)
-
-    def lags(self, lag: int, pairs: int) -> None:
-        for _ in range(pairs):
-            self.policy_lag.observe(lag, tags=self.tags)
-
-    def loaded(self, seconds: float) -> None:
-        self.weight_sync.observe(seconds, tags=self.tags)
-
-    def export(self, m: dict) -> None:
-        """An epoch's metrics to the gauges (see ``EXPORTED``); each scorer's raw mean tagged by scorer."""
-        for key, name in EXPORTED:
-            if key in m:
-                self.set(name, m[key])
-        if "perf/pairs_per_s" in m:
-            self.set("images_per_s", self.images_per_unit * m["perf/pairs_per_s"])
-        for k, v in m.items():
-            if k.startswith("reward/") and k.endswith("/mean") and k != "reward/mean":
-                self.component.set(v, tags={**self.tags, "scorer": k.split("/")[1]})
-
-
-EXPORTED = (  # (epoch metric, gauge name)
-    ("perf/pairs_per_s", "pairs_per_s"),
-    ("reward/mean", "reward_mean"),
-    ("reward/latency_s", "reward_latency_s"),
-    ("reward/backlog", "reward_backlog"),
-    ("perf/learner_step_s", "learner_step_s"),
-    ("learner/loss", "loss"),
-    ("learner/clip_frac", "clip_frac"),
-    ("learner/version", "version"),
-    ("learner/policy_lag_max", "policy_lag"),
-    ("runtime/samplers", "samplers"),
-    ("perf/sampler_busy", "sampler_busy"),
-    ("perf/learner_busy", "learner_busy"),
-    ("runtime/reward_replicas", "reward_replicas"),
-    ("guard/hacking", "guard_hacking"),
-    ("guard/gold", "guard_gold"),
-    ("guard/gold_drop", "guard_gold_drop"),
-)
 
 
 @dataclass
@@ -315,11 +85,6 @@ class Pool:
     def size(self) -> int:
         return len(self.actors) + len(self.joining)
 
-
-def actor_threads(rt, num_cpus: float) -> int:
-    """Torch intra-op threads of an actor: ``runtime.torch_threads``, else its CPU reservation (at least 1), which is
-    what Ray's own OMP_NUM_THREADS convention gives it."""
-    return rt.torch_threads or max(1, int(num_cpus))
 
 
 def _learner_actor(cfg: RunConfig, index: int = 0, rank: int = 0):

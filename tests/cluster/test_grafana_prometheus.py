@@ -22,8 +22,8 @@ RUN = "promrun"
 
 
 def exported_metrics() -> set[str]:
-    """The fdfo_* names cluster/runtime.py's Metrics registers."""
-    return set(re.findall(r'"(fdfo_[a-z_]+)"', (ROOT / "cluster" / "runtime.py").read_text()))
+    """The fdfo_* names cluster/metrics.py's Metrics registers."""
+    return set(re.findall(r'"(fdfo_[a-z_]+)"', (ROOT / "cluster" / "metrics.py").read_text()))
 
 
 def panel_queries() -> list[str]:
