@@ -5,6 +5,7 @@
     fdfo eval --suite paper|quick [--config PRESET [--init-from LORA] | --checkpoint FOLDER] [--local] [--out DIR] [...]
     fdfo generate (--checkpoint FOLDER | [--config PRESET] --init-from LORA) --prompt TEXT [--prompt TEXT ...] [--seed N ...] [--out DIR]
     fdfo presets
+    fdfo config --explain [SECTION | SECTION.KEY]     (or: fdfo config [--config PRESET] [section.key=value ...])
     fdfo plan --gpus N [N ...] [--config PRESET] [--throughput BENCH_JSON | --sampler-ips X --learner-ips Y] [...]
 
 ``python -m cluster.cli train ...`` is the same thing, and is the ``ray job submit`` entrypoint.
@@ -85,6 +86,12 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--seed", type=int, nargs="+", default=[0])
     g.add_argument("--out", default="generated")
     sub.add_parser("presets", help="list the config presets", parents=[common])
+    c = sub.add_parser("config", help="explain the config's keys, or print a preset as it resolves", parents=[common])
+    c.add_argument("--explain", nargs="?", const="", default=None, metavar="SECTION",
+                   help="print what each key means, its type and default: every section, one (train) or one key "
+                        "(train.lr)")
+    c.add_argument("--config", default=None, help="without --explain: the preset or YAML to print (default shapes)")
+    c.add_argument("overrides", nargs="*", help="without --explain: overrides applied before printing")
     from cluster.plan import add_plan_arguments
 
     add_plan_arguments(sub.add_parser("plan", help="split a GPU count between samplers and learner ranks (cost model)",
@@ -136,6 +143,8 @@ def run(args: argparse.Namespace) -> int:
             first = path.read_text().splitlines()[0].lstrip("# ")
             print(f"{path.stem:20s} {first}")
         return 0
+    if args.command == "config":
+        return _config(args)
     if args.command == "eval" and args.suite:
         return _eval_suite(args)
     if args.command == "eval":
@@ -143,6 +152,22 @@ def run(args: argparse.Namespace) -> int:
     if args.command == "generate":
         return _generate(args)
     return _train(args)
+
+
+def _config(args) -> int:
+    """``fdfo config --explain [SECTION]``: the keys' documentation; without it, the resolved config as YAML."""
+    import yaml
+
+    from cluster.config import to_dict
+    from cluster.config_docs import explain
+
+    if args.explain is not None:
+        if args.config or args.overrides:
+            raise ValueError("--explain documents the keys themselves; --config and overrides go without it")
+        print(explain(args.explain or None))
+        return 0
+    print(yaml.safe_dump(to_dict(load_config(args.config, args.overrides)), sort_keys=False), end="")
+    return 0
 
 
 def _eval_suite(args) -> int:

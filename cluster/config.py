@@ -32,143 +32,302 @@ DEFAULT_PRESET = "shapes"
 
 @dataclass(frozen=True)
 class ModelConfig:
-    kind: Literal["sd3", "sd3_tiny", "flux", "flux_tiny", "shapes"] = "sd3_tiny"  # sd3: SD3/3.5 from `path`; sd3_tiny: random offline SD3; flux: FLUX.1 (dev or schnell) from `path`; flux_tiny: random offline FLUX; shapes: shipped demo model
-    path: str | None = None  # kind sd3 / flux: hub id or local directory of a StableDiffusion3Pipeline / FluxPipeline; kind shapes: a folder with a re-built base model (default: the shipped one)
-    dtype: Literal["float32", "bfloat16", "float16"] = "float32"  # compute dtype of the frozen weights
-    device: str = "auto"  # "auto" = cuda when the actor has a GPU, else cpu
-    resolution: int = 512  # image height and width (kinds sd3, flux)
-    max_sequence_length: int = 128  # T5 tokens (kinds sd3, flux; the reference's 128; FLUX's pipeline: 512, at most 512)
-    seed: int = 0  # weight seed of the random tiny model (kinds sd3_tiny, flux_tiny)
-    learner_encoders: Literal["device", "offload", "cpu"] = "offload"  # where the learner keeps the text encoders (it never holds the VAE): offload = in CPU memory, on its GPU only while encoding prompts not yet cached (one copy each way per epoch's new prompts; the samplers' bits); device = on its GPU all along; cpu = encode on the CPU (slow for T5-XXL, no GPU memory; CPU kernels round differently from the samplers', so log rho at lag 0 is no longer exactly 0)
-    compile: Literal["off", "regional", "full"] = "off"  # torch.compile of the transformer: regional = each transformer block (one block's compile time, reused by every identical block), full = the whole transformer (longer compile, may fuse more); off = eager
-    attention: Literal["auto", "flash", "efficient", "cudnn", "math"] = "auto"  # the SDPA backend forced around every transformer forward (and its recompute); auto = torch's choice; efficient and cudnn are CUDA kernels
+    """The flow model every role builds (samplers, learner, evaluation): which one, where from, in what dtype."""
+
+    kind: Literal["sd3", "sd3_tiny", "flux", "flux_tiny", "shapes"] = "sd3_tiny"
+    """sd3: SD3/3.5 from `path`; sd3_tiny: random offline SD3; flux: FLUX.1 (dev or schnell) from `path`; flux_tiny:
+    random offline FLUX; shapes: shipped demo model"""
+    path: str | None = None
+    """kind sd3 / flux: hub id or local directory of a StableDiffusion3Pipeline / FluxPipeline; kind shapes: a folder
+    with a re-built base model (default: the shipped one)"""
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    """compute dtype of the frozen weights"""
+    device: str = "auto"
+    """auto = cuda when the actor has a GPU, else cpu"""
+    resolution: int = 512
+    """image height and width (kinds sd3, flux)"""
+    max_sequence_length: int = 128
+    """T5 tokens (kinds sd3, flux; the reference's 128; FLUX's pipeline: 512, at most 512)"""
+    seed: int = 0
+    """weight seed of the random tiny model (kinds sd3_tiny, flux_tiny)"""
+    learner_encoders: Literal["device", "offload", "cpu"] = "offload"
+    """where the learner keeps the text encoders (it never holds the VAE): offload = in CPU memory, on its GPU only
+    while encoding prompts not yet cached (one copy each way per epoch's new prompts; the samplers' bits); device =
+    on its GPU all along; cpu = encode on the CPU (slow for T5-XXL, no GPU memory; CPU kernels round differently from
+    the samplers', so log rho at lag 0 is no longer exactly 0)"""
+    compile: Literal["off", "regional", "full"] = "off"
+    """torch.compile of the transformer: regional = each transformer block (one block's compile time, reused by every
+    identical block), full = the whole transformer (longer compile, may fuse more); off = eager"""
+    attention: Literal["auto", "flash", "efficient", "cudnn", "math"] = "auto"
+    """the SDPA backend forced around every transformer forward (and its recompute); auto = torch's choice; efficient
+    and cudnn are CUDA kernels"""
 
 
 @dataclass(frozen=True)
 class LoraSettings:
-    enabled: bool = True  # False = full fine-tuning of the transformer
-    rank: int = 32  # LoRA rank r
-    alpha: float = 64.0  # LoRA alpha (scale alpha / r)
-    init: str = "gaussian"  # peft init_lora_weights
-    target_modules: tuple[str, ...] = LORA_TARGET_MODULES  # attention projections (models/lora.py; peft matches a dotted suffix)
-    init_from: str | None = None  # start weights: a PEFT LoRA folder, an fdfo checkpoint or run folder, or a hub folder (owner/name/sub/folder); every role loads it (fdfo ... --init-from)
+    """What trains: LoRA factors on the transformer's attention projections, or (``enabled: false``) all of it."""
+
+    enabled: bool = True
+    """False = full fine-tuning of the transformer"""
+    rank: int = 32
+    """LoRA rank r"""
+    alpha: float = 64.0
+    """LoRA alpha (scale alpha / r)"""
+    init: str = "gaussian"
+    """peft init_lora_weights"""
+    target_modules: tuple[str, ...] = LORA_TARGET_MODULES
+    """attention projections (models/lora.py; peft matches a dotted suffix)"""
+    init_from: str | None = None
+    """start weights: a PEFT LoRA folder, an fdfo checkpoint or run folder, or a hub folder (owner/name/sub/folder);
+    every role loads it (fdfo ... --init-from)"""
 
 
 @dataclass(frozen=True)
 class SamplingConfig:
-    num_steps: int = 40  # N Euler steps (all recorded and trained on)
-    gamma: float = 0.0025  # churn strength per step (last step 0)
-    guidance_scale: float = 1.0  # CFG weight w; 1.0 = no CFG; inference must use the same w
-    pairs_per_call: int = 4  # pairs a sampler generates per batched call (flow_grpo: groups)
-    record_dtype: Literal["float32", "bfloat16", "float16"] = "float32"  # dtype of x_i, v_i in the Arrow batch
-    noise_device: Literal["host", "device"] = "host"  # where a sampler draws its per-seed noise: host = a CPU generator per seed (the same numbers on every device), device = a generator per seed on the model's device (no copy; on a GPU other numbers, still a function of the seed; on CPU the same); evaluation always draws on the host
+    """How a sampler draws its churned pairs (FDFO) or SDE groups (Flow-GRPO)."""
+
+    num_steps: int = 40
+    """N Euler steps (all recorded and trained on)"""
+    gamma: float = 0.0025
+    """churn strength per step (last step 0)"""
+    guidance_scale: float = 1.0
+    """CFG weight w; 1.0 = no CFG; inference must use the same w"""
+    pairs_per_call: int = 4
+    """pairs a sampler generates per batched call (flow_grpo: groups)"""
+    record_dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    """dtype of x_i, v_i in the Arrow batch"""
+    noise_device: Literal["host", "device"] = "host"
+    """where a sampler draws its per-seed noise: host = a CPU generator per seed (the same numbers on every device),
+    device = a generator per seed on the model's device (no copy; on a GPU other numbers, still a function of the
+    seed; on CPU the same); evaluation always draws on the host"""
 
 
 @dataclass(frozen=True)
 class RewardConfig:
-    preset: str | None = "jpeg"  # named weighted combination (jpeg, pickscore, vlm_alignment, combined, shapes); None = use components
-    components: tuple[dict, ...] = ()  # explicit [{name, weight, **kwargs}, ...]; overrides preset when non-empty
+    """The reward the run trains on: a named preset, or weighted components (rewards/presets.py)."""
+
+    preset: str | None = "jpeg"
+    """named weighted combination (jpeg, pickscore, vlm_alignment, combined, shapes); None = use components"""
+    components: tuple[dict, ...] = ()
+    """explicit [{name, weight, **kwargs}, ...]; overrides preset when non-empty"""
 
 
 @dataclass(frozen=True)
 class PromptConfig:
-    source: str = "builtin:tiny"  # builtin:<name> or a text file with one prompt per line
-    eval_source: str | None = None  # held-out prompts for evaluation (same forms); None = source
+    """Where the training and held-out prompts come from."""
+
+    source: str = "builtin:tiny"
+    """builtin:<name> or a text file with one prompt per line"""
+    eval_source: str | None = None
+    """held-out prompts for evaluation (same forms); None = source"""
 
 
 @dataclass(frozen=True)
 class GrpoConfig:
-    group_size: int = 8  # G images per prompt (one group, one "pair" of the run's counts); advantages are relative to it (Flow-GRPO's SD3.5: 24)
-    noise_level: float = 0.7  # a: the SDE's noise, sigma_t = a * sqrt(sigma / (1 - sigma)) (Flow-GRPO: 0.7)
-    clip_range: float = 1.0e-4  # PPO clip range on the per-step ratio (Flow-GRPO: 1e-4; its log-probability is a per-element mean)
-    adv_clip_max: float = 5.0  # advantages clamped to +- this
-    global_std: bool = False  # normalise advantages by the std of the whole epoch's rewards instead of each group's (Flow-GRPO's SD3 settings: true)
-    sde_window: int = 0  # 0 = every step is an SDE step and trained on (Flow-GRPO); W > 0 = only W consecutive steps are, ODE elsewhere (Flow-GRPO-Fast)
-    sde_window_range: int | None = None  # the window starts uniformly in [0, range - W] per group; None = sampling.num_steps
+    """Flow-GRPO's own settings (read only with ``train.algorithm: flow_grpo``)."""
+
+    group_size: int = 8
+    """G images per prompt (one group, one "pair" of the run's counts); advantages are relative to it (Flow-GRPO's
+    SD3.5: 24)"""
+    noise_level: float = 0.7
+    """a: the SDE's noise, sigma_t = a * sqrt(sigma / (1 - sigma)) (Flow-GRPO: 0.7)"""
+    clip_range: float = 1.0e-4
+    """PPO clip range on the per-step ratio (Flow-GRPO: 1e-4; its log-probability is a per-element mean)"""
+    adv_clip_max: float = 5.0
+    """advantages clamped to +- this"""
+    global_std: bool = False
+    """normalise advantages by the std of the whole epoch's rewards instead of each group's (Flow-GRPO's SD3 settings:
+    true)"""
+    sde_window: int = 0
+    """0 = every step is an SDE step and trained on (Flow-GRPO); W > 0 = only W consecutive steps are, ODE elsewhere
+    (Flow-GRPO-Fast)"""
+    sde_window_range: int | None = None
+    """the window starts uniformly in [0, range - W] per group; None = sampling.num_steps"""
 
 
 @dataclass(frozen=True)
 class TrainConfig:
-    algorithm: Literal["fdfo", "flow_grpo"] = "fdfo"  # fdfo: finite-difference pairs (ALGORITHM.md); flow_grpo: Flow-GRPO's SDE groups and PPO-clipped objective (the `grpo` section; learner/flow_grpo.py)
-    lr: float = 3e-5  # AdamW learning rate: the main knob (ALGORITHM.md §9)
-    betas: tuple[float, float] = (0.9, 0.999)  # AdamW betas
-    weight_decay: float = 1e-4  # AdamW weight decay
-    adam_eps: float = 1e-8  # AdamW epsilon
-    grad_clip: float = 1.0  # max global grad norm
-    epsilon: float = 0.03  # SPO trust-region epsilon
-    kl_weight: float = 0.0  # weight of the KL term against the frozen base model: fdfo mean((v_theta - v_base)^2); flow_grpo mean((mu_theta - mu_base)^2) / (2 std^2) of each SDE step (its beta)
-    pairs_per_epoch: int = 432  # pairs sampled per epoch (the reference: 432 pairs = 864 images); flow_grpo: groups per epoch
-    updates_per_epoch: int = 4  # optimizer steps per epoch, each on a global shuffle share of (image, step) rows
-    micro_batch_rows: int = 64  # (image, step) rows per forward/backward; gradients accumulate over an update
-    timestep_fraction: float = 1.0  # share of each epoch's (branch, step) rows trained on, drawn at random (1.0 = all, the reference)
-    epochs: int = 1000  # epochs to run
-    lr_schedule: Literal["constant", "cosine", "linear"] = "constant"  # lr from `lr` at update 0 to `lr_final` at the last (epochs * updates_per_epoch)
-    lr_final: float = 0.0  # the lr the cosine / linear schedule ends at (ignored when constant)
-    gradient_checkpointing: bool = False  # the learner recomputes block activations in the backward pass: less memory (FLUX / SD3.5-L LoRA need it to fit), one more forward; same values
-    precision: Literal["fp32", "bf16", "fp16"] = "bf16"  # numerics of every velocity, sampler and learner alike: autocast dtype on CUDA (fp16 = the reference's, with a GradScaler; fp32 = none); CPU never autocasts (the model's dtype)
-    max_policy_lag: int | None = None  # max (learner version - sample version) at any update; None = 2*updates_per_epoch - 1
-    checkpoint_every: int = 20  # save every K updates (0 = only at the end); a lost learner restarts from the last one, so at most K updates are trained again
-    keep_checkpoints: int = 3  # checkpoints kept under checkpoints/ (the oldest go; 0 = keep all)
+    """The algorithm, the optimiser, the batch arithmetic of an epoch and the run's length and checkpoints."""
+
+    algorithm: Literal["fdfo", "flow_grpo"] = "fdfo"
+    """fdfo: finite-difference pairs (ALGORITHM.md); flow_grpo: Flow-GRPO's SDE groups and PPO-clipped objective (the
+    `grpo` section; learner/flow_grpo.py)"""
+    lr: float = 3e-5
+    """AdamW learning rate: the main knob (ALGORITHM.md §9)"""
+    betas: tuple[float, float] = (0.9, 0.999)
+    """AdamW betas"""
+    weight_decay: float = 1e-4
+    """AdamW weight decay"""
+    adam_eps: float = 1e-8
+    """AdamW epsilon"""
+    grad_clip: float = 1.0
+    """max global grad norm"""
+    epsilon: float = 0.03
+    """SPO trust-region epsilon"""
+    kl_weight: float = 0.0
+    """weight of the KL term against the frozen base model: fdfo mean((v_theta - v_base)^2); flow_grpo mean((mu_theta -
+    mu_base)^2) / (2 std^2) of each SDE step (its beta)"""
+    pairs_per_epoch: int = 432
+    """pairs sampled per epoch (the reference: 432 pairs = 864 images); flow_grpo: groups per epoch"""
+    updates_per_epoch: int = 4
+    """optimizer steps per epoch, each on a global shuffle share of (image, step) rows"""
+    micro_batch_rows: int = 64
+    """(image, step) rows per forward/backward; gradients accumulate over an update"""
+    timestep_fraction: float = 1.0
+    """share of each epoch's (branch, step) rows trained on, drawn at random (1.0 = all, the reference)"""
+    epochs: int = 1000
+    """epochs to run"""
+    lr_schedule: Literal["constant", "cosine", "linear"] = "constant"
+    """lr from `lr` at update 0 to `lr_final` at the last (epochs * updates_per_epoch)"""
+    lr_final: float = 0.0
+    """the lr the cosine / linear schedule ends at (ignored when constant)"""
+    gradient_checkpointing: bool = False
+    """the learner recomputes block activations in the backward pass: less memory (FLUX / SD3.5-L LoRA need it to fit),
+    one more forward; same values"""
+    precision: Literal["fp32", "bf16", "fp16"] = "bf16"
+    """numerics of every velocity, sampler and learner alike: autocast dtype on CUDA (fp16 = the reference's, with a
+    GradScaler; fp32 = none); CPU never autocasts (the model's dtype)"""
+    max_policy_lag: int | None = None
+    """max (learner version - sample version) at any update; None = 2*updates_per_epoch - 1"""
+    checkpoint_every: int = 20
+    """save every K updates (0 = only at the end); a lost learner restarts from the last one, so at most K updates are
+    trained again"""
+    keep_checkpoints: int = 3
+    """checkpoints kept under checkpoints/ (the oldest go; 0 = keep all)"""
 
 
 @dataclass(frozen=True)
 class RuntimeConfig:
-    local: bool = False  # True = one process, no Ray (debug mode: breakpoint() works)
-    address: str | None = None  # Ray address; None = RAY_ADDRESS or a running cluster if any, else a new local one; "local" = always a new local one
-    overlap: bool = False  # false = lock-step, as the reference: sample an epoch with the current weights, then train it (bench_time_to_reward: as much gain per pair as the in-process loop); true = keep sampling while the learner trains, within train.max_policy_lag
-    num_samplers: int | Literal["auto"] = 1  # sampler actors at start (min of the pool); auto = from the cluster's resources at start: lock-step all that fit beside the learner ranks and the reward pool, overlap enough to keep the learner busy at runtime.throughput's rates (cluster/plan.py auto_samplers; the run logs the arithmetic)
-    max_samplers: int | None = None  # autoscaling ceiling for samplers; None = num_samplers
-    throughput: str | None = None  # bench/bench_gpu_throughput.py's JSON (images/s per sampler GPU and learner rank) for num_samplers auto; None = the reference's 0.50 images/GPU-s split 40 : 92
-    num_reward_actors: int = 1  # reward actors (or Serve replicas, the pool's minimum), each serving the whole weighted sum
-    max_reward_actors: int | None = None  # the reward pool's ceiling; above num_reward_actors the pool is a Ray Serve deployment whose replicas follow its queue (cluster/serving.py); None = num_reward_actors
-    reward_backend: Literal["auto", "actors", "serve"] = "auto"  # auto: Serve when max_reward_actors > num_reward_actors, else plain actors (requests spread by pair id)
-    reward_target_ongoing: float = 2.0  # Serve autoscaling: requests (sampler calls) in flight per replica it aims at
-    reward_upscale_delay_s: float = 10.0  # Serve autoscaling: how long demand must stay high before a replica is added
-    reward_downscale_delay_s: float = 60.0  # Serve autoscaling: how long demand must stay low before a replica goes
-    reward_look_back_s: float = 10.0  # Serve autoscaling: the window its queue-depth average is taken over
-    sampler_num_gpus: float = 0.0  # GPUs per sampler actor
-    sampler_num_cpus: float = 1.0  # CPUs per sampler actor
-    reward_num_gpus: float = 0.0  # GPUs per reward actor
-    reward_num_cpus: float = 0.5  # CPUs per reward actor
-    num_learners: int = 1  # learner ranks in one gradient group (gloo on CPU, NCCL on GPU): each trains its share of every update's rows and the group sums the gradients, so M ranks take one learner's step
-    learner_sharding: Literal["auto", "replicate", "fsdp"] = "auto"  # how the learner ranks hold full fine-tuning: fsdp = each rank 1/M of the fp32 weights, gradients and AdamW moments (FSDP2; bf16 or fp32 only); replicate = every rank all of them, gradients all-reduced; auto = fsdp for full fine-tuning with num_learners > 1, replicate for LoRA or one learner
-    learner_num_gpus: float = 0.0  # GPUs per learner rank
-    learner_num_cpus: float = 1.0  # CPUs for the learner actor
-    reward_max_batch: int = 32  # images per reward call
-    reward_max_wait_s: float = 0.05  # longest a reward request waits for its batch to fill
-    reward_timeout_s: float = 300.0  # a reward call slower than this fails its pairs (dropped: reward_failure)
-    torch_threads: int | None = None  # torch intra-op threads of every actor; None = each actor's CPU reservation (at least 1); in process: torch's default (all cores)
-    weight_sync: Literal["auto", "object_store", "collective"] = "auto"  # auto: weights under 512 MiB (LoRA, small models) via the object store after every update, larger via a gloo/NCCL group once an epoch
-    weight_sync_timeout_s: float = 120.0  # a collective transfer stalled this long (a member died) fails over to the object store
-    sampler_resources: dict = field(default_factory=dict)  # custom Ray resources each sampler asks for, e.g. {sampler: 1}: roles land on their own node types (ray start --resources='{"sampler": 8}')
-    reward_resources: dict = field(default_factory=dict)  # the same for each reward actor
-    learner_resources: dict = field(default_factory=dict)  # the same for the learner
-    resource_wait_s: float = 600.0  # a joined cluster short of what the pools ask may scale up: wait this long (logging every 30 s), then fail naming the role
-    storage_path: str | None = None  # where the run folder <storage_path>/<name> lives: a local folder or a URI pyarrow.fs opens (s3://bucket/runs, gs://bucket/runs); checkpoints, history, TensorBoard, grids and curves go there and --resume reads from there on any node; None = output_dir (local files, as before)
+    """Where and how the roles run: Ray or one process, the pools and their resources, weight sync, storage."""
+
+    local: bool = False
+    """True = one process, no Ray (debug mode: breakpoint() works)"""
+    address: str | None = None
+    """Ray address; None = RAY_ADDRESS or a running cluster if any, else a new local one; "local" = always a new local
+    one"""
+    overlap: bool = False
+    """false = lock-step, as the reference: sample an epoch with the current weights, then train it
+    (bench_time_to_reward: as much gain per pair as the in-process loop); true = keep sampling while the learner
+    trains, within train.max_policy_lag"""
+    num_samplers: int | Literal["auto"] = 1
+    """sampler actors at start (min of the pool); auto = from the cluster's resources at start: lock-step all that fit
+    beside the learner ranks and the reward pool, overlap enough to keep the learner busy at runtime.throughput's
+    rates (cluster/plan.py auto_samplers; the run logs the arithmetic)"""
+    max_samplers: int | None = None
+    """autoscaling ceiling for samplers; None = num_samplers"""
+    throughput: str | None = None
+    """bench/bench_gpu_throughput.py's JSON (images/s per sampler GPU and learner rank) for num_samplers auto; None =
+    the reference's 0.50 images/GPU-s split 40 : 92"""
+    num_reward_actors: int = 1
+    """reward actors (or Serve replicas, the pool's minimum), each serving the whole weighted sum"""
+    max_reward_actors: int | None = None
+    """the reward pool's ceiling; above num_reward_actors the pool is a Ray Serve deployment whose replicas follow its
+    queue (cluster/serving.py); None = num_reward_actors"""
+    reward_backend: Literal["auto", "actors", "serve"] = "auto"
+    """auto: Serve when max_reward_actors > num_reward_actors, else plain actors (requests spread by pair id)"""
+    reward_target_ongoing: float = 2.0
+    """Serve autoscaling: requests (sampler calls) in flight per replica it aims at"""
+    reward_upscale_delay_s: float = 10.0
+    """Serve autoscaling: how long demand must stay high before a replica is added"""
+    reward_downscale_delay_s: float = 60.0
+    """Serve autoscaling: how long demand must stay low before a replica goes"""
+    reward_look_back_s: float = 10.0
+    """Serve autoscaling: the window its queue-depth average is taken over"""
+    sampler_num_gpus: float = 0.0
+    """GPUs per sampler actor"""
+    sampler_num_cpus: float = 1.0
+    """CPUs per sampler actor"""
+    reward_num_gpus: float = 0.0
+    """GPUs per reward actor"""
+    reward_num_cpus: float = 0.5
+    """CPUs per reward actor"""
+    num_learners: int = 1
+    """learner ranks in one gradient group (gloo on CPU, NCCL on GPU): each trains its share of every update's rows and
+    the group sums the gradients, so M ranks take one learner's step"""
+    learner_sharding: Literal["auto", "replicate", "fsdp"] = "auto"
+    """how the learner ranks hold full fine-tuning: fsdp = each rank 1/M of the fp32 weights, gradients and AdamW
+    moments (FSDP2; bf16 or fp32 only); replicate = every rank all of them, gradients all-reduced; auto = fsdp for
+    full fine-tuning with num_learners > 1, replicate for LoRA or one learner"""
+    learner_num_gpus: float = 0.0
+    """GPUs per learner rank"""
+    learner_num_cpus: float = 1.0
+    """CPUs for the learner actor"""
+    reward_max_batch: int = 32
+    """images per reward call"""
+    reward_max_wait_s: float = 0.05
+    """longest a reward request waits for its batch to fill"""
+    reward_timeout_s: float = 300.0
+    """a reward call slower than this fails its pairs (dropped: reward_failure)"""
+    torch_threads: int | None = None
+    """torch intra-op threads of every actor; None = each actor's CPU reservation (at least 1); in process: torch's
+    default (all cores)"""
+    weight_sync: Literal["auto", "object_store", "collective"] = "auto"
+    """auto: weights under 512 MiB (LoRA, small models) via the object store after every update, larger via a gloo/NCCL
+    group once an epoch"""
+    weight_sync_timeout_s: float = 120.0
+    """a collective transfer stalled this long (a member died) fails over to the object store"""
+    sampler_resources: dict = field(default_factory=dict)
+    """custom Ray resources each sampler asks for, e.g. {sampler: 1}: roles land on their own node types (ray start
+    --resources='{"sampler": 8}')"""
+    reward_resources: dict = field(default_factory=dict)
+    """the same for each reward actor"""
+    learner_resources: dict = field(default_factory=dict)
+    """the same for the learner"""
+    resource_wait_s: float = 600.0
+    """a joined cluster short of what the pools ask may scale up: wait this long (logging every 30 s), then fail naming
+    the role"""
+    storage_path: str | None = None
+    """where the run folder <storage_path>/<name> lives: a local folder or a URI pyarrow.fs opens (s3://bucket/runs,
+    gs://bucket/runs); checkpoints, history, TensorBoard, grids and curves go there and --resume reads from there on
+    any node; None = output_dir (local files, as before)"""
 
 
 @dataclass(frozen=True)
 class EvalConfig:
-    every_epochs: int = 0  # held-out evaluation during training every K epochs (0 = only before and after)
-    num_prompts: int = 32  # held-out prompts per evaluation (from prompts.eval_source)
-    seeds_per_prompt: int = 4  # images per prompt (diversity is measured across them)
-    num_steps: int | None = None  # Euler steps; None = sampling.num_steps
-    seed: int = 1234  # fixes the evaluation prompts and seeds, so before/after numbers are paired
-    metrics: tuple[dict, ...] = ()  # extra scorers the run does not train on, e.g. [{name: shapes_exact}]
-    gold_metric: str | None = None  # held-out metric that guards the run (cluster/guard.py): keeps checkpoints/best and detects reward hacking; a short name (shapes_exact) or full key (eval/metric/shapes_exact/mean); higher is better
-    hacking_window: int = 4  # evaluations the hacking test looks back over (>= 2)
-    hacking_tolerance: float = 0.05  # hacking = gold fell more than this (its units) below its best in the window while the training reward's slope is positive
-    stop_on_hacking: bool = False  # end the run when hacking is detected (final checkpoint and report still written)
-    suite_prompts: dict | None = None  # `fdfo eval --suite`: prompt source per set, {pickscore_train: FILE, hpdv2: FILE or hub:zhwang/HPDv2}; None = cluster/eval_suite.py's defaults
-    suite_scorers: dict | None = None  # `fdfo eval --suite`: settings per scorer (pickscore, hpsv2, clip_h14, clip_l14, dreamsim, vlm), e.g. {vlm: {backend: server, url: ...}}; None = the reference's models (vlm: the run's vlm_judge component if any)
+    """The held-out evaluation (before, during and after training), the hacking guard and ``fdfo eval --suite``."""
+
+    every_epochs: int = 0
+    """held-out evaluation during training every K epochs (0 = only before and after)"""
+    num_prompts: int = 32
+    """held-out prompts per evaluation (from prompts.eval_source)"""
+    seeds_per_prompt: int = 4
+    """images per prompt (diversity is measured across them)"""
+    num_steps: int | None = None
+    """Euler steps; None = sampling.num_steps"""
+    seed: int = 1234
+    """fixes the evaluation prompts and seeds, so before/after numbers are paired"""
+    metrics: tuple[dict, ...] = ()
+    """extra scorers the run does not train on, e.g. [{name: shapes_exact}]"""
+    gold_metric: str | None = None
+    """held-out metric that guards the run (cluster/guard.py): keeps checkpoints/best and detects reward hacking; a
+    short name (shapes_exact) or full key (eval/metric/shapes_exact/mean); higher is better"""
+    hacking_window: int = 4
+    """evaluations the hacking test looks back over (>= 2)"""
+    hacking_tolerance: float = 0.05
+    """hacking = gold fell more than this (its units) below its best in the window while the training reward's slope is
+    positive"""
+    stop_on_hacking: bool = False
+    """end the run when hacking is detected (final checkpoint and report still written)"""
+    suite_prompts: dict | None = None
+    """`fdfo eval --suite`: prompt source per set, {pickscore_train: FILE, hpdv2: FILE or hub:zhwang/HPDv2}; None =
+    cluster/eval_suite.py's defaults"""
+    suite_scorers: dict | None = None
+    """`fdfo eval --suite`: settings per scorer (pickscore, hpsv2, clip_h14, clip_l14, dreamsim, vlm), e.g. {vlm:
+    {backend: server, url: ...}}; None = the reference's models (vlm: the run's vlm_judge component if any)"""
 
 
 @dataclass(frozen=True)
 class RunConfig:
-    name: str = "fdfo"  # run name (dashboard actor prefix, output folder)
-    seed: int = 0  # run seed: pair noise, shuffles
-    output_dir: str = "runs"  # where checkpoints, TensorBoard logs and plots go
-    wandb_project: str | None = None  # also log to Weights & Biases under this project (needs `pip install wandb`)
+    """A whole run: its name, seed and outputs, and one section per concern (``fdfo config --explain``)."""
+
+    name: str = "fdfo"
+    """run name (dashboard actor prefix, output folder)"""
+    seed: int = 0
+    """run seed: pair noise, shuffles"""
+    output_dir: str = "runs"
+    """where checkpoints, TensorBoard logs and plots go"""
+    wandb_project: str | None = None
+    """also log to Weights & Biases under this project (needs `pip install wandb`)"""
     model: ModelConfig = field(default_factory=ModelConfig)
     lora: LoraSettings = field(default_factory=LoraSettings)
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
