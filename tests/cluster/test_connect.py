@@ -33,7 +33,7 @@ def test_a_stale_local_address_starts_a_local_instance(monkeypatch, init_calls, 
     with caplog.at_level(logging.WARNING, logger="fdfo"):
         runtime.connect(load_config("tiny-cpu").runtime, num_cpus_needed=2.5)
     (kw,) = init_calls
-    assert "address" not in kw and kw["num_cpus"] >= 3 and kw["dashboard_host"] == "127.0.0.1"
+    assert kw["address"] == "local" and kw["num_cpus"] >= 3 and kw["dashboard_host"] == "127.0.0.1"
     assert f"the Ray cluster last started on this machine (127.0.0.1:{port}) does not answer: starting a local instance" in caplog.text
 
 
@@ -51,7 +51,7 @@ def test_no_local_cluster_or_a_new_one_asked_for(monkeypatch, init_calls):
     runtime.connect(load_config("tiny-cpu").runtime, num_cpus_needed=1)
     last_started(monkeypatch, "127.0.0.1:1")                    # never even probed: runtime.address=local
     runtime.connect(load_config("tiny-cpu", ["runtime.address=local"]).runtime, num_cpus_needed=1)
-    assert [("address" in kw) for kw in init_calls] == [False, False]
+    assert [kw["address"] for kw in init_calls] == ["local", "local"]        # a new instance, not the file's cluster
 
 
 def test_an_explicit_address_is_joined_as_given(monkeypatch, init_calls):
@@ -138,3 +138,45 @@ def test_a_cluster_that_may_scale_is_asked_for_each_role_with_its_node_type(monk
     with pytest.raises(RuntimeError, match="waited runtime.resource_wait_s"):
         runtime.await_resources(rt("runtime.sampler_resources={sampler: 1}", "runtime.resource_wait_s=0"), can_scale=True)
     assert asked == [[{"CPU": 1.0}, {"CPU": 0.5}, {"CPU": 1.0, "sampler": 1.0}]]
+
+
+# -- a real ray.init against a planted stale address file (a subprocess: this process holds the session's instance) --
+STALE_RUN = """
+import sys
+import ray
+from cluster import runtime
+from cluster.config import load_config
+
+started = runtime.connect(load_config("tiny-cpu", sys.argv[1:]).runtime, num_cpus_needed=2.5)
+print("joined", started, ray.get_runtime_context().gcs_address, ray.cluster_resources()["CPU"], flush=True)
+ray.shutdown()
+"""
+
+
+@pytest.mark.parametrize("overrides", [[], ["runtime.address=local"]], ids=["probed", "address=local"])
+def test_a_stale_address_file_starts_a_fresh_local_instance_through_ray_init(overrides):
+    """The issue's case end to end: ``ray start`` died uncleanly and left ``ray_current_cluster`` naming a dead GCS
+    under Ray's temp folder. Without an explicit ``address="local"``, ``ray.init`` reads that file itself and tries to
+    join the dead cluster with num_cpus given ("When connecting to an existing cluster, num_cpus and num_gpus must not
+    be provided"); the same for ``runtime.address=local``."""
+    import os
+    import subprocess
+    import sys
+    import tempfile
+    from pathlib import Path
+
+    with socket.socket() as s:                                  # a port nothing listens on any more
+        s.bind(("127.0.0.1", 0))
+        dead = f"127.0.0.1:{s.getsockname()[1]}"
+    with tempfile.TemporaryDirectory(prefix="fdfo-ray-", dir="/tmp") as tmp:   # short: Ray's socket paths have a limit
+        (Path(tmp) / "ray").mkdir()
+        (Path(tmp) / "ray" / "ray_current_cluster").write_text(dead + "\n")
+        env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"} | {"RAY_TMPDIR": tmp}
+        done = subprocess.run([sys.executable, "-c", STALE_RUN, *overrides], env=env, capture_output=True, text=True, timeout=300,
+                              cwd=Path(__file__).resolve().parents[2])
+    assert done.returncode == 0, done.stderr[-3000:]
+    joined = [line.split() for line in done.stdout.splitlines() if line.startswith("joined")]
+    ((_, started, gcs, cpus),) = joined                         # a new instance, never the dead address
+    assert started == "True" and gcs.rpartition(":")[2] != dead.rpartition(":")[2] and float(cpus) >= 3, joined
+    probed = f"the Ray cluster last started on this machine ({dead}) does not answer" in done.stderr
+    assert probed == (overrides == [])                          # address=local never looks at the file
