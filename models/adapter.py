@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import sys
 
 from dataclasses import dataclass, field
 from typing import Callable, Protocol, Sequence
@@ -332,7 +333,7 @@ class SD3Adapter:
         prompts are cut at ``max_sequence_length`` tokens (the reference's 128)."""
         from diffusers import StableDiffusion3Pipeline
 
-        pipe = StableDiffusion3Pipeline.from_pretrained(path, torch_dtype=dtype)
+        pipe = load_pipeline(StableDiffusion3Pipeline, path, dtype)
         return cls(pipe, device, dtype, resolution, resolution, max_sequence_length)
 
     @classmethod
@@ -423,3 +424,16 @@ class SD3Adapter:
         """Recompute each transformer block's activations in the backward pass (less memory, one more forward; the
         recompute under the forward's SDPA backend); the forward values, and so v_theta, are unchanged."""
         self.transformer.enable_gradient_checkpointing(checkpoint_function(self))
+
+
+def load_pipeline(pipeline_class, path: str, dtype: torch.dtype):
+    """``pipeline_class.from_pretrained(path, dtype=dtype)`` (the pinned diffusers' argument; its ``torch_dtype`` is
+    deprecated and warns), with diffusers' and transformers' loading progress bars off when stderr is not a terminal
+    (a Ray actor's log, ``ray job logs``), where carriage-return bars are noise."""
+    if not sys.stderr.isatty():
+        from diffusers.utils import logging as diffusers_logging
+        from transformers.utils import logging as transformers_logging
+
+        diffusers_logging.disable_progress_bar()
+        transformers_logging.disable_progress_bar()
+    return pipeline_class.from_pretrained(path, dtype=dtype)

@@ -40,6 +40,7 @@ from models.adapter import (
     encoder_device,
     encoders_loaded,
     guided_velocity,
+    load_pipeline,
     place_for_learner,
     vae_decode,
 )
@@ -94,7 +95,7 @@ class FluxAdapter:
         local ``FluxPipeline`` folder; T5 prompts are cut at ``max_sequence_length`` tokens (the pipeline's 512)."""
         from diffusers import FluxPipeline
 
-        pipe = FluxPipeline.from_pretrained(path, torch_dtype=dtype)
+        pipe = load_pipeline(FluxPipeline, path, dtype)
         return cls(pipe, device, dtype, resolution, resolution, max_sequence_length)
 
     @classmethod
