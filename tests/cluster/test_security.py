@@ -2,8 +2,8 @@
 
 - fdfo's own listeners (the weight group's rendezvous store and gloo sockets, anything a driver or an actor of fdfo
   opens) are on loopback when every member of the run is on one machine: a real Ray run is watched with psutil
-  while it runs, and Ray's own listeners are reported against ``RAY_LISTENERS``, the allowlist the README's
-  Security section is written from;
+  while it runs, and Ray's own listeners are reported against ``RAY_LISTENERS``, the allowlist docs/security.md
+  is written from;
 - the runtime asks for the node's cluster address only when a member is on another node;
 - secrets planted in the environment and in the config appear in no file of the run (config.json, history.jsonl,
   TensorBoard events, checkpoints), in no W&B config or log, in no log line, and in no config error.
@@ -33,7 +33,7 @@ FDFO_ACTORS = ("Learner", "Sampler", "RewardBatcher")   # the classes fdfo runs 
 
 # Ray's own listeners on a node of a local instance (Ray 2.60, `ray.init` with token authentication on), by the
 # process kind ``_kind`` gives. All but the dashboard's HTTP port and the agents on the node address listen on every
-# interface: that is Ray's design, and Ray's token authentication guards them. The README's Security section lists
+# interface: that is Ray's design, and Ray's token authentication guards them. docs/security.md lists
 # them; a kind not named here is reported as a warning (a Ray upgrade added a listener: update both).
 RAY_LISTENERS = {
     "driver": "the driver's core-worker gRPC server (all interfaces)",
@@ -164,7 +164,7 @@ def test_a_one_node_run_listens_on_loopback_only(ray_local, tmp_path, caplog):
     print("Ray's listeners during the run (allowlist RAY_LISTENERS):\n  " + "\n  ".join(lines))
     unlisted = sorted({kind for kind, *_ in ray_report if kind not in RAY_LISTENERS})
     if unlisted:
-        warnings.warn(f"Ray listeners of kinds not in RAY_LISTENERS (update it and the README): {unlisted}")
+        warnings.warn(f"Ray listeners of kinds not in RAY_LISTENERS (update it and docs/security.md): {unlisted}")
 
 
 def test_the_weight_group_asks_for_the_cluster_address_only_when_a_member_is_on_another_node(ray_local):

@@ -1,4 +1,4 @@
-"""A full-fine-tuning checkpoint (``transformer/`` in diffusers layout) loads back as the README shows, with its
+"""A full-fine-tuning checkpoint (``transformer/`` in diffusers layout) loads back as docs/evaluation.md shows, with its
 checksum verified; a checkpoint whose tensor names do not match the model is refused, never half-loaded."""
 
 import json
@@ -58,7 +58,7 @@ def test_transformer_folder_loads_as_the_readme_shows_with_its_checksum(trained)
     assert not (folder / "pytorch_lora_weights.safetensors").exists()
     assert meta["version"] == learner.version and meta["checksum"] == learner.weights_info()[1]
 
-    # the README's recipe, on the model the run was built from (the tiny SD3 at seed 0)
+    # docs/evaluation.md's recipe, on the model the run was built from (the tiny SD3 at seed 0)
     model = SD3Adapter.tiny(seed=0)
     base_v = probe(model)
     t = SD3Transformer2DModel.from_pretrained(str(folder / "transformer"))
@@ -98,7 +98,7 @@ def test_a_checkpoint_missing_a_tensor_is_refused_and_leaves_the_weights(trained
 def test_a_transformer_folder_missing_a_weight_is_caught_by_the_checksum(trained, tmp_path):
     # diffusers (0.42) does NOT fail from_pretrained on a missing key: it only logs "Some weights ... are newly
     # initialized". By default (low_cpu_mem_usage) the tensor is left on the meta device; with
-    # low_cpu_mem_usage=False it holds uninitialised memory. What catches both is the README-recipe check against
+    # low_cpu_mem_usage=False it holds uninitialised memory. What catches both is the docs-recipe check against
     # state.json's checksum: it cannot be computed over a meta tensor, and it differs for garbage. (If a future
     # diffusers raises at load instead, that is a refusal too.)
     from diffusers import SD3Transformer2DModel
