@@ -120,7 +120,16 @@ def grpo_cfg(*extra):
                                             "train.updates_per_epoch=1", "train.micro_batch_rows=5", *extra])
 
 
-def test_ratio_is_one_at_lag_zero_and_the_learner_trains_the_groups():
+def test_ratio_is_one_at_lag_zero_and_the_learner_trains_the_groups(monkeypatch):
+    import learner.learner as learner_module
+
+    seen = []                                   # the learner's own grpo_loss inputs: log p (with its graph), old log p, A
+
+    def spy(log_prob, old_log_prob, advantage, *args):
+        seen.append((log_prob, old_log_prob, advantage))
+        return grpo_loss(log_prob, old_log_prob, advantage, *args)
+
+    monkeypatch.setattr(learner_module, "grpo_loss", spy)
     cfg = grpo_cfg()
     learner = Learner(build_model(cfg.model), cfg.train, Batching.of(cfg), cfg.lora, seed=0, grpo=grpo_of(cfg))
     sampler = Sampler(build_model(cfg.model), cfg.sampling, cfg.lora, precision=cfg.train.precision, grpo=grpo_of(cfg))
@@ -136,19 +145,42 @@ def test_ratio_is_one_at_lag_zero_and_the_learner_trains_the_groups():
     assert tb.group_id.tolist() == [11] * 4 + [12] * 4 and tb.member.tolist() == [0, 1, 2, 3] * 2
     a = 1 / (math.sqrt(3 / 16) + 1e-4)              # group 11: rewards 0 0 0 1, mean 1/4, std sqrt(3/16); 12: std 0
     assert tb.advantage.tolist() == pytest.approx([-a / 4] * 3 + [3 * a / 4] + [0.0] * 4, abs=1e-5)
-    # the learner scores the recorded steps with the sampler's weights: the same log p, bit for bit, in the
-    # sampler's batch order; the sampler's own log p is of the recorded (rounded) state
-    keep, W = torch.arange(len(tb)), tb.x.shape[1]
-    ep = {"tb": tb, "keep": keep, "w": 1.0}
-    for i in range(W):
+    W = tb.x.shape[1]
+
+    def scored(rows: pa.RecordBatch):       # the learner's log p of each recorded step minus the sampler's [images, W]
+        learner.begin_epoch(rows)           # (its own epoch state and loss inputs; the epoch then dropped)
+        ep, learner._epoch = learner._epoch, None
+        n = len(from_arrow(rows))
+        seen.clear()
         with torch.no_grad():
-            _, m, lag = learner._grpo_loss(ep, keep * W + i)
-        assert m["log_rho_abs_max"].item() == 0.0 and int(lag.abs().max()) == 0
+            lag = torch.stack([learner._grpo_loss(ep, torch.arange(n) * W + i)[2] for i in range(W)])
+        return torch.stack([(lp - old).double() for lp, old, _ in seen], 1), lag
+
+    # the learner scores the recorded steps with the sampler's weights: the same log p (the sampler's own log p is
+    # of the recorded, rounded state) -- bit for bit at the sampler's batch shape (every group kept: 12 rows a step),
+    # to float rounding at another (8 rows here: the matmuls block differently; up to 1.4e-6 on a 2-core x86 CPU)
+    log_rho, lag = scored(batch)
+    assert log_rho.shape == (8, W) and float(log_rho.abs().max()) < 1e-5 and int(lag.abs().max()) == 0
+    job, _ = sampler.sample(prompts=prompts, prompt_ids=[0, 1, 2], pair_ids=[20, 21, 22], seeds=[5, 6, 7])
+    log_rho, _ = scored(sampler.complete(job=job, rewards=np.arange(12.0))[0])
+    assert log_rho.shape == (12, W) and float(log_rho.abs().max()) == 0.0
     # the learner's own update mixes rows into micro-batches of 5: rounding by batch shape only, inside the clip range
+    before = [p.detach().clone() for p in learner.params]
+    seen.clear()
     out = learner.train_epoch(batch)
     assert out["trained_pair_ids"] == [11, 12] and out["learner/rows"] == 8 * 3 and out["updates"] == 1
     assert out["learner/log_rho_abs_max"] < 1e-5 and out["learner/clip_frac"] == 0.0
     assert learner.version == 1
+    # ... and it trains: log p carries the gradient to the weights (a detached or constant log p would not)
+    assert all(lp.requires_grad for lp, _, _ in seen) and sum(len(lp) for lp, _, _ in seen) == 8 * 3
+    assert out["learner/grad_norm"] > 0 and math.isfinite(out["learner/grad_norm"])
+    assert any(not torch.equal(a, p.detach()) for a, p in zip(before, learner.params))
+    # the step's direction: each image's log p of its recorded steps, with the new weights minus the sampler's,
+    # rises for the positive-advantage member of group 11, falls for the three below the mean, and the
+    # advantage-weighted sum (the surrogate) rises
+    rise = scored(batch)[0].sum(1)                                      # [8 images]
+    assert rise[3] > 0 and bool(torch.all(rise[:3] < 0)), rise
+    assert float((tb.advantage.double() * rise).sum()) > 0
 
 
 def test_a_batch_of_another_algorithm_or_schema_version_is_refused():
