@@ -363,9 +363,33 @@ def test_a_checkpoint_with_changed_bytes_fails_its_checksum(copy_of):
 def test_a_packed_snapshot_moves_to_a_model_device_as_one_buffer():
     # a GPU sampler's load: the packed bytes cross once, then every tensor is a view of the moved buffer (the meta
     # device stands in for CUDA here: same code, no data)
+    from torch.overrides import TorchFunctionMode
+
+    class Copies(TorchFunctionMode):                    # every tensor copy or move the snapshot makes
+        names = {"to", "copy_", "clone", "cuda", "_foreach_copy_", "empty_like", "contiguous"}
+
+        def __init__(self):
+            super().__init__()
+            self.calls = []
+
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            if getattr(func, "__name__", "") in self.names:
+                self.calls.append(func.__name__)
+            return func(*args, **(kwargs or {}))
+
     w = Weights.of(Net(seed=1), version=1)
-    moved = w._on(torch.device("meta"))
+    assert len(w.tensors) > 1
+    with Copies() as copies:
+        moved = w._on(torch.device("meta"))
+    assert copies.calls == ["to"]                                        # one move: the packed buffer's
     assert list(moved) == list(w.tensors)
     assert {n: (t.device.type, t.dtype, t.shape) for n, t in moved.items()} == {
         n: ("meta", t.dtype, t.shape) for n, t in w.tensors.items()}
+    # one storage: every tensor a view of the one moved buffer (the packed size), at its packed offset
+    assert len({t.untyped_storage()._cdata for t in moved.values()}) == 1
+    assert {t.untyped_storage().nbytes() for t in moved.values()} == {w.packed.numel()}
+    assert w.packed.numel() >= sum(t.nbytes for t in w.tensors.values())
+    assert [t.storage_offset() * t.element_size() for t in moved.values()] == [
+        v.storage_offset() * v.element_size() for v in w.tensors.values()]
+    assert len({t.storage_offset() for t in moved.values()}) == len(moved)
     assert w._on(torch.device("cpu")) is w.tensors                   # a CPU model reads the snapshot in place
