@@ -37,6 +37,7 @@ import importlib.util
 import json
 import logging
 import os
+import sys
 import time
 from dataclasses import dataclass
 from functools import partial
@@ -341,7 +342,8 @@ def evaluate_part(part: Part, images_src, scorers: dict, num_steps: int, grid_pn
     ps, R = part.spec, part.spec.images_per_prompt
     per_image = {m: np.full(len(part.chosen) if m == "dreamsim_diversity" else len(part.prompts), np.nan)
                  for m in ps.metrics}
-    bar = tqdm(total=len(part.prompts), desc=f"{ps.name} images", unit="img", disable=not progress)
+    # a bar only on a terminal: in a log (`ray job logs`, a file) its carriage returns are noise
+    bar = tqdm(total=len(part.prompts), desc=f"{ps.name} images", unit="img", disable=not (progress and sys.stderr.isatty()))
     for (a, b), images in images_src.chunks(part, num_steps):
         if a == 0:   # the first prompts: one row of images (R = 1), or a row per prompt
             save_grid(images[: min(b, 8) * R], R if R > 1 else min(b, 8), grid_png)
