@@ -64,13 +64,13 @@ def train(cfg: RunConfig, book: Book, sampler: Sampler, reward, learner: Learner
             with book.timers("score"):
                 out = score_pairs(reward, images, req["prompts"])                # score
             batch, report = sampler.complete(job=job, rewards=out)               # pack
-            kept, stats = book.packed(req["pair_ids"], out, report)
+            kept, stats = book.record_request(req["pair_ids"], out, report)
             if kept:
                 batches.append(batch)
-                book.taken([stats])
+                book.add_rewards([stats])
         with deferred_interrupts():          # a stop lands after the epoch is recorded, not inside it
             m = learner.train_epoch(*batches) if batches else {"stale_pair_ids": [], "trained_pair_ids": []}   # update
-            book.updated(m)
+            book.record_update(m)
             with book.timers("publish"):
                 publish(learner, sampler)                                        # publish
             book.ledger.check()

@@ -271,10 +271,10 @@ class Book:
         if self.sink is not None:
             self.sink.drop(reason, n)
 
-    def packed(self, pair_ids: list[int], out: RewardOutput, report: dict) -> tuple[int, dict]:
+    def record_request(self, pair_ids: list[int], out: RewardOutput, report: dict) -> tuple[int, dict]:
         """A scored and packed request: its dropped pairs counted by reason and the sampler's stage times recorded.
         Returns how many of its pairs are in the batch, and its reward statistics, which count towards the epoch
-        whose update takes the batch (``taken``): a request whose pairs were all dropped counts at once."""
+        whose update takes the batch (``add_rewards``): a request whose pairs were all dropped counts at once."""
         K = self.batching.images_per_unit
         for reason, n in drop_reasons(pair_ids, report["dropped"], out.info.get("reasons"), K).items():
             self.drop(reason, n)
@@ -285,16 +285,16 @@ class Book:
         stats = {"reward": finite(out.scores), **{k: finite(v) for k, v in (out.info.get("components") or {}).items()}}
         kept = len(pair_ids) - len(report["dropped"])
         if not kept:
-            self.taken([stats])
+            self.add_rewards([stats])
         return kept, stats
 
-    def taken(self, stats: list[dict]) -> None:
+    def add_rewards(self, stats: list[dict]) -> None:
         """The reward statistics of the requests whose batches an update takes: this epoch's reward/... means."""
         for st in stats:
             for k, v in st.items():
                 self.rewards.setdefault(k, []).extend(v)
 
-    def updated(self, m: dict) -> bool:
+    def record_update(self, m: dict) -> bool:
         """An update's outcome: trained and stale pairs counted, the new version and checksum noted. Returns
         whether any optimizer step was taken."""
         stale, trained = len(m.pop("stale_pair_ids")), len(m.pop("trained_pair_ids"))
@@ -357,10 +357,10 @@ class Book:
             self.saved = (self.version, self.save(self.epoch))
             self.last_checkpoint = self.version
         if verdict is not None:
-            self.guarded(verdict)
+            self.act_on_guard(verdict)
         return m
 
-    def guarded(self, verdict) -> None:
+    def act_on_guard(self, verdict) -> None:
         """Act on the hacking guard's verdict of the epoch just closed: a new best gold value is kept as
         ``checkpoints/best`` (this epoch's checkpoint, written unless the cadence just wrote it); hacking is logged
         loudly and, with ``eval.stop_on_hacking``, sets ``stop_reason``, which ends the drivers' loops."""
@@ -384,6 +384,20 @@ class Book:
                         else " -- continuing (set eval.stop_on_hacking=true to stop)"))
             if self.cfg.eval.stop_on_hacking:
                 self.stop_reason = alarm
+
+    def rollback(self, state: dict, version: int, checksum: str) -> int:
+        """Back to a checkpoint a new learner restored: ``state`` (``Book.state``: its epoch and ledger) and the
+        ``version`` / ``checksum`` it holds. The pairs trained since count as dropped (``rolled_back``), the epochs
+        since leave the history (they are trained again) and the running epoch's reward statistics are dropped.
+        Returns the number of pairs rolled back."""
+        rolled_back = self.ledger.trained - state["ledger"]["pairs_trained"]
+        self.ledger.trained -= rolled_back
+        self.drop("rolled_back", rolled_back)
+        self.history = [h for h in self.history if h["epoch"] < state["epoch"]]
+        self.epoch, self.version, self.checksum, self.last_checkpoint, self.rewards = state["epoch"], version, checksum, version, {}
+        if self.progress is not None:
+            self.progress.n = self.epoch
+        return rolled_back
 
     @property
     def running(self) -> bool:

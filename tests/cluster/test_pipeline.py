@@ -159,3 +159,26 @@ def test_reward_failures_are_counted_in_both_drivers(mode, tmp_path, request):
         assert n == 16 + failing_pairs(n)
         assert all(s["pending_pairs"] == 0 for s in out["samplers"])
     assert ledger["pairs_in_flight"] == 0 and out["history"][-1]["drops/reward_failure"] == failing_pairs(ledger["pairs_requested"])
+
+
+def test_book_rollback_returns_to_the_restored_checkpoints_counters(tmp_path):
+    # three epochs of 8 pairs trained (one step each: versions 1, 2, 3); a new learner restores the checkpoint written
+    # after epoch 1 (version 1, 8 pairs trained): the 16 pairs trained since are rolled back, the history keeps epoch
+    # 0, and the books continue from epoch 1 at version 1
+    from cluster.pipeline import Book
+
+    cfg = load_config("tiny-cpu", [f"output_dir={tmp_path}", "train.epochs=4", "eval.every_epochs=0"])
+    book = Book(cfg, evaluate=None, save=None)
+    for epoch in range(3):
+        book.ledger.request(8)
+        book.add_rewards([{"reward": [0.5] * 16}])
+        assert book.record_update({"stale_pair_ids": [], "trained_pair_ids": list(range(8 * epoch, 8 * epoch + 8)),
+                                   "updates": 1, "learner/version": epoch + 1, "checksum": f"c{epoch + 1}"})
+        book.end_epoch({})
+    book.add_rewards([{"reward": [0.9, 0.9]}])             # the lost epoch's statistics so far
+    state = {"epoch": 1, "next_pair_id": 8, "ledger": {"pairs_trained": 8}}
+    assert book.rollback(state, version=1, checksum="c1") == 16
+    assert (book.epoch, book.version, book.checksum, book.last_checkpoint, book.rewards) == (1, 1, "c1", 1, {})
+    assert [h["epoch"] for h in book.history] == [0]
+    assert book.ledger.summary() == {"pairs_requested": 24, "pairs_trained": 8, "pairs_dropped": {"rolled_back": 16},
+                                     "pairs_in_flight": 0}
