@@ -34,11 +34,12 @@ import logging
 import math
 import time
 import weakref
+from dataclasses import dataclass, field
 
 import pyarrow as pa
 import torch
 
-from learner.batch import from_arrow
+from learner.batch import GroupBatch, TrainBatch, from_arrow
 from learner.collective import LearnerGroupBroken
 from learner.flow_grpo import check_descending, group_advantages, grpo_loss, sde_step
 from learner.loss import fdfo_loss
@@ -79,6 +80,23 @@ def finite_mean(values: list) -> float:
     are none."""
     finite = [v for v in values if v is not None and math.isfinite(v)]
     return sum(finite) / len(finite) if finite else float("nan")
+
+
+@dataclass
+class EpochState:
+    """The epoch a learner is updating, from ``begin_epoch`` to its last ``update``: the rows it trains, the updates
+    left and the metrics running over them."""
+
+    tb: TrainBatch | GroupBatch       # the epoch's table (``from_arrow``)
+    keep: torch.Tensor                # indices of its rows that are not stale [R]
+    w: float                          # the guidance scale every row was sampled with
+    updates: list[torch.Tensor]       # row indices of each update still to take (``Batching.plan``)
+    rows: int                         # rows over all of the epoch's updates
+    sums: dict[str, float] = field(default_factory=dict)   # running metric sums (maxima for log_rho_abs_max)
+    grad_norms: list[float] = field(default_factory=list)  # one per update taken
+    lag_sum: float = 0.0              # policy lag summed over the rows trained
+    lag_max: int = 0
+    seconds: float = 0.0              # the steps' own time (``perf/update_s``), without snapshots
 
 
 class Learner:
@@ -138,7 +156,7 @@ class Learner:
         self.reuse_snapshots = reuse_snapshots
         self._snapshot_buffer: torch.Tensor | None = None
         self._last_snapshot: weakref.ref | None = None     # the last published Weights (its buffer is reused once it is gone)
-        self._epoch: dict | None = None                     # the epoch being updated (begin_epoch .. last update)
+        self._epoch: EpochState | None = None               # the epoch being updated (begin_epoch .. last update)
         self.prompts = PromptCache(model)                # embeddings per prompt, never shipped in batches
         if rank == 0:
             log.info("learner model placement: %s", self.placement())
@@ -195,7 +213,7 @@ class Learner:
         updates planned (0 when every pair was stale: nothing to update)."""
         t0 = time.perf_counter()
         if self._epoch is not None:
-            raise RuntimeError(f"begin_epoch while {len(self._epoch['updates'])} updates of the previous epoch are left")
+            raise RuntimeError(f"begin_epoch while {len(self._epoch.updates)} updates of the previous epoch are left")
         tb = from_arrow(pa.Table.from_batches(batches), algorithm=self.cfg.algorithm)
         stale = self.stale_mask(tb.policy_version)
         keep = torch.nonzero(~stale).squeeze(1)
@@ -211,8 +229,7 @@ class Learner:
         self.prompts.prefetch([tb.prompt[j] for j in keep.tolist()])    # new prompts: one encoder window
         g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.version)
         updates = self.batching.plan(len(keep) * tb.x.shape[1], g)     # row indices of each update
-        self._epoch = {"tb": tb, "keep": keep, "w": w, "updates": updates, "rows": sum(len(r) for r in updates),
-                       "sums": {}, "grad_norms": [], "lag_sum": 0.0, "lag_max": 0, "seconds": time.perf_counter() - t0}
+        self._epoch = EpochState(tb, keep, w, updates, rows=sum(len(r) for r in updates), seconds=time.perf_counter() - t0)
         return out | {"updates": len(updates)}
 
     def update(self, publish: bool = False) -> tuple[dict, Weights | None]:
@@ -224,8 +241,8 @@ class Learner:
             raise RuntimeError("update() without an epoch: call begin_epoch(*batches) first")
         t0 = time.perf_counter()
         try:
-            self._accumulate(ep, ep["updates"].pop(0))
-            ep["grad_norms"].append(self._step())
+            self._accumulate(ep, ep.updates.pop(0))
+            ep.grad_norms.append(self._step())
         except BaseException as e:
             self._epoch = None                              # a failed step abandons the epoch (weights untouched)
             if self.sharding == "fsdp" and peer_lost(e):
@@ -237,24 +254,24 @@ class Learner:
         t_publish = time.perf_counter()
         weights = self._snapshot(version, digest) if publish else None
         out["perf/publish_s"] = time.perf_counter() - t_publish
-        ep["seconds"] += t_publish - t0
-        if not ep["updates"]:                               # the epoch's last step: its metrics
+        ep.seconds += t_publish - t0
+        if not ep.updates:                               # the epoch's last step: its metrics
             self._epoch = None
             self._reduce_epoch_metrics(ep)
-            out.update({f"learner/{k}": v for k, v in ep["sums"].items()})
+            out.update({f"learner/{k}": v for k, v in ep.sums.items()})
             out.update({
-                "updates": len(ep["grad_norms"]),
-                "learner/grad_norm": finite_mean(ep["grad_norms"]),
+                "updates": len(ep.grad_norms),
+                "learner/grad_norm": finite_mean(ep.grad_norms),
                 "learner/skipped_steps": self.skipped_steps,
                 "learner/lr": self.opt.param_groups[0]["lr"],
-                "learner/policy_lag_mean": ep["lag_sum"] / ep["rows"],
-                "learner/policy_lag_max": ep["lag_max"],
-                "learner/rows": ep["rows"],
-                "perf/update_s": ep["seconds"],
+                "learner/policy_lag_mean": ep.lag_sum / ep.rows,
+                "learner/policy_lag_max": ep.lag_max,
+                "learner/rows": ep.rows,
+                "perf/update_s": ep.seconds,
             })
         return out, weights
 
-    def _accumulate(self, ep: dict, rows: torch.Tensor) -> None:
+    def _accumulate(self, ep: EpochState, rows: torch.Tensor) -> None:
         """Gradients of this rank's share of one update's ``rows`` (accumulated over micro-batches to the update's
         mean), and the epoch's running metrics. Sharded (fsdp), every forward and backward is a collective, so a rank
         with fewer micro-batches than the busiest pads with zero-weight ones (a row of the update, loss * 0)."""
@@ -274,11 +291,11 @@ class Learner:
             if i >= len(mine):
                 continue                                    # padding: no rows, no metrics
             # lag is on the host (versions): reading it does not wait for the device
-            ep["lag_sum"], ep["lag_max"] = ep["lag_sum"] + float(lag.sum()), max(ep["lag_max"], int(lag.max()))
+            ep.lag_sum, ep.lag_max = ep.lag_sum + float(lag.sum()), max(ep.lag_max, int(lag.max()))
             metrics.append((share, m))
         self._add_metrics(ep, metrics)
 
-    def _add_metrics(self, ep: dict, metrics: list) -> None:
+    def _add_metrics(self, ep: EpochState, metrics: list) -> None:
         """The micro-batches' metrics (0-dim tensors on the device) into the epoch's running sums, in micro-batch order
         and with the same float arithmetic as reading each at once, but read from the device together: one host sync
         per update, none per micro-batch."""
@@ -289,26 +306,26 @@ class Learner:
             for k in m:
                 val = next(values)
                 if k == "log_rho_abs_max":
-                    ep["sums"][k] = max(ep["sums"].get(k, 0.0), val)
+                    ep.sums[k] = max(ep.sums.get(k, 0.0), val)
                 else:
-                    ep["sums"][k] = ep["sums"].get(k, 0.0) + val * share / self.batching.updates_per_epoch
+                    ep.sums[k] = ep.sums.get(k, 0.0) + val * share / self.batching.updates_per_epoch
 
-    def _micro_loss(self, ep: dict, mb: torch.Tensor) -> tuple[torch.Tensor, dict, torch.Tensor]:
+    def _micro_loss(self, ep: EpochState, mb: torch.Tensor) -> tuple[torch.Tensor, dict, torch.Tensor]:
         """The run's algorithm on one micro-batch of rows ``mb``: (loss, its metrics, each row's lag [B])."""
         if self.grpo is not None:
             return self._grpo_loss(ep, mb)
-        x, v, sigma, d, dR, cond, lag = self._rows(ep["tb"], ep["keep"], mb)
+        x, v, sigma, d, dR, cond, lag = self._rows(ep.tb, ep.keep, mb)
         with autocast(self.model.device, self.cfg.precision):
-            v_theta = self.model.velocity(x, sigma, cond, ep["w"])
-            v_base = self._base_velocity(x, sigma, cond, ep["w"]) if self.cfg.kl_weight > 0 else None
+            v_theta = self.model.velocity(x, sigma, cond, ep.w)
+            v_base = self._base_velocity(x, sigma, cond, ep.w) if self.cfg.kl_weight > 0 else None
         loss, m = fdfo_loss(v_theta, v, d, dR, self.cfg.epsilon, v_base, self.cfg.kl_weight)
         return loss, m, lag
 
-    def _grpo_loss(self, ep: dict, mb: torch.Tensor) -> tuple[torch.Tensor, dict, torch.Tensor]:
+    def _grpo_loss(self, ep: EpochState, mb: torch.Tensor) -> tuple[torch.Tensor, dict, torch.Tensor]:
         """Flow-GRPO on (image, SDE step) rows: log p_theta of the recorded step under v_theta, against the sampler's."""
-        tb, g, dev, w = ep["tb"], self.grpo, self.model.device, ep["w"]
+        tb, g, dev, w = ep.tb, self.grpo, self.model.device, ep.w
         W = tb.x.shape[1]
-        r, i = ep["keep"][mb // W], mb % W                  # row of the table, recorded step
+        r, i = ep.keep[mb // W], mb % W                  # row of the table, recorded step
         cond = self.prompts([tb.prompt[j] for j in r.tolist()])
         x, x_next = to_device(tb.x[r, i], dev), to_device(tb.x_next[r, i], dev)
         check_descending(tb.sigmas[r, i], tb.sigmas_next[r, i])          # on the host, before they move
@@ -406,16 +423,16 @@ class Learner:
         return self.version, digest or checksum(tensors)
 
     # -- the learner group (runtime.num_learners ranks) ---------------------------------------------------------
-    def _reduce_epoch_metrics(self, ep: dict) -> None:
+    def _reduce_epoch_metrics(self, ep: EpochState) -> None:
         """Every rank's share of the epoch's metrics added up (maxima maxed), so each rank reports the epoch's."""
         if self._grads is None:
             return
-        sums = {k: v for k, v in ep["sums"].items() if k != "log_rho_abs_max"} | {"_lag_sum": ep["lag_sum"]}
-        maxima = {"_lag_max": ep["lag_max"]} | ({"log_rho_abs_max": ep["sums"]["log_rho_abs_max"]}
-                                               if "log_rho_abs_max" in ep["sums"] else {})
+        sums = {k: v for k, v in ep.sums.items() if k != "log_rho_abs_max"} | {"_lag_sum": ep.lag_sum}
+        maxima = {"_lag_max": ep.lag_max} | ({"log_rho_abs_max": ep.sums["log_rho_abs_max"]}
+                                               if "log_rho_abs_max" in ep.sums else {})
         sums, maxima = self._grads.reduce_metrics(sums, maxima)
-        ep["lag_sum"], ep["lag_max"] = sums.pop("_lag_sum"), int(maxima.pop("_lag_max"))
-        ep["sums"] = sums | maxima
+        ep.lag_sum, ep.lag_max = sums.pop("_lag_sum"), int(maxima.pop("_lag_max"))
+        ep.sums = sums | maxima
 
     def learner_group_address(self, peers_on_this_node: bool) -> tuple[str, int]:
         """Rank 0: where the other ranks meet it (loopback when they all run on this node)."""
