@@ -101,5 +101,6 @@ def test_quickstart_commands_run(command):
     args = command.split()
     run = subprocess.run([BIN / Path(args[0]).name, *args[1:]], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr[-2000:]
-    first = {"presets": "flux-dev-pickscore", "config": "runtime: Where and how the roles run", "plan": ""}[args[1]]
-    assert run.stdout.startswith(first) and len(run.stdout.splitlines()) > 3
+    shown = {"presets": "sd35m-combined ", "config": "runtime.num_samplers = 1    (int or auto)",
+             "plan": "8 GPUs: runtime.overlap=false runtime.num_samplers=2"}[args[1]]
+    assert shown in run.stdout and len(run.stdout.splitlines()) > 3
