@@ -113,7 +113,7 @@ def markdown() -> str:
            ""]
     for name in sections():
         summary, rows = section_doc(name)
-        out += [f"## {name}", "", summary + (" (Top-level keys: `name: ...`, no section.)" if name == TOP else ""), ""]
+        out += [f"## {name}", "", summary + (" These keys sit at the top level of a preset (`name: shapes`), under no section." if name == TOP else ""), ""]
         for r in rows:
             out.append(f"- **`{r.key}`** ({r.type}; default `{r.default}`): {r.doc}")
         out.append("")
