@@ -36,7 +36,8 @@ def learner_actor(cfg: RunConfig, index: int = 0, rank: int = 0):
         ray.remote(Learner)
         .options(name=name, num_cpus=rt.learner_num_cpus, num_gpus=rt.learner_num_gpus,
                  resources=dict(rt.learner_resources), scheduling_strategy="SPREAD", max_restarts=0)
-        .remote(model=partial(build_model, cfg.model, role="learner"), train=cfg.train, batching=Batching.of(cfg), lora=cfg.lora,
+        .remote(model=partial(build_model, cfg.model, role="learner"), train=cfg.train, batching=Batching.of(cfg),
+                lora=cfg.lora,
                 seed=cfg.seed, threads=actor_threads(rt, rt.learner_num_cpus), rank=rank, world_size=rt.num_learners,
                 grpo=grpo_of(cfg), sharding=learner_sharding(cfg), reuse_snapshots=True)
     )

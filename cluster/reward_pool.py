@@ -32,8 +32,8 @@ def reward_actor(cfg: RunConfig, index: int):
         ray.remote(RewardBatcher)
         .options(name=f"fdfo/reward/{index}", num_cpus=rt.reward_num_cpus, num_gpus=rt.reward_num_gpus,
                  resources=dict(rt.reward_resources), max_restarts=0)
-        .remote(reward_spec={"name": "weighted_sum", "specs": reward_specs(cfg.reward)}, max_batch_size=rt.reward_max_batch,
-                max_wait_s=rt.reward_max_wait_s, timeout_s=rt.reward_timeout_s,
+        .remote(reward_spec={"name": "weighted_sum", "specs": reward_specs(cfg.reward)},
+                max_batch_size=rt.reward_max_batch, max_wait_s=rt.reward_max_wait_s, timeout_s=rt.reward_timeout_s,
                 torch_threads=actor_threads(rt, rt.reward_num_cpus))
     )
 
@@ -49,7 +49,8 @@ class RewardPool:
     (Serve balances and replaces its replicas itself). A reward actor that dies is replaced by
     ``fdfo/reward/<next index>`` and recorded in ``faults`` (with ``book.epoch``)."""
 
-    def __init__(self, cfg: RunConfig, book, faults: list[dict], spawn: Callable[[RunConfig, int], object] = reward_actor):
+    def __init__(self, cfg: RunConfig, book, faults: list[dict],
+                 spawn: Callable[[RunConfig, int], object] = reward_actor):
         self.cfg, self.book, self.faults, self.spawn = cfg, book, faults, spawn   # spawn(cfg, index) -> a reward actor
         rt = cfg.runtime
         self.actors = [] if uses_serve(rt) else [spawn(cfg, i) for i in range(rt.num_reward_actors)]
@@ -63,7 +64,8 @@ class RewardPool:
             raise
 
     def score(self, images, prompts: list[str], route: int) -> ray.ObjectRef:
-        """The score stage: a ref of the RewardOutput for ``images`` (a ref or an array) of ``prompts`` (one per image)."""
+        """The score stage: a ref of the RewardOutput for ``images`` (a ref or an array) of ``prompts`` (one an
+        image); ``route`` picks the reward actor (a request's first pair id: requests spread over the actors)."""
         if self.service is not None:
             return self.service.score(images, prompts)
         actor = self.actors[route % len(self.actors)]
@@ -91,10 +93,10 @@ class RewardPool:
     def _replace(self, dead) -> None:
         if dead not in self.actors:
             return
-        k = self.actors.index(dead)
-        self.actors[k] = self.spawn(self.cfg, self.next_index)
-        self.faults.append({"role": "reward", "lost": k, "replaced_by": self.next_index, "epoch": self.book.epoch})
-        log.warning("reward actor %d lost; replaced by fdfo/reward/%d", k, self.next_index)
+        slot = self.actors.index(dead)
+        self.actors[slot] = self.spawn(self.cfg, self.next_index)
+        self.faults.append({"role": "reward", "lost": slot, "replaced_by": self.next_index, "epoch": self.book.epoch})
+        log.warning("reward actor %d lost; replaced by fdfo/reward/%d", slot, self.next_index)
         self.next_index += 1
 
     def stats(self) -> list[dict]:

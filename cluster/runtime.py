@@ -112,19 +112,20 @@ def run_ray(cfg: RunConfig, resume: bool = False) -> dict:
         summary["torch_threads"] = run.threads
         summary["learner_ranks"] = len(run.learners.ranks)
         summary["faults"] = run.faults
-        for f in run.faults:
-            log.info("fault: %s %s lost at epoch %d, replaced by %s", f["role"], f["lost"], f["epoch"], f["replaced_by"])
+        for fault in run.faults:
+            log.info("fault: %s %s lost at epoch %d, replaced by %s", fault["role"], fault["lost"], fault["epoch"],
+                     fault["replaced_by"])
         return summary
     finally:
         run.kill()                                     # free the actors now, also when the run failed
 
 
-def worst_lag(version: int, steps_left: int | None, ahead: int, b: Batching) -> int:
+def worst_lag(version: int, steps_left: int | None, ahead: int, batching: Batching) -> int:
     """The largest lag a pair requested now reaches when trained: it is sampled with ``version`` (the newest
     published) and lands in the epoch that pair number ``ahead`` (counting the pairs ready or in flight before it)
     falls into; the next epoch starts once the running epoch's ``steps_left`` updates are done (None: none runs)."""
     start = version + (steps_left or 0)
-    return start + (ahead // b.pairs_per_epoch + 1) * b.updates_per_epoch - 1 - version
+    return start + (ahead // batching.pairs_per_epoch + 1) * batching.updates_per_epoch - 1 - version
 
 
 @dataclass
@@ -270,7 +271,8 @@ class RayRun:
         metrics = update.metrics
         step_s = time.perf_counter() - update.started
         if not self.book.record_update(metrics):          # every pair was stale: no update, not an epoch
-            log.info("all pairs of the batch were stale (max_policy_lag %d); sampling again", self.book.batching.max_policy_lag)
+            log.info("all pairs of the batch were stale (max_policy_lag %d); sampling again",
+                     self.book.batching.max_policy_lag)
             return
         if self.sync.collective:
             self.published.version = self.book.version
@@ -341,7 +343,8 @@ class RayRun:
         self.faults.append(fault)
         log.warning("learner lost at epoch %d (version %d); fdfo/learner/%d restored version %d (epoch %d) from %s in "
                     "%.1f s; %d trained pairs rolled back", lost_epoch, lost_version, self.learners.index, version,
-                    self.book.epoch, self.learners.checkpoint or "the starting weights", fault["recover_s"], rolled_back)
+                    self.book.epoch, self.learners.checkpoint or "the starting weights", fault["recover_s"],
+                    rolled_back)
 
     def evaluate(self, png) -> dict:
         """Held-out evaluation (``Book``'s hook) on a sampler with the newest weights and the first reward actor."""

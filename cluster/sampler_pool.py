@@ -174,12 +174,12 @@ class SamplerPool:
         while True:
             while not self.members.actors:              # at the start (or after a loss) every sampler may be joining
                 self.on_joined(ray.wait(list(self.members.joining), num_returns=1)[0][0])
-            i, sampler = next(iter(self.members.actors.items()))
+            index, sampler = next(iter(self.members.actors.items()))
             try:
                 return ray.get(sampler.generate.remote(prompts=prompts, seeds=seeds, num_steps=steps,
                                                        newest=self.published.to_load()))
             except RayActorError:
-                self.lose(i)
+                self.lose(index)
 
     # -- members -------------------------------------------------------------------------------------------------
     def add(self) -> None:
@@ -188,50 +188,52 @@ class SamplerPool:
         provisioned) holds up nobody and no pairs. On the collective path it loads the learner's current weights
         first (a formed group cannot take a late member; the next broadcast re-forms it)."""
         members, published = self.members, self.published
-        i = members.next_index
+        index = members.next_index
         members.next_index += 1
-        actor = self.spawn(self.cfg, i)
+        actor = self.spawn(self.cfg, index)
         if not self.sync.collective:
-            members.joining[actor.set_weights.remote(weights=published.weights_ref)] = (i, actor)
+            members.joining[actor.set_weights.remote(weights=published.weights_ref)] = (index, actor)
             return
         proof = ray.get(actor.set_weights.remote(weights=self.sync.learner.weights.remote()))
         if proof["version"] < published.version:
-            raise RuntimeError(f"late sampler {i} loaded version {proof['version']}, older than {published.version}")
+            raise RuntimeError(f"late sampler {index} loaded version {proof['version']}, older than "
+                               f"{published.version}")
         published.checksums.setdefault(proof["version"], proof["checksum"])
-        members.actors[i], members.busy[i] = actor, 0
+        members.actors[index], members.busy[index] = actor, 0
         self.sync.members_changed = True
 
     def on_joined(self, ref) -> None:
         """A joining sampler answered its first load: it joins the pool (proof checked), or it died and is replaced."""
-        i, actor = self.members.joining.pop(ref)
+        index, actor = self.members.joining.pop(ref)
         try:
             proof = ray.get(ref)
         except RayActorError as e:
-            log.warning("sampler %d died while starting (%s)", i, e)
-            self.lose(i)
+            log.warning("sampler %d died while starting (%s)", index, e)
+            self.lose(index)
             return
         if self.published.is_orphaned(proof["version"], proof["checksum"]):   # what a lost learner published
-            self.members.joining[actor.set_weights.remote(weights=self.published.weights_ref)] = (i, actor)
+            self.members.joining[actor.set_weights.remote(weights=self.published.weights_ref)] = (index, actor)
             return
         self.published.check(proof)
-        self.members.actors[i], self.members.busy[i] = actor, 0
+        self.members.actors[index], self.members.busy[index] = actor, 0
         self.sync.members_changed = True
 
-    def lose(self, i: int) -> None:
-        """Sampler i died: its other requests in flight are lost with it; replace it up to the pool's minimum."""
+    def lose(self, index: int) -> None:
+        """Sampler ``index`` died: its other requests in flight are lost with it; replace it up to the pool's
+        minimum."""
         self.sync.members_changed = True
-        self.members.actors.pop(i, None)
-        self.members.busy.pop(i, None)
+        self.members.actors.pop(index, None)
+        self.members.busy.pop(index, None)
         for ref, job in list(self.jobs.items()):
-            if job.sampler == i:
+            if job.sampler == index:
                 self.jobs.pop(ref)
                 self.book.drop("actor_lost", len(job.pair_ids))
-        log.warning("sampler %d lost; %d samplers left", i, len(self.members.actors))
+        log.warning("sampler %d lost; %d samplers left", index, len(self.members.actors))
         replaced = []
         while self.size() < self.minimum:
             replaced.append(self.members.next_index)
             self.add()
-        self.faults.append({"role": "sampler", "lost": i, "replaced_by": replaced, "epoch": self.book.epoch})
+        self.faults.append({"role": "sampler", "lost": index, "replaced_by": replaced, "epoch": self.book.epoch})
 
     def broadcast(self, version: int, checksum: str) -> None:
         """Every sampler brought to ``version`` now (``WeightSync.broadcast``); on the object-store path later calls and
@@ -251,16 +253,18 @@ class SamplerPool:
         members = self.members
         if waited_s > step_s and members.size() < self.maximum:
             self.add()
-            log.info("autoscale: learner waited %.1fs for data (step %.1fs): %d samplers", waited_s, step_s, members.size())
+            log.info("autoscale: learner waited %.1fs for data (step %.1fs): %d samplers", waited_s, step_s,
+                     members.size())
         elif waited_s == 0.0 and len(members.actors) > self.minimum:
             queued = {job.sampler for job in self.jobs.values()}
             idle = [i for i, calls in members.busy.items() if calls == 0 and i not in queued]
             if idle:
-                i = idle[-1]
-                ray.kill(members.actors.pop(i))
-                members.busy.pop(i)
+                index = idle[-1]
+                ray.kill(members.actors.pop(index))
+                members.busy.pop(index)
                 self.sync.members_changed = True
-                log.info("autoscale: learner is the bottleneck: released sampler %d, %d left", i, len(members.actors))
+                log.info("autoscale: learner is the bottleneck: released sampler %d, %d left", index,
+                         len(members.actors))
 
     # -- end -----------------------------------------------------------------------------------------------------
     def close(self) -> list[dict]:
@@ -272,17 +276,17 @@ class SamplerPool:
             for ref in ready:
                 self.on_joined(ref)
             for ref in pending:                     # never placed (no node for it): it never did any work
-                i, actor = members.joining.pop(ref)
-                log.warning("sampler %d never started (no node could hold it); released", i)
+                index, actor = members.joining.pop(ref)
+                log.warning("sampler %d never started (no node could hold it); released", index)
                 ray.kill(actor)
-        for i, actor in list(members.actors.items()):   # a sampler lost at the very end (its node gone) is let go:
+        for index, actor in list(members.actors.items()):   # a sampler lost at the very end (its node gone) is let go:
             try:                                        # its work is done and accounted; the others prove their weights
                 if published.weights_ref is not None:
                     check_proof(ray.get(actor.set_weights.remote(weights=published.weights_ref)), published.version,
                                 published.checksums[published.version])
             except RayActorError:
-                log.warning("sampler %d was lost after the last epoch; the run's books are complete without it", i)
-                del members.actors[i]
+                log.warning("sampler %d was lost after the last epoch; the run's books are complete without it", index)
+                del members.actors[index]
         statuses = ray.get([members.actors[i].status.remote() for i in sorted(members.actors)])
         self.sync.close(members)
         return statuses

@@ -4,7 +4,7 @@ Usage::
 
     published = Published(version, checksum, weights_ref)     # every proof a sampler returns is checked against it
     sync = WeightSync(learner, collective=use_collective(rt.weight_sync, nbytes), timeout_s=rt.weight_sync_timeout_s)
-    ref = sync.broadcast(pool, version, checksum)              # every sampler of ``pool`` (its ``actors``) on ``version``
+    ref = sync.broadcast(pool, version, checksum)              # every sampler of ``pool`` (``pool.actors``) on it
 
 The learner publishes after every optimizer step on the object-store path (the step's ``Weights`` are put once and
 each sampler loads them at the start of its next call) and once an epoch on the collective path (a broadcast).
@@ -101,17 +101,18 @@ class WeightSync:
         self.members_changed = True
         self.members: list[int] = []
         self.address: tuple[str, int] | None = None    # (host, port) of the current generation's rendezvous
-        self.lost: list[int] = []                        # samplers found dead by a broadcast, for the runtime to replace
+        self.lost: list[int] = []                        # samplers a broadcast found dead, for the pool to replace
 
     def _form(self, pool) -> None:
         """A new generation of the group: the learner and every sampler of ``pool`` (its ``actors``: index -> actor)."""
         self.members = sorted(pool.actors)
         # each member picks its backend from its own device (NCCL on a GPU, gloo on a CPU); they must agree
-        picks = ray.get([self.learner.weight_backend.remote()] + [pool.actors[i].weight_backend.remote() for i in self.members])
+        picks = ray.get([self.learner.weight_backend.remote()]
+                        + [pool.actors[i].weight_backend.remote() for i in self.members])
         if len(set(picks)) > 1:
-            raise RuntimeError(f"weight group members disagree on the backend (learner {picks[0]}, samplers {picks[1:]}): "
-                               "put the learner and every sampler on GPUs (NCCL) or all on CPUs (gloo), or set "
-                               "runtime.weight_sync=object_store")
+            raise RuntimeError(f"weight group members disagree on the backend (learner {picks[0]}, samplers "
+                               f"{picks[1:]}): put the learner and every sampler on GPUs (NCCL) or all on CPUs "
+                               "(gloo), or set runtime.weight_sync=object_store")
         backend = picks[0]
         world = 1 + len(self.members)
         # The rendezvous store has no authentication of its own: it listens on loopback when every member shares
@@ -120,8 +121,8 @@ class WeightSync:
         addr, port = ray.get(self.learner.weight_group_address.remote(peers_on_this_node=len(set(nodes)) == 1))
         self.address = (addr, port)
         log.info("weight group: %d ranks, rendezvous at %s:%d", world, addr, port)
-        joins = [self.learner.join_weight_group.remote(world_size=world, master_addr=addr, master_port=port, backend=backend,
-                                                       timeout_s=self.timeout_s)]
+        joins = [self.learner.join_weight_group.remote(world_size=world, master_addr=addr, master_port=port,
+                                                       backend=backend, timeout_s=self.timeout_s)]
         joins += [pool.actors[i].join_weight_group.remote(rank=r + 1, world_size=world, master_addr=addr,
                                                           master_port=port, backend=backend, timeout_s=self.timeout_s)
                   for r, i in enumerate(self.members)]
