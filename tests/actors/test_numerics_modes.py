@@ -49,10 +49,21 @@ def test_timestep_reaches_the_transformer_in_float32():
 
 
 @pytest.mark.parametrize("weights,record,w", [(torch.float16, "float16", 2.0), (torch.bfloat16, "bfloat16", 2.0)])
-def test_log_rho_is_zero_at_lag_zero_in_the_recorded_dtype(weights, record, w):
+def test_log_rho_is_zero_at_lag_zero_in_the_recorded_dtype(weights, record, w, monkeypatch):
     """The presets' numerics on CPU: fp16 (bf16) weights, what fp16 (bf16) autocast computes in on CUDA, x and v
     recorded in that dtype, CFG 2.0 (v_neg + w (v_pos - v_neg) combined in the compute dtype, as the reference): the
-    learner's v_theta at the recorded inputs is the recorded v, bit for bit, so log rho is exactly 0 at every step."""
+    learner's v_theta at the recorded inputs is the recorded v, bit for bit, so log rho is exactly 0 at every step --
+    seen in the learner's own update (``fdfo_loss``'s inputs inside ``train_epoch``), not a re-built forward."""
+    import learner.learner as learner_module
+
+    seen = []                                           # (v_theta, v, the loss's metrics) of each micro-batch
+
+    def spy(v_theta, v, *args, **kwargs):
+        loss, m = fdfo_loss(v_theta, v, *args, **kwargs)
+        seen.append((v_theta.detach(), v.detach(), m))
+        return loss, m
+
+    monkeypatch.setattr(learner_module, "fdfo_loss", spy)
     cfg = load_config("tiny-cpu", ["sampling.num_steps=2", "train.pairs_per_epoch=2", "train.updates_per_epoch=1",
                                    "sampling.pairs_per_call=2", "train.micro_batch_rows=8", "train.precision=fp16",
                                    f"sampling.record_dtype={record}", f"sampling.guidance_scale={w}",
@@ -69,10 +80,9 @@ def test_log_rho_is_zero_at_lag_zero_in_the_recorded_dtype(weights, record, w):
     tb = from_arrow(pa.Table.from_batches([batch]))
     recorded = {"float16": torch.float16, "bfloat16": torch.bfloat16}[record]
     assert tb.v.dtype == recorded and tb.x.dtype == recorded and float(tb.guidance_scale[0]) == w
-    keep, steps = torch.arange(tb.x.shape[0]), tb.x.shape[1]
-    for i in range(steps):
-        x, v, sigma, d, dR, cond, lag = learner._rows(tb, keep, torch.arange(len(keep)) * steps + i)
-        with torch.no_grad(), autocast(learner.model.device, cfg.train.precision):
-            v_theta = learner.model.velocity(x, sigma, cond, w)
-        assert torch.equal(v_theta, v.float()) and int(lag.abs().max()) == 0
-        assert float(fdfo_loss(v_theta, v.float(), d, dR)[1]["log_rho_abs_max"]) == 0.0
+    out = learner.train_epoch(batch)
+    rows = tb.x.shape[0] * tb.x.shape[1]                # every (branch, recorded step) row, in the update's batches
+    assert out["learner/rows"] == rows and sum(len(v) for _, v, _ in seen) == rows and out["learner/policy_lag_max"] == 0
+    for v_theta, v, m in seen:
+        assert torch.equal(v_theta, v.float()) and float(m["log_rho_abs_max"]) == 0.0
+    assert out["learner/log_rho_abs_max"] == 0.0 and learner.version == 1
