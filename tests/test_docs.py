@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from cluster.config_docs import REGENERATE, markdown
+from cluster.config_docs import REGENERATE, markdown, section_doc, sections
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -104,3 +104,16 @@ def test_quickstart_commands_run(command):
     shown = {"presets": "sd35m-combined ", "config": "runtime.num_samplers = 1    (int or auto)",
              "plan": "8 GPUs: runtime.overlap=false runtime.num_samplers=2"}[args[1]]
     assert shown in run.stdout and len(run.stdout.splitlines()) > 3
+
+
+def test_config_keys_named_in_the_docs_exist():
+    """Every ``section.key`` the README or a docs page names in inline code is a key of the config tree, so renaming a
+    field without updating the prose fails here (the configuration page itself is regenerated, above)."""
+    known = {r.key for name in sections() if name != "run" for r in section_doc(name)[1]}
+    named = re.compile(r"(?<![\w./-])((?:" + "|".join(n for n in sections() if n != "run") + r")\.[a-z_][a-z0-9_]*)(?![\w(])")
+    unknown = []
+    for page in [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]:
+        for span in re.findall(r"`([^`\n]+)`", page.read_text()):
+            unknown += [f"{page.name}: {key}" for key in named.findall(span)
+                        if key not in known and not key.endswith((".py", ".yaml", ".md", ".json"))]
+    assert unknown == []
