@@ -240,9 +240,23 @@ def test_gradient_checkpointing_changes_memory_not_the_update(case, trained):
     name, c, model = case
     plain, _, batch = trained
     cfg = lora_cfg(c.guidance, gradient_checkpointing=True)
+    from models.device import repeated_blocks
+
     checkpointed = Learner(c.adapter(), cfg.train, Batching.of(cfg), cfg.lora, seed=0)
     assert checkpointed.model.transformer.gradient_checkpointing and not plain.model.transformer.gradient_checkpointing
-    checkpointed.train_epoch(batch)
+    # the recompute is real: every block runs twice per transformer forward (the forward, then again in the backward
+    # pass), where without checkpointing it runs once
+    transformer, blocks = checkpointed.model.transformer, repeated_blocks(checkpointed.model.transformer)
+    calls = {"transformer": 0} | {i: 0 for i in range(len(blocks))}
+    hooks = [transformer.register_forward_pre_hook(lambda *_: calls.update(transformer=calls["transformer"] + 1))]
+    hooks += [b.register_forward_pre_hook(lambda *_, i=i: calls.update({i: calls[i] + 1})) for i, b in enumerate(blocks)]
+    try:
+        checkpointed.train_epoch(batch)
+    finally:
+        for h in hooks:
+            h.remove()
+    n = calls.pop("transformer")
+    assert len(blocks) >= 2 and n >= 1 and calls == {i: 2 * n for i in range(len(blocks))}, (n, calls)
     a, b = plain.weights(), checkpointed.weights()
     assert a.version == b.version == 1 and a.tensors.keys() == b.tensors.keys()
     for n in a.tensors:
