@@ -3,6 +3,7 @@
 pairs trained as the ledger counted them."""
 
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -75,12 +76,41 @@ def wait_for(check, timeout_s: float, what: str):
     raise AssertionError(f"{what}: not within {timeout_s:g} s")
 
 
-@pytest.mark.skipif(shutil.which("prometheus") is None,
-                    reason="Debian's `prometheus` is not installed (apt-get install prometheus; .ci/setup.sh "
-                           "installs it where it runs as root with apt)")
+def prometheus_or_skip() -> str:
+    """The ``prometheus`` binary; without one the test skips on a developer's machine but fails in CI (``CI`` set, as
+    every CI service sets it), where .ci/setup.sh --tests installs it: a skip there would hide a broken setup."""
+    found = shutil.which("prometheus")
+    if found:
+        return found
+    why = ("Debian's `prometheus` is not installed (apt-get install prometheus; .ci/setup.sh --tests installs it where "
+           "it runs as root with apt)")
+    if os.environ.get("CI", "").strip().lower() not in ("", "0", "false", "no"):
+        pytest.fail(f"{why}, and this is CI (CI={os.environ['CI']}): the dashboard test must run here, not skip")
+    pytest.skip(why)
+
+
+def test_a_missing_prometheus_fails_in_ci_and_skips_elsewhere(monkeypatch):
+    monkeypatch.setattr(shutil, "which", lambda name: None)
+    for ci in ("true", "1"):
+        monkeypatch.setenv("CI", ci)
+        with pytest.raises(pytest.fail.Exception, match=rf"^Debian's `prometheus` is not installed .*, and this is CI \(CI={ci}\)"):
+            prometheus_or_skip()
+    for ci in ("", "false"):
+        monkeypatch.setenv("CI", ci)
+        with pytest.raises(pytest.skip.Exception, match="^Debian's `prometheus` is not installed"):
+            prometheus_or_skip()
+    monkeypatch.delenv("CI")
+    with pytest.raises(pytest.skip.Exception):
+        prometheus_or_skip()
+    monkeypatch.setattr(shutil, "which", lambda name: f"/usr/bin/{name}")
+    monkeypatch.setenv("CI", "true")
+    assert prometheus_or_skip() == "/usr/bin/prometheus"
+
+
 def test_prometheus_scrapes_a_run_and_answers_every_panel(ray_local, tmp_path):
     from cluster.runtime import run_ray
 
+    prometheus_or_skip()
     cfg = load_config("tiny-cpu", [f"name={RUN}", f"output_dir={tmp_path / 'runs'}", "train.epochs=2",
                                    "train.pairs_per_epoch=8", "train.updates_per_epoch=2", "sampling.pairs_per_call=4",
                                    "sampling.num_steps=4", "runtime.num_samplers=2", "runtime.sampler_num_cpus=1",
