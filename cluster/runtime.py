@@ -140,10 +140,9 @@ class EpochUpdate:
 
 
 class RayRun:
-    """The scheduler: it sends the pipeline's stages to the parts and reacts to whatever finishes first. The parts:
-    ``samplers`` (SamplerPool), ``rewards`` (RewardPool), ``learners`` (LearnerGroup), ``published`` (the register of
-    versions and checksums) and ``sync`` (WeightSync); ``book`` keeps the books; ``ready`` holds the scored batches
-    waiting for their epoch and ``update`` the epoch being updated."""
+    """The scheduler: it sends the pipeline's stages to its parts (``samplers``, ``rewards``, ``learners``,
+    ``published``, ``sync``) and reacts to whatever finishes first; ``book`` keeps the books, ``ready`` holds the
+    scored batches that wait for their epoch and ``update`` is the epoch being updated."""
 
     def __init__(self, cfg: RunConfig, resume: bool):
         self.cfg, self.rt = cfg, cfg.runtime
@@ -224,8 +223,8 @@ class RayRun:
             [self.learner_ref] if self.learner_ref is not None else [])
         if not waiting:
             raise RuntimeError(f"driver stalled with nothing in flight: {self.book.ledger.line()}, {len(self.ready)} "
-                               f"batches ready, {len(self.samplers.members.actors)} samplers; this is a bug, please "
-                               "report it with the config")
+                               f"batches ready, {self.samplers.size()} samplers; this is a bug, please report it "
+                               "with the config")
         t_wait = time.perf_counter()
         done, _ = ray.wait(waiting, num_returns=1, timeout=60.0)
         if self.update is None:
@@ -235,8 +234,7 @@ class RayRun:
     def on_learner(self) -> None:
         """The learner answered: the epoch's plan (then its first step starts), or a step (then its weights are
         published and the next step starts, or the epoch closes)."""
-        update, ref = self.update, self.learner_ref
-        self.learner_ref = None
+        update, ref, self.learner_ref = self.update, self.learner_ref, None
         try:
             out = ray.get(ref)
         except RayError as e:  # an input batch was lost with its node, or the learner died

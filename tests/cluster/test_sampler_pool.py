@@ -63,9 +63,12 @@ def make_pool(spawn, minimum=2, maximum=None, book=None):
     return SamplerPool(load_config("tiny-cpu", over), book or FakeBook(), published, sync, faults=[], spawn=spawn)
 
 
-def join_all(pool):
+def join_all(pool, add: int = 0):
+    """Add ``add`` samplers, then wait until every joining one has joined (or been dealt with)."""
     import ray
 
+    for _ in range(add):
+        pool.add()
     while pool.members.joining:
         pool.on_joined(ray.wait(list(pool.members.joining), num_returns=1)[0][0])
 
@@ -91,6 +94,19 @@ def test_samplers_join_once_their_first_load_is_proven(stubs):
     assert pool.published.sampled == {}                       # a join is checked, not counted as a sampler call
 
 
+def test_a_sampler_that_dies_while_starting_is_replaced(stubs):
+    import ray
+
+    spawn, made, _ = stubs
+    book = FakeBook(epoch=0)
+    pool = make_pool(spawn, minimum=1, book=book)
+    pool.add()
+    ray.kill(made[0])
+    join_all(pool)                                            # sampler 0's first load fails: sampler 1 takes its place
+    assert sorted(pool.members.actors) == [1] and book.drops == []
+    assert pool.faults == [{"role": "sampler", "lost": 0, "replaced_by": [1], "epoch": 0}]
+
+
 def test_a_wrong_first_load_stops_the_run(stubs):
     spawn, made, proofs = stubs
     proofs[0] = {"version": 3, "checksum": "tampered"}
@@ -106,8 +122,7 @@ def test_calls_are_queued_two_deep_and_finished(stubs):
 
     spawn, made, _ = stubs
     pool = make_pool(spawn)
-    pool.add(), pool.add()
-    join_all(pool)
+    join_all(pool, add=2)
     assert [i for i, _ in pool.with_room()] == [0, 1]
     for report, sampler, pairs in (("r1", 0, [0, 1]), ("r2", 0, [2]), ("r3", 1, [3, 4, 5])):
         pool.track(Job(sampler, pairs, f"job-{report}", None, None, report))
@@ -122,8 +137,7 @@ def test_a_lost_sampler_drops_its_calls_and_is_replaced_up_to_the_minimum(stubs)
     spawn, made, _ = stubs
     book = FakeBook(epoch=5)
     pool = make_pool(spawn, book=book)
-    pool.add(), pool.add()
-    join_all(pool)
+    join_all(pool, add=2)
     pool.sync.members_changed = False
     pool.track(Job(1, [0, 1, 2], "j1", None, None, "r1"))
     pool.track(Job(0, [3], "j0", None, None, "r0"))
@@ -144,8 +158,7 @@ def test_a_failed_call_is_counted_by_what_failed(stubs):
     spawn, made, _ = stubs
     book, lost_rewards = FakeBook(), []
     pool = make_pool(spawn, book=book)
-    pool.add(), pool.add()
-    join_all(pool)
+    join_all(pool, add=2)
     job = lambda s, n: Job(s, list(range(n)), f"job{s}-{n}", None, None, f"r{s}-{n}")  # noqa: E731
     # a reward actor died serving sampler 0's call: the sampler lives and frees the trajectories
     pool.fail(job(0, 2), RayActorError(actor_id="reward-actor-id"), reward_lost=lost_rewards.append)
@@ -170,8 +183,7 @@ def test_autoscale_grows_when_the_learner_waited_and_releases_an_idle_sampler_wh
 
     spawn, made, _ = stubs
     pool = make_pool(spawn, minimum=1, maximum=3)
-    pool.add()
-    join_all(pool)
+    join_all(pool, add=1)
     pool.autoscale(waited_s=2.0, step_s=1.0)                  # waited longer than it trained: a second sampler
     pool.autoscale(waited_s=0.5, step_s=1.0)                  # waited, but less than a step: no change
     pool.autoscale(waited_s=2.0, step_s=1.0)
