@@ -163,6 +163,8 @@ def test_bf16_sharded_ranks_train_fp32_masters_and_resume_at_one_rank_bit_for_bi
         published = ray.get(ranks[0].weights.remote())
         folder = ray.get([r.save.remote(str(tmp_path), {"epoch": 1}, {"train": {"keep_checkpoints": 0}})
                           for r in ranks])[0]
+        epoch(ranks, batch)                                 # one more epoch from the group's in-memory masters
+        continued = ray.get(ranks[0].weights.remote())
     finally:
         for r in ranks:
             ray.kill(r)
@@ -179,6 +181,23 @@ def test_bf16_sharded_ranks_train_fp32_masters_and_resume_at_one_rank_bit_for_bi
     assert outs[0]["learner/grad_norm"] == pytest.approx(want["learner/grad_norm"], rel=2e-2)
     solo = single(dtype=torch.bfloat16)
     assert solo.load(folder) == {"epoch": 1} and solo.weights_info() == (2, published.checksum)
+    # the fp32 masters are saved (gathered from the ranks' shards), hold what bf16 rounds away, and are what one
+    # learner resumes: a checkpoint of the bf16 weights alone would have passed the checksum above
+    masters = load_file(f"{folder}/masters.safetensors")
+    assert masters.keys() == published.tensors.keys() and {m.dtype for m in masters.values()} == {torch.float32}
+    assert all(torch.equal(masters[k].bfloat16(), published.tensors[k]) for k in masters)     # the weights: rounded
+    finer = sum(int((masters[k] != published.tensors[k].float()).sum()) for k in masters)
+    assert finer > 0.5 * sum(m.numel() for m in masters.values())                            # most bits below bf16
+    names = [n for n, p in solo.model.transformer.named_parameters() if p.requires_grad]
+    assert all(torch.equal(m, masters[n]) for n, m in zip(names, solo.masters, strict=True))
+    # one more epoch both ways: the group from its live masters, one learner from the saved ones, agree as the first
+    # epoch's two updates did (to bf16 rounding of the gradients)
+    solo.train_epoch(batch)
+    w3 = solo.weights().tensors
+    d1 = torch.cat([(w3[k].float() - published.tensors[k].float()).flatten() for k in w3])
+    d2 = torch.cat([(continued.tensors[k].float() - published.tensors[k].float()).flatten() for k in w3])
+    assert continued.version == solo.version == 4 and float(d1.abs().max()) > 0.01
+    assert float((d2 - d1).norm() / d1.norm()) < 0.15 and float((d1 == d2).float().mean()) > 0.6
 
 
 @pytest.mark.parametrize("overrides, message", [
