@@ -28,6 +28,12 @@ def test_a_ray_run_of_groups_keeps_the_books(ray_local, tmp_path):
     assert max(h["learner/policy_lag_max"] for h in hist) <= 3
     assert all(h["learner/rows"] == 8 * 4 * 4 for h in hist)           # every (image, SDE step) row, each epoch
     assert all(0.0 <= h["learner/clip_frac"] <= 1.0 and np.isfinite(h["learner/loss"]) for h in hist)
+    # it trains: every update has a gradient (a log p without one would not), and the weights move between versions,
+    # so the rows sampled a version or more behind (overlap) score a log p of their own under the learner's weights
+    assert all(0.0 < h["learner/grad_norm"] < np.inf for h in hist), [h["learner/grad_norm"] for h in hist]
+    lagged = [h["learner/log_rho_abs_max"] for h in hist if h["learner/policy_lag_max"] > 0]
+    # (measured 2e-3 to 3e-3 each epoch; float rounding alone at lag 0 is ~1e-6)
+    assert lagged and min(lagged) > 1e-4, [(h["learner/policy_lag_max"], h["learner/log_rho_abs_max"]) for h in hist]
     # every sampler holds the final weights, proven by checksum against the checkpoint
     final = json.loads((tmp_path / "grpo-ray" / "checkpoints" / "v000008" / "state.json").read_text())["checksum"]
     assert all(s["version"] == 8 and s["checksum"] == final and s["pending_pairs"] == 0 for s in out["samplers"])
