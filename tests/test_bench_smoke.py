@@ -1,4 +1,7 @@
-"""The benchmarks run end to end in their smoke mode (tiny budgets; nothing timed is asserted here)."""
+"""The benchmarks run end to end in their smoke mode (tiny budgets; nothing timed is asserted here).
+
+Slow tier: each smoke is a benchmark's own process with its own Ray instance (the faults smoke a three-node cluster
+that loses a node), 20-90 s each on 2 cores; the smallest budgets that still run every code path."""
 
 import json
 import os
@@ -6,7 +9,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.slow
 
 
 def bench(script: str, tmp_path, *args) -> dict:

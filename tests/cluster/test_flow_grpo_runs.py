@@ -70,11 +70,13 @@ def grpo_run(tmp_path, seed: int, monkeypatch=None, shuffled: bool = False) -> d
 @pytest.mark.slow
 @pytest.mark.parametrize("seed", [0, 1])
 def test_a_short_flow_grpo_run_raises_the_heldout_judge(seed, tmp_path):
+    """A learning run: GAIN_RUN's groups in one process, the least that shows the gain with margin."""
     judge = grpo_run(tmp_path, seed)
     assert judge["gain"] > MIN_GAIN, f"seed {seed}: held-out judge {judge['before']:.4f} -> {judge['after']:.4f}"
 
 
 @pytest.mark.slow
 def test_a_shuffled_reward_control_does_not(tmp_path, monkeypatch):
+    """The same run on a reward with no signal left: what a gain above MIN_GAIN is measured against."""
     judge = grpo_run(tmp_path, 0, monkeypatch, shuffled=True)
     assert judge["gain"] < MIN_GAIN / 2, f"shuffled: held-out judge {judge['before']:.4f} -> {judge['after']:.4f}"

@@ -20,6 +20,8 @@ BIN = Path(sys.executable).parent
 
 @pytest.mark.slow
 def test_ray_job_submit_runs_to_success(tmp_path):
+    """End to end as a user submits: its own `ray start --head`, a job whose working_dir is uploaded and whose actors
+    start in a fresh Ray session (about a minute on 2 cores)."""
     ray_tmp = tempfile.mkdtemp(prefix="fdfo-ray-", dir="/tmp")   # unix socket paths must stay short
     # the job's `python` must be this venv's, as it is for a user who activated it
     env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_TMPDIR": ray_tmp, "PATH": f"{BIN}:{os.environ['PATH']}"}

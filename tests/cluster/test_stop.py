@@ -9,10 +9,14 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[2]
 
 
+@pytest.mark.slow
 def test_sigterm_writes_a_checkpoint_that_resumes(tmp_path):
+    """Two `fdfo train` processes (stopped, then resumed), each paying the full import and model build: 20-40 s."""
     common = ["--config", "tiny-cpu", "--local", "sampling.num_steps=4", f"output_dir={tmp_path}", "name=stopped"]
     cmd = [sys.executable, "-m", "cluster.cli", "train", *common]
     env = {**os.environ, "PYTHONPATH": str(ROOT)}

@@ -91,6 +91,8 @@ def hf_scores(hf_judge):
 
 @with_vllm
 def test_server_judge_equals_transformers_judge(server, model_dir, hf_scores):
+    """The judge over a real vLLM server (started once for the module: about a minute on 2 cores) scores what the
+    transformers judge scores."""
     judge = VLMJudge(model=model_dir, backend="server", url=server.url, image_size=504, max_concurrency=4)
     out = judge.score(make_images(), PROMPTS)
     assert out.info["reasons"] == [None] * 4
@@ -100,6 +102,7 @@ def test_server_judge_equals_transformers_judge(server, model_dir, hf_scores):
 
 @with_vllm
 def test_top_logprobs_path_equals_token_ids_path(server, model_dir, hf_scores):
+    """The server's top_logprobs request gives the token-ids path's scores (the module's vLLM server)."""
     judge = VLMJudge(model=model_dir, backend="server", url=server.url, logprob_request="top_logprobs",
                      top_logprobs=-1)
     out = judge.score(make_images(), PROMPTS)
