@@ -60,12 +60,46 @@ def test_reward_pool_grows_under_load_and_shrinks_when_idle(ray_local):
         svc.stop()
 
 
-def test_a_run_through_the_elastic_reward_pool(ray_local, tmp_path):
-    from cluster.runtime import run_ray
+def test_a_run_through_the_elastic_reward_pool(ray_local, tmp_path, monkeypatch):
+    import ray
 
+    import cluster.reward_pool
+    from cluster.runtime import run_ray
+    from cluster.serving import RewardService
+
+    made, requests = [], []                 # the deployments the run started; each request sent to one, with its answer
+
+    class Recorded(RewardService):
+        def __init__(self, cfg, threads):
+            super().__init__(cfg, threads)
+            made.append((self.app, self.replicas()))
+
+        def score(self, images, prompts):
+            ref = super().score(images, prompts)
+            requests.append((len(prompts), ref))
+            return ref
+
+    monkeypatch.setattr(cluster.reward_pool, "RewardService", Recorded)
+    asked = {"score": [], "score_now": []}          # images the run asked its reward pool to score: pairs, held-out
+
+    def counted(name, method):
+        def call(self, images, prompts, *args, **kwargs):
+            asked[name].append(len(prompts))
+            return method(self, images, prompts, *args, **kwargs)
+        return call
+
+    for name in asked:
+        monkeypatch.setattr(cluster.reward_pool.RewardPool, name, counted(name, getattr(cluster.reward_pool.RewardPool, name)))
     cfg = load_config("tiny-cpu", ELASTIC + [f"output_dir={tmp_path}", "train.epochs=3", "train.pairs_per_epoch=8",
-                                             "sampling.pairs_per_call=4", "sampling.num_steps=4"])
+                                             "sampling.pairs_per_call=4", "sampling.num_steps=4", "name=elastic"])
     out = run_ray(cfg)
     assert out["ledger"] == {"pairs_requested": 24, "pairs_trained": 24, "pairs_dropped": {}, "pairs_in_flight": 0}
+    # the run went through Serve: one deployment, running when made, and every image the run had scored (the pairs'
+    # and the held-out evaluations') was a request to it (plain reward actors would have taken none), each answered
+    # with one score an image
+    assert made == [("fdfo-elastic", 1)]
+    assert sum(asked["score"]) == out["history"][-1]["perf/images_sampled"] == 24 * 2 and sum(asked["score_now"]) > 0
+    assert sum(n for n, _ in requests) == sum(asked["score"]) + sum(asked["score_now"])
+    assert all(len(ray.get(ref).scores) == n for n, ref in requests)
     assert all(1 <= h["runtime/reward_replicas"] <= 2 for h in out["history"])
     assert out["torch_threads"]["reward"] == [1]
