@@ -153,6 +153,7 @@ ray.shutdown()
 """
 
 
+@pytest.mark.slow  # a fresh interpreter starts a Ray instance of its own: 10-15 s each
 @pytest.mark.parametrize("overrides", [[], ["runtime.address=local"]], ids=["probed", "address=local"])
 def test_a_stale_address_file_starts_a_fresh_local_instance_through_ray_init(overrides):
     """The issue's case end to end: ``ray start`` died uncleanly and left ``ray_current_cluster`` naming a dead GCS

@@ -128,8 +128,9 @@ def test_clock_and_eta(tmp_path):
     book.runlog.close()
 
 
+@pytest.mark.slow
 def test_torchvision_notices_are_dropped_and_nothing_else():
-    """The SD3 pipeline's import makes transformers log two notices without torchvision (never installed beside
+    """Slow: two fresh interpreters import diffusers' SD3 pipeline (10-15 s). The SD3 pipeline's import makes transformers log two notices without torchvision (never installed beside
     the CPU torch); ``quiet_third_party`` drops exactly those."""
     code = ("import os, sys; quiet = sys.argv[1] == '1'\n"
             "from cluster.pipeline import quiet_third_party\n"

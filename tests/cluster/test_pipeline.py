@@ -134,8 +134,10 @@ def failing_pairs(n: int) -> int:
     return sum(p not in PARSEABLE for p in PairSchedule(list(TINY), 0).take(n)["prompts"])
 
 
-@pytest.mark.parametrize("mode", ["local", "ray"])
+@pytest.mark.parametrize("mode", ["local", pytest.param("ray", marks=pytest.mark.slow)])
 def test_reward_failures_are_counted_in_both_drivers(mode, tmp_path, request):
+    """Both drivers drop exactly the pairs whose reward failed (the Ray case is slow: it runs on the session's Ray
+    instance, which it takes only in that case)."""
     cfg = load_config("tiny-cpu", FAILING + [f"output_dir={tmp_path}", f"name=failing-{mode}"])
     if mode == "local":
         from cluster.driver import run_local

@@ -86,7 +86,10 @@ def _velocity_after_weight_change(eager, compiled):
     return out
 
 
+@pytest.mark.slow
 def test_regional_compile_by_inductor_with_lora_added_after_gives_the_eager_velocity():
+    """Inductor really compiles (C++ kernels built on 2 cores: 15-30 s); the other compile tests trace with the eager
+    backend and stay in the fast tier."""
     # one block (one graph to compile: about 10 s of inductor on 2 cores), LoRA injected after compile() as the roles
     # do; inductor's kernels against eager to float tolerance, before and after new weights reach the compiled block
     torch._dynamo.reset()
