@@ -280,7 +280,7 @@ class RayImages:
         import ray
 
         from actors.sampler import Sampler
-        from cluster.runtime import actor_threads, connect
+        from cluster.resources import actor_threads, connect
 
         rt, n = cfg.runtime, cfg.runtime.num_samplers
         started = connect(rt, (1 if n == "auto" else n) * rt.sampler_num_cpus)

@@ -27,7 +27,9 @@ Ray token authentication is switched on (``RAY_AUTH_MODE=token``) unless the env
 
 The parts ``RayRun`` schedules, each with one job: ``SamplerPool`` (cluster/sampler_pool.py), ``RewardPool``
 (cluster/reward_pool.py), ``LearnerGroup`` (cluster/learner_group.py), ``Published`` and ``WeightSync``
-(cluster/weight_sync.py); ``connect`` and the resource checks are cluster/resources.py, metrics cluster/metrics.py.
+(cluster/weight_sync.py), ``ReadyBatches`` (cluster/ready.py); ``connect`` and the resource checks are
+cluster/resources.py, metrics cluster/metrics.py. The records it keeps are dataclasses: ``Job`` (a call in flight),
+``ReadyBatch``, ``EpochUpdate``.
 """
 
 from __future__ import annotations
@@ -61,7 +63,6 @@ from learner.collective import LearnerGroupBroken
 from learner.learner import finite_mean
 
 log = logging.getLogger("fdfo")
-_learner_actor, _sampler_actor = learner_actor, sampler_actor      # the names tests and benches import
 
 
 def run_ray(cfg: RunConfig, resume: bool = False) -> dict:

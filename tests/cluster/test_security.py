@@ -171,7 +171,8 @@ def test_the_weight_group_asks_for_the_cluster_address_only_when_a_member_is_on_
     # The runtime's choice on stand-in actors that report given node ids (a one-machine Ray cannot host two nodes).
     import ray
 
-    from cluster.runtime import Pool, WeightSync
+    from cluster.sampler_pool import Pool
+    from cluster.weight_sync import WeightSync
 
     @ray.remote(num_cpus=0)
     class Member:
@@ -214,7 +215,8 @@ def test_weight_group_members_pick_their_backend_and_must_agree(ray_local):
     # each member picks NCCL or gloo from its own device; a learner on a GPU with samplers on CPUs cannot form a group
     import ray
 
-    from cluster.runtime import Pool, WeightSync
+    from cluster.sampler_pool import Pool
+    from cluster.weight_sync import WeightSync
 
     @ray.remote(num_cpus=0)
     class Member:

@@ -53,12 +53,14 @@ def weight_sync(ray_local):
     yields (sync, pool, samplers, bump, proofs) and kills the actors after the test."""
     import ray
 
-    from cluster.runtime import Pool, WeightSync, _learner_actor, _sampler_actor
+    from cluster.learner_group import learner_actor
+    from cluster.sampler_pool import Pool, sampler_actor
+    from cluster.weight_sync import WeightSync
 
     cfg = load_config("tiny-cpu", ["lora.enabled=false", "runtime.weight_sync=collective", "runtime.sampler_num_cpus=1",
                                    "runtime.learner_num_cpus=1"])
-    learner = _learner_actor(cfg)
-    samplers = {i: _sampler_actor(cfg, i) for i in range(2)}
+    learner = learner_actor(cfg)
+    samplers = {i: sampler_actor(cfg, i) for i in range(2)}
 
     def step(self, version):                           # runs inside the learner actor: an update's effect
         with torch.no_grad():
