@@ -12,7 +12,8 @@ Contract:
 - ``score`` returns the same ``RewardOutput`` shape as ``reward.score`` for the caller's own images:
   ``scores`` [B] float64 and ``info`` whose per-sample arrays/lists are sliced to the caller's samples,
   plus ``info["reasons"]`` (list of B ``str | None``: why a sample is NaN) and ``info["batch"]`` (how the
-  request was served).
+  request was served: batch size, latency, queue wait, and the pid of the process that scored it, which tells a
+  Serve pool's replicas apart).
 - Requests are merged first come, first served into batches of at most ``max_batch_size`` images; a request
   larger than that is split. Only images of the same [H, W] share a batch. A batch is started at the latest
   ``max_wait_s`` after its oldest request arrived, so a lone request never waits for company forever.
@@ -27,6 +28,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import concurrent.futures
+import os
 import time
 from dataclasses import dataclass, field
 from typing import Any, Mapping, Sequence
@@ -82,6 +84,7 @@ class RewardBatcher:
             )
         self.reward = reward if reward is not None else build_reward(reward_spec)
         self.name = getattr(self.reward, "name", type(self.reward).__name__)
+        self.pid = os.getpid()                  # tags each answer: which process (reward actor, Serve replica) scored it
         self.max_batch_size = int(max_batch_size)
         self.max_wait_s = float(max_wait_s)
         self.timeout_s = float(timeout_s)
@@ -237,7 +240,7 @@ class RewardBatcher:
             hi = lo + c.n
             part_info = _slice_info(info, lo, hi, n)
             part_info["reasons"] = reasons[lo:hi]
-            part_info["batch"] = {"size": n, "latency_s": latency, "queue_wait_s": start - c.enqueued}
+            part_info["batch"] = {"size": n, "latency_s": latency, "queue_wait_s": start - c.enqueued, "pid": self.pid}
             if not c.future.done():  # a caller that was cancelled no longer listens
                 c.future.set_result(RewardOutput(scores=scores[lo:hi].copy(), info=part_info))
             lo = hi

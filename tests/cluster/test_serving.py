@@ -31,30 +31,52 @@ def until(cond, timeout_s: float, what: str):
         time.sleep(0.25)
 
 
+def scorer_pids(out) -> set[int]:
+    """The processes that scored a RewardOutput (its chunks when the request was split over batches)."""
+    return {p["batch"]["pid"] for p in (out.info.get("chunks") or [out.info])}
+
+
 def test_reward_pool_grows_under_load_and_shrinks_when_idle(ray_local):
     # one replica at rest; requests kept in flight (more than reward_target_ongoing=1 per replica) bring a second,
-    # which scores like the first; idle again, the pool goes back to its minimum
+    # which answers too (each answer tagged with the pid of the replica that scored it) and scores like the run's
+    # scorer in this process; idle again, the pool goes back to its minimum
+    import asyncio
+    import os
+
     import ray
 
+    from cluster.build import reward_specs
     from cluster.serving import RewardService
+    from rewards.batcher import RewardBatcher
 
-    svc = RewardService(load_config("tiny-cpu", ELASTIC), threads=1)
+    cfg = load_config("tiny-cpu", ELASTIC)
+    pixels = np.random.default_rng(0).integers(0, 256, (64, 96, 96, 3), dtype=np.uint8)
+    prompts = ["a"] * 64
+    svc = RewardService(cfg, threads=1)
     try:
         assert svc.replicas() == 1
-        images = ray.put(np.random.default_rng(0).integers(0, 256, (64, 96, 96, 3), dtype=np.uint8))
-        prompts = ["a"] * 64
-        inflight = []
+        images = ray.put(pixels)
+        inflight, answered = [], []
 
-        def loaded():
+        def loaded(replicas: int, pids: int = 0):
             inflight.extend(svc.score(images, prompts) for _ in range(8 - len(inflight)))
             done, rest = ray.wait(inflight, num_returns=len(inflight), timeout=0.2)
             inflight[:] = rest
-            return svc.replicas() == 2
+            answered.extend(ray.get(done))
+            return svc.replicas() == replicas and len(set().union(*map(scorer_pids, answered))) >= pids
 
-        until(loaded, 90.0, "a second replica under load")
-        outs = ray.get(inflight + [svc.score(images, prompts) for _ in range(4)])
-        expected = outs[0].scores
-        assert all(np.array_equal(o.scores, expected) for o in outs)          # every replica scores the same
+        until(lambda: loaded(2), 90.0, "a second replica under load")
+        grown = len(answered)
+        until(lambda: loaded(2, pids=2), 60.0, "answers from both replicas")
+        answered.extend(ray.get(inflight))
+        inflight.clear()
+        pids = set().union(*map(scorer_pids, answered[grown:]))
+        assert len(pids) == 2 and os.getpid() not in pids, pids              # two replicas answered, neither this one
+        local = RewardBatcher(reward_spec={"name": "weighted_sum", "specs": reward_specs(cfg.reward)},
+                              max_batch_size=cfg.runtime.reward_max_batch)
+        expected = asyncio.run(local.score(images=pixels, prompts=prompts))
+        assert scorer_pids(expected) == {os.getpid()}
+        assert all(np.array_equal(o.scores, expected.scores) for o in answered)  # every replica scores as in process
         until(lambda: svc.replicas() == 1, 90.0, "the pool to shrink back to one replica when idle")
     finally:
         svc.stop()
