@@ -241,7 +241,7 @@ def main() -> None:
         except ValueError:
             ap.error(f"--payload {spec!r}: expected MIB:TENSORS, e.g. 71.7:384")
 
-    ray.init(num_cpus=2, include_dashboard=False, logging_level="WARNING")
+    ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="WARNING")
     learner = BenchLearner.remote()
     samplers = [BenchSampler.remote() for _ in range(args.samplers)]
     addr, port = ray.get(learner.address.remote())

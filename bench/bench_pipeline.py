@@ -44,7 +44,7 @@ def main() -> None:
 
     out = Path(tempfile.mkdtemp(prefix="fdfo-bench-"))
     common = [f"train.epochs={args.epochs}", f"output_dir={out}"] + args.overrides
-    ray.init(num_cpus=max(os.cpu_count() or 1, args.samplers + 2), include_dashboard=False, namespace="fdfo",
+    ray.init(address="local", num_cpus=max(os.cpu_count() or 1, args.samplers + 2), include_dashboard=False, namespace="fdfo",
              log_to_driver=False, _node_ip_address="127.0.0.1")
     rows = {}
     for name, extra, fn in (

@@ -135,7 +135,7 @@ def main() -> None:
     logging.disable(logging.INFO)
     import ray
 
-    ray.init(num_cpus=max(os.cpu_count() or 1, 5), include_dashboard=False, namespace="fdfo", log_to_driver=False,
+    ray.init(address="local", num_cpus=max(os.cpu_count() or 1, 5), include_dashboard=False, namespace="fdfo", log_to_driver=False,
              _node_ip_address="127.0.0.1")
     out_dir = Path(tempfile.mkdtemp(prefix="fdfo-ttr-"))
     results = []
