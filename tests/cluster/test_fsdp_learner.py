@@ -91,7 +91,12 @@ def test_two_sharded_ranks_make_the_update_of_one_learner_and_resume_either_way(
     assert ray.get(group[1].weights_info.remote()) == (2, published.checksum)
     moved = max(float((one.weights().tensors[k] - start[k]).abs().max()) for k in start)
     assert moved > 0.01
-    close(published.tensors, one.weights().tensors, atol=1e-6)
+    # the two ranks sum their gradients in another order than one learner does; AdamW divides by sqrt(v) and so
+    # magnifies that float noise in components whose gradient is near zero: bound it by the move (on this machine's CPU
+    # kernels one element in 4,096 differed by 1.6e-6 after a move above 0.01; none did on earlier machines), and the
+    # sums themselves by the grad norm below
+    tol = 1e-4 * moved
+    close(published.tensors, one.weights().tensors, atol=tol)
     for key in ("learner/grad_norm", "learner/loss", "learner/rows", "learner/policy_lag_mean"):
         assert outs[0][key] == pytest.approx(want[key], rel=1e-5) == outs[1][key]
 
@@ -118,7 +123,7 @@ def test_two_sharded_ranks_make_the_update_of_one_learner_and_resume_either_way(
     assert ray.get(group[0].weights_info.remote()) == one.weights_info()
     one.train_epoch(batch)
     epoch(group, batch)
-    close(ray.get(group[0].weights.remote()).tensors, one.weights().tensors, atol=1e-6)
+    close(ray.get(group[0].weights.remote()).tensors, one.weights().tensors, atol=tol)
 
 
 def test_an_uneven_split_pads_the_short_rank_instead_of_hanging(ray_local, batch):
