@@ -48,19 +48,20 @@ from ray.exceptions import RayActorError, RayError
 from cluster.build import check_run
 from cluster.config import Batching, RunConfig, to_dict
 from cluster.evaluate import heldout_reward
-from cluster.learner_group import LearnerGroup, form_group, learner_actor  # noqa: F401  (re-exported)
-from cluster.metrics import EXPORTED, Metrics  # noqa: F401  (re-exported)
+from cluster.learner_group import LearnerGroup
+from cluster.metrics import Metrics
 from cluster.pipeline import Book, deferred_interrupts, setup_process
 from cluster.ready import ReadyBatch, ReadyBatches
-from cluster.resources import (NAMESPACE, ROLE_KEYS, actor_threads, await_resources, connect,  # noqa: F401
-                               custom_shortfall, local_cluster_address, resource_shortfall, role_ask, role_counts)
-from cluster.reward_pool import RewardPool, reward_actor, score_seconds  # noqa: F401  (re-exported)
-from cluster.sampler_pool import (Job, Pool, SamplerPool, check_sampler_count, sampler_actor,  # noqa: F401
-                                  with_auto_samplers)
+from cluster.resources import await_resources, connect, resource_shortfall
+from cluster.reward_pool import RewardPool, score_seconds
+from cluster.sampler_pool import Job, SamplerPool, check_sampler_count, with_auto_samplers
 from cluster.serving import check_reward_pool
-from cluster.weight_sync import AUTO_COLLECTIVE_BYTES, Published, WeightSync, start_publishing, use_collective  # noqa: F401
+from cluster.weight_sync import start_publishing
 from learner.collective import LearnerGroupBroken
 from learner.learner import finite_mean
+
+# resource_shortfall: tests/cluster/test_connect.py reads the resource checks through this module, as before the split
+__all__ = ["run_ray", "worst_lag", "RayRun", "EpochUpdate", "connect", "await_resources", "resource_shortfall"]
 
 log = logging.getLogger("fdfo")
 
@@ -68,7 +69,7 @@ log = logging.getLogger("fdfo")
 def run_ray(cfg: RunConfig, resume: bool = False) -> dict:
     """Train through Ray actors until ``train.epochs`` epochs are done; returns history, ledger and paths."""
     setup_process(cfg)
-    check_run(cfg)                                     # a bad reward or model config fails before any actor starts
+    check_run(cfg)  # a bad reward or model config fails before any actor starts
     rt = cfg.runtime
     rates = check_sampler_count(rt)
     check_reward_pool(rt)
@@ -76,8 +77,9 @@ def run_ray(cfg: RunConfig, resume: bool = False) -> dict:
         raise ValueError(f"runtime.num_learners must be >= 1, got {rt.num_learners}")
     max_rewards = rt.max_reward_actors or rt.num_reward_actors
     samplers = 1 if rt.num_samplers == "auto" else (rt.max_samplers or rt.num_samplers)
-    started = connect(rt, samplers * rt.sampler_num_cpus + max_rewards * rt.reward_num_cpus
-                      + rt.num_learners * rt.learner_num_cpus)
+    started = connect(
+        rt, samplers * rt.sampler_num_cpus + max_rewards * rt.reward_num_cpus + rt.num_learners * rt.learner_num_cpus
+    )
     if rt.num_samplers == "auto":
         cfg = with_auto_samplers(cfg, ray.cluster_resources(), rates)
         rt = cfg.runtime
@@ -86,9 +88,9 @@ def run_ray(cfg: RunConfig, resume: bool = False) -> dict:
     try:
         run.book.start()
         while True:
-            while run.book.running:                    # epochs left, and no early stop (the hacking guard's)
+            while run.book.running:  # epochs left, and no early stop (the hacking guard's)
                 if not run.start_update():
-                    break                              # everything requested was dropped: nothing left to train on
+                    break  # everything requested was dropped: nothing left to train on
                 run.request_pairs()
                 for ref in run.wait():
                     if ref is run.learner_ref:
@@ -101,8 +103,8 @@ def run_ray(cfg: RunConfig, resume: bool = False) -> dict:
                     else:
                         run.on_job(ref)
             if run.book.stop_reason is not None or run.final_checkpoint():
-                break                                  # else the learner was lost writing it: train the epochs since
-    except KeyboardInterrupt:                          # Ctrl-C, or SIGTERM from `ray job stop` (cluster/cli.py)
+                break  # else the learner was lost writing it: train the epochs since
+    except KeyboardInterrupt:  # Ctrl-C, or SIGTERM from `ray job stop` (cluster/cli.py)
         run.stop()
         raise
     else:
@@ -114,11 +116,16 @@ def run_ray(cfg: RunConfig, resume: bool = False) -> dict:
         summary["learner_ranks"] = len(run.learners.ranks)
         summary["faults"] = run.faults
         for fault in run.faults:
-            log.info("fault: %s %s lost at epoch %d, replaced by %s", fault["role"], fault["lost"], fault["epoch"],
-                     fault["replaced_by"])
+            log.info(
+                "fault: %s %s lost at epoch %d, replaced by %s",
+                fault["role"],
+                fault["lost"],
+                fault["epoch"],
+                fault["replaced_by"],
+            )
         return summary
     finally:
-        run.kill()                                     # free the actors now, also when the run failed
+        run.kill()  # free the actors now, also when the run failed
 
 
 def worst_lag(version: int, steps_left: int | None, ahead: int, batching: Batching) -> int:
@@ -133,11 +140,11 @@ def worst_lag(version: int, steps_left: int | None, ahead: int, batching: Batchi
 class EpochUpdate:
     """The epoch being updated: ``begin_epoch``, then one learner call per optimizer step."""
 
-    pairs: int                        # the pairs its batches hold
-    steps_left: int                   # optimizer steps still to answer (the planned count once begin_epoch answers)
-    started: float                    # perf_counter when it began
-    metrics: dict = field(default_factory=dict)   # what the learner answered so far (empty until begin_epoch's plan)
-    weights: ray.ObjectRef | None = None          # the Weights of the step in flight, published when it answers
+    pairs: int  # the pairs its batches hold
+    steps_left: int  # optimizer steps still to answer (the planned count once begin_epoch answers)
+    started: float  # perf_counter when it began
+    metrics: dict = field(default_factory=dict)  # what the learner answered so far (empty until begin_epoch's plan)
+    weights: ray.ObjectRef | None = None  # the Weights of the step in flight, published when it answers
 
 
 class RayRun:
@@ -147,8 +154,8 @@ class RayRun:
 
     def __init__(self, cfg: RunConfig, resume: bool):
         self.cfg, self.rt = cfg, cfg.runtime
-        self.faults: list[dict] = []                     # what was lost and what replaced it (the faults report)
-        self.finishing = False                           # the final checkpoint and evaluation are being written
+        self.faults: list[dict] = []  # what was lost and what replaced it (the faults report)
+        self.finishing = False  # the final checkpoint and evaluation are being written
         self.learners = LearnerGroup(cfg)
         self.rewards = self.samplers = None
         try:
@@ -167,10 +174,16 @@ class RayRun:
             self.target = cfg.train.epochs * self.book.batching.pairs_per_epoch
             for _ in range(self.rt.num_samplers):
                 self.samplers.add()
-            self.threads = {"learner": ray.get(self.learners.lead.torch_threads.remote()),
-                            "reward": [s["torch_threads"] for s in self.rewards.stats()]}
-            log.info("weights: %.1f MiB per version via %s; torch threads: %s", nbytes / 2**20,
-                     "a collective group" if self.sync.collective else "the object store", self.threads)
+            self.threads = {
+                "learner": ray.get(self.learners.lead.torch_threads.remote()),
+                "reward": [s["torch_threads"] for s in self.rewards.stats()],
+            }
+            log.info(
+                "weights: %.1f MiB per version via %s; torch threads: %s",
+                nbytes / 2**20,
+                "a collective group" if self.sync.collective else "the object store",
+                self.threads,
+            )
         except BaseException:
             self.kill()
             raise
@@ -184,13 +197,14 @@ class RayRun:
         landed = book.ledger.requested - sum(book.ledger.dropped.values()) >= self.target and not self.samplers.jobs
         have = self.ready.pairs()
         if self.update is None and self.ready and ((have >= per_epoch and not final) or (final and landed)):
-            taken = self.ready.take(None if final else per_epoch)      # the final epoch takes every batch
+            taken = self.ready.take(None if final else per_epoch)  # the final epoch takes every batch
             book.add_rewards([batch.stats for batch in taken])
-            for batch in taken:                                # staleness of each pair as its epoch's update starts
+            for batch in taken:  # staleness of each pair as its epoch's update starts
                 book.sink.lags(book.version - batch.sampled_with[0], batch.pairs)
-            self.learner_ref = self.learners.begin_epoch([batch.batch_ref for batch in taken])           # update
-            self.update = EpochUpdate(sum(batch.pairs for batch in taken), book.batching.updates_per_epoch,
-                                      started=time.perf_counter())
+            self.learner_ref = self.learners.begin_epoch([batch.batch_ref for batch in taken])  # update
+            self.update = EpochUpdate(
+                sum(batch.pairs for batch in taken), book.batching.updates_per_epoch, started=time.perf_counter()
+            )
         return not (self.update is None and not self.ready and landed)
 
     def request_pairs(self) -> None:
@@ -204,28 +218,37 @@ class RayRun:
         for index, sampler in self.samplers.with_room():
             # requested - dropped = trained + ahead: what the run still needs is target minus that; a request never
             # straddles two epochs (its batch goes to one update)
-            room = min(self.cfg.sampling.pairs_per_call, batching.pairs_per_epoch - ahead % batching.pairs_per_epoch,
-                       self.target - (ledger.requested - sum(ledger.dropped.values())))
+            room = min(
+                self.cfg.sampling.pairs_per_call,
+                batching.pairs_per_epoch - ahead % batching.pairs_per_epoch,
+                self.target - (ledger.requested - sum(ledger.dropped.values())),
+            )
             lag = worst_lag(self.published.version, self.update.steps_left if self.update else None, ahead, batching)
             if room <= 0 or lag > lag_bound:
                 continue
             req = self.book.request(room)
             ahead += len(req["pair_ids"])
             job_ref, images_ref = sampler.sample.options(num_returns=2).remote(**req, newest=self.published.to_load())
-            prompts = [p for p in req["prompts"] for _ in range(batching.images_per_unit)]               # sample
-            out_ref = self.rewards.score(images_ref, prompts, route=req["pair_ids"][0])                    # score
+            prompts = [p for p in req["prompts"] for _ in range(batching.images_per_unit)]  # sample
+            out_ref = self.rewards.score(images_ref, prompts, route=req["pair_ids"][0])  # score
             batch_ref, report_ref = sampler.complete.options(num_returns=2, concurrency_group="pack").remote(
-                job=job_ref, rewards=out_ref)                                                           # pack
+                job=job_ref, rewards=out_ref
+            )  # pack
             self.samplers.track(Job(index, req["pair_ids"], job_ref, out_ref, batch_ref, report_ref))
 
     def wait(self) -> list:
         """Whatever finishes first: a sampler call's report, a joining sampler's first load or a learner call."""
-        waiting = self.samplers.pending() + self.learners.rank_refs + (
-            [self.learner_ref] if self.learner_ref is not None else [])
+        waiting = (
+            self.samplers.pending()
+            + self.learners.rank_refs
+            + ([self.learner_ref] if self.learner_ref is not None else [])
+        )
         if not waiting:
-            raise RuntimeError(f"driver stalled with nothing in flight: {self.book.ledger.line()}, {len(self.ready)} "
-                               f"batches ready, {self.samplers.size()} samplers; this is a bug, please report it "
-                               "with the config")
+            raise RuntimeError(
+                f"driver stalled with nothing in flight: {self.book.ledger.line()}, {len(self.ready)} "
+                f"batches ready, {self.samplers.size()} samplers; this is a bug, please report it "
+                "with the config"
+            )
         t_wait = time.perf_counter()
         done, _ = ray.wait(waiting, num_returns=1, timeout=60.0)
         if self.update is None:
@@ -249,19 +272,19 @@ class RayRun:
             self.update = None
             return
         first = not update.metrics
-        self.book.timers.add("publish", out.pop("perf/publish_s", 0.0))   # the learner's snapshot of a version
+        self.book.timers.add("publish", out.pop("perf/publish_s", 0.0))  # the learner's snapshot of a version
         update.metrics.update(out)
         if first:
             update.steps_left = out["updates"]
         else:
             update.steps_left -= 1
             self.published.record(out["learner/version"], out["checksum"])
-            if not self.sync.collective:                       # publish: the samplers' next calls load it
+            if not self.sync.collective:  # publish: the samplers' next calls load it
                 self.published.publish(out["learner/version"], update.weights)
         if update.steps_left:
             self.learner_ref, update.weights = self.learners.update(publish=not self.sync.collective)
         else:
-            with deferred_interrupts():              # the epoch is recorded whole before a stop takes effect
+            with deferred_interrupts():  # the epoch is recorded whole before a stop takes effect
                 self.end_epoch()
 
     def end_epoch(self) -> None:
@@ -269,27 +292,31 @@ class RayRun:
         update, self.update = self.update, None
         metrics = update.metrics
         step_s = time.perf_counter() - update.started
-        if not self.book.record_update(metrics):          # every pair was stale: no update, not an epoch
-            log.info("all pairs of the batch were stale (max_policy_lag %d); sampling again",
-                     self.book.batching.max_policy_lag)
+        if not self.book.record_update(metrics):  # every pair was stale: no update, not an epoch
+            log.info(
+                "all pairs of the batch were stale (max_policy_lag %d); sampling again",
+                self.book.batching.max_policy_lag,
+            )
             return
         if self.sync.collective:
             self.published.version = self.book.version
             with self.book.timers("publish"):
-                self.samplers.broadcast(self.published.version, self.book.checksum)           # publish
+                self.samplers.broadcast(self.published.version, self.book.checksum)  # publish
             self.samplers.replace_lost()
         stats = self.rewards.stats()
-        metrics.update({
-            "perf/learner_step_s": step_s / max(metrics.get("updates", 1), 1),
-            "perf/learner_waited_for_data_s": self.waited_for_data,
-            "reward/latency_s": finite_mean([s["mean_latency_s"] for s in stats]),   # NaN: a pool just replaced
-            "reward/backlog": float(sum(s["backlog"] for s in stats)),
-            "runtime/samplers": self.samplers.size(),                  # working or still joining
-            "runtime/samplers_joining": len(self.samplers.members.joining),
-            "runtime/reward_replicas": self.rewards.replicas(),
-        })
+        metrics.update(
+            {
+                "perf/learner_step_s": step_s / max(metrics.get("updates", 1), 1),
+                "perf/learner_waited_for_data_s": self.waited_for_data,
+                "reward/latency_s": finite_mean([s["mean_latency_s"] for s in stats]),  # NaN: a pool just replaced
+                "reward/backlog": float(sum(s["backlog"] for s in stats)),
+                "runtime/samplers": self.samplers.size(),  # working or still joining
+                "runtime/samplers_joining": len(self.samplers.members.joining),
+                "runtime/reward_replicas": self.rewards.replicas(),
+            }
+        )
         self.book.end_epoch(metrics)
-        if self.book.running:                          # the pool changes only while there is sampling left to do
+        if self.book.running:  # the pool changes only while there is sampling left to do
             self.samplers.autoscale(waited_s=self.waited_for_data, step_s=step_s)
             self.waited_for_data = 0.0
 
@@ -298,20 +325,20 @@ class RayRun:
         job = self.samplers.finish(ref)
         try:
             report = ray.get(job.report_ref)
-        except RayError as e:      # its sampler or reward actor died, the reward failed, or an input was lost
+        except RayError as e:  # its sampler or reward actor died, the reward failed, or an input was lost
             self.samplers.fail(job, e, reward_lost=self.rewards.lose)
             return
         sampled_with = (report["version"], report["checksum"])
-        orphan = self.published.is_orphaned(*sampled_with)   # sampled with a version a lost learner published
+        orphan = self.published.is_orphaned(*sampled_with)  # sampled with a version a lost learner published
         if not orphan:
             self.published.count_call(report | {"sampler": job.sampler})
-        if report["load_s"] > 0:                       # this call loaded a newly published version
+        if report["load_s"] > 0:  # this call loaded a newly published version
             self.book.sink.loaded(report["load_s"])
         out = ray.get(job.out_ref)
         self.book.timers.add("score", score_seconds(out))
         kept, stats = self.book.record_request(job.pair_ids, out, report)
         if orphan:
-            self.book.drop("stale", kept)              # its policy is gone with the learner: not trained on
+            self.book.drop("stale", kept)  # its policy is gone with the learner: not trained on
         elif kept:
             self.ready.add(ReadyBatch(job.batch_ref, kept, stats, job.pair_ids[0], sampled_with))
 
@@ -333,17 +360,33 @@ class RayRun:
         for batch in self.ready.remove_sampled_with(self.published.orphaned):
             self.book.drop("stale", batch.pairs)
         self.sync.learner, self.sync.members_changed = self.learners.lead, True
-        self.samplers.broadcast(version, checksum)                 # every sampler on the restored version
+        self.samplers.broadcast(version, checksum)  # every sampler on the restored version
         self.samplers.replace_lost()
-        fault = {"role": "learner", "lost": self.learners.index - 1, "replaced_by": self.learners.index,
-                 "epoch": lost_epoch, "lost_version": lost_version, "restored_from": self.learners.checkpoint,
-                 "restored_version": version, "restored_epoch": self.book.epoch, "rolled_back_pairs": rolled_back,
-                 "recover_s": round(time.perf_counter() - t0, 3)}
+        fault = {
+            "role": "learner",
+            "lost": self.learners.index - 1,
+            "replaced_by": self.learners.index,
+            "epoch": lost_epoch,
+            "lost_version": lost_version,
+            "restored_from": self.learners.checkpoint,
+            "restored_version": version,
+            "restored_epoch": self.book.epoch,
+            "rolled_back_pairs": rolled_back,
+            "recover_s": round(time.perf_counter() - t0, 3),
+        }
         self.faults.append(fault)
-        log.warning("learner lost at epoch %d (version %d); fdfo/learner/%d restored version %d (epoch %d) from %s in "
-                    "%.1f s; %d trained pairs rolled back", lost_epoch, lost_version, self.learners.index, version,
-                    self.book.epoch, self.learners.checkpoint or "the starting weights", fault["recover_s"],
-                    rolled_back)
+        log.warning(
+            "learner lost at epoch %d (version %d); fdfo/learner/%d restored version %d (epoch %d) from %s in "
+            "%.1f s; %d trained pairs rolled back",
+            lost_epoch,
+            lost_version,
+            self.learners.index,
+            version,
+            self.book.epoch,
+            self.learners.checkpoint or "the starting weights",
+            fault["recover_s"],
+            rolled_back,
+        )
 
     def evaluate(self, png) -> dict:
         """Held-out evaluation (``Book``'s hook) on a sampler with the newest weights and the first reward actor."""
@@ -383,10 +426,15 @@ class RayRun:
             ray.wait([self.learner_ref])
             self.on_learner()
         folder = self.save(self.book.epoch)
-        log.warning("stopped at epoch %d (version %d): checkpoint %s; %s", self.book.epoch, self.book.version, folder,
-                    self.book.ledger.line())
+        log.warning(
+            "stopped at epoch %d (version %d): checkpoint %s; %s",
+            self.book.epoch,
+            self.book.version,
+            folder,
+            self.book.ledger.line(),
+        )
 
     def kill(self) -> None:
         """Release every actor now, not at garbage collection (their names and resources free at once)."""
-        for part in filter(None, (self.learners, self.rewards, self.samplers)):   # those built so far
+        for part in filter(None, (self.learners, self.rewards, self.samplers)):  # those built so far
             part.kill()
