@@ -27,8 +27,8 @@ import torch
 from actors.sampling import GroupTrajectory, PairTrajectory, sample_groups, sample_pairs
 from learner.batch import to_arrow, to_arrow_groups
 from learner.weights import Weights, checksum
-from models.device import DTYPES
 from models.adapter import PromptCache
+from models.device import DTYPES
 from models.euler import generate_images
 from models.images import to_uint8
 from models.lora import make_trainable, trainable
@@ -47,8 +47,9 @@ class _Pending:
 
 
 class Sampler:
-    def __init__(self, model, sampling, lora=None, index: int = 0, precision: str = "bf16", threads: int | None = None,
-                 grpo=None):
+    def __init__(
+        self, model, sampling, lora=None, index: int = 0, precision: str = "bf16", threads: int | None = None, grpo=None
+    ):
         """model: a FlowModel, or a zero-argument callable that builds one (so a Ray actor loads it on its own
         device); sampling: ``SamplingConfig``; lora: ``LoraSettings`` (None or disabled = full weights; its
         ``init_from`` sets the starting weights); precision: the learner's ``train.precision`` (velocities are
@@ -65,9 +66,9 @@ class Sampler:
         self.precision = precision
         self.grpo = grpo
         self.images_per_unit = 2 if grpo is None else grpo.group_size
-        make_trainable(model.transformer, lora)             # marks the set the learner broadcasts
+        make_trainable(model.transformer, lora)  # marks the set the learner broadcasts
         model.transformer.eval()
-        params = trainable(model.transformer)               # what the learner trains and broadcasts
+        params = trainable(model.transformer)  # what the learner trains and broadcasts
         self.version, self.checksum = 0, checksum(params)
         self._broadcast_names = sorted(params)
         self._pending: dict[int, _Pending] = {}
@@ -80,8 +81,14 @@ class Sampler:
         self.version = weights.version
         return {"version": self.version, "checksum": self.checksum, "sampler": self.index}
 
-    def sample(self, prompts: list[str], prompt_ids: list[int], pair_ids: list[int], seeds: list[int],
-               newest: tuple[int, str, list] | None = None) -> tuple[int, np.ndarray]:
+    def sample(
+        self,
+        prompts: list[str],
+        prompt_ids: list[int],
+        pair_ids: list[int],
+        seeds: list[int],
+        newest: tuple[int, str, list] | None = None,
+    ) -> tuple[int, np.ndarray]:
         """Sample P pairs (groups); returns (job id, images uint8 [2P, H, W, 3], branches of a pair adjacent; [G P, ...]
         for groups, members adjacent) and keeps
         the trajectories until ``complete``. newest: (version, checksum, [object ref of its ``Weights``]), the
@@ -90,22 +97,44 @@ class Sampler:
         t_load = time.perf_counter()
         self._take(newest)
         if self.version < 0:
-            raise RuntimeError(f"sampler {self.index} holds no verified weights (the last transfer failed); refusing to sample")
+            raise RuntimeError(
+                f"sampler {self.index} holds no verified weights (the last transfer failed); refusing to sample"
+            )
         t0 = time.perf_counter()
-        common = dict(cond=self.prompts(prompts),           # encoded as the learner encodes them
-                      num_steps=self.cfg.num_steps, guidance_scale=self.cfg.guidance_scale,
-                      record_dtype=DTYPES[self.cfg.record_dtype], precision=self.precision,
-                      noise_device=self.cfg.noise_device)
+        common = dict(
+            cond=self.prompts(prompts),  # encoded as the learner encodes them
+            num_steps=self.cfg.num_steps,
+            guidance_scale=self.cfg.guidance_scale,
+            record_dtype=DTYPES[self.cfg.record_dtype],
+            precision=self.precision,
+            noise_device=self.cfg.noise_device,
+        )
         if self.grpo is None:
             traj = sample_pairs(self.model, prompts, seeds, gamma=self.cfg.gamma, **common)
         else:
             g = self.grpo
-            traj = sample_groups(self.model, prompts, seeds, g.group_size, noise_level=g.noise_level,
-                                 window=g.sde_window, window_range=g.sde_window_range, **common)
-        images = to_uint8(self.model.decode(traj.x_final.flatten(0, 1)))   # [2P, H, W, 3]
+            traj = sample_groups(
+                self.model,
+                prompts,
+                seeds,
+                g.group_size,
+                noise_level=g.noise_level,
+                window=g.sde_window,
+                window_range=g.sde_window_range,
+                **common,
+            )
+        images = to_uint8(self.model.decode(traj.x_final.flatten(0, 1)))  # [2P, H, W, 3]
         job = next(self._jobs)
-        self._pending[job] = _Pending(traj, list(prompts), list(prompt_ids), list(pair_ids), self.version, self.checksum,
-                                      time.perf_counter() - t0, t0 - t_load)
+        self._pending[job] = _Pending(
+            traj,
+            list(prompts),
+            list(prompt_ids),
+            list(pair_ids),
+            self.version,
+            self.checksum,
+            time.perf_counter() - t0,
+            t0 - t_load,
+        )
         return job, images
 
     def generate(self, prompts: list[str], seeds: list[int], num_steps: int, newest=None) -> np.ndarray:
@@ -117,7 +146,9 @@ class Sampler:
     def _take(self, newest) -> None:
         """Load the published version ``newest`` = (version, checksum, [ref]) unless this sampler holds it already
         or holds a newer one (calls can overtake each other)."""
-        if newest is not None and (newest[0] > self.version or (newest[0] == self.version and newest[1] != self.checksum)):
+        if newest is not None and (
+            newest[0] > self.version or (newest[0] == self.version and newest[1] != self.checksum)
+        ):
             import ray
 
             self.set_weights(ray.get(newest[2][0]))
@@ -135,8 +166,13 @@ class Sampler:
         scores = getattr(rewards, "scores", rewards)
         rewards = np.asarray(scores, dtype=np.float64).reshape(len(p.pair_ids), self.images_per_unit)
         ok = np.isfinite(rewards).all(1)
-        report = {"dropped": [pid for pid, k in zip(p.pair_ids, ok) if not k], "sample_s": p.sample_s,
-                  "load_s": p.load_s, "version": p.version, "checksum": p.checksum}
+        report = {
+            "dropped": [pid for pid, k in zip(p.pair_ids, ok) if not k],
+            "sample_s": p.sample_s,
+            "load_s": p.load_s,
+            "version": p.version,
+            "checksum": p.checksum,
+        }
         batch = None
         if ok.any():
             keep = torch.from_numpy(np.flatnonzero(ok))
@@ -146,11 +182,27 @@ class Sampler:
                 traj = PairTrajectory(t.xs[keep], t.vs[keep], t.sigmas, t.x_final[keep], pick(t.seeds))
                 pack = to_arrow
             else:
-                traj = GroupTrajectory(t.xs[keep], t.x_next[keep], t.log_probs[keep], t.steps[keep], t.sigmas[keep],
-                                       t.sigmas_next[keep], t.x_final[keep], pick(t.seeds), t.sigma_max)
+                traj = GroupTrajectory(
+                    t.xs[keep],
+                    t.x_next[keep],
+                    t.log_probs[keep],
+                    t.steps[keep],
+                    t.sigmas[keep],
+                    t.sigmas_next[keep],
+                    t.x_final[keep],
+                    pick(t.seeds),
+                    t.sigma_max,
+                )
                 pack = to_arrow_groups
-            batch = pack(traj, rewards[ok], pick(p.prompt_ids), pick(p.pair_ids), pick(p.prompts), p.version,
-                         self.cfg.guidance_scale)
+            batch = pack(
+                traj,
+                rewards[ok],
+                pick(p.prompt_ids),
+                pick(p.pair_ids),
+                pick(p.prompts),
+                p.version,
+                self.cfg.guidance_scale,
+            )
         return batch, report | {"pack_s": time.perf_counter() - t0}
 
     def forget(self, job: int) -> list[int]:
@@ -170,8 +222,16 @@ class Sampler:
 
         return node_id()
 
-    def join_weight_group(self, *, rank: int, world_size: int, master_addr: str, master_port: int, backend: str = "gloo",
-                          timeout_s: float = 120.0) -> None:
+    def join_weight_group(
+        self,
+        *,
+        rank: int,
+        world_size: int,
+        master_addr: str,
+        master_port: int,
+        backend: str = "gloo",
+        timeout_s: float = 120.0,
+    ) -> None:
         from learner.collective import WeightGroup
 
         self.leave_weight_group()
@@ -182,7 +242,7 @@ class Sampler:
         sampler refuses to sample until a verified version arrives)."""
         params = dict(self.model.transformer.named_parameters())
         tensors = {n: params[n].data for n in self._broadcast_names}
-        self.version = -1                                  # undefined until the transfer is verified
+        self.version = -1  # undefined until the transfer is verified
         with torch.no_grad():
             version, checksum = self._group.receive(tensors)
         self.version, self.checksum = version, checksum
@@ -195,5 +255,10 @@ class Sampler:
 
     def status(self) -> dict:
         """What this sampler holds: weight version and checksum, and pairs awaiting rewards."""
-        return {"sampler": self.index, "version": self.version, "checksum": self.checksum,
-                "pending_pairs": sum(len(p.pair_ids) for p in self._pending.values()), "torch_threads": torch.get_num_threads()}
+        return {
+            "sampler": self.index,
+            "version": self.version,
+            "checksum": self.checksum,
+            "pending_pairs": sum(len(p.pair_ids) for p in self._pending.values()),
+            "torch_threads": torch.get_num_threads(),
+        }

@@ -38,7 +38,9 @@ def churn_start(eps: torch.Tensor, n: torch.Tensor, gamma: float) -> torch.Tenso
     return eps / g + math.sqrt(g * g - 1.0) / g * n
 
 
-def churn_step(x: torch.Tensor, v: torch.Tensor, t: float, s: float, gamma: float, n: torch.Tensor | None) -> torch.Tensor:
+def churn_step(
+    x: torch.Tensor, v: torch.Tensor, t: float, s: float, gamma: float, n: torch.Tensor | None
+) -> torch.Tensor:
     """One churned Euler step from sigma t to sigma s with fresh noise n (ignored when gamma == 0)."""
     if gamma == 0.0:
         return x + (s - t) * v
@@ -97,17 +99,17 @@ def sample_pairs(
     sigmas = model.sigmas(num_steps)
     # All noise for pair p from one generator: eps, n_1, n_2 at the start, then n for each branch per step.
     noise = seed_noise(seeds, (2 * num_steps + 1, C, H, W), noise_device_of(noise_device, device))  # [P, 2N+1, C, H, W]
-    eps = noise[:, 0]                                       # [P, C, H, W]
-    churn = noise[:, 1:].view(P, num_steps, 2, C, H, W)     # [P, N, 2, C, H, W]; churn[:, 0] starts the branches
-    x = churn_start(eps[:, None], churn[:, 0], gamma)       # [P, 2, C, H, W]
+    eps = noise[:, 0]  # [P, C, H, W]
+    churn = noise[:, 1:].view(P, num_steps, 2, C, H, W)  # [P, N, 2, C, H, W]; churn[:, 0] starts the branches
+    x = churn_start(eps[:, None], churn[:, 0], gamma)  # [P, 2, C, H, W]
     x = to_device(x.reshape(2 * P, C, H, W), device)
     if cond is None:
         cond = model.encode_prompts(list(prompts))
-    cond2 = cond.repeat(2)                                  # [2P, ...], branches of a prompt adjacent
+    cond2 = cond.repeat(2)  # [2P, ...], branches of a prompt adjacent
     xs, vs = HostCopies(device), HostCopies(device)
     for i in range(num_steps):
         t, s = float(sigmas[i]), float(sigmas[i + 1])
-        x_rec = x.to(record_dtype)                          # the state as the learner will read it
+        x_rec = x.to(record_dtype)  # the state as the learner will read it
         with autocast(device, precision):
             v = model.velocity(x_rec, torch.tensor(t), cond2, guidance_scale)
         xs.add(x_rec)
@@ -145,7 +147,7 @@ class GroupTrajectory:
     sigmas_next: torch.Tensor
     x_final: torch.Tensor
     seeds: list[int]
-    sigma_max: float           # the schedule's sigmas[1]: the SDE's std at sigma = 1 uses it
+    sigma_max: float  # the schedule's sigmas[1]: the SDE's std at sigma = 1 uses it
 
 
 def sde_window(num_steps: int, window: int, window_range: int | None, generator: torch.Generator) -> range:
@@ -155,8 +157,10 @@ def sde_window(num_steps: int, window: int, window_range: int | None, generator:
         return range(num_steps)
     hi = num_steps if window_range is None else window_range
     if not 1 <= window <= hi <= num_steps:
-        raise ValueError(f"grpo.sde_window = {window} must lie in [1, grpo.sde_window_range = {hi}] and the range in "
-                         f"[window, sampling.num_steps = {num_steps}]")
+        raise ValueError(
+            f"grpo.sde_window = {window} must lie in [1, grpo.sde_window_range = {hi}] and the range in "
+            f"[window, sampling.num_steps = {num_steps}]"
+        )
     start = int(torch.randint(0, hi - window + 1, (1,), generator=generator, device=generator.device))
     return range(start, start + window)
 
@@ -197,10 +201,10 @@ def sample_groups(
         g = noise_generator(s, on_device)
         windows.append(sde_window(num_steps, window, window_range, g))
         noise.append(torch.randn((num_steps + 1, G, C, H, W), generator=g, device=on_device))
-    noise = torch.stack(noise)                                  # [P, N + 1, G, C, H, W]; [:, 0] starts the trajectories
+    noise = torch.stack(noise)  # [P, N + 1, G, C, H, W]; [:, 0] starts the trajectories
     x = to_device(noise[:, 0].reshape(P * G, C, H, W), device)
-    cond = (model.encode_prompts(list(prompts)) if cond is None else cond).repeat(G)   # members of a group adjacent
-    sde = torch.tensor([[i in w for w in windows] for i in range(num_steps)])           # [N, P]: SDE step of group p?
+    cond = (model.encode_prompts(list(prompts)) if cond is None else cond).repeat(G)  # members of a group adjacent
+    sde = torch.tensor([[i in w for w in windows] for i in range(num_steps)])  # [N, P]: SDE step of group p?
     sde_on = to_device(sde.repeat_interleave(G, 1).view(num_steps, P * G, 1, 1, 1), device)  # [N, PG, 1, 1, 1]
     xs, x_next, log_probs = HostCopies(device), HostCopies(device), HostCopies(device)
     for i in range(num_steps):
@@ -209,12 +213,12 @@ def sample_groups(
         with autocast(device, precision):
             v = model.velocity(x_rec, torch.tensor(t), cond, guidance_scale)
         if not sde[i].any():
-            x = x_rec.float() + (s - t) * v                     # the ODE's Euler step
+            x = x_rec.float() + (s - t) * v  # the ODE's Euler step
             continue
         n = to_device(noise[:, i + 1].reshape(P * G, C, H, W), device)
         step = sde_step(x_rec, v, t, s, noise_level, sigma_max, noise=n)
         nxt = step.x_next.to(record_dtype)
-        scored = sde_step(x_rec, v, t, s, noise_level, sigma_max, x_next=nxt)          # log p of the recorded state
+        scored = sde_step(x_rec, v, t, s, noise_level, sigma_max, x_next=nxt)  # log p of the recorded state
         ode = x_rec.float() + (s - t) * v
         x = torch.where(sde_on[i], nxt.float(), ode)
         xs.add(x_rec)
@@ -222,12 +226,18 @@ def sample_groups(
         log_probs.add(scored.log_prob)
     # every group records the same number of steps; gather each group's own from the steps any group took
     taken = [i for i in range(num_steps) if sde[i].any()]
-    pick = torch.tensor([[taken.index(i) for i in w] for w in windows])                # [P, W]
+    pick = torch.tensor([[taken.index(i) for i in w] for w in windows])  # [P, W]
     shape = lambda t: t.view(len(taken), P, G, *t.shape[2:]).transpose(0, 1)  # noqa: E731  [P, T, G, ...]
     take = lambda t: torch.stack([shape(t)[p, pick[p]] for p in range(P)]).transpose(1, 2)  # noqa: E731  [P, G, W, ...]
     steps = torch.tensor([list(w) for w in windows])
     return GroupTrajectory(
-        xs=take(xs.stack()), x_next=take(x_next.stack()), log_probs=take(log_probs.stack()),
-        steps=steps, sigmas=sigmas[steps].float(), sigmas_next=sigmas[steps + 1].float(),
-        x_final=x.float().cpu().view(P, G, C, H, W), seeds=[int(s) for s in seeds], sigma_max=sigma_max,
+        xs=take(xs.stack()),
+        x_next=take(x_next.stack()),
+        log_probs=take(log_probs.stack()),
+        steps=steps,
+        sigmas=sigmas[steps].float(),
+        sigmas_next=sigmas[steps + 1].float(),
+        x_final=x.float().cpu().view(P, G, C, H, W),
+        seeds=[int(s) for s in seeds],
+        sigma_max=sigma_max,
     )

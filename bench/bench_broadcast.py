@@ -221,8 +221,13 @@ def summarize(rows: dict[str, list[float]], mb: float) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--payload", nargs="+", default=list(DEFAULT_PAYLOADS), metavar="MIB:TENSORS",
-                    help="float32 payloads measured one after another (size in MiB : number of equal tensors)")
+    ap.add_argument(
+        "--payload",
+        nargs="+",
+        default=list(DEFAULT_PAYLOADS),
+        metavar="MIB:TENSORS",
+        help="float32 payloads measured one after another (size in MiB : number of equal tensors)",
+    )
     ap.add_argument("--samplers", type=int, default=2, help="number of sampler actors (group is 1 + this)")
     ap.add_argument("--repeats", type=int, default=5, help="timed repeats per row (after one warm-up)")
     ap.add_argument("--bucket-mb", type=float, default=DEFAULT_BUCKET_BYTES / 2**20, help="WeightGroup bucket size")

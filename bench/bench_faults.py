@@ -40,20 +40,33 @@ FAULTS = ("none", "sampler", "reward", "learner", "node")
 ROLE_NODE = {"learner": 1, "reward": 1, "sampler": 1}
 # fast failure detection: a removed node is declared dead within about 3 s instead of 30
 SYSTEM_CONFIG = {"health_check_period_ms": 1000, "health_check_failure_threshold": 3, "health_check_timeout_ms": 1000}
-RUN = ["runtime.num_samplers=2", "runtime.sampler_num_cpus=1", "runtime.learner_num_cpus=1",
-       "runtime.reward_num_cpus=0.5", "runtime.sampler_resources={sampler: 1}", "runtime.reward_resources={reward: 1}",
-       "runtime.learner_resources={learner: 1}", "train.pairs_per_epoch=16",
-       "sampling.pairs_per_call=4", "sampling.num_steps=8", "train.checkpoint_every=4"]
+RUN = [
+    "runtime.num_samplers=2",
+    "runtime.sampler_num_cpus=1",
+    "runtime.learner_num_cpus=1",
+    "runtime.reward_num_cpus=0.5",
+    "runtime.sampler_resources={sampler: 1}",
+    "runtime.reward_resources={reward: 1}",
+    "runtime.learner_resources={learner: 1}",
+    "train.pairs_per_epoch=16",
+    "sampling.pairs_per_call=4",
+    "sampling.num_steps=8",
+    "train.checkpoint_every=4",
+]
 
 
 def start_cluster():
     """A head for the driver and one node of each role type; returns (cluster, {"a": node, "b": node})."""
     from ray.cluster_utils import Cluster
 
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "_system_config": SYSTEM_CONFIG,
-                                                            "include_dashboard": False})
-    nodes = {"a": cluster.add_node(num_cpus=3, resources=dict(ROLE_NODE)),
-             "b": cluster.add_node(num_cpus=1, resources={"sampler": 1})}
+    cluster = Cluster(
+        initialize_head=True,
+        head_node_args={"num_cpus": 1, "_system_config": SYSTEM_CONFIG, "include_dashboard": False},
+    )
+    nodes = {
+        "a": cluster.add_node(num_cpus=3, resources=dict(ROLE_NODE)),
+        "b": cluster.add_node(num_cpus=1, resources={"sampler": 1}),
+    }
     cluster.wait_for_nodes()
     return cluster, nodes
 
@@ -62,11 +75,13 @@ def inject(fault: str, cluster, nodes: dict) -> None:
     import ray
 
     if fault == "node":
-        nodes["c"] = cluster.add_node(num_cpus=3, resources=dict(ROLE_NODE))    # the autoscaler's replacement
+        nodes["c"] = cluster.add_node(num_cpus=3, resources=dict(ROLE_NODE))  # the autoscaler's replacement
         cluster.wait_for_nodes()
         cluster.remove_node(nodes.pop("a"))
     elif fault != "none":
-        ray.kill(ray.get_actor({"sampler": "fdfo/sampler/0", "reward": "fdfo/reward/0", "learner": "fdfo/learner"}[fault]))
+        ray.kill(
+            ray.get_actor({"sampler": "fdfo/sampler/0", "reward": "fdfo/reward/0", "learner": "fdfo/learner"}[fault])
+        )
 
 
 def epochs_logged(history: Path) -> int:
@@ -89,7 +104,7 @@ def run_fault(fault: str, epochs: int, kill_after: int, out_dir: Path, overrides
         def target():
             try:
                 result["out"] = run_ray(cfg)
-            except BaseException as e:                                        # reported as not survived
+            except BaseException as e:  # reported as not survived
                 import traceback
 
                 result["error"], result["traceback"] = repr(e), traceback.format_exc()
@@ -120,15 +135,31 @@ def row(fault: str, result: dict, epochs: int, wall: float, recovered: float | N
     """Survived or not, pairs lost by reason, recovery time, and the faults report of the run."""
     out = result.get("out")
     if out is None:
-        return {"fault": fault, "survived": False, "error": result.get("error", "timed out"), "wall_s": wall,
-                "traceback": result.get("traceback")}
+        return {
+            "fault": fault,
+            "survived": False,
+            "error": result.get("error", "timed out"),
+            "wall_s": wall,
+            "traceback": result.get("traceback"),
+        }
     ledger = out["ledger"]
-    identity = ledger["pairs_requested"] == ledger["pairs_trained"] + sum(ledger["pairs_dropped"].values()) + ledger["pairs_in_flight"]
+    identity = (
+        ledger["pairs_requested"]
+        == ledger["pairs_trained"] + sum(ledger["pairs_dropped"].values()) + ledger["pairs_in_flight"]
+    )
     synced = all(s["version"] == out["version"] for s in out["samplers"])
-    return {"fault": fault, "survived": bool(identity and synced and len(out["history"]) == epochs),
-            "pairs_lost": sum(ledger["pairs_dropped"].values()), "dropped": ledger["pairs_dropped"],
-            "pairs_trained": ledger["pairs_trained"], "recover_s": recovered, "wall_s": wall, "version": out["version"],
-            "faults": out["faults"], "heldout_gain": out["final"].get("heldout_reward_gain")}
+    return {
+        "fault": fault,
+        "survived": bool(identity and synced and len(out["history"]) == epochs),
+        "pairs_lost": sum(ledger["pairs_dropped"].values()),
+        "dropped": ledger["pairs_dropped"],
+        "pairs_trained": ledger["pairs_trained"],
+        "recover_s": recovered,
+        "wall_s": wall,
+        "version": out["version"],
+        "faults": out["faults"],
+        "heldout_gain": out["final"].get("heldout_reward_gain"),
+    }
 
 
 def main() -> None:
@@ -143,7 +174,7 @@ def main() -> None:
     args = ap.parse_args()
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     epochs = 6 if args.smoke else args.epochs
-    kill_after = args.kill_after or (2 if args.smoke else max(epochs // 3, 1))   # smoke: early enough to be noticed
+    kill_after = args.kill_after or (2 if args.smoke else max(epochs // 3, 1))  # smoke: early enough to be noticed
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for fault in args.faults:
@@ -154,8 +185,10 @@ def main() -> None:
     for r in rows:
         rec = "-" if r.get("recover_s") is None else f"{r['recover_s']:.1f}"
         ratio = f"{r['wall_s'] / base:.2f}" if base else "-"
-        print(f"{r['fault']:8} {str(r['survived']):8} {r.get('pairs_lost', '-'):>10} {rec:>9} {r['wall_s']:7.1f} "
-              f"{ratio:>7}  {r.get('dropped', r.get('error'))}")
+        print(
+            f"{r['fault']:8} {str(r['survived']):8} {r.get('pairs_lost', '-'):>10} {rec:>9} {r['wall_s']:7.1f} "
+            f"{ratio:>7}  {r.get('dropped', r.get('error'))}"
+        )
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps({"epochs": epochs, "kill_after": kill_after, "rows": rows}, indent=1))
 

@@ -35,8 +35,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from actors.sampling import sample_pairs  # noqa: E402
-from cluster.config import to_dict  # noqa: E402
 from cluster.build import reward_specs  # noqa: E402
+from cluster.config import to_dict  # noqa: E402
 from cluster.evaluate import base_model, load_policy  # noqa: E402
 from cluster.prompts import load_prompts  # noqa: E402
 from learner.loss import pair_signal  # noqa: E402
@@ -59,8 +59,9 @@ def scorers(cfg, also: list[str] = ()) -> dict:
     return {spec["name"]: build_reward({k: v for k, v in spec.items() if k != "weight"}) for spec in specs}
 
 
-def probe(model, cfg, params, gamma: float, num_pairs: int, splits: int, target: str, seed: int,
-          also: list[str] = ()) -> dict:
+def probe(
+    model, cfg, params, gamma: float, num_pairs: int, splits: int, target: str, seed: int, also: list[str] = ()
+) -> dict:
     dev = params[0].device
     rng = np.random.default_rng(seed)
     prompts = load_prompts(cfg.prompts.source)
@@ -77,8 +78,14 @@ def probe(model, cfg, params, gamma: float, num_pairs: int, splits: int, target:
     t0 = time.perf_counter()
     for s in range(0, num_pairs, call):
         p = chosen[s : s + call]
-        traj = sample_pairs(model, p, seeds[s : s + call], num_steps=cfg.sampling.num_steps, gamma=gamma,
-                            guidance_scale=cfg.sampling.guidance_scale)
+        traj = sample_pairs(
+            model,
+            p,
+            seeds[s : s + call],
+            num_steps=cfg.sampling.num_steps,
+            gamma=gamma,
+            guidance_scale=cfg.sampling.guidance_scale,
+        )
         images = to_uint8(model.decode(traj.x_final.flatten(0, 1).to(dev)))
         both = [q for q in p for _ in range(2)]
         total = np.zeros((len(p), 2))
@@ -99,11 +106,11 @@ def probe(model, cfg, params, gamma: float, num_pairs: int, splits: int, target:
         halves[k, torch.randperm(num_pairs, generator=g)[num_pairs // 2 :]] = 1
     numel = sum(p.numel() for p in params)
     G = torch.zeros(len(names), splits, 2, numel, device=dev)
-    coef_all = torch.stack([dR[n] for n in names])                         # [S, N]
+    coef_all = torch.stack([dR[n] for n in names])  # [S, N]
     dx_rms, w_norm, idx = [], [], 0
     for p, traj in trajs:
         cond = model.encode_prompts(p)
-        _, d = pair_signal(torch.ones(len(p), 2), traj.x_final)           # [P, 2, C, H, W]
+        _, d = pair_signal(torch.ones(len(p), 2), traj.x_final)  # [P, 2, C, H, W]
         steps = traj.xs.shape[2]
         dx_rms.extend(((traj.x_final[:, 0] - traj.x_final[:, 1]) / 2).pow(2).flatten(1).mean(1).sqrt().tolist())
         for j in range(len(p)):
@@ -113,26 +120,34 @@ def probe(model, cfg, params, gamma: float, num_pairs: int, splits: int, target:
             grads = torch.autograd.grad((v * d[j, 0].to(dev)).sum(), params)
             w = torch.cat([gr.flatten() for gr in grads])
             w_norm.append(float(w.norm()))
-            cw = coef_all[:, idx].to(dev)[:, None] * w                          # [S, D]: g_p for every scorer
+            cw = coef_all[:, idx].to(dev)[:, None] * w  # [S, D]: g_p for every scorer
             for k in range(splits):
                 G[:, k, int(halves[k, idx])] += cw
             idx += 1
     n = num_pairs // 2
     cos = torch.nn.functional.cosine_similarity
-    out = {"gamma": gamma, "pairs": num_pairs, "sample_and_score_s": round(sample_s, 1),
-           "total_s": round(time.perf_counter() - t0, 1),
-           "dx_rms_quantiles_10_50_90": np.quantile(dx_rms, [0.1, 0.5, 0.9]).round(3).tolist(),
-           "w_norm_median": float(np.median(w_norm)), "scorers": {}}
+    out = {
+        "gamma": gamma,
+        "pairs": num_pairs,
+        "sample_and_score_s": round(sample_s, 1),
+        "total_s": round(time.perf_counter() - t0, 1),
+        "dx_rms_quantiles_10_50_90": np.quantile(dx_rms, [0.1, 0.5, 0.9]).round(3).tolist(),
+        "w_norm_median": float(np.median(w_norm)),
+        "scorers": {},
+    }
     ti = names.index(target)
     for i, name in enumerate(names):
         c = np.array([float(cos(G[i, k, 0], G[i, k, 1], 0)) for k in range(splits)])
         x = np.array([float(cos(G[i, k, 0], G[ti, k, 1], 0)) for k in range(splits)])
         cm = float(c.mean())
         snr = cm / (n * (1 - cm)) if 0 < cm < 1 else float("nan")
-        out["scorers"][name] = {"split_half_cos": round(cm, 4), "split_half_cos_sd": round(float(c.std()), 4),
-                                "cos_vs_target": round(float(x.mean()), 4),
-                                "pairs_for_half": round(1 / snr) if snr == snr and snr > 0 else None,
-                                "frac_pairs_with_dR": round(float((dR[name] != 0).float().mean()), 3)}
+        out["scorers"][name] = {
+            "split_half_cos": round(cm, 4),
+            "split_half_cos_sd": round(float(c.std()), 4),
+            "cos_vs_target": round(float(x.mean()), 4),
+            "pairs_for_half": round(1 / snr) if snr == snr and snr > 0 else None,
+            "frac_pairs_with_dR": round(float((dR[name] != 0).float().mean()), 3),
+        }
     return out
 
 
@@ -145,7 +160,9 @@ def main(argv=None) -> None:
     p.add_argument("--splits", type=int, default=8, help="random half-splits to average the cosine over")
     p.add_argument("--target", default="shapes_judge", help="the scorer the others are compared with")
     p.add_argument("--also", nargs="*", default=[], help="more scorers to probe, e.g. shapes_judge_soft")
-    p.add_argument("--label", default=None, help="name of the policy in the results (default: base / the checkpoint path)")
+    p.add_argument(
+        "--label", default=None, help="name of the policy in the results (default: base / the checkpoint path)"
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--out", default=str(ROOT / "bench" / "results" / "fd_snr"), help="output stem")
@@ -158,13 +175,16 @@ def main(argv=None) -> None:
     else:
         model, cfg = base_model(args.config, args.overrides)
         label = args.label or "base"
-        if cfg.lora.enabled:                               # the adapter a run would start from
+        if cfg.lora.enabled:  # the adapter a run would start from
             make_trainable(model.transformer, cfg.lora)
     params = trainable_params(model, cfg.lora.enabled)
     path = Path(args.out + ".json")
     results = json.loads(path.read_text()) if path.exists() else {"runs": []}
     for gamma in args.gammas:
-        row = {"policy": label, **probe(model, cfg, params, gamma, args.pairs, args.splits, args.target, args.seed, args.also)}
+        row = {
+            "policy": label,
+            **probe(model, cfg, params, gamma, args.pairs, args.splits, args.target, args.seed, args.also),
+        }
         print(json.dumps(row), flush=True)
         results["runs"] = [r for r in results["runs"] if (r["policy"], r["gamma"]) != (label, gamma)] + [row]
     results["config"] = to_dict(cfg)

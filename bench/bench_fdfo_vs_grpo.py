@@ -35,10 +35,18 @@ from pathlib import Path
 JUDGE = "eval/reward/shapes_judge/mean"
 STRICT = "eval/metric/shapes_exact/mean"
 METHODS = {"fdfo": "shapes", "flow_grpo": "shapes-flow-grpo"}
-COMMON = ["runtime.local=true", "runtime.torch_threads=2", "train.lr_schedule=constant", "eval.num_prompts=32",
-          "eval.seeds_per_prompt=4", "train.checkpoint_every=0"]
-SMOKE = {"fdfo": ["train.pairs_per_epoch=4", "sampling.pairs_per_call=4"],
-         "flow_grpo": ["train.pairs_per_epoch=2", "sampling.pairs_per_call=2", "grpo.group_size=4"]}
+COMMON = [
+    "runtime.local=true",
+    "runtime.torch_threads=2",
+    "train.lr_schedule=constant",
+    "eval.num_prompts=32",
+    "eval.seeds_per_prompt=4",
+    "train.checkpoint_every=0",
+]
+SMOKE = {
+    "fdfo": ["train.pairs_per_epoch=4", "sampling.pairs_per_call=4"],
+    "flow_grpo": ["train.pairs_per_epoch=2", "sampling.pairs_per_call=2", "grpo.group_size=4"],
+}
 
 
 def curve(history: list[dict], before: dict) -> list[dict]:
@@ -47,8 +55,14 @@ def curve(history: list[dict], before: dict) -> list[dict]:
     for h in history:
         eval_s += h.get("perf/eval_s", 0.0)
         if JUDGE in h:
-            points.append({"images": h["perf/images_sampled"], "train_s": h["perf/wall_s"] - eval_s, "judge": h[JUDGE],
-                           "reward": h["eval/reward/mean"]})
+            points.append(
+                {
+                    "images": h["perf/images_sampled"],
+                    "train_s": h["perf/wall_s"] - eval_s,
+                    "judge": h[JUDGE],
+                    "reward": h["eval/reward/mean"],
+                }
+            )
     return points
 
 
@@ -78,15 +92,23 @@ def run_one(method: str, overrides: list[str]) -> dict:
     before = {"eval/" + k: v["before"] for k, v in final.items()}
     points = curve(res["history"], before)
     after = {"eval/" + k: v["after"] for k, v in final.items()}
-    points[-1].update(judge=after[JUDGE], reward=after["eval/reward/mean"])   # the last evaluation is the "after"
+    points[-1].update(judge=after[JUDGE], reward=after["eval/reward/mean"])  # the last evaluation is the "after"
     _, prompts, seeds = eval_set(cfg)
     images = res["sampler"].generate(prompts, seeds, cfg.eval.num_steps or cfg.sampling.num_steps)
     k = cfg.eval.seeds_per_prompt
-    div = float(np.mean([diversity(images[i:i + k]) for i in range(0, len(images), k)]))
-    return {"method": method, "overrides": overrides, "points": points, "total_wall_s": wall,
-            "strict_before": before[STRICT], "strict_after": after[STRICT], "diversity_after": div,
-            "images": res["ledger"]["pairs_requested"] * (cfg.grpo.group_size if method == "flow_grpo" else 2),
-            "dropped": res["ledger"]["pairs_dropped"], "clip_frac_last": res["history"][-1].get("learner/clip_frac")}
+    div = float(np.mean([diversity(images[i : i + k]) for i in range(0, len(images), k)]))
+    return {
+        "method": method,
+        "overrides": overrides,
+        "points": points,
+        "total_wall_s": wall,
+        "strict_before": before[STRICT],
+        "strict_after": after[STRICT],
+        "diversity_after": div,
+        "images": res["ledger"]["pairs_requested"] * (cfg.grpo.group_size if method == "flow_grpo" else 2),
+        "dropped": res["ledger"]["pairs_dropped"],
+        "clip_frac_last": res["history"][-1].get("learner/clip_frac"),
+    }
 
 
 def reward_spread(images: int = 512, seed: int = 0) -> dict:
@@ -98,22 +120,27 @@ def reward_spread(images: int = 512, seed: int = 0) -> dict:
     from actors.sampler import Sampler
     from cluster.build import build_model
     from cluster.config import grpo_of, load_config
-    from cluster.schedule import PairSchedule
     from cluster.prompts import load_prompts
+    from cluster.schedule import PairSchedule
     from tasks.shapes import world
 
     out = {}
     for method, preset in METHODS.items():
         cfg = load_config(preset, [f"seed={seed}"])
-        sampler = Sampler(build_model(cfg.model), cfg.sampling, cfg.lora, precision=cfg.train.precision, grpo=grpo_of(cfg))
+        sampler = Sampler(
+            build_model(cfg.model), cfg.sampling, cfg.lora, precision=cfg.train.precision, grpo=grpo_of(cfg)
+        )
         k = sampler.images_per_unit
         req = PairSchedule(load_prompts(cfg.prompts.source), seed).take(images // k)
         _, imgs = sampler.sample(**req)
         judged = world.clause_fraction(world.judge(imgs, [p for p in req["prompts"] for _ in range(k)]))
         per_unit = np.asarray(judged).reshape(-1, k)
-        out[method] = {"units": len(per_unit), "images_per_unit": k,
-                       "share_with_signal": float(np.mean(per_unit.max(1) > per_unit.min(1))),
-                       "mean_spread": float(np.mean(per_unit.max(1) - per_unit.min(1)))}
+        out[method] = {
+            "units": len(per_unit),
+            "images_per_unit": k,
+            "share_with_signal": float(np.mean(per_unit.max(1) > per_unit.min(1))),
+            "mean_spread": float(np.mean(per_unit.max(1) - per_unit.min(1))),
+        }
     return out
 
 
@@ -152,20 +179,30 @@ def headline(runs: list[dict]) -> list[dict]:
     for w in sorted({r["cfg"] for r in runs}):
         lrs = {m: best_lr(runs, m, w) for m in METHODS}
         if None in lrs.values():
-            continue                                         # one method not run at this guidance
+            continue  # one method not run at this guidance
         for seed in sorted({r["seed"] for r in runs if r["cfg"] == w}):
             pick = {m: longest(runs, m, w, seed, lrs[m]) for m in METHODS}
             if None in pick.values():
-                continue                                     # a seed not run at both best lrs
+                continue  # a seed not run at both best lrs
             g, f = pick["flow_grpo"]["points"], pick["fdfo"]["points"]
             target = max(p["judge"] for p in g)
-            row = {"cfg": w, "seed": seed, "fdfo_lr": lrs["fdfo"], "grpo_lr": lrs["flow_grpo"], "grpo_best_judge": target,
-                   "judge_before": g[0]["judge"], "fdfo_final_judge": f[-1]["judge"], "grpo_final_judge": g[-1]["judge"],
-                   "fdfo_best_judge": max(p["judge"] for p in f),
-                   "grpo_images_to_best": first_reach(g, target, "images"), "fdfo_images_to_it": first_reach(f, target, "images"),
-                   "grpo_s_to_best": first_reach(g, target, "train_s"), "fdfo_s_to_it": first_reach(f, target, "train_s"),
-                   **{f"{m}_strict_after": pick[m]["strict_after"] for m in METHODS},
-                   **{f"{m}_diversity_after": pick[m]["diversity_after"] for m in METHODS}}
+            row = {
+                "cfg": w,
+                "seed": seed,
+                "fdfo_lr": lrs["fdfo"],
+                "grpo_lr": lrs["flow_grpo"],
+                "grpo_best_judge": target,
+                "judge_before": g[0]["judge"],
+                "fdfo_final_judge": f[-1]["judge"],
+                "grpo_final_judge": g[-1]["judge"],
+                "fdfo_best_judge": max(p["judge"] for p in f),
+                "grpo_images_to_best": first_reach(g, target, "images"),
+                "fdfo_images_to_it": first_reach(f, target, "images"),
+                "grpo_s_to_best": first_reach(g, target, "train_s"),
+                "fdfo_s_to_it": first_reach(f, target, "train_s"),
+                **{f"{m}_strict_after": pick[m]["strict_after"] for m in METHODS},
+                **{f"{m}_diversity_after": pick[m]["diversity_after"] for m in METHODS},
+            }
             row["image_ratio"] = row["fdfo_images_to_it"] / max(row["grpo_images_to_best"], 1e-9)
             row["time_ratio"] = row["fdfo_s_to_it"] / max(row["grpo_s_to_best"], 1e-9)
             rows.append(row)
@@ -173,14 +210,18 @@ def headline(runs: list[dict]) -> list[dict]:
 
 
 def table(rows: list[dict]) -> str:
-    lines = [f"{'cfg':>4} {'seed':>4} {'lr fdfo':>8} {'lr grpo':>8} {'before':>6} {'grpo best':>9} {'fdfo best':>9} "
-             f"{'grpo img':>8} {'fdfo img':>8} {'img ratio':>9} {'s ratio':>7} {'strict f/g':>11} {'div f/g':>11}"]
+    lines = [
+        f"{'cfg':>4} {'seed':>4} {'lr fdfo':>8} {'lr grpo':>8} {'before':>6} {'grpo best':>9} {'fdfo best':>9} "
+        f"{'grpo img':>8} {'fdfo img':>8} {'img ratio':>9} {'s ratio':>7} {'strict f/g':>11} {'div f/g':>11}"
+    ]
     for r in rows:
-        lines.append(f"{r['cfg']:>4} {r['seed']:>4} {r['fdfo_lr']:>8.0e} {r['grpo_lr']:>8.0e} {r['judge_before']:>6.3f} "
-                     f"{r['grpo_best_judge']:>9.3f} {r['fdfo_best_judge']:>9.3f} {r['grpo_images_to_best']:>8.0f} "
-                     f"{r['fdfo_images_to_it']:>8.0f} {r['image_ratio']:>9.3f} {r['time_ratio']:>7.3f} "
-                     f"{r['fdfo_strict_after']:>5.3f}/{r['flow_grpo_strict_after']:<5.3f} "
-                     f"{r['fdfo_diversity_after']:>5.3f}/{r['flow_grpo_diversity_after']:<5.3f}")
+        lines.append(
+            f"{r['cfg']:>4} {r['seed']:>4} {r['fdfo_lr']:>8.0e} {r['grpo_lr']:>8.0e} {r['judge_before']:>6.3f} "
+            f"{r['grpo_best_judge']:>9.3f} {r['fdfo_best_judge']:>9.3f} {r['grpo_images_to_best']:>8.0f} "
+            f"{r['fdfo_images_to_it']:>8.0f} {r['image_ratio']:>9.3f} {r['time_ratio']:>7.3f} "
+            f"{r['fdfo_strict_after']:>5.3f}/{r['flow_grpo_strict_after']:<5.3f} "
+            f"{r['fdfo_diversity_after']:>5.3f}/{r['flow_grpo_diversity_after']:<5.3f}"
+        )
     return "\n".join(lines)
 
 
@@ -200,7 +241,9 @@ def plot(runs: list[dict], path: Path) -> None:
             style = {"color": "C0" if r["method"] == "fdfo" else "C3", "alpha": 0.8}
             label = f"{r['method']} lr {r['lr']:g} seed {r['seed']}"
             for ax, axis in zip(row, ("images", "train_s")):
-                ax.plot([p[axis] for p in r["points"]], [p["judge"] for p in r["points"]], marker=".", label=label, **style)
+                ax.plot(
+                    [p[axis] for p in r["points"]], [p["judge"] for p in r["points"]], marker=".", label=label, **style
+                )
         for ax, axis in zip(row, ("images sampled", "training seconds (2 cores)")):
             ax.set_xlabel(axis)
             ax.set_ylabel("held-out judge")
@@ -220,19 +263,36 @@ def main() -> None:
     ap.add_argument("--fdfo-epochs", type=int, default=20)
     ap.add_argument("--grpo-epochs", type=int, default=50)
     ap.add_argument("--eval-every", type=int, default=5)
-    ap.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS),
-                    help="run only these (a slice whose runs --report pools with the others)")
+    ap.add_argument(
+        "--methods",
+        nargs="+",
+        default=list(METHODS),
+        choices=list(METHODS),
+        help="run only these (a slice whose runs --report pools with the others)",
+    )
     ap.add_argument("--smoke", action="store_true", help="tiny budgets: 2 epochs, 1 seed, 1 lr each, no CFG")
     ap.add_argument("--out", default="bench/results/fdfo_vs_grpo.json")
-    ap.add_argument("--report", metavar="JSON", nargs="+", help="print the table of finished runs' JSON files (their "
-                    "runs pooled, e.g. the CFG and no-CFG slices run apart; recomputed) and write --out from them")
+    ap.add_argument(
+        "--report",
+        metavar="JSON",
+        nargs="+",
+        help="print the table of finished runs' JSON files (their "
+        "runs pooled, e.g. the CFG and no-CFG slices run apart; recomputed) and write --out from them",
+    )
     args = ap.parse_args()
     if args.report:
         parts = [json.loads(Path(p).read_text()) for p in args.report]
         runs = [r for part in parts for r in part["runs"]]
         logging.disable(logging.INFO)
-        write(Path(args.out), {"setup": [part["setup"] for part in parts], "signal": reward_spread(),
-                               "headline": headline(runs), "runs": runs})
+        write(
+            Path(args.out),
+            {
+                "setup": [part["setup"] for part in parts],
+                "signal": reward_spread(),
+                "headline": headline(runs),
+                "runs": runs,
+            },
+        )
         return
     if args.smoke:
         args.seeds, args.cfg, args.fdfo_lrs, args.grpo_lrs = [0], [1.0], [1e-4], [3e-4]
@@ -246,19 +306,39 @@ def main() -> None:
             for method, lrs in (("fdfo", args.fdfo_lrs), ("flow_grpo", args.grpo_lrs)):
                 for lr in lrs if method in args.methods else []:
                     name = f"{method}-w{w:g}-s{seed}-lr{lr:g}"
-                    over = [*COMMON, f"train.epochs={epochs[method]}", f"eval.every_epochs={args.eval_every}",
-                            f"seed={seed}", f"train.lr={lr}", f"sampling.guidance_scale={w}", f"output_dir={out_dir}",
-                            f"name={name}", *(SMOKE[method] + ["eval.num_prompts=4", "eval.seeds_per_prompt=2"]
-                                              if args.smoke else [])]
+                    over = [
+                        *COMMON,
+                        f"train.epochs={epochs[method]}",
+                        f"eval.every_epochs={args.eval_every}",
+                        f"seed={seed}",
+                        f"train.lr={lr}",
+                        f"sampling.guidance_scale={w}",
+                        f"output_dir={out_dir}",
+                        f"name={name}",
+                        *(SMOKE[method] + ["eval.num_prompts=4", "eval.seeds_per_prompt=2"] if args.smoke else []),
+                    ]
                     r = run_one(method, over) | {"cfg": w, "seed": seed, "lr": lr}
                     runs.append(r)
-                    print(f"{name}: judge {r['points'][0]['judge']:.4f} -> {r['points'][-1]['judge']:.4f} "
-                          f"(best {max(p['judge'] for p in r['points']):.4f}) in {r['images']} images, "
-                          f"{r['points'][-1]['train_s']:.0f} s", flush=True)
-    setup = {"methods": args.methods, "epochs": epochs, "eval_every": args.eval_every, "seeds": args.seeds, "cfg": args.cfg,
-             "lrs": {"fdfo": args.fdfo_lrs, "flow_grpo": args.grpo_lrs}, "common": COMMON, "smoke": args.smoke}
-    write(Path(args.out), {"setup": setup, "signal": reward_spread(64 if args.smoke else 512), "headline": headline(runs),
-                           "runs": runs})
+                    print(
+                        f"{name}: judge {r['points'][0]['judge']:.4f} -> {r['points'][-1]['judge']:.4f} "
+                        f"(best {max(p['judge'] for p in r['points']):.4f}) in {r['images']} images, "
+                        f"{r['points'][-1]['train_s']:.0f} s",
+                        flush=True,
+                    )
+    setup = {
+        "methods": args.methods,
+        "epochs": epochs,
+        "eval_every": args.eval_every,
+        "seeds": args.seeds,
+        "cfg": args.cfg,
+        "lrs": {"fdfo": args.fdfo_lrs, "flow_grpo": args.grpo_lrs},
+        "common": COMMON,
+        "smoke": args.smoke,
+    }
+    write(
+        Path(args.out),
+        {"setup": setup, "signal": reward_spread(64 if args.smoke else 512), "headline": headline(runs), "runs": runs},
+    )
 
 
 def write(out: Path, report: dict) -> None:
@@ -268,8 +348,10 @@ def write(out: Path, report: dict) -> None:
     plot(report["runs"], out.with_suffix(".png"))
     print(table(report["headline"]))
     for method, sig in report["signal"].items():
-        print(f"{method}: {sig['share_with_signal']:.0%} of {sig['units']} units of {sig['images_per_unit']} images carry a "
-              f"judge difference at the base (mean max-min spread {sig['mean_spread']:.3f})")
+        print(
+            f"{method}: {sig['share_with_signal']:.0%} of {sig['units']} units of {sig['images_per_unit']} images carry a "
+            f"judge difference at the base (mean max-min spread {sig['mean_spread']:.3f})"
+        )
 
 
 if __name__ == "__main__":

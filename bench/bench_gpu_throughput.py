@@ -53,21 +53,40 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from models.device import ATTENTION_BACKENDS, COMPILE_MODES, apply_compile, attention, check_attention
-from models.lora import LORA_TARGET_MODULES, add_lora, lora_module_names
+from models.device import ATTENTION_BACKENDS, COMPILE_MODES, apply_compile, attention, check_attention  # noqa: E402 (after the sys.path line: runs as a script)
+from models.lora import LORA_TARGET_MODULES, add_lora, lora_module_names  # noqa: E402
 
 # stabilityai/stable-diffusion-3.5-medium, transformer/config.json (MMDiT-X: dual attention in blocks 0-12, qk RMSNorm)
 SD35M_TRANSFORMER = {
-    "sample_size": 128, "patch_size": 2, "in_channels": 16, "num_layers": 24, "attention_head_dim": 64,
-    "num_attention_heads": 24, "joint_attention_dim": 4096, "caption_projection_dim": 1536,
-    "pooled_projection_dim": 2048, "out_channels": 16, "pos_embed_max_size": 384,
-    "dual_attention_layers": tuple(range(13)), "qk_norm": "rms_norm",
+    "sample_size": 128,
+    "patch_size": 2,
+    "in_channels": 16,
+    "num_layers": 24,
+    "attention_head_dim": 64,
+    "num_attention_heads": 24,
+    "joint_attention_dim": 4096,
+    "caption_projection_dim": 1536,
+    "pooled_projection_dim": 2048,
+    "out_channels": 16,
+    "pos_embed_max_size": 384,
+    "dual_attention_layers": tuple(range(13)),
+    "qk_norm": "rms_norm",
 }
 # The CPU smoke shape: every kind of block SD3.5-M has (a dual-attention block, a last context_pre_only block)
 SMOKE_TRANSFORMER = {
-    "sample_size": 8, "patch_size": 2, "in_channels": 4, "num_layers": 2, "attention_head_dim": 8,
-    "num_attention_heads": 2, "joint_attention_dim": 24, "caption_projection_dim": 16, "pooled_projection_dim": 12,
-    "out_channels": 4, "pos_embed_max_size": 8, "dual_attention_layers": (0,), "qk_norm": "rms_norm",
+    "sample_size": 8,
+    "patch_size": 2,
+    "in_channels": 4,
+    "num_layers": 2,
+    "attention_head_dim": 8,
+    "num_attention_heads": 2,
+    "joint_attention_dim": 24,
+    "caption_projection_dim": 16,
+    "pooled_projection_dim": 12,
+    "out_channels": 4,
+    "pos_embed_max_size": 8,
+    "dual_attention_layers": (0,),
+    "qk_norm": "rms_norm",
 }
 SD35M_TEXT_TOKENS = 77 + 128  # CLIP-L/G (77, concatenated along channels) then T5 (max_sequence_length 128)
 SMOKE_TEXT_TOKENS = 5
@@ -91,8 +110,14 @@ def flop_count(config: dict, latent_size: int, text_tokens: int, lora_rank: int)
         return 2 * tokens * fan_in * fan_out
 
     patch_in, patch_out = config["in_channels"] * p * p, config["out_channels"] * p * p
-    embed = (lin(n, patch_in, D) + lin(1, TIME_PROJ, D) + lin(1, D, D)  # patches; timestep MLP
-             + lin(1, config["pooled_projection_dim"], D) + lin(1, D, D) + lin(t, config["joint_attention_dim"], D))
+    embed = (
+        lin(n, patch_in, D)
+        + lin(1, TIME_PROJ, D)
+        + lin(1, D, D)  # patches; timestep MLP
+        + lin(1, config["pooled_projection_dim"], D)
+        + lin(1, D, D)
+        + lin(t, config["joint_attention_dim"], D)
+    )
     # norm_out's modulation and proj_out here; the blocks' parts are added below
     fwd = {"embed": embed, "modulation": lin(1, D, 2 * D), "linear": lin(n, D, patch_out), "lora": 0, "attention": 0}
     bwd = {"linear": lin(n, D, patch_out), "lora": 0, "attention": 0}
@@ -135,6 +160,7 @@ def build_transformer(config: dict, device: torch.device, dtype: torch.dtype, lo
 
 def inputs(config: dict, batch: int, latent_size: int, text_tokens: int, device, dtype) -> dict:
     """Random model inputs for ``batch`` images: latents, text states, pooled text, timesteps (float32, 1000 sigma)."""
+
     def randn(*shape):
         return torch.randn(*shape, device=device, dtype=dtype)
 
@@ -198,8 +224,13 @@ def time_learner(model, x: dict, iters: int, warmup: int, device, precision: str
 def _role_row(seconds: float, images: float, flops_per_image: float, peak_tflops: float, device, **extra) -> dict:
     """One measured configuration: images/s, achieved TFLOP/s and MFU against ``peak_tflops``, peak memory."""
     ips = images / seconds
-    row = dict(extra, seconds=seconds, images_per_s=ips, tflops=ips * flops_per_image / 1e12,
-               mfu=ips * flops_per_image / (peak_tflops * 1e12))
+    row = dict(
+        extra,
+        seconds=seconds,
+        images_per_s=ips,
+        tflops=ips * flops_per_image / 1e12,
+        mfu=ips * flops_per_image / (peak_tflops * 1e12),
+    )
     if device.type == "cuda":
         row["max_memory_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
         torch.cuda.reset_peak_memory_stats(device)
@@ -237,8 +268,11 @@ def measure(args, device: torch.device) -> dict:
             x = inputs(config, m, latent, text_tokens, device, dtype)
             try:
                 seconds = time_learner(model, x, args.iters, args.warmup, device, args.precision)
-                learners.append(_role_row(seconds, m / args.steps, args.steps * (fwd + bwd), args.peak_tflops, device,
-                                          micro_batch_rows=m))
+                learners.append(
+                    _role_row(
+                        seconds, m / args.steps, args.steps * (fwd + bwd), args.peak_tflops, device, micro_batch_rows=m
+                    )
+                )
             except torch.cuda.OutOfMemoryError as e:
                 model.zero_grad(set_to_none=True)
                 learners.append(_out_of_memory(e, micro_batch_rows=m))
@@ -257,17 +291,31 @@ def _report(args, device, config, latent, text_tokens, model, flops, samplers, l
     fwd, bwd = flops["forward"]["total"], flops["backward"]["total"]
     return {
         "device": torch.cuda.get_device_name(device) if gpu else f"cpu ({platform.processor() or 'cpu'})",
-        "smoke": device.type != "cuda", "torch": torch.__version__, "transformer": dict(config), "latent_size": latent,
-        "image_tokens": (latent // config["patch_size"]) ** 2, "text_tokens": text_tokens, "steps": args.steps,
+        "smoke": device.type != "cuda",
+        "torch": torch.__version__,
+        "transformer": dict(config),
+        "latent_size": latent,
+        "image_tokens": (latent // config["patch_size"]) ** 2,
+        "text_tokens": text_tokens,
+        "steps": args.steps,
         "weights_dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
-        "options": {"precision": args.precision if gpu else "fp32 (CPU: no autocast)", "compile": args.compile,
-                    "compile_backend": args.compile_backend, "sdpa": args.sdpa, "lora_rank": args.lora_rank,
-                    "peak_tflops": args.peak_tflops},
+        "options": {
+            "precision": args.precision if gpu else "fp32 (CPU: no autocast)",
+            "compile": args.compile,
+            "compile_backend": args.compile_backend,
+            "sdpa": args.sdpa,
+            "lora_rank": args.lora_rank,
+            "peak_tflops": args.peak_tflops,
+        },
         "lora_modules": len(lora),
         "trainable_parameters": sum(p.numel() for p in model.parameters() if p.requires_grad),
-        "flops_per_forward": flops["forward"], "flops_per_backward": flops["backward"],
+        "flops_per_forward": flops["forward"],
+        "flops_per_backward": flops["backward"],
         "forward_equivalents_per_trained_image": args.steps * (1 + bwd / fwd),
-        "sampler": samplers, "learner": learners, "sampler_images_per_s": s, "learner_images_per_s": l,
+        "sampler": samplers,
+        "learner": learners,
+        "sampler_images_per_s": s,
+        "learner_images_per_s": l,
         "colocated_images_per_gpu_s": 1 / (1 / s + 1 / l) if s and l else None,
         "reference_images_per_gpu_s": REFERENCE_IMAGES_PER_GPU_S,
     }
@@ -279,23 +327,46 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--out", default=None, help=f"JSON path (GPU default: {DEFAULT_OUT.relative_to(ROOT)})")
     p.add_argument("--resolution", type=int, default=512, help="image pixels per side (latents: / 8)")
     p.add_argument("--steps", type=int, default=None, help="Euler steps per image (default 40; smoke 4)")
-    p.add_argument("--sampler-batch", type=int, nargs="+", default=[16], help="images per sampler call "
-                   "(the presets: 2 x pairs_per_call 8 = 16)")
-    p.add_argument("--learner-micro-batch", type=int, nargs="+", default=[32],
-                   help="(branch, step) rows per forward/backward (the presets' train.micro_batch_rows: 32)")
-    p.add_argument("--precision", choices=("bf16", "fp16", "fp32"), default="bf16",
-                   help="CUDA autocast dtype over the bf16 weights (fp16: the reference's)")
-    p.add_argument("--compile", choices=COMPILE_MODES, default="off",
-                   help="torch.compile of the transformer, as model.compile (regional: each block)")
+    p.add_argument(
+        "--sampler-batch",
+        type=int,
+        nargs="+",
+        default=[16],
+        help="images per sampler call (the presets: 2 x pairs_per_call 8 = 16)",
+    )
+    p.add_argument(
+        "--learner-micro-batch",
+        type=int,
+        nargs="+",
+        default=[32],
+        help="(branch, step) rows per forward/backward (the presets' train.micro_batch_rows: 32)",
+    )
+    p.add_argument(
+        "--precision",
+        choices=("bf16", "fp16", "fp32"),
+        default="bf16",
+        help="CUDA autocast dtype over the bf16 weights (fp16: the reference's)",
+    )
+    p.add_argument(
+        "--compile",
+        choices=COMPILE_MODES,
+        default="off",
+        help="torch.compile of the transformer, as model.compile (regional: each block)",
+    )
     p.add_argument("--compile-backend", default="inductor", help="torch.compile backend (eager: trace only)")
-    p.add_argument("--sdpa", choices=tuple(ATTENTION_BACKENDS), default="auto",
-                   help="scaled_dot_product_attention backend, as model.attention (auto: PyTorch's choice)")
+    p.add_argument(
+        "--sdpa",
+        choices=tuple(ATTENTION_BACKENDS),
+        default="auto",
+        help="scaled_dot_product_attention backend, as model.attention (auto: PyTorch's choice)",
+    )
     p.add_argument("--lora-rank", type=int, default=None, help="LoRA rank (default 32, the reference's; smoke 4)")
     p.add_argument("--repeats", type=int, default=None, help="timed sampler runs after a warm-up (default 3; smoke 1)")
     p.add_argument("--iters", type=int, default=None, help="timed learner micro-batches (default 10; smoke 2)")
     p.add_argument("--warmup", type=int, default=None, help="untimed learner micro-batches (default 3; smoke 1)")
-    p.add_argument("--peak-tflops", type=float, default=989.0,
-                   help="the peak MFU divides by (989: H100/H200 SXM dense bf16/fp16)")
+    p.add_argument(
+        "--peak-tflops", type=float, default=989.0, help="the peak MFU divides by (989: H100/H200 SXM dense bf16/fp16)"
+    )
     args = p.parse_args(argv)
     small = args.smoke or not torch.cuda.is_available()
     defaults = (("steps", 40, 4), ("lora_rank", 32, 4), ("repeats", 3, 1), ("iters", 10, 2), ("warmup", 3, 1))
@@ -320,21 +391,29 @@ def main(argv=None) -> dict:
 
 
 def _print(report: dict, out: str | None) -> None:
-    print(f"{report['device']}: {report['image_tokens']} image + {report['text_tokens']} text tokens, "
-          f"{report['steps']} steps, {report['options']}")
-    print(f"forward {report['flops_per_forward']['total'] / 1e12:.4g} TFLOP/image, backward "
-          f"{report['flops_per_backward']['total'] / 1e12:.4g}; a trained image = "
-          f"{report['forward_equivalents_per_trained_image']:.1f} forwards (a sampled one {report['steps']})")
+    print(
+        f"{report['device']}: {report['image_tokens']} image + {report['text_tokens']} text tokens, "
+        f"{report['steps']} steps, {report['options']}"
+    )
+    print(
+        f"forward {report['flops_per_forward']['total'] / 1e12:.4g} TFLOP/image, backward "
+        f"{report['flops_per_backward']['total'] / 1e12:.4g}; a trained image = "
+        f"{report['forward_equivalents_per_trained_image']:.1f} forwards (a sampled one {report['steps']})"
+    )
     for role, key in (("sampler", "batch"), ("learner", "micro_batch_rows")):
         for row in report[role]:
             if "error" in row:
                 print(f"  {role:8s} {key}={row[key]}: {row['error']}")
             else:
-                print(f"  {role:8s} {key}={row[key]:<4d} {row['images_per_s']:8.3f} images/s  "
-                      f"{row['tflops']:9.4g} TFLOP/s  MFU {100 * row['mfu']:6.3g} %")
+                print(
+                    f"  {role:8s} {key}={row[key]:<4d} {row['images_per_s']:8.3f} images/s  "
+                    f"{row['tflops']:9.4g} TFLOP/s  MFU {100 * row['mfu']:6.3g} %"
+                )
     if report["colocated_images_per_gpu_s"]:
-        print(f"colocated (sample then train on one GPU): {report['colocated_images_per_gpu_s']:.3f} images per "
-              f"GPU-second; the reference: {report['reference_images_per_gpu_s']:.2f} end to end")
+        print(
+            f"colocated (sample then train on one GPU): {report['colocated_images_per_gpu_s']:.3f} images per "
+            f"GPU-second; the reference: {report['reference_images_per_gpu_s']:.2f} end to end"
+        )
     if out:
         print(f"wrote {out}; plan a cluster with: fdfo plan --throughput {out} --gpus 4 8 32")
 

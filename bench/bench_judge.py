@@ -25,8 +25,8 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from tests.fixtures.tiny_vlm import build_tiny_vlm  # noqa: E402
 from rewards.vlm_judge import VLMJudge  # noqa: E402
+from tests.fixtures.tiny_vlm import build_tiny_vlm  # noqa: E402
 from tests.fixtures.vllm_server import DEFAULT_VENV, VLLMServer  # noqa: E402
 
 
@@ -51,19 +51,32 @@ def main() -> None:
     prompts = [f"a photo of object number {i}" for i in range(args.n)]
     with tempfile.TemporaryDirectory() as tmp:
         model = build_tiny_vlm(os.path.join(tmp, "tiny_vlm"), seed=0)
-        hf = VLMJudge(model=model, backend="transformers", dtype="float32", batch_size=args.batch_size,
-                      image_size=args.image_size)
+        hf = VLMJudge(
+            model=model, backend="transformers", dtype="float32", batch_size=args.batch_size, image_size=args.image_size
+        )
         hf_rps, hf_scores = rate(hf, images, prompts)
         with VLLMServer(model=model, venv=args.venv) as server:
-            srv = VLMJudge(model=model, backend="server", url=server.url, max_concurrency=args.concurrency,
-                           image_size=args.image_size)
+            srv = VLMJudge(
+                model=model,
+                backend="server",
+                url=server.url,
+                max_concurrency=args.concurrency,
+                image_size=args.image_size,
+            )
             srv_rps, srv_scores = rate(srv, images, prompts)
-    print(json.dumps({
-        "n": args.n, "cpu_count": os.cpu_count(),
-        "vllm_server_requests_per_s": round(srv_rps, 2), "vllm_concurrency": args.concurrency,
-        "transformers_requests_per_s": round(hf_rps, 2), "transformers_batch_size": args.batch_size,
-        "max_abs_score_diff": float(np.max(np.abs(srv_scores - hf_scores))),
-    }))
+    print(
+        json.dumps(
+            {
+                "n": args.n,
+                "cpu_count": os.cpu_count(),
+                "vllm_server_requests_per_s": round(srv_rps, 2),
+                "vllm_concurrency": args.concurrency,
+                "transformers_requests_per_s": round(hf_rps, 2),
+                "transformers_batch_size": args.batch_size,
+                "max_abs_score_diff": float(np.max(np.abs(srv_scores - hf_scores))),
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

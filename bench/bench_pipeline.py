@@ -44,8 +44,14 @@ def main() -> None:
 
     out = Path(tempfile.mkdtemp(prefix="fdfo-bench-"))
     common = [f"train.epochs={args.epochs}", f"output_dir={out}"] + args.overrides
-    ray.init(address="local", num_cpus=max(os.cpu_count() or 1, args.samplers + 2), include_dashboard=False, namespace="fdfo",
-             log_to_driver=False, _node_ip_address="127.0.0.1")
+    ray.init(
+        address="local",
+        num_cpus=max(os.cpu_count() or 1, args.samplers + 2),
+        include_dashboard=False,
+        namespace="fdfo",
+        log_to_driver=False,
+        _node_ip_address="127.0.0.1",
+    )
     rows = {}
     for name, extra, fn in (
         ("in_process", ["runtime.local=true"], run_local),
@@ -65,19 +71,29 @@ def main() -> None:
             "s_per_pair": wall / max(res["ledger"]["pairs_trained"], 1),
             "sample_s_per_pair": sum(h.get("perf/sample_s", 0) for h in hist) / max(res["ledger"]["pairs_trained"], 1),
             # the Ray driver times the learner call itself (perf/learner_step_s, per update); in process the update timer
-            "learner_s_per_update": (sum(h["perf/learner_step_s"] for h in hist) / len(hist)) if "perf/learner_step_s" in hist[-1]
+            "learner_s_per_update": (sum(h["perf/learner_step_s"] for h in hist) / len(hist))
+            if "perf/learner_step_s" in hist[-1]
             else sum(h.get("perf/update_s", 0) for h in hist) / max(sum(h.get("updates", 0) for h in hist), 1),
-            **{k: sum(h[f"perf/{k}"] for h in hist[1:]) / max(len(hist) - 1, 1) for k in ("sampler_busy", "learner_busy")},
+            **{
+                k: sum(h[f"perf/{k}"] for h in hist[1:]) / max(len(hist) - 1, 1)
+                for k in ("sampler_busy", "learner_busy")
+            },
         }
     ray.shutdown()
     rows["ratio_ray_over_in_process"] = rows["ray_pipeline"]["wall_s"] / rows["in_process"]["wall_s"]
-    rows["steady_ratio_ray_over_in_process"] = (rows["ray_pipeline"]["steady_s_per_pair"]
-                                                / rows["in_process"]["steady_s_per_pair"])
+    rows["steady_ratio_ray_over_in_process"] = (
+        rows["ray_pipeline"]["steady_s_per_pair"] / rows["in_process"]["steady_s_per_pair"]
+    )
     ray_row = rows["ray_pipeline"]
     rows["bottleneck_busy"] = max(ray_row["sampler_busy"], ray_row["learner_busy"])
     rows["bottleneck_target_met"] = rows["bottleneck_busy"] >= 0.9
-    rows["setup"] = {"config": args.config, "epochs": args.epochs, "samplers": args.samplers, "cpus": os.cpu_count(),
-                     "overrides": args.overrides}
+    rows["setup"] = {
+        "config": args.config,
+        "epochs": args.epochs,
+        "samplers": args.samplers,
+        "cpus": os.cpu_count(),
+        "overrides": args.overrides,
+    }
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(rows, indent=2))
     print(json.dumps(rows, indent=2))

@@ -35,8 +35,14 @@ def curve_of(result: dict, before: dict) -> list[dict]:
     for h in result["history"]:
         pairs += h.get("pairs_trained", 0)
         if KEYS[0] in h:
-            rows.append({"epoch": h["epoch"], "pairs": pairs, "minutes": round(h["perf/wall_s"] / 60, 3),
-                         **{k: h[k] for k in KEYS}})
+            rows.append(
+                {
+                    "epoch": h["epoch"],
+                    "pairs": pairs,
+                    "minutes": round(h["perf/wall_s"] / 60, 3),
+                    **{k: h[k] for k in KEYS},
+                }
+            )
     return rows
 
 
@@ -50,7 +56,12 @@ def plot(curves: dict[int, list[dict]], path: Path, title: str) -> None:
     for ax, x, label in ((axes[0], "pairs", "pairs trained"), (axes[1], "minutes", "wall time (min, 2 CPU cores)")):
         for seed, rows in curves.items():
             ax.plot([r[x] for r in rows], [r[KEYS[0]] for r in rows], "o-", label=f"held-out judge, seed {seed}")
-            ax.plot([r[x] for r in rows], [r[KEYS[1]] for r in rows], "^:", label=f"held-out exact (not trained on), seed {seed}")
+            ax.plot(
+                [r[x] for r in rows],
+                [r[KEYS[1]] for r in rows],
+                "^:",
+                label=f"held-out exact (not trained on), seed {seed}",
+            )
         ax.set_xlabel(label)
         ax.set_ylim(0, 1)
         ax.grid(alpha=0.3)
@@ -76,20 +87,35 @@ def main(argv=None) -> None:
     curves, summary = {}, {}
     for seed in args.seeds:
         with tempfile.TemporaryDirectory() as tmp:
-            cfg = load_config(args.config, [*args.overrides, f"seed={seed}", f"output_dir={tmp}", "runtime.address=local"])
+            cfg = load_config(
+                args.config, [*args.overrides, f"seed={seed}", f"output_dir={tmp}", "runtime.address=local"]
+            )
             result = run_ray(cfg)
         before = {f"eval/{k}": v["before"] for k, v in result["final"]["heldout"].items()}
         curves[seed] = curve_of(result, before)
         summary[seed] = result["final"]["heldout"]
         first, last = curves[seed][0][KEYS[0]], curves[seed][-1][KEYS[0]]
-        print(f"seed {seed}: held-out judge {first:.3f} -> {last:.3f} ({last - first:+.3f}) in "
-              f"{curves[seed][-1]['minutes']:.1f} min, {curves[seed][-1]['pairs']} pairs", flush=True)
+        print(
+            f"seed {seed}: held-out judge {first:.3f} -> {last:.3f} ({last - first:+.3f}) in "
+            f"{curves[seed][-1]['minutes']:.1f} min, {curves[seed][-1]['pairs']} pairs",
+            flush=True,
+        )
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".json").write_text(json.dumps(
-        {"config": to_dict(cfg), "overrides": args.overrides, "seeds": args.seeds, "heldout": summary,
-         "curves": curves, "note": "fdfo train through Ray (local instance, 2 CPU cores); minutes are the run's wall time "
-                                   "including its held-out evaluations"}, indent=1))
+    out.with_suffix(".json").write_text(
+        json.dumps(
+            {
+                "config": to_dict(cfg),
+                "overrides": args.overrides,
+                "seeds": args.seeds,
+                "heldout": summary,
+                "curves": curves,
+                "note": "fdfo train through Ray (local instance, 2 CPU cores); minutes are the run's wall time "
+                "including its held-out evaluations",
+            },
+            indent=1,
+        )
+    )
     plot(curves, out.with_suffix(".png"), f"FDFO on shapes through Ray ({args.config} {' '.join(args.overrides)})")
     print(f"wrote {out}.json and {out}.png")
 

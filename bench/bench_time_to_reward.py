@@ -85,12 +85,19 @@ def run_one(config: str, overrides: list[str]) -> dict:
     wall = time.perf_counter() - t0
     hist, final = res["history"], res["final"]
     points = curve(hist, final["heldout_reward_before"])
-    points[-1]["heldout"] = final["heldout_reward_after"]          # the last epoch's evaluation is the "after"
+    points[-1]["heldout"] = final["heldout_reward_after"]  # the last epoch's evaluation is the "after"
     busy = lambda k: sum(h.get(k, 0.0) for h in hist[1:]) / max(len(hist) - 1, 1)  # noqa: E731  (epoch 0 warms up)
-    return {"overrides": overrides, "total_wall_s": wall, "points": points, "pairs_trained": res["ledger"]["pairs_trained"],
-            "dropped": res["ledger"]["pairs_dropped"], "gain": final["heldout_reward_gain"],
-            "policy_lag_max": max((h.get("learner/policy_lag_max", 0) for h in hist), default=0),
-            "sampler_busy": busy("perf/sampler_busy"), "learner_busy": busy("perf/learner_busy")}
+    return {
+        "overrides": overrides,
+        "total_wall_s": wall,
+        "points": points,
+        "pairs_trained": res["ledger"]["pairs_trained"],
+        "dropped": res["ledger"]["pairs_dropped"],
+        "gain": final["heldout_reward_gain"],
+        "policy_lag_max": max((h.get("learner/policy_lag_max", 0) for h in hist), default=0),
+        "sampler_busy": busy("perf/sampler_busy"),
+        "learner_busy": busy("perf/learner_busy"),
+    }
 
 
 def compare(rows: dict[str, dict]) -> dict:
@@ -100,16 +107,29 @@ def compare(rows: dict[str, dict]) -> dict:
     for mode, r in rows.items():
         pairs = min([r["points"][-1]["pairs"]] + [ref["points"][-1]["pairs"] for ref in refs.values()])
         base = r["points"][0]["heldout"]
-        out[mode] = {"gain": r["gain"], "gain_at_equal_pairs": at_pairs(r["points"], pairs) - base,
-                     "train_s": r["points"][-1]["train_s"], "total_wall_s": r["total_wall_s"],
-                     **{f"ttr_vs_{m}": time_to(r["points"], ref["points"][-1]["heldout"]) / ref["points"][-1]["train_s"]
-                        for m, ref in refs.items()},
-                     # the same for 90 % of that row's gain: robust to the last evaluation's seed noise
-                     **{f"ttr90_vs_{m}": time_to(r["points"], ref["points"][0]["heldout"] + 0.9 * (
-                         ref["points"][-1]["heldout"] - ref["points"][0]["heldout"])) / ref["points"][-1]["train_s"]
-                        for m, ref in refs.items()},
-                     "sampler_busy": r["sampler_busy"], "learner_busy": r["learner_busy"],
-                     "policy_lag_max": r["policy_lag_max"], "dropped": r["dropped"]}
+        out[mode] = {
+            "gain": r["gain"],
+            "gain_at_equal_pairs": at_pairs(r["points"], pairs) - base,
+            "train_s": r["points"][-1]["train_s"],
+            "total_wall_s": r["total_wall_s"],
+            **{
+                f"ttr_vs_{m}": time_to(r["points"], ref["points"][-1]["heldout"]) / ref["points"][-1]["train_s"]
+                for m, ref in refs.items()
+            },
+            # the same for 90 % of that row's gain: robust to the last evaluation's seed noise
+            **{
+                f"ttr90_vs_{m}": time_to(
+                    r["points"],
+                    ref["points"][0]["heldout"] + 0.9 * (ref["points"][-1]["heldout"] - ref["points"][0]["heldout"]),
+                )
+                / ref["points"][-1]["train_s"]
+                for m, ref in refs.items()
+            },
+            "sampler_busy": r["sampler_busy"],
+            "learner_busy": r["learner_busy"],
+            "policy_lag_max": r["policy_lag_max"],
+            "dropped": r["dropped"],
+        }
     return out
 
 
@@ -123,7 +143,9 @@ def main() -> None:
     ap.add_argument("--modes", nargs="+", default=list(MODES), choices=list(MODES))
     ap.add_argument("--smoke", action="store_true", help="tiny budgets: 2 epochs, 8 pairs, 1 seed, 1 update")
     ap.add_argument("--out", default="bench/results/time_to_reward.json")
-    ap.add_argument("--report", metavar="JSON", help="print the table of a finished run's JSON (comparisons recomputed)")
+    ap.add_argument(
+        "--report", metavar="JSON", help="print the table of a finished run's JSON (comparisons recomputed)"
+    )
     ap.add_argument("overrides", nargs="*")
     args = ap.parse_args()
     if args.report:
@@ -135,8 +157,14 @@ def main() -> None:
     logging.disable(logging.INFO)
     import ray
 
-    ray.init(address="local", num_cpus=max(os.cpu_count() or 1, 5), include_dashboard=False, namespace="fdfo", log_to_driver=False,
-             _node_ip_address="127.0.0.1")
+    ray.init(
+        address="local",
+        num_cpus=max(os.cpu_count() or 1, 5),
+        include_dashboard=False,
+        namespace="fdfo",
+        log_to_driver=False,
+        _node_ip_address="127.0.0.1",
+    )
     out_dir = Path(tempfile.mkdtemp(prefix="fdfo-ttr-"))
     results = []
     try:
@@ -144,18 +172,40 @@ def main() -> None:
             for seed in args.seeds:
                 rows = {}
                 for mode in args.modes:
-                    over = [f"train.epochs={args.epochs}", f"eval.every_epochs={args.eval_every}", f"seed={seed}",
-                            f"train.updates_per_epoch={updates}", f"output_dir={out_dir}", f"name={mode}-s{seed}-u{updates}",
-                            *(SMOKE if args.smoke else []), *args.overrides, *MODES[mode]]
+                    over = [
+                        f"train.epochs={args.epochs}",
+                        f"eval.every_epochs={args.eval_every}",
+                        f"seed={seed}",
+                        f"train.updates_per_epoch={updates}",
+                        f"output_dir={out_dir}",
+                        f"name={mode}-s{seed}-u{updates}",
+                        *(SMOKE if args.smoke else []),
+                        *args.overrides,
+                        *MODES[mode],
+                    ]
                     rows[mode] = run_one(args.config, over)
-                    print(f"updates {updates} seed {seed} {mode}: gain {rows[mode]['gain']:+.4f} in "
-                          f"{rows[mode]['points'][-1]['train_s']:.0f} s of training", flush=True)
-                results.append({"updates_per_epoch": updates, "seed": seed, "runs": rows, "vs_in_process": compare(rows)})
+                    print(
+                        f"updates {updates} seed {seed} {mode}: gain {rows[mode]['gain']:+.4f} in "
+                        f"{rows[mode]['points'][-1]['train_s']:.0f} s of training",
+                        flush=True,
+                    )
+                results.append(
+                    {"updates_per_epoch": updates, "seed": seed, "runs": rows, "vs_in_process": compare(rows)}
+                )
     finally:
         ray.shutdown()
-    report = {"setup": {"config": args.config, "epochs": args.epochs, "eval_every": args.eval_every, "cpus": os.cpu_count(),
-                        "modes": {m: MODES[m] for m in args.modes}, "overrides": args.overrides, "smoke": args.smoke},
-              "results": results}
+    report = {
+        "setup": {
+            "config": args.config,
+            "epochs": args.epochs,
+            "eval_every": args.eval_every,
+            "cpus": os.cpu_count(),
+            "modes": {m: MODES[m] for m in args.modes},
+            "overrides": args.overrides,
+            "smoke": args.smoke,
+        },
+        "results": results,
+    }
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(report, indent=2))
     print(table(results))
@@ -164,15 +214,19 @@ def main() -> None:
 def table(results: list[dict]) -> str:
     """One line per run; ttr columns: time-to-reward ratio against in_process / in_process_1t (to its final held-out
     reward; ttr90: to 90 % of its gain); nan: row absent."""
-    lines = [f"{'updates':>7} {'seed':>4} {'mode':<13} {'gain':>7} {'@pairs':>7} {'train s':>8} {'total s':>8} "
-             f"{'ttr/ip':>7} {'ttr/ip1t':>8} {'ttr90/ip':>8} {'ttr90/1t':>8} {'smp busy':>8} {'lrn busy':>8} {'lag':>3}"]
+    lines = [
+        f"{'updates':>7} {'seed':>4} {'mode':<13} {'gain':>7} {'@pairs':>7} {'train s':>8} {'total s':>8} "
+        f"{'ttr/ip':>7} {'ttr/ip1t':>8} {'ttr90/ip':>8} {'ttr90/1t':>8} {'smp busy':>8} {'lrn busy':>8} {'lag':>3}"
+    ]
     for r in results:
         for mode, c in r["vs_in_process"].items():
-            lines.append(f"{r['updates_per_epoch']:>7} {r['seed']:>4} {mode:<13} {c['gain']:>+7.4f} "
-                         f"{c['gain_at_equal_pairs']:>+7.4f} {c['train_s']:>8.1f} {c['total_wall_s']:>8.1f} "
-                         f"{c.get('ttr_vs_in_process', float('nan')):>7.3f} {c.get('ttr_vs_in_process_1t', float('nan')):>8.3f} "
-                         f"{c.get('ttr90_vs_in_process', float('nan')):>8.3f} {c.get('ttr90_vs_in_process_1t', float('nan')):>8.3f} "
-                         f"{c['sampler_busy']:>8.2f} {c['learner_busy']:>8.2f} {c['policy_lag_max']:>3}")
+            lines.append(
+                f"{r['updates_per_epoch']:>7} {r['seed']:>4} {mode:<13} {c['gain']:>+7.4f} "
+                f"{c['gain_at_equal_pairs']:>+7.4f} {c['train_s']:>8.1f} {c['total_wall_s']:>8.1f} "
+                f"{c.get('ttr_vs_in_process', float('nan')):>7.3f} {c.get('ttr_vs_in_process_1t', float('nan')):>8.3f} "
+                f"{c.get('ttr90_vs_in_process', float('nan')):>8.3f} {c.get('ttr90_vs_in_process_1t', float('nan')):>8.3f} "
+                f"{c['sampler_busy']:>8.2f} {c['learner_busy']:>8.2f} {c['policy_lag_max']:>3}"
+            )
     return "\n".join(lines)
 
 

@@ -15,13 +15,15 @@ def ledger_line(summary: dict, unit: str = "pairs") -> str:
     """The accounting identity of a ledger ``summary`` in one line; ``unit``: what a run counts (pairs, or a
     Flow-GRPO run's groups)."""
     drops = ", ".join(f"{k} {n}" for k, n in sorted(summary["pairs_dropped"].items())) or "none"
-    return (f"{unit} requested {summary['pairs_requested']} = trained {summary['pairs_trained']} + dropped "
-            f"{sum(summary['pairs_dropped'].values())} ({drops}) + in flight {summary['pairs_in_flight']}")
+    return (
+        f"{unit} requested {summary['pairs_requested']} = trained {summary['pairs_trained']} + dropped "
+        f"{sum(summary['pairs_dropped'].values())} ({drops}) + in flight {summary['pairs_in_flight']}"
+    )
 
 
 class Ledger:
     def __init__(self, unit: str = "pairs"):
-        self.unit = unit                  # what a unit is called in the log line: pairs, or groups (Flow-GRPO)
+        self.unit = unit  # what a unit is called in the log line: pairs, or groups (Flow-GRPO)
         self.requested = 0
         self.trained = 0
         self.dropped: Counter[str] = Counter()

@@ -21,8 +21,13 @@ from models.device import DTYPES, apply_compile, check_attention, pick_device
 
 def _pretrained(adapter, model_cfg):
     """``adapter.from_pretrained`` with the config's path, device, dtype, resolution and prompt length."""
-    return adapter.from_pretrained(model_cfg.path, device=pick_device(model_cfg.device), dtype=DTYPES[model_cfg.dtype],
-                                   resolution=model_cfg.resolution, max_sequence_length=model_cfg.max_sequence_length)
+    return adapter.from_pretrained(
+        model_cfg.path,
+        device=pick_device(model_cfg.device),
+        dtype=DTYPES[model_cfg.dtype],
+        resolution=model_cfg.resolution,
+        max_sequence_length=model_cfg.max_sequence_length,
+    )
 
 
 ROLES = ("sampler", "learner")  # build_model's roles: samplers and evaluation keep every component on the device
@@ -37,7 +42,7 @@ def build_model(model_cfg, role: str = "sampler") -> FlowModel:
     if role not in ROLES:
         raise ValueError(f"build_model role must be one of {ROLES}, got {role!r}")
     device = "cpu" if model_cfg.kind in TINY_KINDS else pick_device(model_cfg.device)
-    check_attention(model_cfg.attention, device)        # before anything loads
+    check_attention(model_cfg.attention, device)  # before anything loads
     if role == "learner":
         model = _load_model(dataclasses.replace(model_cfg, device="cpu"))
         model = model.for_learner(model_cfg.learner_encoders, device=device)
@@ -61,7 +66,9 @@ def _load_model(model_cfg) -> FlowModel:
         return load_shapes_adapter(device=pick_device(model_cfg.device), weights_dir=model_cfg.path or WEIGHTS_DIR)
     if model_cfg.kind == "sd3":
         if not model_cfg.path:
-            raise ValueError("model.kind=sd3 needs model.path: a hub id such as stabilityai/stable-diffusion-3.5-medium or a local directory")
+            raise ValueError(
+                "model.kind=sd3 needs model.path: a hub id such as stabilityai/stable-diffusion-3.5-medium or a local directory"
+            )
         return _pretrained(SD3Adapter, model_cfg)
     if model_cfg.kind == "flux_tiny":
         from models.flux import FluxAdapter
@@ -71,8 +78,10 @@ def _load_model(model_cfg) -> FlowModel:
         from models.flux import FluxAdapter
 
         if not model_cfg.path:
-            raise ValueError("model.kind=flux needs model.path: a hub id such as black-forest-labs/FLUX.1-dev (or "
-                             "black-forest-labs/FLUX.1-schnell) or a local FluxPipeline directory")
+            raise ValueError(
+                "model.kind=flux needs model.path: a hub id such as black-forest-labs/FLUX.1-dev (or "
+                "black-forest-labs/FLUX.1-schnell) or a local FluxPipeline directory"
+            )
         return _pretrained(FluxAdapter, model_cfg)
     raise ValueError(f"unknown model.kind {model_cfg.kind!r}; use sd3, sd3_tiny, flux, flux_tiny or shapes")
 
@@ -85,7 +94,9 @@ def reward_specs(reward_cfg) -> list[dict]:
         return [dict(c) for c in reward_cfg.components]
     if reward_cfg.preset in PRESETS:
         return [dict(c) for c in PRESETS[reward_cfg.preset]]
-    raise ValueError(f"unknown reward.preset {reward_cfg.preset!r}; presets: {sorted(PRESETS)}, or list reward.components")
+    raise ValueError(
+        f"unknown reward.preset {reward_cfg.preset!r}; presets: {sorted(PRESETS)}, or list reward.components"
+    )
 
 
 def check_run(cfg) -> None:
@@ -105,22 +116,34 @@ def check_run(cfg) -> None:
         check_spec(spec, f"eval.metrics[{i}]")
     m = cfg.model
     if m.kind == "shapes" and m.path and not Path(m.path).is_dir():
-        raise FileNotFoundError(f"model.path={m.path!r} is not a folder; build one with `python -m tasks.shapes.pretrain "
-                                "--out-dir <folder>` or drop model.path to use the shipped model")
-    if m.kind in ("sd3", "flux") and m.path and m.path.startswith(("/", ".", "~")) and not Path(m.path).expanduser().is_dir():
+        raise FileNotFoundError(
+            f"model.path={m.path!r} is not a folder; build one with `python -m tasks.shapes.pretrain "
+            "--out-dir <folder>` or drop model.path to use the shipped model"
+        )
+    if (
+        m.kind in ("sd3", "flux")
+        and m.path
+        and m.path.startswith(("/", ".", "~"))
+        and not Path(m.path).expanduser().is_dir()
+    ):
         pipeline = "StableDiffusion3Pipeline" if m.kind == "sd3" else "FluxPipeline"
-        raise FileNotFoundError(f"model.path={m.path!r} does not exist; point it at a downloaded "
-                                f"{pipeline} folder or use a hub id")
+        raise FileNotFoundError(
+            f"model.path={m.path!r} does not exist; point it at a downloaded {pipeline} folder or use a hub id"
+        )
     if m.kind == "flux" and not 1 <= m.max_sequence_length <= 512:
-        raise ValueError(f"model.max_sequence_length={m.max_sequence_length}: FLUX's T5 takes 1 to 512 prompt tokens "
-                         "(its pipeline's default is 512); set model.max_sequence_length=512")
+        raise ValueError(
+            f"model.max_sequence_length={m.max_sequence_length}: FLUX's T5 takes 1 to 512 prompt tokens "
+            "(its pipeline's default is 512); set model.max_sequence_length=512"
+        )
     if m.kind == "flux" and m.resolution % 16:
-        raise ValueError(f"model.resolution={m.resolution}: FLUX packs 2x2 patches of its 8x-downsampled latents, so "
-                         f"the image size must be a multiple of 16; e.g. model.resolution={m.resolution - m.resolution % 16 or 16}")
+        raise ValueError(
+            f"model.resolution={m.resolution}: FLUX packs 2x2 patches of its 8x-downsampled latents, so "
+            f"the image size must be a multiple of 16; e.g. model.resolution={m.resolution - m.resolution % 16 or 16}"
+        )
     if cfg.lora.init_from:
         from models.lora import check_init_from
 
-        check_init_from(cfg.lora.init_from)             # a local folder must hold a PEFT LoRA or an fdfo checkpoint
+        check_init_from(cfg.lora.init_from)  # a local folder must hold a PEFT LoRA or an fdfo checkpoint
 
 
 def make_reward(reward_cfg):

@@ -24,9 +24,10 @@ from pathlib import Path
 
 from cluster.config import CONFIG_DIR, load_config
 
-
-INIT_HELP = ("start from these weights (= lora.init_from=...): a PEFT LoRA folder, an fdfo checkpoint or run folder, "
-             "or a hub folder owner/name/sub/folder")
+INIT_HELP = (
+    "start from these weights (= lora.init_from=...): a PEFT LoRA folder, an fdfo checkpoint or run folder, "
+    "or a hub folder owner/name/sub/folder"
+)
 
 
 def _init_override(args) -> list[str]:
@@ -54,14 +55,20 @@ def _init_policy(config: str | None, overrides: list[str]):
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="fdfo", description="Finite Difference Flow Optimization on Ray")
     common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--debug", action="store_true", help="on an error, show the whole traceback (default: the message)")
+    common.add_argument(
+        "--debug", action="store_true", help="on an error, show the whole traceback (default: the message)"
+    )
     sub = p.add_subparsers(dest="command", required=True)
     t = sub.add_parser("train", help="post-train a flow model with FDFO", parents=[common])
     t.add_argument("--config", default=None, help="preset name (see `fdfo presets`) or YAML path; default shapes")
     t.add_argument("--local", action="store_true", help="one process, no Ray (debug: breakpoint() works)")
     t.add_argument("--resume", action="store_true", help="continue from the run's last checkpoint")
-    t.add_argument("--summary-json", default=None, help="also write the final summary (ledger, metrics, paths) to this "
-                   "file (it is always written to <run folder>/summary.json)")
+    t.add_argument(
+        "--summary-json",
+        default=None,
+        help="also write the final summary (ledger, metrics, paths) to this "
+        "file (it is always written to <run folder>/summary.json)",
+    )
     t.add_argument("--init-from", default=None, help=INIT_HELP)
     t.add_argument("overrides", nargs="*", help="config overrides: section.key=value (e.g. train.lr=1e-4)")
     e = sub.add_parser("eval", help="held-out reward, unseen metrics, diversity; JSON + image grid", parents=[common])
@@ -70,14 +77,25 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--out", default=None, help="output folder (default: the checkpoint's run folder / runs/<name>)")
     e.add_argument("--num-prompts", type=int, default=None)
     e.add_argument("--seeds", type=int, default=None, help="images per prompt")
-    e.add_argument("--suite", choices=("paper", "quick"), default=None,
-                   help="the paper's evaluation (cluster/eval_suite.py): pickscore_train 4,096 x 1 and HPDv2 3,200 x 4 "
-                        "prompts x images; quick: their first 64 prompts. --num-prompts caps each set")
-    e.add_argument("--local", action="store_true", help="with --suite: generate in this process, not on "
-                   "runtime.num_samplers sampler actors")
+    e.add_argument(
+        "--suite",
+        choices=("paper", "quick"),
+        default=None,
+        help="the paper's evaluation (cluster/eval_suite.py): pickscore_train 4,096 x 1 and HPDv2 3,200 x 4 "
+        "prompts x images; quick: their first 64 prompts. --num-prompts caps each set",
+    )
+    e.add_argument(
+        "--local",
+        action="store_true",
+        help="with --suite: generate in this process, not on runtime.num_samplers sampler actors",
+    )
     e.add_argument("--init-from", default=None, help=INIT_HELP + " (with --config)")
-    e.add_argument("overrides", nargs="*", help="config overrides, e.g. prompts.eval_source=builtin:shapes-train "
-                   "(with --checkpoint: any but model.* and lora.*)")
+    e.add_argument(
+        "overrides",
+        nargs="*",
+        help="config overrides, e.g. prompts.eval_source=builtin:shapes-train "
+        "(with --checkpoint: any but model.* and lora.*)",
+    )
     g = sub.add_parser("generate", help="images from a checkpoint for given prompts and seeds", parents=[common])
     g.add_argument("--checkpoint", default=None, help="checkpoint folder, or a run folder (its latest checkpoint)")
     g.add_argument("--config", default=None, help="with --init-from: the preset whose base model the LoRA adapts")
@@ -87,15 +105,23 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--out", default="generated")
     sub.add_parser("presets", help="list the config presets", parents=[common])
     c = sub.add_parser("config", help="explain the config's keys, or print a preset as it resolves", parents=[common])
-    c.add_argument("--explain", nargs="?", const="", default=None, metavar="SECTION",
-                   help="print what each key means, its type and default: every section, one (train) or one key "
-                        "(train.lr)")
+    c.add_argument(
+        "--explain",
+        nargs="?",
+        const="",
+        default=None,
+        metavar="SECTION",
+        help="print what each key means, its type and default: every section, one (train) or one key (train.lr)",
+    )
     c.add_argument("--config", default=None, help="without --explain: the preset or YAML to print (default shapes)")
     c.add_argument("overrides", nargs="*", help="without --explain: overrides applied before printing")
     from cluster.plan import add_plan_arguments
 
-    add_plan_arguments(sub.add_parser("plan", help="split a GPU count between samplers and learner ranks (cost model)",
-                                      parents=[common]))
+    add_plan_arguments(
+        sub.add_parser(
+            "plan", help="split a GPU count between samplers and learner ranks (cost model)", parents=[common]
+        )
+    )
     return p
 
 
@@ -105,7 +131,7 @@ def cli(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
         return run(args)
-    except KeyboardInterrupt as e:      # Ctrl-C, or SIGTERM (`ray job stop`): the drivers logged their checkpoint
+    except KeyboardInterrupt as e:  # Ctrl-C, or SIGTERM (`ray job stop`): the drivers logged their checkpoint
         if args.debug:
             raise
         resume = " (continue with --resume)" if args.command == "train" else ""
@@ -174,11 +200,24 @@ def _eval_suite(args) -> int:
     from cluster.eval_suite import eval_suite_command
 
     if args.seeds is not None or (args.checkpoint and args.init_from):
-        raise ValueError("with --suite: --seeds does not apply (its prompt sets fix the images per prompt), and "
-                         "--init-from goes with --config, not --checkpoint")
-    print(json.dumps(eval_suite_command(args.suite, args.config, args.checkpoint, args.out,
-                                        args.overrides + _init_override(args), local=args.local,
-                                        num_prompts=args.num_prompts), indent=2))
+        raise ValueError(
+            "with --suite: --seeds does not apply (its prompt sets fix the images per prompt), and "
+            "--init-from goes with --config, not --checkpoint"
+        )
+    print(
+        json.dumps(
+            eval_suite_command(
+                args.suite,
+                args.config,
+                args.checkpoint,
+                args.out,
+                args.overrides + _init_override(args),
+                local=args.local,
+                num_prompts=args.num_prompts,
+            ),
+            indent=2,
+        )
+    )
     return 0
 
 
@@ -188,10 +227,14 @@ def _eval(args) -> int:
     if args.local:
         raise ValueError("--local goes with --suite (the held-out evaluation always runs in this process)")
     if args.checkpoint and args.init_from:
-        raise ValueError("--init-from sets the starting weights of --config's model; a --checkpoint has its own "
-                         "weights: give one of them")
+        raise ValueError(
+            "--init-from sets the starting weights of --config's model; a --checkpoint has its own "
+            "weights: give one of them"
+        )
     if args.checkpoint:
-        folder, cfg = checkpoint_config(args.checkpoint, args.overrides)   # e.g. prompts.eval_source=builtin:shapes-train
+        folder, cfg = checkpoint_config(
+            args.checkpoint, args.overrides
+        )  # e.g. prompts.eval_source=builtin:shapes-train
         model = load_policy(folder)[0]
         out, tag = args.out or str(folder.parent.parent), f"eval_{folder.name}"
     else:
@@ -210,11 +253,15 @@ def _generate(args) -> int:
 
     if bool(args.checkpoint) == bool(args.init_from):
         raise ValueError("fdfo generate needs exactly one of --checkpoint FOLDER or --init-from LORA (with --config)")
-    model, cfg = load_policy(args.checkpoint)[:2] if args.checkpoint else _init_policy(args.config, _init_override(args))
+    model, cfg = (
+        load_policy(args.checkpoint)[:2] if args.checkpoint else _init_policy(args.config, _init_override(args))
+    )
     Path(args.out).mkdir(parents=True, exist_ok=True)
     prompts = [p for p in args.prompt for _ in args.seed]
     seeds = [s for _ in args.prompt for s in args.seed]
-    images = generate_images(model, prompts, seeds, cfg.eval.num_steps or cfg.sampling.num_steps, cfg.sampling.guidance_scale)
+    images = generate_images(
+        model, prompts, seeds, cfg.eval.num_steps or cfg.sampling.num_steps, cfg.sampling.guidance_scale
+    )
     for k, (p, s, img) in enumerate(zip(prompts, seeds, images)):
         path = Path(args.out) / f"{k:03d}_seed{s}_{'_'.join(p.split())[:60]}.png"
         Image.fromarray(img).save(path)
@@ -224,8 +271,8 @@ def _generate(args) -> int:
 
 def _train(args) -> int:
     overrides = list(args.overrides) + (["runtime.local=true"] if args.local else []) + _init_override(args)
-    cfg = load_config(args.config, overrides)            # bad config fails here, before Ray starts
-    if cfg.runtime.storage_path:                          # so does storage that cannot be reached
+    cfg = load_config(args.config, overrides)  # bad config fails here, before Ray starts
+    if cfg.runtime.storage_path:  # so does storage that cannot be reached
         from cluster.pipeline import run_location
         from learner.storage import Storage
 
@@ -257,7 +304,9 @@ def write_summary(cfg, summary: dict, extra: str | None) -> None:
 
     local = Path(cfg.output_dir) / cfg.name
     mirror = Mirror(local, Storage(run_location(cfg)))
-    summary["paths"]["summary"] = str(local / "summary.json") if mirror.same else redacted(join(run_location(cfg), "summary.json"))
+    summary["paths"]["summary"] = (
+        str(local / "summary.json") if mirror.same else redacted(join(run_location(cfg), "summary.json"))
+    )
     text = json.dumps(summary, indent=2, default=str)
     (local / "summary.json").write_text(text)
     mirror.sync("summary.json")
@@ -272,8 +321,12 @@ def summary_table(cfg, summary: dict) -> str:
 
     final, paths, ledger = summary.get("final") or {}, summary.get("paths") or {}, summary["ledger"]
     epochs = int(final.get("epoch", -1)) + 1
-    lines = [(f"fdfo train {cfg.name}: {epochs} epochs, policy version {summary['version']}, "
-              f"{clock(summary['time_s'])} ({clock(final.get('perf/wall_s', float('nan')))} training)")]
+    lines = [
+        (
+            f"fdfo train {cfg.name}: {epochs} epochs, policy version {summary['version']}, "
+            f"{clock(summary['time_s'])} ({clock(final.get('perf/wall_s', float('nan')))} training)"
+        )
+    ]
     if summary.get("stopped"):
         lines.append(f"stopped early: {summary['stopped']}")
     heldout = final.get("heldout") or {}
@@ -285,16 +338,31 @@ def summary_table(cfg, summary: dict) -> str:
         for k, v in heldout.items():
             lines.append(f"{names[k]:<{width}} {v['before']:>9.4f} {v['after']:>9.4f} {v['gain']:>+9.4f}")
     lines.append(ledger_line(ledger, unit_name(cfg)))
-    for key in ("run_dir", "storage", "checkpoint", "best_checkpoint", "grid_before", "grid_after", "learning_curve",
-                "summary"):
+    for key in (
+        "run_dir",
+        "storage",
+        "checkpoint",
+        "best_checkpoint",
+        "grid_before",
+        "grid_after",
+        "learning_curve",
+        "summary",
+    ):
         if paths.get(key):
             lines.append(f"{PATH_NAMES[key]:<16} {paths[key]}")
     return "\n".join(lines)
 
 
-PATH_NAMES = {"run_dir": "run folder", "storage": "storage", "checkpoint": "checkpoint", "best_checkpoint": "best checkpoint",
-              "grid_before": "grid before", "grid_after": "grid after", "learning_curve": "learning curve",
-              "summary": "summary (JSON)"}
+PATH_NAMES = {
+    "run_dir": "run folder",
+    "storage": "storage",
+    "checkpoint": "checkpoint",
+    "best_checkpoint": "best checkpoint",
+    "grid_before": "grid before",
+    "grid_after": "grid after",
+    "learning_curve": "learning curve",
+    "summary": "summary (JSON)",
+}
 
 
 if __name__ == "__main__":

@@ -352,8 +352,8 @@ class Batching:
     micro_batch_rows: int
     max_policy_lag: int
     algorithm: str = "fdfo"
-    images_per_unit: int = 2       # K: 2 (a pair) or grpo.group_size (a group)
-    recorded_steps: int = 0        # N: steps each image records (FDFO: all; Flow-GRPO: its SDE window)
+    images_per_unit: int = 2  # K: 2 (a pair) or grpo.group_size (a group)
+    recorded_steps: int = 0  # N: steps each image records (FDFO: all; Flow-GRPO: its SDE window)
 
     @classmethod
     def of(cls, cfg: RunConfig) -> "Batching":
@@ -361,9 +361,13 @@ class Batching:
         if t.pairs_per_epoch < 1 or t.updates_per_epoch < 1 or t.micro_batch_rows < 1:
             raise ValueError("train.pairs_per_epoch, train.updates_per_epoch and train.micro_batch_rows must be >= 1")
         if not 0.0 < t.timestep_fraction <= 1.0:
-            raise ValueError(f"train.timestep_fraction must be in (0, 1] (the share of rows trained on); got {t.timestep_fraction}")
+            raise ValueError(
+                f"train.timestep_fraction must be in (0, 1] (the share of rows trained on); got {t.timestep_fraction}"
+            )
         if not 0.0 <= t.lr_final <= t.lr:
-            raise ValueError(f"train.lr_final must lie in [0, train.lr = {t.lr}] (where the schedule ends); got {t.lr_final}")
+            raise ValueError(
+                f"train.lr_final must lie in [0, train.lr = {t.lr}] (where the schedule ends); got {t.lr_final}"
+            )
         K, N, unit, each = 2, cfg.sampling.num_steps, "pairs", "branches"
         if t.algorithm == "flow_grpo":
             K, N, unit, each = g.group_size, g.sde_window or cfg.sampling.num_steps, "groups", "images"
@@ -381,8 +385,17 @@ class Batching:
                 f"train.max_policy_lag = {lag} is below updates_per_epoch - 1 = {t.updates_per_epoch - 1}: even pairs "
                 "sampled with the current weights reach that lag by the last update of an epoch; raise it"
             )
-        return cls(t.pairs_per_epoch, rows, t.updates_per_epoch, t.timestep_fraction, t.micro_batch_rows, lag,
-                   t.algorithm, K, N)
+        return cls(
+            t.pairs_per_epoch,
+            rows,
+            t.updates_per_epoch,
+            t.timestep_fraction,
+            t.micro_batch_rows,
+            lag,
+            t.algorithm,
+            K,
+            N,
+        )
 
     def plan(self, rows: int, generator) -> list:
         """The reference's arithmetic over the ``rows`` (branch, step) rows an epoch brought: one global random
@@ -420,14 +433,18 @@ def learner_sharding(cfg: RunConfig) -> str:
 def _check_sharding(cfg: RunConfig) -> None:
     """The learner group's sharding against the run's settings, checked with the fix named."""
     if cfg.runtime.learner_sharding == "fsdp" and cfg.lora.enabled:
-        raise ValueError("runtime.learner_sharding = fsdp shards full fine-tuning, but lora.enabled is true (LoRA "
-                         "factors are small: every rank holds them); set runtime.learner_sharding=auto (or replicate), "
-                         "or lora.enabled=false")
+        raise ValueError(
+            "runtime.learner_sharding = fsdp shards full fine-tuning, but lora.enabled is true (LoRA "
+            "factors are small: every rank holds them); set runtime.learner_sharding=auto (or replicate), "
+            "or lora.enabled=false"
+        )
     if learner_sharding(cfg) == "fsdp" and cfg.train.precision == "fp16":
-        raise ValueError(f"runtime.learner_sharding resolves to fsdp ({cfg.runtime.num_learners} learner ranks, full "
-                         "fine-tuning) but train.precision is fp16: the GradScaler's inf check reads only each rank's "
-                         "gradient shard, so the ranks could disagree on skipping a step; use train.precision=bf16 "
-                         "(or runtime.learner_sharding=replicate to keep fp16)")
+        raise ValueError(
+            f"runtime.learner_sharding resolves to fsdp ({cfg.runtime.num_learners} learner ranks, full "
+            "fine-tuning) but train.precision is fp16: the GradScaler's inf check reads only each rank's "
+            "gradient shard, so the ranks could disagree on skipping a step; use train.precision=bf16 "
+            "(or runtime.learner_sharding=replicate to keep fp16)"
+        )
 
 
 def _check_grpo(cfg: RunConfig) -> None:
@@ -436,13 +453,17 @@ def _check_grpo(cfg: RunConfig) -> None:
     if g.group_size < 2:
         raise ValueError(f"grpo.group_size must be >= 2 (advantages are relative to the group); got {g.group_size}")
     if g.noise_level <= 0:
-        raise ValueError(f"grpo.noise_level must be > 0 (0 is the ODE, which has no log-probability); got {g.noise_level}")
+        raise ValueError(
+            f"grpo.noise_level must be > 0 (0 is the ODE, which has no log-probability); got {g.noise_level}"
+        )
     if g.clip_range <= 0 or g.adv_clip_max <= 0:
         raise ValueError("grpo.clip_range and grpo.adv_clip_max must be > 0")
     hi = N if g.sde_window_range is None else g.sde_window_range
     if g.sde_window < 0 or (g.sde_window and not g.sde_window <= hi <= N):
-        raise ValueError(f"grpo.sde_window = {g.sde_window} must be 0 (every step) or lie in [1, grpo.sde_window_range "
-                         f"= {hi}], and the range in [sde_window, sampling.num_steps = {N}]")
+        raise ValueError(
+            f"grpo.sde_window = {g.sde_window} must be 0 (every step) or lie in [1, grpo.sde_window_range "
+            f"= {hi}], and the range in [sde_window, sampling.num_steps = {N}]"
+        )
 
 
 def _coerce(tp: Any, value: Any, key: str) -> Any:
@@ -497,7 +518,9 @@ def _build(cls: type, data: dict, prefix: str = "") -> Any:
     names = [f.name for f in dataclasses.fields(cls)]
     unknown = [k for k in data if k not in names]
     if unknown:
-        raise ValueError(f"unknown config key {prefix + unknown[0]!r}; valid keys here: {', '.join(prefix + n for n in names)}")
+        raise ValueError(
+            f"unknown config key {prefix + unknown[0]!r}; valid keys here: {', '.join(prefix + n for n in names)}"
+        )
     return cls(**{k: _coerce(hints[k], v, prefix + k) for k, v in data.items()})
 
 
@@ -529,7 +552,7 @@ def load_config(name_or_path: str | None = None, overrides: list[str] = ()) -> R
 
 def with_overrides(cfg: RunConfig, overrides: list[str] = ()) -> RunConfig:
     """``cfg`` (e.g. a checkpoint's) with ``a.b=value`` overrides applied, checked like a preset's."""
-    return config_from_dict(to_dict(cfg, redact=False), overrides)     # in memory: keeps the secrets it holds
+    return config_from_dict(to_dict(cfg, redact=False), overrides)  # in memory: keeps the secrets it holds
 
 
 def upgraded(data: dict) -> dict:
@@ -563,7 +586,7 @@ def config_from_dict(data: dict, overrides: list[str] = ()) -> RunConfig:
     _check_sharding(cfg)
     from cluster.guard import gold_key
 
-    gold_key(cfg)     # eval.gold_metric names an eval metric of this run
+    gold_key(cfg)  # eval.gold_metric names an eval metric of this run
     return cfg
 
 
@@ -621,7 +644,9 @@ def redacted(obj: Any) -> Any:
 
 def _env_secrets() -> list[str]:
     # Longest first, so a secret that contains another is blanked whole.
-    return sorted((v for k, v in os.environ.items() if len(v) >= _MIN_ENV_SECRET and is_secret_name(k)), key=len, reverse=True)
+    return sorted(
+        (v for k, v in os.environ.items() if len(v) >= _MIN_ENV_SECRET and is_secret_name(k)), key=len, reverse=True
+    )
 
 
 def _redact(x: Any, key: Any, env: list[str]) -> Any:
@@ -636,7 +661,9 @@ def _redact(x: Any, key: Any, env: list[str]) -> Any:
             x = x.replace(secret, REDACTED)
         if "://" in x:
             x = _URL_USERINFO.sub(lambda m: f"{m['scheme']}{REDACTED}@", x)
-            x = _URL_PARAM.sub(lambda m: f"{m['lead']}{m['name']}={REDACTED if is_secret_name(m['name']) else m['value']}", x)
+            x = _URL_PARAM.sub(
+                lambda m: f"{m['lead']}{m['name']}={REDACTED if is_secret_name(m['name']) else m['value']}", x
+            )
     return x
 
 

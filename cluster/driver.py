@@ -31,23 +31,35 @@ def run_local(cfg: RunConfig, resume: bool = False) -> dict:
     setup_process(cfg)
     check_run(cfg)
     reward = make_reward(cfg.reward)
-    sampler = Sampler(partial(build_model, cfg.model), cfg.sampling, cfg.lora, precision=cfg.train.precision,
-                      grpo=grpo_of(cfg))
-    learner = Learner(partial(build_model, cfg.model, role="learner"), cfg.train, Batching.of(cfg), cfg.lora, seed=cfg.seed,
-                      grpo=grpo_of(cfg))
-    book = Book(cfg, resume=resume,
-                evaluate=lambda png: heldout_reward(cfg, sampler.generate, reward.score, png),
-                save=lambda epoch: learner.save(book.runlog.location, book.state(epoch), to_dict(cfg)))
+    sampler = Sampler(
+        partial(build_model, cfg.model), cfg.sampling, cfg.lora, precision=cfg.train.precision, grpo=grpo_of(cfg)
+    )
+    learner = Learner(
+        partial(build_model, cfg.model, role="learner"),
+        cfg.train,
+        Batching.of(cfg),
+        cfg.lora,
+        seed=cfg.seed,
+        grpo=grpo_of(cfg),
+    )
+    book = Book(
+        cfg,
+        resume=resume,
+        evaluate=lambda png: heldout_reward(cfg, sampler.generate, reward.score, png),
+        save=lambda epoch: learner.save(book.runlog.location, book.state(epoch), to_dict(cfg)),
+    )
     if resume:
         book.resume(learner.load)
         book.version = book.last_checkpoint = learner.version
-    publish(learner, sampler)                        # both sides start from the same weights (version 0 or resumed)
+    publish(learner, sampler)  # both sides start from the same weights (version 0 or resumed)
     book.start()
     try:
         train(cfg, book, sampler, reward, learner)
-    except KeyboardInterrupt:            # Ctrl-C or SIGTERM: a checkpoint and the accounting line, then stop
+    except KeyboardInterrupt:  # Ctrl-C or SIGTERM: a checkpoint and the accounting line, then stop
         folder = book.save(book.epoch)
-        log.warning("stopped at epoch %d (version %d): checkpoint %s; %s", book.epoch, book.version, folder, book.ledger.line())
+        log.warning(
+            "stopped at epoch %d (version %d): checkpoint %s; %s", book.epoch, book.version, folder, book.ledger.line()
+        )
         raise
     return book.finish(learner=learner, sampler=sampler)
 
@@ -60,19 +72,19 @@ def train(cfg: RunConfig, book: Book, sampler: Sampler, reward, learner: Learner
         while todo > 0:
             req = book.request(min(cfg.sampling.pairs_per_call, todo))
             todo -= len(req["pair_ids"])
-            job, images = sampler.sample(**req)                                  # sample
+            job, images = sampler.sample(**req)  # sample
             with book.timers("score"):
-                out = score_pairs(reward, images, req["prompts"])                # score
-            batch, report = sampler.complete(job=job, rewards=out)               # pack
+                out = score_pairs(reward, images, req["prompts"])  # score
+            batch, report = sampler.complete(job=job, rewards=out)  # pack
             kept, stats = book.record_request(req["pair_ids"], out, report)
             if kept:
                 batches.append(batch)
                 book.add_rewards([stats])
-        with deferred_interrupts():          # a stop lands after the epoch is recorded, not inside it
-            m = learner.train_epoch(*batches) if batches else {"stale_pair_ids": [], "trained_pair_ids": []}   # update
+        with deferred_interrupts():  # a stop lands after the epoch is recorded, not inside it
+            m = learner.train_epoch(*batches) if batches else {"stale_pair_ids": [], "trained_pair_ids": []}  # update
             book.record_update(m)
             with book.timers("publish"):
-                publish(learner, sampler)                                        # publish
+                publish(learner, sampler)  # publish
             book.ledger.check()
             book.end_epoch(m)
     if book.stop_reason is not None:

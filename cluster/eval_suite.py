@@ -53,17 +53,17 @@ from models.images import save_grid
 from models.lora import make_trainable
 
 log = logging.getLogger("fdfo")
-CHUNK_IMAGES = 16       # images per generation call (whole prompts): fixed, so images do not depend on the pool
-PROMPT_SEED = 0         # np.random.RandomState seed of the prompt shuffle (the reference's prompt_seed)
-IMAGE_SEED = 0          # seed of image r of prompt i: IMAGE_SEED + i * R + r (the reference's image_seed)
+CHUNK_IMAGES = 16  # images per generation call (whole prompts): fixed, so images do not depend on the pool
+PROMPT_SEED = 0  # np.random.RandomState seed of the prompt shuffle (the reference's prompt_seed)
+IMAGE_SEED = 0  # seed of image r of prompt i: IMAGE_SEED + i * R + r (the reference's image_seed)
 
 
 @dataclass(frozen=True)
 class PromptSet:
-    name: str                       # pickscore_train or hpdv2
-    num_prompts: int                # the first prompts of the shuffled list
-    images_per_prompt: int          # R
-    metrics: tuple[str, ...]        # names as in METRIC_SCORER
+    name: str  # pickscore_train or hpdv2
+    num_prompts: int  # the first prompts of the shuffled list
+    images_per_prompt: int  # R
+    metrics: tuple[str, ...]  # names as in METRIC_SCORER
 
 
 PAPER = (
@@ -73,8 +73,14 @@ PAPER = (
 SUITES = {"paper": PAPER, "quick": tuple(dataclasses.replace(p, num_prompts=64) for p in PAPER)}
 
 # The reference's numbers for its released checkpoint "combined, no CFG, epoch 100" (its README), for the table.
-PAPER_RESULTS = {"pickscore": 22.4704, "vlm_alignment": 61.7239, "hpsv2": 28.2949, "clip_h14": 35.7743,
-                 "clip_l14": 28.1932, "dreamsim_diversity": 0.4550}
+PAPER_RESULTS = {
+    "pickscore": 22.4704,
+    "vlm_alignment": 61.7239,
+    "hpsv2": 28.2949,
+    "clip_h14": 35.7743,
+    "clip_l14": 28.1932,
+    "dreamsim_diversity": 0.4550,
+}
 PAPER_LABEL = "paper: FDFO combined, no CFG, epoch 100"
 
 VLM_QUESTIONS = {  # the reference's evaluation questions (training asks 'Answer Yes or No.', evaluation 'with')
@@ -82,24 +88,30 @@ VLM_QUESTIONS = {  # the reference's evaluation questions (training asks 'Answer
     "vlm_quality": "Is this image of professional quality? Answer with Yes or No.",
     "vlm_photo": "Does this image look photorealistic? Answer with Yes or No.",
 }
-METRIC_SCORER = {"pickscore": "pickscore", "hpsv2": "hpsv2", "clip_h14": "clip_h14", "clip_l14": "clip_l14",
-                 "dreamsim_diversity": "dreamsim", **{m: "vlm" for m in VLM_QUESTIONS}}
+METRIC_SCORER = {
+    "pickscore": "pickscore",
+    "hpsv2": "hpsv2",
+    "clip_h14": "clip_h14",
+    "clip_l14": "clip_l14",
+    "dreamsim_diversity": "dreamsim",
+    **{m: "vlm" for m in VLM_QUESTIONS},
+}
 SCORER_SPECS = {  # the reference's models, all in float32; the judge is the run's vlm_judge component if it has one
     "pickscore": {"name": "pickscore", "dtype": "float32"},
     "hpsv2": {"name": "hpsv2", "model": "adams-story/HPSv2-hf", "logit_scale": True, "dtype": "float32"},
     "clip_h14": {"name": "clip_logit", "model": "laion/CLIP-ViT-H-14-laion2B-s32B-b79K", "dtype": "float32"},
     "clip_l14": {"name": "clip_logit", "model": "openai/clip-vit-large-patch14", "dtype": "float32"},
-    "dreamsim": {},                                     # rewards.dreamsim.DreamSim settings
-    "vlm": {"name": "vlm_judge"},                        # Qwen2.5-VL-7B-Instruct in process (transformers)
+    "dreamsim": {},  # rewards.dreamsim.DreamSim settings
+    "vlm": {"name": "vlm_judge"},  # Qwen2.5-VL-7B-Instruct in process (transformers)
 }
 
 PROMPT_SOURCES = {"pickscore_train": "prompts/pickscore_train.txt", "hpdv2": "hub:zhwang/HPDv2"}
 HPDV2_CATEGORIES = ("anime", "concept-art", "paintings", "photo")
 HOW_TO_GET = {
     "pickscore_train": "mkdir -p prompts && curl -o prompts/pickscore_train.txt "
-                       "https://raw.githubusercontent.com/yifan123/flow_grpo/main/dataset/pickscore/train.txt",
+    "https://raw.githubusercontent.com/yifan123/flow_grpo/main/dataset/pickscore/train.txt",
     "hpdv2": "set it to hub:zhwang/HPDv2 (downloads benchmark/<category>.json), or `huggingface-cli download "
-             "zhwang/HPDv2 --repo-type dataset --include 'benchmark/*.json' --local-dir <folder>` and give the folder",
+    "zhwang/HPDv2 --repo-type dataset --include 'benchmark/*.json' --local-dir <folder>` and give the folder",
 }
 
 
@@ -110,20 +122,26 @@ def load_prompt_set(name: str, source: str) -> list[str]:
     from cluster.prompts import load_prompts
 
     if source.startswith("hub:"):
-        return _hub_prompts(name, source[len("hub:"):])
+        return _hub_prompts(name, source[len("hub:") :])
     if source.startswith("builtin:"):
         return load_prompts(source)
     path = Path(source).expanduser()
     if path.is_dir():
-        files = [next((f for f in (path / "benchmark" / f"{c}.json", path / f"{c}.json") if f.is_file()), None)
-                 for c in HPDV2_CATEGORIES]
+        files = [
+            next((f for f in (path / "benchmark" / f"{c}.json", path / f"{c}.json") if f.is_file()), None)
+            for c in HPDV2_CATEGORIES
+        ]
         if None in files:
-            raise FileNotFoundError(f"prompt set {name!r}: folder {source!r} lacks benchmark/<category>.json for "
-                                    f"{[c for c, f in zip(HPDV2_CATEGORIES, files) if f is None]}; {HOW_TO_GET['hpdv2']}")
+            raise FileNotFoundError(
+                f"prompt set {name!r}: folder {source!r} lacks benchmark/<category>.json for "
+                f"{[c for c, f in zip(HPDV2_CATEGORIES, files) if f is None]}; {HOW_TO_GET['hpdv2']}"
+            )
         return [p for f in files for p in _json_prompts(f, name)]
     if not path.is_file():
-        raise FileNotFoundError(f"prompt set {name!r}: no file at {source!r}. Get it with: {HOW_TO_GET[name]}; or "
-                                f"set eval.suite_prompts.{name}=<your file> (one prompt per line, or a JSON list)")
+        raise FileNotFoundError(
+            f"prompt set {name!r}: no file at {source!r}. Get it with: {HOW_TO_GET[name]}; or "
+            f"set eval.suite_prompts.{name}=<your file> (one prompt per line, or a JSON list)"
+        )
     if path.suffix == ".json":
         return _json_prompts(path, name)
     return load_prompts(str(path))
@@ -147,8 +165,10 @@ def _hub_prompts(name: str, repo: str) -> list[str]:
         try:
             path = hf_hub_download(repo, filename=f"benchmark/{c}.json", repo_type="dataset")
         except Exception as e:  # offline, no such repo, no access: say how to get the files another way
-            raise OSError(f"prompt set 'hpdv2': could not download benchmark/{c}.json from hub dataset {repo} "
-                          f"({type(e).__name__}: {e}). Offline: {HOW_TO_GET['hpdv2']}") from None
+            raise OSError(
+                f"prompt set 'hpdv2': could not download benchmark/{c}.json from hub dataset {repo} "
+                f"({type(e).__name__}: {e}). Offline: {HOW_TO_GET['hpdv2']}"
+            ) from None
         prompts += _json_prompts(Path(path), name)
     return prompts
 
@@ -160,8 +180,8 @@ class Part:
     spec: PromptSet
     source: str
     chosen: list[str]
-    prompts: list[str]              # [P * R], a prompt's images adjacent
-    seeds: list[int]                # [P * R]
+    prompts: list[str]  # [P * R], a prompt's images adjacent
+    seeds: list[int]  # [P * R]
 
 
 def plan(cfg: RunConfig, suite: str, num_prompts: int | None = None) -> list[Part]:
@@ -171,7 +191,9 @@ def plan(cfg: RunConfig, suite: str, num_prompts: int | None = None) -> list[Par
     sources = dict(cfg.eval.suite_prompts or {})
     unknown = sorted(set(sources) - set(PROMPT_SOURCES))
     if unknown:
-        raise ValueError(f"eval.suite_prompts: unknown prompt set {unknown[0]!r}; prompt sets: {', '.join(PROMPT_SOURCES)}")
+        raise ValueError(
+            f"eval.suite_prompts: unknown prompt set {unknown[0]!r}; prompt sets: {', '.join(PROMPT_SOURCES)}"
+        )
     parts = []
     for ps in SUITES[suite]:
         source = str(sources.get(ps.name) or PROMPT_SOURCES[ps.name])
@@ -179,8 +201,15 @@ def plan(cfg: RunConfig, suite: str, num_prompts: int | None = None) -> list[Par
         np.random.RandomState(PROMPT_SEED).shuffle(everything)
         chosen = everything[: min(ps.num_prompts, num_prompts or ps.num_prompts)]
         R = ps.images_per_prompt
-        parts.append(Part(ps, source, chosen, [p for p in chosen for _ in range(R)],
-                          [IMAGE_SEED + i * R + r for i in range(len(chosen)) for r in range(R)]))
+        parts.append(
+            Part(
+                ps,
+                source,
+                chosen,
+                [p for p in chosen for _ in range(R)],
+                [IMAGE_SEED + i * R + r for i in range(len(chosen)) for r in range(R)],
+            )
+        )
     return parts
 
 
@@ -207,7 +236,7 @@ def scorer_specs(cfg: RunConfig, keys) -> dict[str, dict]:
             check_spec(spec, f"eval.suite_scorers.{key}")
         specs[key] = spec
     if "model" not in specs.get("dreamsim", {"model": "given"}) and importlib.util.find_spec("dreamsim") is None:
-        raise ImportError(INSTALL_HINT)             # an optional package: say how to install it before anything loads
+        raise ImportError(INSTALL_HINT)  # an optional package: say how to install it before anything loads
     return specs
 
 
@@ -216,8 +245,10 @@ def judge_spec(cfg: RunConfig, over: dict) -> dict:
     one, else ``SCORER_SPECS["vlm"]``; ``over`` on top. The judge is asked the metric's question verbatim (its
     template is "{prompt}" and the suite passes the formatted question), at the image's own size."""
     if "question" in over:
-        raise ValueError("eval.suite_scorers.vlm: the questions belong to the metrics (VLM_QUESTIONS in "
-                         "cluster/eval_suite.py); drop question")
+        raise ValueError(
+            "eval.suite_scorers.vlm: the questions belong to the metrics (VLM_QUESTIONS in "
+            "cluster/eval_suite.py); drop question"
+        )
     run_judge = [dict(s) for s in reward_specs(cfg.reward) if s.get("name") == "vlm_judge"]
     base = run_judge[0] if run_judge else dict(SCORER_SPECS["vlm"])
     for k in ("weight", "key", "question", "image_size"):
@@ -265,8 +296,12 @@ class LocalImages:
     def chunks(self, part: Part, num_steps: int):
         R = part.spec.images_per_prompt
         for a, b in spans(len(part.chosen), R):
-            yield (a, b), generate_images(self.model, part.prompts[a * R:b * R], part.seeds[a * R:b * R], num_steps,
-                                          self.guidance)
+            yield (
+                (a, b),
+                generate_images(
+                    self.model, part.prompts[a * R : b * R], part.seeds[a * R : b * R], num_steps, self.guidance
+                ),
+            )
 
     def close(self) -> None:
         pass
@@ -285,29 +320,44 @@ class RayImages:
         rt, n = cfg.runtime, cfg.runtime.num_samplers
         started = connect(rt, (1 if n == "auto" else n) * rt.sampler_num_cpus)
         have = ray.cluster_resources()
-        if n == "auto":                                # evaluation only samples: every sampler that fits
+        if n == "auto":  # evaluation only samples: every sampler that fits
             n, why = sampler_room(rt, have, learners=0, rewards=0)
             n = max(1, n)
             log.info("runtime.num_samplers=auto: %d sampler actor(s) (%s)", n, why)
         if started and (n * rt.sampler_num_gpus > have.get("GPU", 0) or n * rt.sampler_num_cpus > have.get("CPU", 0)):
-            raise RuntimeError(f"{n} sampler actors x {{CPU: {rt.sampler_num_cpus:g}, GPU: {rt.sampler_num_gpus:g}}} do "
-                               f"not fit this local Ray instance ({{CPU: {have.get('CPU', 0):g}, GPU: "
-                               f"{have.get('GPU', 0):g}}}): lower runtime.num_samplers or the per-sampler asks, or --local")
+            raise RuntimeError(
+                f"{n} sampler actors x {{CPU: {rt.sampler_num_cpus:g}, GPU: {rt.sampler_num_gpus:g}}} do "
+                f"not fit this local Ray instance ({{CPU: {have.get('CPU', 0):g}, GPU: "
+                f"{have.get('GPU', 0):g}}}): lower runtime.num_samplers or the per-sampler asks, or --local"
+            )
         self.ray = ray
         self.actors = [
-            ray.remote(Sampler).options(name=f"fdfo/eval-{os.getpid()}/sampler/{i}", num_cpus=rt.sampler_num_cpus,
-                                        num_gpus=rt.sampler_num_gpus, resources=dict(rt.sampler_resources),
-                                        max_restarts=0)
-            .remote(model=partial(build_model, cfg.model), sampling=cfg.sampling, lora=cfg.lora, index=i,
-                    precision=cfg.train.precision, threads=actor_threads(rt, rt.sampler_num_cpus))
+            ray.remote(Sampler)
+            .options(
+                name=f"fdfo/eval-{os.getpid()}/sampler/{i}",
+                num_cpus=rt.sampler_num_cpus,
+                num_gpus=rt.sampler_num_gpus,
+                resources=dict(rt.sampler_resources),
+                max_restarts=0,
+            )
+            .remote(
+                model=partial(build_model, cfg.model),
+                sampling=cfg.sampling,
+                lora=cfg.lora,
+                index=i,
+                precision=cfg.train.precision,
+                threads=actor_threads(rt, rt.sampler_num_cpus),
+            )
             for i in range(n)
         ]
         if weights is not None:
             ref = ray.put(weights)
             for proof in ray.get([a.set_weights.remote(weights=ref) for a in self.actors]):
                 if proof["checksum"] != weights.checksum:
-                    raise RuntimeError(f"sampler {proof['sampler']} holds checksum {proof['checksum']}, not the "
-                                       f"checkpoint's {weights.checksum}")
+                    raise RuntimeError(
+                        f"sampler {proof['sampler']} holds checksum {proof['checksum']}, not the "
+                        f"checkpoint's {weights.checksum}"
+                    )
 
     def chunks(self, part: Part, num_steps: int):
         R = part.spec.images_per_prompt
@@ -315,8 +365,9 @@ class RayImages:
 
         def submit(i: int) -> None:
             a, b = todo.pop()
-            ref = self.actors[i].generate.remote(prompts=part.prompts[a * R:b * R], seeds=part.seeds[a * R:b * R],
-                                                 num_steps=num_steps)
+            ref = self.actors[i].generate.remote(
+                prompts=part.prompts[a * R : b * R], seeds=part.seeds[a * R : b * R], num_steps=num_steps
+            )
             running[ref] = (i, (a, b))
 
         for i in [i for _ in range(2) for i in range(len(self.actors))]:
@@ -340,18 +391,21 @@ def evaluate_part(part: Part, images_src, scorers: dict, num_steps: int, grid_pn
     from tqdm import tqdm
 
     ps, R = part.spec, part.spec.images_per_prompt
-    per_image = {m: np.full(len(part.chosen) if m == "dreamsim_diversity" else len(part.prompts), np.nan)
-                 for m in ps.metrics}
+    per_image = {
+        m: np.full(len(part.chosen) if m == "dreamsim_diversity" else len(part.prompts), np.nan) for m in ps.metrics
+    }
     # a bar only on a terminal: in a log (`ray job logs`, a file) its carriage returns are noise
-    bar = tqdm(total=len(part.prompts), desc=f"{ps.name} images", unit="img", disable=not (progress and sys.stderr.isatty()))
+    bar = tqdm(
+        total=len(part.prompts), desc=f"{ps.name} images", unit="img", disable=not (progress and sys.stderr.isatty())
+    )
     for (a, b), images in images_src.chunks(part, num_steps):
-        if a == 0:   # the first prompts: one row of images (R = 1), or a row per prompt
+        if a == 0:  # the first prompts: one row of images (R = 1), or a row per prompt
             save_grid(images[: min(b, 8) * R], R if R > 1 else min(b, 8), grid_png)
-        for m, v in score_chunk(ps.metrics, scorers, images, part.prompts[a * R:b * R], R).items():
+        for m, v in score_chunk(ps.metrics, scorers, images, part.prompts[a * R : b * R], R).items():
             if m == "dreamsim_diversity":
                 per_image[m][a:b] = v
             else:
-                per_image[m][a * R:b * R] = v
+                per_image[m][a * R : b * R] = v
         bar.update(len(images))
     bar.close()
     means = {m: float(np.nanmean(v)) if np.isfinite(v).any() else float("nan") for m, v in per_image.items()}
@@ -359,9 +413,20 @@ def evaluate_part(part: Part, images_src, scorers: dict, num_steps: int, grid_pn
     return means | ({"_unscored": unscored} if unscored else {}), per_image
 
 
-def run_suite(cfg: RunConfig, suite: str, out_dir: str | Path, *, tag: str, model=None, weights=None,
-              checkpoint: str | None = None, num_prompts: int | None = None, scorers: dict | None = None,
-              local: bool | None = None, progress: bool = True) -> dict:
+def run_suite(
+    cfg: RunConfig,
+    suite: str,
+    out_dir: str | Path,
+    *,
+    tag: str,
+    model=None,
+    weights=None,
+    checkpoint: str | None = None,
+    num_prompts: int | None = None,
+    scorers: dict | None = None,
+    local: bool | None = None,
+    progress: bool = True,
+) -> dict:
     """Evaluate a policy on ``suite``; writes ``<tag>.json``, ``<tag>.md``, ``<tag>_scores.json`` and a grid per set
     into ``out_dir`` and returns the JSON's content. In process when ``local`` (default: ``runtime.local`` or a pool
     of one): ``model`` is the policy, or a zero-argument function that loads it (None: ``cfg.model``'s base); else on sampler actors loading ``weights``
@@ -382,7 +447,7 @@ def run_suite(cfg: RunConfig, suite: str, out_dir: str | Path, *, tag: str, mode
             if getattr(cfg.lora, "init_from", None):  # starting weights (e.g. the authors' released LoRA)
                 make_trainable(model.transformer, cfg.lora)
             model.transformer.requires_grad_(False)
-        elif not hasattr(model, "velocity"):        # a zero-argument builder: the policy loads after the checks
+        elif not hasattr(model, "velocity"):  # a zero-argument builder: the policy loads after the checks
             model = model()
         images_src = LocalImages(model, cfg)
     else:
@@ -394,19 +459,30 @@ def run_suite(cfg: RunConfig, suite: str, out_dir: str | Path, *, tag: str, mode
             for key in needed[k]:
                 if key not in built:
                     built[key] = build_scorer(key, specs[key])
-            means, scores = evaluate_part(part, images_src, built, num_steps, out_dir / f"{tag}_{part.spec.name}_grid.png",
-                                          progress)
-            results[part.spec.name] = means | {"_config": part_config(part, cfg, checkpoint, num_steps),
-                                               "_elapsed_seconds": time.perf_counter() - t_part}
-            per_image[part.spec.name] = {"prompts": part.prompts, "seeds": part.seeds,
-                                         **{m: [None if not np.isfinite(x) else float(x) for x in v] for m, v in scores.items()}}
-            later = {key for keys in needed[k + 1:] for key in keys}
+            means, scores = evaluate_part(
+                part, images_src, built, num_steps, out_dir / f"{tag}_{part.spec.name}_grid.png", progress
+            )
+            results[part.spec.name] = means | {
+                "_config": part_config(part, cfg, checkpoint, num_steps),
+                "_elapsed_seconds": time.perf_counter() - t_part,
+            }
+            per_image[part.spec.name] = {
+                "prompts": part.prompts,
+                "seeds": part.seeds,
+                **{m: [None if not np.isfinite(x) else float(x) for x in v] for m, v in scores.items()},
+            }
+            later = {key for keys in needed[k + 1 :] for key in keys}
             for key in [key for key in built if key not in later and key not in given]:
-                del built[key]                      # free a model no later prompt set uses
+                del built[key]  # free a model no later prompt set uses
     finally:
         images_src.close()
-    summary = {"suite": suite, "checkpoint": checkpoint, "prompt_sets": results, "paper": PAPER_RESULTS,
-               "_elapsed_seconds": time.perf_counter() - t0}
+    summary = {
+        "suite": suite,
+        "checkpoint": checkpoint,
+        "prompt_sets": results,
+        "paper": PAPER_RESULTS,
+        "_elapsed_seconds": time.perf_counter() - t0,
+    }
     (out_dir / f"{tag}.json").write_text(json.dumps(summary, indent=2))
     (out_dir / f"{tag}.md").write_text(markdown(summary))
     (out_dir / f"{tag}_scores.json").write_text(json.dumps(per_image))
@@ -415,17 +491,29 @@ def run_suite(cfg: RunConfig, suite: str, out_dir: str | Path, *, tag: str, mode
 
 def part_config(part: Part, cfg: RunConfig, checkpoint: str | None, num_steps: int) -> dict:
     """The reference's ``_config`` block, plus what else fixes the images here."""
-    return {"checkpoint": checkpoint, "prompt_set": part.spec.name, "prompts_source": part.source,
-            "num_prompts": len(part.chosen), "num_repeats": part.spec.images_per_prompt, "prompt_seed": PROMPT_SEED,
-            "image_seed": IMAGE_SEED, "num_inference_steps": num_steps, "guidance_scale": cfg.sampling.guidance_scale,
-            "model": cfg.model.path or cfg.model.kind}
+    return {
+        "checkpoint": checkpoint,
+        "prompt_set": part.spec.name,
+        "prompts_source": part.source,
+        "num_prompts": len(part.chosen),
+        "num_repeats": part.spec.images_per_prompt,
+        "prompt_seed": PROMPT_SEED,
+        "image_seed": IMAGE_SEED,
+        "num_inference_steps": num_steps,
+        "guidance_scale": cfg.sampling.guidance_scale,
+        "model": cfg.model.path or cfg.model.kind,
+    }
 
 
 def markdown(summary: dict) -> str:
     """The results table: one row per (prompt set, metric), sorted by metric as the reference prints them, with
     the paper's value beside (measured on its full prompt sets with SD3.5 Medium)."""
-    lines = [f"# fdfo eval --suite {summary['suite']}: {summary['checkpoint'] or 'base model'}", "",
-             f"| prompt set | prompts x images | metric | value | {PAPER_LABEL} |", "|---|---|---|---:|---:|"]
+    lines = [
+        f"# fdfo eval --suite {summary['suite']}: {summary['checkpoint'] or 'base model'}",
+        "",
+        f"| prompt set | prompts x images | metric | value | {PAPER_LABEL} |",
+        "|---|---|---|---:|---:|",
+    ]
     for name, res in summary["prompt_sets"].items():
         c = res["_config"]
         for m in sorted(k for k in res if not k.startswith("_")):
@@ -438,8 +526,15 @@ def markdown(summary: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def eval_suite_command(suite: str, config: str | None, checkpoint: str | None, out: str | None, overrides: list[str],
-                       local: bool = False, num_prompts: int | None = None) -> dict:
+def eval_suite_command(
+    suite: str,
+    config: str | None,
+    checkpoint: str | None,
+    out: str | None,
+    overrides: list[str],
+    local: bool = False,
+    num_prompts: int | None = None,
+) -> dict:
     """``fdfo eval --suite``: a checkpoint (its config, overrides except model.* / lora.*) or a preset's base model."""
     from cluster.config import load_config
     from cluster.evaluate import checkpoint_config, checkpoint_weights, load_policy
@@ -451,8 +546,17 @@ def eval_suite_command(suite: str, config: str | None, checkpoint: str | None, o
         folder, cfg = None, load_config(config, overrides)
         tag = f"eval_{suite}_init" if getattr(cfg.lora, "init_from", None) else f"eval_{suite}_base"
         out = out or f"{cfg.output_dir}/{cfg.name}"
-    local = local or cfg.runtime.local or cfg.runtime.num_samplers in (0, 1)   # auto: sampler actors, all that fit
+    local = local or cfg.runtime.local or cfg.runtime.num_samplers in (0, 1)  # auto: sampler actors, all that fit
     model = (lambda: load_policy(folder)[0]) if local and folder else None
     weights = checkpoint_weights(folder) if folder and not local else None
-    return run_suite(cfg, suite, out, tag=tag, model=model, weights=weights, local=local, num_prompts=num_prompts,
-                     checkpoint=str(folder) if folder else getattr(cfg.lora, "init_from", None))
+    return run_suite(
+        cfg,
+        suite,
+        out,
+        tag=tag,
+        model=model,
+        weights=weights,
+        local=local,
+        num_prompts=num_prompts,
+        checkpoint=str(folder) if folder else getattr(cfg.lora, "init_from", None),
+    )

@@ -37,8 +37,10 @@ def checkpoint_config(checkpoint: str | Path, overrides: list[str] = ()) -> tupl
 
     fixed = [o for o in overrides if o.split("=", 1)[0].split(".")[0] in ("model", "lora")]
     if fixed:
-        raise ValueError(f"override {fixed[0]!r}: a checkpoint's model and LoRA settings describe its weights and "
-                         "cannot change; evaluate the base model with --config instead")
+        raise ValueError(
+            f"override {fixed[0]!r}: a checkpoint's model and LoRA settings describe its weights and "
+            "cannot change; evaluate the base model with --config instead"
+        )
     folder = Path(checkpoint)
     if folder.name == "latest" or (folder / "checkpoints").is_dir():
         run_dir = folder.parent.parent if folder.name == "latest" else folder
@@ -60,8 +62,11 @@ def checkpoint_weights(folder: str | Path):
     from learner.weights import Weights
 
     state = json.loads((Path(folder) / "state.json").read_text())
-    weights = Weights(version=int(state["version"]), tensors=load_file(str(Path(folder) / "trainable.safetensors")),
-                      checksum=state["checksum"])
+    weights = Weights(
+        version=int(state["version"]),
+        tensors=load_file(str(Path(folder) / "trainable.safetensors")),
+        checksum=state["checksum"],
+    )
     weights.verify()
     return weights
 
@@ -102,7 +107,7 @@ def heldout_reward(cfg: RunConfig, generate_fn, score_fn, out_png: str | Path | 
     for k, scorer in metric_scorers(cfg.eval).items():
         result[f"eval/metric/{k}/mean"] = float(np.nanmean(scorer.score(images, prompts).scores))
     if out_png is not None:
-        k, rows = cfg.eval.seeds_per_prompt, min(len(chosen), 8)          # a row per prompt, captioned with it
+        k, rows = cfg.eval.seeds_per_prompt, min(len(chosen), 8)  # a row per prompt, captioned with it
         save_grid(images[: rows * k], k, out_png, labels=chosen[:rows])
         result["grid"] = str(out_png)
     return result
@@ -123,8 +128,14 @@ def best_of_seeds(scores: np.ndarray, seeds_per_prompt: int) -> float:
     return float(np.nanmean(np.nanmax(per_prompt, axis=1)))
 
 
-def evaluate(model, cfg: RunConfig, out_dir: str | Path, num_prompts: int | None = None,
-             seeds_per_prompt: int | None = None, tag: str = "eval") -> dict:
+def evaluate(
+    model,
+    cfg: RunConfig,
+    out_dir: str | Path,
+    num_prompts: int | None = None,
+    seeds_per_prompt: int | None = None,
+    tag: str = "eval",
+) -> dict:
     """Held-out evaluation; writes ``<tag>.json`` and ``<tag>_grid.png`` (rows = prompts, each captioned with
     its prompt; columns = seeds)."""
     ev = cfg.eval
@@ -142,8 +153,10 @@ def evaluate(model, cfg: RunConfig, out_dir: str | Path, num_prompts: int | None
         "num_steps": steps,
         "reward/mean": float(np.nanmean(out.scores)),
         **{f"reward/{k}/mean": float(np.nanmean(v)) for k, v in out.info.get("components", {}).items()},
-        **{f"reward/{k}/best_of_seeds": best_of_seeds(v, seeds_per_prompt)
-           for k, v in out.info.get("components", {}).items()},
+        **{
+            f"reward/{k}/best_of_seeds": best_of_seeds(v, seeds_per_prompt)
+            for k, v in out.info.get("components", {}).items()
+        },
     }
     for k, scorer in metric_scorers(cfg.eval).items():
         scores = scorer.score(images, prompts).scores
@@ -154,8 +167,12 @@ def evaluate(model, cfg: RunConfig, out_dir: str | Path, num_prompts: int | None
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     grid_n = min(len(chosen), 8)
-    save_grid(per_prompt[:grid_n].reshape(-1, *images.shape[1:]), seeds_per_prompt, out_dir / f"{tag}_grid.png",
-              labels=chosen[:grid_n])
+    save_grid(
+        per_prompt[:grid_n].reshape(-1, *images.shape[1:]),
+        seeds_per_prompt,
+        out_dir / f"{tag}_grid.png",
+        labels=chosen[:grid_n],
+    )
     (out_dir / f"{tag}_prompts.txt").write_text("\n".join(chosen[:grid_n]) + "\n")
     summary["grid"] = str(out_dir / f"{tag}_grid.png")
     (out_dir / f"{tag}.json").write_text(json.dumps(summary, indent=2))
@@ -179,7 +196,7 @@ def plot_learning_curve(history: list[dict], path: str | Path) -> str:
         ax.plot(xs, train, label="train reward (sampled pairs)", alpha=0.7)
         for key in eval_keys:
             pts = [(x, h[key]) for x, h in zip(xs, history) if key in h]
-            name = "reward" if key == "eval/reward/mean" else key[len("eval/"):-len("/mean")]
+            name = "reward" if key == "eval/reward/mean" else key[len("eval/") : -len("/mean")]
             ax.plot(*zip(*pts), "o-", label=f"held-out {name} (Euler, fixed seeds)")
         ax.set_xlabel(label)
         ax.set_ylabel("reward")

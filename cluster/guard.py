@@ -42,7 +42,7 @@ from learner.storage import Storage, is_uri
 
 log = logging.getLogger("fdfo")
 
-BEST = "best"            # <run_dir>/checkpoints/best: the checkpoint with the best gold value so far
+BEST = "best"  # <run_dir>/checkpoints/best: the checkpoint with the best gold value so far
 BEST_INFO = "best.json"  # inside it: {"epoch", "version", "value", "metric", "source"}
 
 
@@ -68,16 +68,24 @@ def gold_key(cfg) -> str | None:
     ev = cfg.eval
     if ev.gold_metric is None:
         if ev.stop_on_hacking:
-            raise ValueError("eval.stop_on_hacking=true needs eval.gold_metric (the held-out metric that detects "
-                             "hacking), e.g. eval.gold_metric=shapes_exact")
+            raise ValueError(
+                "eval.stop_on_hacking=true needs eval.gold_metric (the held-out metric that detects "
+                "hacking), e.g. eval.gold_metric=shapes_exact"
+            )
         return None
     if ev.every_epochs < 1:
-        raise ValueError(f"eval.gold_metric={ev.gold_metric!r} needs evaluations during training: set "
-                         "eval.every_epochs to K >= 1 (evaluate every K epochs)")
+        raise ValueError(
+            f"eval.gold_metric={ev.gold_metric!r} needs evaluations during training: set "
+            "eval.every_epochs to K >= 1 (evaluate every K epochs)"
+        )
     if ev.hacking_window < 2:
-        raise ValueError(f"eval.hacking_window must be >= 2 (the evaluations a trend is fitted over); got {ev.hacking_window}")
+        raise ValueError(
+            f"eval.hacking_window must be >= 2 (the evaluations a trend is fitted over); got {ev.hacking_window}"
+        )
     if not ev.hacking_tolerance >= 0:
-        raise ValueError(f"eval.hacking_tolerance must be >= 0 (in the gold metric's units); got {ev.hacking_tolerance}")
+        raise ValueError(
+            f"eval.hacking_tolerance must be >= 0 (in the gold metric's units); got {ev.hacking_tolerance}"
+        )
     keys = eval_metric_keys(cfg)
     full = {k for k in keys.values() if k is not None}
     if ev.gold_metric in full:
@@ -85,12 +93,16 @@ def gold_key(cfg) -> str | None:
     if keys.get(ev.gold_metric) is not None:
         return keys[ev.gold_metric]
     if ev.gold_metric in keys:
-        raise ValueError(f"eval.gold_metric={ev.gold_metric!r} is both a reward component and an eval.metrics "
-                         f"scorer; give the full key: eval/metric/{ev.gold_metric}/mean or eval/reward/{ev.gold_metric}/mean")
-    raise ValueError(f"eval.gold_metric={ev.gold_metric!r} is not an eval metric of this run; one of "
-                     f"{sorted(full)} (or their short names {sorted(k for k, v in keys.items() if v)}); "
-                     "to guard with a metric the run does not train on, add it to eval.metrics, e.g. "
-                     "eval.metrics=[{name: shapes_exact}]")
+        raise ValueError(
+            f"eval.gold_metric={ev.gold_metric!r} is both a reward component and an eval.metrics "
+            f"scorer; give the full key: eval/metric/{ev.gold_metric}/mean or eval/reward/{ev.gold_metric}/mean"
+        )
+    raise ValueError(
+        f"eval.gold_metric={ev.gold_metric!r} is not an eval metric of this run; one of "
+        f"{sorted(full)} (or their short names {sorted(k for k, v in keys.items() if v)}); "
+        "to guard with a metric the run does not train on, add it to eval.metrics, e.g. "
+        "eval.metrics=[{name: shapes_exact}]"
+    )
 
 
 def ls_slope(x: list[float], y: list[float]) -> float:
@@ -118,8 +130,8 @@ class HackingGuard:
     def __init__(self, key: str, window: int, tolerance: float, best: float = -math.inf):
         self.key, self.window, self.tolerance = key, int(window), float(tolerance)
         self.best = best
-        self.points: list[tuple[int, float, float]] = []   # (epoch, gold, train_reward)
-        self.rewards: list[float] = []                     # reward/mean of the epochs since the last evaluation
+        self.points: list[tuple[int, float, float]] = []  # (epoch, gold, train_reward)
+        self.rewards: list[float] = []  # reward/mean of the epochs since the last evaluation
 
     def epoch_reward(self, reward_mean: float) -> None:
         """One epoch's training ``reward/mean`` (NaN when nothing was scored: skipped)."""
@@ -132,27 +144,39 @@ class HackingGuard:
         reward = sum(self.rewards) / len(self.rewards) if self.rewards else float("nan")
         self.rewards = []
         if not (math.isfinite(gold) and math.isfinite(reward)):
-            log.warning("guard: epoch %d has no finite %s (%s) or training reward (%s); not a point of the window",
-                        epoch, self.key, gold, reward)
+            log.warning(
+                "guard: epoch %d has no finite %s (%s) or training reward (%s); not a point of the window",
+                epoch,
+                self.key,
+                gold,
+                reward,
+            )
             return Verdict({"guard/gold": gold, "guard/hacking": 0}, False, False)
-        self.points = [*self.points, (epoch, gold, reward)][-self.window:]
+        self.points = [*self.points, (epoch, gold, reward)][-self.window :]
         new_best = gold > self.best
         self.best = max(self.best, gold)
         golds = [g for _, g, _ in self.points]
         drop = max(golds) - gold
         slope = ls_slope([float(e) for e, _, _ in self.points], [r for _, _, r in self.points])
         hacking = len(self.points) == self.window and drop > self.tolerance and slope > 0
-        m = {"guard/gold": gold, "guard/gold_best": self.best, "guard/gold_drop": drop,
-             "guard/reward_slope": slope, "guard/hacking": int(hacking)}
+        m = {
+            "guard/gold": gold,
+            "guard/gold_best": self.best,
+            "guard/gold_drop": drop,
+            "guard/reward_slope": slope,
+            "guard/hacking": int(hacking),
+        }
         return Verdict(m, new_best, hacking)
 
     def alarm(self, epoch: int, m: dict) -> str:
         """The loud message of a hacking verdict."""
         first = self.points[0][0]
-        return (f"REWARD HACKING SUSPECTED at epoch {epoch}: the training reward rose (slope "
-                f"{m['guard/reward_slope']:+.4g} per epoch over epochs {first}-{epoch}) while the gold metric "
-                f"{self.key} fell {m['guard/gold_drop']:.4g} from its best of the window to {m['guard/gold']:.4g} "
-                f"(tolerance {self.tolerance:g}); the best checkpoint so far is checkpoints/{BEST}")
+        return (
+            f"REWARD HACKING SUSPECTED at epoch {epoch}: the training reward rose (slope "
+            f"{m['guard/reward_slope']:+.4g} per epoch over epochs {first}-{epoch}) while the gold metric "
+            f"{self.key} fell {m['guard/gold_drop']:.4g} from its best of the window to {m['guard/gold']:.4g} "
+            f"(tolerance {self.tolerance:g}); the best checkpoint so far is checkpoints/{BEST}"
+        )
 
 
 def read_best(checkpoints: str | Path) -> dict | None:
@@ -173,9 +197,11 @@ def keep_best(source: str | Path, checkpoints: str | Path, info: dict) -> Path |
         return _keep_best_in_store(Storage(source), Storage(checkpoints), info)
     source, checkpoints = Path(source), Path(checkpoints)
     if not (source / "state.json").exists():
-        raise FileNotFoundError(f"checkpoint {source} is not visible from the driver (no state.json there): "
-                                "checkpoints/best needs the run folder on a filesystem the driver and learner share, "
-                                "or runtime.storage_path (an object store both reach)")
+        raise FileNotFoundError(
+            f"checkpoint {source} is not visible from the driver (no state.json there): "
+            "checkpoints/best needs the run folder on a filesystem the driver and learner share, "
+            "or runtime.storage_path (an object store both reach)"
+        )
     best, tmp, old = checkpoints / BEST, checkpoints / f".{BEST}.tmp", checkpoints / f".{BEST}.old"
     for stale in (tmp, old):
         shutil.rmtree(stale, ignore_errors=True)

@@ -34,12 +34,27 @@ def learner_actor(cfg: RunConfig, index: int = 0, rank: int = 0):
     name = "fdfo/learner" + (f"/{index}" if index else "") + (f"/rank{rank}" if rank else "")
     return (
         ray.remote(Learner)
-        .options(name=name, num_cpus=rt.learner_num_cpus, num_gpus=rt.learner_num_gpus,
-                 resources=dict(rt.learner_resources), scheduling_strategy="SPREAD", max_restarts=0)
-        .remote(model=partial(build_model, cfg.model, role="learner"), train=cfg.train, batching=Batching.of(cfg),
-                lora=cfg.lora,
-                seed=cfg.seed, threads=actor_threads(rt, rt.learner_num_cpus), rank=rank, world_size=rt.num_learners,
-                grpo=grpo_of(cfg), sharding=learner_sharding(cfg), reuse_snapshots=True)
+        .options(
+            name=name,
+            num_cpus=rt.learner_num_cpus,
+            num_gpus=rt.learner_num_gpus,
+            resources=dict(rt.learner_resources),
+            scheduling_strategy="SPREAD",
+            max_restarts=0,
+        )
+        .remote(
+            model=partial(build_model, cfg.model, role="learner"),
+            train=cfg.train,
+            batching=Batching.of(cfg),
+            lora=cfg.lora,
+            seed=cfg.seed,
+            threads=actor_threads(rt, rt.learner_num_cpus),
+            rank=rank,
+            world_size=rt.num_learners,
+            grpo=grpo_of(cfg),
+            sharding=learner_sharding(cfg),
+            reuse_snapshots=True,
+        )
     )
 
 
@@ -50,12 +65,20 @@ def form_group(cfg: RunConfig, index: int = 0) -> list:
     if len(ranks) > 1:
         backends = ray.get([r.weight_backend.remote() for r in ranks])
         if len(set(backends)) > 1:
-            raise RuntimeError(f"learner ranks disagree on the backend ({backends}): give every rank a GPU "
-                               "(runtime.learner_num_gpus) or none")
+            raise RuntimeError(
+                f"learner ranks disagree on the backend ({backends}): give every rank a GPU "
+                "(runtime.learner_num_gpus) or none"
+            )
         nodes = ray.get([r.node_id.remote() for r in ranks])
         addr, port = ray.get(ranks[0].learner_group_address.remote(peers_on_this_node=len(set(nodes)) == 1))
-        ray.get([r.join_learner_group.remote(master_addr=addr, master_port=port, backend=backends[0],
-                                             timeout_s=cfg.runtime.weight_sync_timeout_s) for r in ranks])
+        ray.get(
+            [
+                r.join_learner_group.remote(
+                    master_addr=addr, master_port=port, backend=backends[0], timeout_s=cfg.runtime.weight_sync_timeout_s
+                )
+                for r in ranks
+            ]
+        )
     return ranks
 
 
@@ -67,10 +90,10 @@ class LearnerGroup:
 
     def __init__(self, cfg: RunConfig, form: Callable[[RunConfig, int], list] = form_group):
         self.cfg, self.form = cfg, form
-        self.index = 0                                   # a replacement group is fdfo/learner/<index>
+        self.index = 0  # a replacement group is fdfo/learner/<index>
         self.ranks = form(cfg, 0)
-        self.rank_refs: list[ray.ObjectRef] = []         # the other ranks' share of the call in flight
-        self.checkpoint: str | None = None               # the last checkpoint this run wrote or resumed from
+        self.rank_refs: list[ray.ObjectRef] = []  # the other ranks' share of the call in flight
+        self.checkpoint: str | None = None  # the last checkpoint this run wrote or resumed from
 
     @property
     def lead(self):

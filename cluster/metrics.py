@@ -15,7 +15,7 @@ class Metrics:
     def __init__(self, run: str, images_per_unit: int = 2):
         from ray.util.metrics import Counter, Gauge, Histogram
 
-        self.images_per_unit = images_per_unit          # images of a pair (2) or a Flow-GRPO group
+        self.images_per_unit = images_per_unit  # images of a pair (2) or a Flow-GRPO group
         tags = ("run",)
         self.tags = {"run": run}
         gauge = lambda name, doc: Gauge(name, description=doc, tag_keys=tags)  # noqa: E731
@@ -27,8 +27,10 @@ class Metrics:
             "reward_backlog": gauge("fdfo_reward_backlog", "images queued at the reward actors"),
             "learner_step_s": gauge("fdfo_learner_step_s", "learner wall time per optimizer step"),
             "loss": gauge("fdfo_learner_loss", "loss of the last epoch (FDFO or Flow-GRPO)"),
-            "clip_frac": gauge("fdfo_learner_clip_frac", "fraction of rows with |rho - 1| beyond the trust region "
-                               "(epsilon; Flow-GRPO: clip_range)"),
+            "clip_frac": gauge(
+                "fdfo_learner_clip_frac",
+                "fraction of rows with |rho - 1| beyond the trust region (epsilon; Flow-GRPO: clip_range)",
+            ),
             "version": gauge("fdfo_weight_version", "learner weight version"),
             "policy_lag": gauge("fdfo_policy_lag_max", "largest (learner version - sample version) trained on"),
             "samplers": gauge("fdfo_samplers", "live sampler actors"),
@@ -41,14 +43,22 @@ class Metrics:
         }
         self.trained_pairs = Counter("fdfo_pairs_trained", description="pairs trained on", tag_keys=tags)
         self.dropped = Counter("fdfo_pairs_dropped", description="pairs dropped, by reason", tag_keys=("run", "reason"))
-        self.component = Gauge("fdfo_reward_component_mean", description="raw mean per scorer",
-                               tag_keys=("run", "scorer"))
+        self.component = Gauge(
+            "fdfo_reward_component_mean", description="raw mean per scorer", tag_keys=("run", "scorer")
+        )
         # distributions: how stale the pairs an update takes are, and how long a sampler takes to load a new version
-        self.policy_lag = Histogram("fdfo_policy_lag", description="pairs by (learner version - sample version) when "
-                                    "their epoch's update starts", boundaries=[0.5, 1.5, 2.5, 3.5, 5.5, 7.5, 15.5],
-                                    tag_keys=tags)
-        self.weight_sync = Histogram("fdfo_weight_sync_s", description="seconds a sampler took to load a published "
-                                     "version", boundaries=[0.01, 0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30], tag_keys=tags)
+        self.policy_lag = Histogram(
+            "fdfo_policy_lag",
+            description="pairs by (learner version - sample version) when their epoch's update starts",
+            boundaries=[0.5, 1.5, 2.5, 3.5, 5.5, 7.5, 15.5],
+            tag_keys=tags,
+        )
+        self.weight_sync = Histogram(
+            "fdfo_weight_sync_s",
+            description="seconds a sampler took to load a published version",
+            boundaries=[0.01, 0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30],
+            tag_keys=tags,
+        )
 
     def set(self, name: str, value: float) -> None:
         if value == value:  # skip NaN

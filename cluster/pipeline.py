@@ -35,8 +35,8 @@ from cluster.accounting import Ledger, Timers, drop_reasons
 from cluster.config import Batching, RunConfig, redacted
 from cluster.guard import BEST, HackingGuard, gold_key, keep_best, read_best
 from cluster.prompts import load_prompts
-from cluster.schedule import PairSchedule
 from cluster.runlog import HISTORY, WANDB_ID, RunLog, run_location  # noqa: F401  (re-exported)
+from cluster.schedule import PairSchedule
 from learner.storage import join
 from rewards.base import RewardOutput
 
@@ -78,10 +78,10 @@ def quiet_third_party() -> None:
         if not any(isinstance(f, _DropNotices) for f in logger.filters):
             logger.addFilter(_DropNotices(fragments))
     if not sys.stderr.isatty():
-        os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")     # read when huggingface_hub is imported
-        if "transformers" in sys.modules:                               # imported already: tell it directly
+        os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # read when huggingface_hub is imported
+        if "transformers" in sys.modules:  # imported already: tell it directly
             sys.modules["transformers"].utils.logging.disable_progress_bar()
-        if "diffusers" in sys.modules:                                  # reads no variable; models/ loads quietly too
+        if "diffusers" in sys.modules:  # reads no variable; models/ loads quietly too
             sys.modules["diffusers"].utils.logging.disable_progress_bar()
 
 
@@ -94,7 +94,9 @@ def deferred_interrupts():
         yield
         return
     got: list[int] = []
-    previous = {sig: signal.signal(sig, lambda signum, frame: got.append(signum)) for sig in (signal.SIGINT, signal.SIGTERM)}
+    previous = {
+        sig: signal.signal(sig, lambda signum, frame: got.append(signum)) for sig in (signal.SIGINT, signal.SIGTERM)
+    }
     try:
         yield
     finally:
@@ -113,7 +115,9 @@ def score_pairs(reward, images: np.ndarray, prompts: list[str]) -> RewardOutput:
         return reward.score(images, doubled)
     except Exception as e:  # a failing scorer fails these pairs only; the run goes on
         log.warning("reward failed for %d pairs: %r", len(prompts), e)
-        return RewardOutput(scores=np.full(len(doubled), np.nan), info={"reasons": [f"reward failed: {e!r}"] * len(doubled)})
+        return RewardOutput(
+            scores=np.full(len(doubled), np.nan), info={"reasons": [f"reward failed: {e!r}"] * len(doubled)}
+        )
 
 
 def check_proof(proof: dict, version: int, checksum: str) -> None:
@@ -141,19 +145,26 @@ class Book:
         self.runlog, self.ledger, self.timers = RunLog(cfg, resume), Ledger(unit_name(cfg)), Timers()
         self.schedule = PairSchedule(load_prompts(cfg.prompts.source), cfg.seed)
         self.epoch, self.version, self.last_checkpoint, self.checksum = 0, 0, 0, None
-        self.first_epoch = 0                          # the epoch this session started at (resumed: later)
+        self.first_epoch = 0  # the epoch this session started at (resumed: later)
         self.history: list[dict] = []
-        self.rewards: dict[str, list[float]] = {}          # finite branch rewards of this epoch's pairs, per scorer
+        self.rewards: dict[str, list[float]] = {}  # finite branch rewards of this epoch's pairs, per scorer
         self.t_start = self.epoch_start = time.perf_counter()
         self.before: dict = {}
         self.progress = None
-        self.stop_reason: str | None = None   # set when the run should end early (the hacking guard); drivers check it
-        self.saved: tuple[int, str] | None = None   # (version, folder) of the newest checkpoint this run wrote
+        self.stop_reason: str | None = None  # set when the run should end early (the hacking guard); drivers check it
+        self.saved: tuple[int, str] | None = None  # (version, folder) of the newest checkpoint this run wrote
         key = gold_key(cfg)
         prior = read_best(self.runlog.store.uri("checkpoints")) if resume and key else None
-        self.guard = None if key is None else HackingGuard(
-            key, cfg.eval.hacking_window, cfg.eval.hacking_tolerance,
-            best=prior["value"] if prior and prior.get("metric") == key else -float("inf"))
+        self.guard = (
+            None
+            if key is None
+            else HackingGuard(
+                key,
+                cfg.eval.hacking_window,
+                cfg.eval.hacking_tolerance,
+                best=prior["value"] if prior and prior.get("metric") == key else -float("inf"),
+            )
+        )
 
     # -- stage bookkeeping ------------------------------------------------------------------------------------
     def request(self, n: int) -> dict:
@@ -176,7 +187,7 @@ class Book:
             self.drop(reason, n)
         self.timers.add("sample", report["sample_s"])
         self.timers.add("pack", report["pack_s"])
-        self.timers.add("publish", report["load_s"])           # a sampler loading a published version
+        self.timers.add("publish", report["load_s"])  # a sampler loading a published version
         finite = lambda v: [x for x in np.asarray(v, dtype=np.float64).tolist() if np.isfinite(x)]  # noqa: E731
         stats = {"reward": finite(out.scores), **{k: finite(v) for k, v in (out.info.get("components") or {}).items()}}
         kept = len(pair_ids) - len(report["dropped"])
@@ -211,18 +222,21 @@ class Book:
         now = time.perf_counter()
         wall, self.epoch_start = now - self.epoch_start, now
         m.update({f"perf/{stage}_s": 0.0 for stage in STAGES} | self.timers.pop())
-        m.update({
-            "epoch": self.epoch,
-            "reward/mean": float(np.mean(self.rewards["reward"])) if self.rewards.get("reward") else float("nan"),
-            **{f"reward/{k}/mean": float(np.mean(v)) for k, v in self.rewards.items() if v and k != "reward"},
-            "perf/wall_s": now - self.t_start,
-            "perf/pairs_per_s": m.get("pairs_trained", 0) / wall if wall > 0 else float("nan"),
-            "perf/images_sampled": self.ledger.requested * self.batching.images_per_unit,   # so far, this session
-            # the share of this epoch's wall time each role computed (the samplers' summed over the pool)
-            "perf/sampler_busy": (m["perf/sample_s"] + m["perf/pack_s"]) / (max(wall, 1e-9) * m.get("runtime/samplers", 1)),
-            "perf/learner_busy": m["perf/update_s"] / max(wall, 1e-9),
-            **{f"drops/{k}": v for k, v in self.ledger.dropped.items()},
-        })
+        m.update(
+            {
+                "epoch": self.epoch,
+                "reward/mean": float(np.mean(self.rewards["reward"])) if self.rewards.get("reward") else float("nan"),
+                **{f"reward/{k}/mean": float(np.mean(v)) for k, v in self.rewards.items() if v and k != "reward"},
+                "perf/wall_s": now - self.t_start,
+                "perf/pairs_per_s": m.get("pairs_trained", 0) / wall if wall > 0 else float("nan"),
+                "perf/images_sampled": self.ledger.requested * self.batching.images_per_unit,  # so far, this session
+                # the share of this epoch's wall time each role computed (the samplers' summed over the pool)
+                "perf/sampler_busy": (m["perf/sample_s"] + m["perf/pack_s"])
+                / (max(wall, 1e-9) * m.get("runtime/samplers", 1)),
+                "perf/learner_busy": m["perf/update_s"] / max(wall, 1e-9),
+                **{f"drops/{k}": v for k, v in self.ledger.dropped.items()},
+            }
+        )
         self.rewards = {}
         if self.guard is not None:
             self.guard.epoch_reward(m["reward/mean"])
@@ -230,7 +244,7 @@ class Book:
         if every and (self.epoch + 1) % every == 0:
             t_eval = time.perf_counter()
             m.update(self.evaluate(self.runlog.dir / "heldout_latest.png"))
-            m["perf/eval_s"] = time.perf_counter() - t_eval       # inside perf/wall_s (time-to-reward benches subtract it)
+            m["perf/eval_s"] = time.perf_counter() - t_eval  # inside perf/wall_s (time-to-reward benches subtract it)
             log.info(heldout_line(self.epoch + 1, self.cfg.train.epochs, m, self.before))
             self.runlog.image("eval/heldout", m.pop("grid"), self.epoch + 1)
             if self.guard is not None:
@@ -242,9 +256,17 @@ class Book:
         self.runlog.sync()
         self.history.append(m)
         self.epoch += 1
-        log.info("epoch %d reward %.4g loss %.4g clip %.3f version %d lag %s | %s | %s", self.epoch - 1,
-                 m["reward/mean"], m.get("learner/loss", float("nan")), m.get("learner/clip_frac", float("nan")),
-                 self.version, m.get("learner/policy_lag_max"), self.ledger.line(), self.eta(now))
+        log.info(
+            "epoch %d reward %.4g loss %.4g clip %.3f version %d lag %s | %s | %s",
+            self.epoch - 1,
+            m["reward/mean"],
+            m.get("learner/loss", float("nan")),
+            m.get("learner/clip_frac", float("nan")),
+            self.version,
+            m.get("learner/policy_lag_max"),
+            self.ledger.line(),
+            self.eta(now),
+        )
         if self.progress is not None:
             self.progress.update(1)
             self.progress.set_postfix(reward=f"{m['reward/mean']:.4g}", v=self.version)
@@ -261,23 +283,42 @@ class Book:
         ``checkpoints/best`` (this epoch's checkpoint, written unless the cadence just wrote it); hacking is logged
         loudly and, with ``eval.stop_on_hacking``, sets ``stop_reason``, which ends the drivers' loops."""
         m = verdict.metrics
-        log.info("guard: %s %.4g (best %.4g), drop in window %.4g, training reward slope %.4g per epoch", self.guard.key,
-                 m["guard/gold"], m.get("guard/gold_best", float("nan")), m.get("guard/gold_drop", float("nan")),
-                 m.get("guard/reward_slope", float("nan")))
+        log.info(
+            "guard: %s %.4g (best %.4g), drop in window %.4g, training reward slope %.4g per epoch",
+            self.guard.key,
+            m["guard/gold"],
+            m.get("guard/gold_best", float("nan")),
+            m.get("guard/gold_drop", float("nan")),
+            m.get("guard/reward_slope", float("nan")),
+        )
         if verdict.new_best:
             if self.saved is None or self.saved[0] != self.version:
                 self.saved = (self.version, self.save(self.epoch))
             info = {"epoch": self.epoch, "version": self.version, "value": m["guard/gold"], "metric": self.guard.key}
             try:
                 best = keep_best(self.saved[1], self.runlog.store.uri("checkpoints"), info)
-                log.info("guard: new best %s = %.4g after %d epochs (version %d): %s", self.guard.key, m["guard/gold"],
-                         self.epoch, self.version, best)
-            except FileNotFoundError as e:      # a learner on another node without a shared filesystem
+                log.info(
+                    "guard: new best %s = %.4g after %d epochs (version %d): %s",
+                    self.guard.key,
+                    m["guard/gold"],
+                    self.epoch,
+                    self.version,
+                    best,
+                )
+            except FileNotFoundError as e:  # a learner on another node without a shared filesystem
                 log.warning("guard: best checkpoint not kept: %s", e)
         if verdict.hacking:
             alarm = self.guard.alarm(self.epoch - 1, m)
-            log.warning("!" * 20 + " " + alarm + (" -- stopping (eval.stop_on_hacking)" if self.cfg.eval.stop_on_hacking
-                        else " -- continuing (set eval.stop_on_hacking=true to stop)"))
+            log.warning(
+                "!" * 20
+                + " "
+                + alarm
+                + (
+                    " -- stopping (eval.stop_on_hacking)"
+                    if self.cfg.eval.stop_on_hacking
+                    else " -- continuing (set eval.stop_on_hacking=true to stop)"
+                )
+            )
             if self.cfg.eval.stop_on_hacking:
                 self.stop_reason = alarm
 
@@ -290,7 +331,13 @@ class Book:
         self.ledger.trained -= rolled_back
         self.drop("rolled_back", rolled_back)
         self.history = [h for h in self.history if h["epoch"] < state["epoch"]]
-        self.epoch, self.version, self.checksum, self.last_checkpoint, self.rewards = state["epoch"], version, checksum, version, {}
+        self.epoch, self.version, self.checksum, self.last_checkpoint, self.rewards = (
+            state["epoch"],
+            version,
+            checksum,
+            version,
+            {},
+        )
         if self.progress is not None:
             self.progress.n = self.epoch
         return rolled_back
@@ -307,14 +354,16 @@ class Book:
 
         folder = latest_checkpoint(self.runlog.location)
         if folder is None:
-            raise FileNotFoundError(f"--resume: no checkpoint under {redacted(join(self.runlog.location, 'checkpoints'))}; "
-                                    "run without --resume first (or check runtime.storage_path and name)")
+            raise FileNotFoundError(
+                f"--resume: no checkpoint under {redacted(join(self.runlog.location, 'checkpoints'))}; "
+                "run without --resume first (or check runtime.storage_path and name)"
+            )
         state = load(str(folder))
         self.schedule.next_pair_id = state["next_pair_id"]
         ledger = state["ledger"]
         self.ledger.requested, self.ledger.trained = ledger["pairs_requested"], ledger["pairs_trained"]
         self.ledger.dropped.update(ledger["pairs_dropped"])
-        self.ledger.drop("interrupted", self.ledger.in_flight)     # pairs in flight when the checkpoint was taken
+        self.ledger.drop("interrupted", self.ledger.in_flight)  # pairs in flight when the checkpoint was taken
         self.epoch = state["epoch"]
         log.info("resumed from %s at epoch %d", redacted(str(folder)), self.epoch)
 
@@ -329,8 +378,9 @@ class Book:
         log.info("held-out reward before: %.4f", self.before["eval/reward/mean"])
         from tqdm import tqdm
 
-        self.progress = tqdm(total=self.cfg.train.epochs, initial=self.epoch, desc="fdfo epochs",
-                             disable=not sys.stderr.isatty())
+        self.progress = tqdm(
+            total=self.cfg.train.epochs, initial=self.epoch, desc="fdfo epochs", disable=not sys.stderr.isatty()
+        )
         self.t_start = self.epoch_start = time.perf_counter()
         self.first_epoch = self.epoch
 
@@ -344,7 +394,7 @@ class Book:
     def finish(self, **extra) -> dict:
         """The final checkpoint, the held-out evaluation after training, grids, learning curve and the summary."""
         self.progress.close()
-        if self.stop_reason is not None:            # stopped early: pairs still in flight (Ray) are not trained
+        if self.stop_reason is not None:  # stopped early: pairs still in flight (Ray) are not trained
             self.drop("interrupted", self.ledger.in_flight)
         self.ledger.check()
         # train.epochs, unless the run stopped early; kept when this version's checkpoint was just written (nothing
@@ -355,16 +405,30 @@ class Book:
         report = self.runlog.report(self.before, after, self.history)
         log.info(self.ledger.line())
         last = {k: v for k, v in (self.history[-1] if self.history else {}).items() if isinstance(v, (int, float))}
-        return {"history": self.history, "ledger": self.ledger.summary(), "version": self.version,
-                "final": {**report.pop("heldout_summary"), **last},
-                "paths": {"run_dir": str(self.runlog.dir), **self._storage_path(), "checkpoint": redacted(str(checkpoint)),
-                          **report["paths"], **self._best_paths()},
-                "stopped": self.stop_reason, **extra}
+        return {
+            "history": self.history,
+            "ledger": self.ledger.summary(),
+            "version": self.version,
+            "final": {**report.pop("heldout_summary"), **last},
+            "paths": {
+                "run_dir": str(self.runlog.dir),
+                **self._storage_path(),
+                "checkpoint": redacted(str(checkpoint)),
+                **report["paths"],
+                **self._best_paths(),
+            },
+            "stopped": self.stop_reason,
+            **extra,
+        }
 
     def _best_paths(self) -> dict:
         """The kept best checkpoint and its ``best.json`` (empty without a gold metric or before a first evaluation)."""
         info = read_best(self.runlog.store.uri("checkpoints")) if self.guard is not None else None
-        return {} if info is None else {"best_checkpoint": redacted(self.runlog.store.uri("checkpoints", BEST)), "best": info}
+        return (
+            {}
+            if info is None
+            else {"best_checkpoint": redacted(self.runlog.store.uri("checkpoints", BEST)), "best": info}
+        )
 
     def _storage_path(self) -> dict:
         """The run's storage folder, when it is not the local run folder (``runtime.storage_path``)."""
@@ -375,8 +439,11 @@ def heldout_line(epochs_done: int, epochs: int, metrics: dict, before: dict) -> 
     """One held-out evaluation as one log line: every ``eval/.../mean`` metric, its value and its change since the
     evaluation at the start (``Book.start``): ``held-out after epoch 25/200 (change since the start): reward 0.6880
     (+0.1670), ...``."""
-    shown = [f"{k[len('eval/'):-len('/mean')]} {v:.4f} ({v - before[k]:+.4f})" for k, v in metrics.items()
-             if k.startswith("eval/") and k.endswith("/mean") and k in before]
+    shown = [
+        f"{k[len('eval/') : -len('/mean')]} {v:.4f} ({v - before[k]:+.4f})"
+        for k, v in metrics.items()
+        if k.startswith("eval/") and k.endswith("/mean") and k in before
+    ]
     return f"held-out after epoch {epochs_done}/{epochs} (change since the start): " + ", ".join(shown)
 
 

@@ -92,9 +92,13 @@ def default_rates() -> Rates:
     """The reference's 0.50 images per GPU-second split 40 : 92 between sampling and training (module docstring)."""
     per_image_s = 1 / REFERENCE_IMAGES_PER_GPU_S
     total = SAMPLE_FORWARDS + TRAIN_FORWARDS
-    return Rates(total / (SAMPLE_FORWARDS * per_image_s), total / (TRAIN_FORWARDS * per_image_s), 40,
-                 f"default: the reference's {REFERENCE_IMAGES_PER_GPU_S} images/GPU-s split {SAMPLE_FORWARDS} : "
-                 f"{TRAIN_FORWARDS}")
+    return Rates(
+        total / (SAMPLE_FORWARDS * per_image_s),
+        total / (TRAIN_FORWARDS * per_image_s),
+        40,
+        f"default: the reference's {REFERENCE_IMAGES_PER_GPU_S} images/GPU-s split {SAMPLE_FORWARDS} : "
+        f"{TRAIN_FORWARDS}",
+    )
 
 
 def load_rates(path: str | None, sampler_ips: float | None = None, learner_ips: float | None = None) -> Rates:
@@ -104,17 +108,23 @@ def load_rates(path: str | None, sampler_ips: float | None = None, learner_ips: 
         report = json.loads(Path(path).read_text())
         s, l = report.get("sampler_images_per_s"), report.get("learner_images_per_s")
         if not s or not l:
-            raise ValueError(f"{path} has no sampler_images_per_s / learner_images_per_s (got {s} / {l}): every "
-                             "configuration of that bench run failed; run bench/bench_gpu_throughput.py again")
+            raise ValueError(
+                f"{path} has no sampler_images_per_s / learner_images_per_s (got {s} / {l}): every "
+                "configuration of that bench run failed; run bench/bench_gpu_throughput.py again"
+            )
         smoke = " (a CPU smoke run: not SD3.5-M's rates)" if report.get("smoke") else ""
         rates = Rates(s, l, report.get("steps", 40), f"{path}: {report.get('device', '?')}{smoke}")
     if sampler_ips is not None or learner_ips is not None:
-        rates = Rates(rates.sampler_ips if sampler_ips is None else sampler_ips,
-                      rates.learner_ips if learner_ips is None else learner_ips, rates.steps,
-                      f"flags (else {rates.source})")
+        rates = Rates(
+            rates.sampler_ips if sampler_ips is None else sampler_ips,
+            rates.learner_ips if learner_ips is None else learner_ips,
+            rates.steps,
+            f"flags (else {rates.source})",
+        )
     if rates.sampler_ips <= 0 or rates.learner_ips <= 0:
-        raise ValueError(f"throughputs must be > 0 images/s; got sampler {rates.sampler_ips}, "
-                         f"learner {rates.learner_ips}")
+        raise ValueError(
+            f"throughputs must be > 0 images/s; got sampler {rates.sampler_ips}, learner {rates.learner_ips}"
+        )
     return rates
 
 
@@ -128,16 +138,20 @@ def lora_parameters(target_modules, rank: int) -> int:
             names += [f"transformer_blocks.{i}.attn2.{m}" for m in ("to_q", "to_k", "to_v", "to_out.0")]
     unknown = [t for t in target_modules if not any(target_matches(n, t) for n in names)]
     if unknown:
-        raise ValueError(f"lora.target_modules {unknown} are not SD3.5-M attention projections, the only modules fdfo "
-                         "plan counts; give the gradient size with --gradient-mb")
+        raise ValueError(
+            f"lora.target_modules {unknown} are not SD3.5-M attention projections, the only modules fdfo "
+            "plan counts; give the gradient size with --gradient-mb"
+        )
     return sum(rank * 2 * SD35M_WIDTH for n in names if any(target_matches(n, t) for t in target_modules))
 
 
 def gradient_bytes(cfg: RunConfig) -> int:
     """Bytes one learner rank all-reduces per update: fp32 gradients of what trains (LoRA or every weight)."""
     if cfg.model.kind != "sd3":
-        raise ValueError(f"fdfo plan models SD3.5-M's transformer (model.kind sd3); {cfg.name} has model.kind="
-                         f"{cfg.model.kind}: give --gradient-mb")
+        raise ValueError(
+            f"fdfo plan models SD3.5-M's transformer (model.kind sd3); {cfg.name} has model.kind="
+            f"{cfg.model.kind}: give --gradient-mb"
+        )
     if not cfg.lora.enabled:
         return 4 * SD35M_TRANSFORMER_PARAMETERS
     return 4 * lora_parameters(cfg.lora.target_modules, cfg.lora.rank)
@@ -147,21 +161,26 @@ def reward_gpus(cfg: RunConfig) -> tuple[int, str]:
     """GPUs the preset's reward pool holds: its actors' GPUs, plus one per served VLM judge (backend server)."""
     rt = cfg.runtime
     actors = math.ceil(rt.num_reward_actors * rt.reward_num_gpus)
-    judges = {c.get("url") for c in cfg.reward.components
-              if c.get("name") == "vlm_judge" and c.get("backend") == "server"}
+    judges = {
+        c.get("url") for c in cfg.reward.components if c.get("name") == "vlm_judge" and c.get("backend") == "server"
+    }
     what = f"{rt.num_reward_actors} reward actor(s) x {rt.reward_num_gpus:g} GPU"
     return actors + len(judges), what + (f" + {len(judges)} VLM judge server(s)" if judges else "")
 
 
 def workload(cfg: RunConfig, rates: Rates, grad_bytes: float, bandwidth_gbps: float) -> Workload:
     """The epoch of ``cfg`` in GPU-seconds of each role at ``rates`` (scaled to the preset's steps per image)."""
-    b = Batching.of(cfg)                                 # a pair's 2 images, or a Flow-GRPO group's
+    b = Batching.of(cfg)  # a pair's 2 images, or a Flow-GRPO group's
     images = b.images_per_unit * cfg.train.pairs_per_epoch
     per_image = cfg.sampling.num_steps / rates.steps
-    trained = b.recorded_steps / rates.steps             # Flow-GRPO's window: only its steps are trained
+    trained = b.recorded_steps / rates.steps  # Flow-GRPO's window: only its steps are trained
     k = cfg.train.updates_per_epoch * 2 * grad_bytes / (bandwidth_gbps * 1e9)
-    return Workload(images, images * per_image / rates.sampler_ips,
-                    images * trained * cfg.train.timestep_fraction / rates.learner_ips, k)
+    return Workload(
+        images,
+        images * per_image / rates.sampler_ips,
+        images * trained * cfg.train.timestep_fraction / rates.learner_ips,
+        k,
+    )
 
 
 def continuous_samplers(w: Workload, gpus: int, overlap: bool) -> float:
@@ -190,12 +209,16 @@ def sampler_room(rt, resources: dict[str, float], learners: int, rewards: int) -
     learner ranks and ``rewards`` reward actors: (count, the unit's arithmetic). The unit is a GPU when
     ``runtime.sampler_num_gpus`` > 0, else a CPU."""
     key, per = ("GPU", rt.sampler_num_gpus) if rt.sampler_num_gpus > 0 else ("CPU", rt.sampler_num_cpus)
-    other = {"GPU": learners * rt.learner_num_gpus + rewards * rt.reward_num_gpus,
-             "CPU": learners * rt.learner_num_cpus + rewards * rt.reward_num_cpus}[key]
+    other = {
+        "GPU": learners * rt.learner_num_gpus + rewards * rt.reward_num_gpus,
+        "CPU": learners * rt.learner_num_cpus + rewards * rt.reward_num_cpus,
+    }[key]
     have = resources.get(key, 0.0)
     room = max(0, math.floor((have - other) / per + 1e-9)) if per > 0 else 0
-    return room, (f"{have:g} {key}s - {other:g} for {learners} learner rank(s) and {rewards} reward actor(s) = "
-                  f"{have - other:g}, / {per:g} per sampler = {room}")
+    return room, (
+        f"{have:g} {key}s - {other:g} for {learners} learner rank(s) and {rewards} reward actor(s) = "
+        f"{have - other:g}, / {per:g} per sampler = {room}"
+    )
 
 
 def auto_samplers(cfg: RunConfig, resources: dict[str, float], rates: Rates) -> tuple[int, int, str]:
@@ -216,12 +239,18 @@ def auto_samplers(cfg: RunConfig, resources: dict[str, float], rates: Rates) -> 
     try:
         grad = gradient_bytes(cfg) if rt.num_learners > 1 else 0.0
     except ValueError:
-        grad = 0.0                                     # not SD3.5-M: the all-reduce is not modelled (k = 0)
+        grad = 0.0  # not SD3.5-M: the all-reduce is not modelled (k = 0)
     w = workload(cfg, rates, grad, DEFAULT_BANDWIDTH_GBPS)
     balance = math.ceil(w.a / w.train_s(rt.num_learners) - 1e-9)
     start = max(1, min(balance, ceiling))
-    return start, ceiling, (f"overlap: a / train(L) = {w.a:.1f} / {w.train_s(rt.num_learners):.1f} s -> {balance} keep "
-                            f"{rt.num_learners} learner rank(s) busy ({rates.source}); room for {room} ({why})")
+    return (
+        start,
+        ceiling,
+        (
+            f"overlap: a / train(L) = {w.a:.1f} / {w.train_s(rt.num_learners):.1f} s -> {balance} keep "
+            f"{rt.num_learners} learner rank(s) busy ({rates.source}); room for {room} ({why})"
+        ),
+    )
 
 
 def scaling_efficiency(base_gpus: int, base_epoch_s: float, gpus: int, epoch_s: float) -> float:
@@ -233,18 +262,38 @@ def split_row(w: Workload, gpus: int, rewards: int, overlap: bool) -> dict:
     """The best split of ``gpus`` (``rewards`` of them the reward pool's), its times and the overrides to run it."""
     samplers, learners = best_split(w, gpus - rewards, overlap)
     epoch = w.epoch_s(samplers, learners, overlap)
-    overrides = [f"runtime.overlap={str(overlap).lower()}", f"runtime.num_samplers={samplers}",
-                 f"runtime.max_samplers={samplers}", f"runtime.num_learners={learners}",
-                 "runtime.sampler_num_gpus=1", "runtime.learner_num_gpus=1"]
-    return {"gpus": gpus, "reward_gpus": rewards, "samplers": samplers, "learners": learners,
-            "sample_s": w.a / samplers, "train_s": w.train_s(learners), "epoch_s": epoch,
-            "images_per_gpu_s": w.images / (epoch * gpus),
-            "vs_reference": w.images / (epoch * gpus) / REFERENCE_IMAGES_PER_GPU_S,
-            "colocated_epoch_s": w.a / (gpus - rewards) + w.train_s(gpus - rewards), "overrides": overrides}
+    overrides = [
+        f"runtime.overlap={str(overlap).lower()}",
+        f"runtime.num_samplers={samplers}",
+        f"runtime.max_samplers={samplers}",
+        f"runtime.num_learners={learners}",
+        "runtime.sampler_num_gpus=1",
+        "runtime.learner_num_gpus=1",
+    ]
+    return {
+        "gpus": gpus,
+        "reward_gpus": rewards,
+        "samplers": samplers,
+        "learners": learners,
+        "sample_s": w.a / samplers,
+        "train_s": w.train_s(learners),
+        "epoch_s": epoch,
+        "images_per_gpu_s": w.images / (epoch * gpus),
+        "vs_reference": w.images / (epoch * gpus) / REFERENCE_IMAGES_PER_GPU_S,
+        "colocated_epoch_s": w.a / (gpus - rewards) + w.train_s(gpus - rewards),
+        "overrides": overrides,
+    }
 
 
-def plan(cfg: RunConfig, gpus: list[int], rates: Rates, overlap: bool, bandwidth_gbps: float = DEFAULT_BANDWIDTH_GBPS,
-         grad_bytes: float | None = None, rewards: int | None = None) -> dict:
+def plan(
+    cfg: RunConfig,
+    gpus: list[int],
+    rates: Rates,
+    overlap: bool,
+    bandwidth_gbps: float = DEFAULT_BANDWIDTH_GBPS,
+    grad_bytes: float | None = None,
+    rewards: int | None = None,
+) -> dict:
     """The best split for each GPU count in ``gpus`` and its scaling efficiency against ``BASELINE_GPUS`` (or the
     fewest GPUs the roles fit in, when that is more). Raises before anything is computed if a count is too small."""
     reward_what = "--reward-gpus"
@@ -253,18 +302,29 @@ def plan(cfg: RunConfig, gpus: list[int], rates: Rates, overlap: bool, bandwidth
     least = rewards + 2
     for g in gpus:
         if g < least:
-            raise ValueError(f"--gpus {g} is too few for {cfg.name}: its reward pool takes {rewards} GPU(s) "
-                             f"({reward_what}) and sampling and training need at least 1 GPU each: give --gpus "
-                             f"{least} or more (or fewer --reward-gpus)")
+            raise ValueError(
+                f"--gpus {g} is too few for {cfg.name}: its reward pool takes {rewards} GPU(s) "
+                f"({reward_what}) and sampling and training need at least 1 GPU each: give --gpus "
+                f"{least} or more (or fewer --reward-gpus)"
+            )
     grad_bytes = gradient_bytes(cfg) if grad_bytes is None else grad_bytes
     w = workload(cfg, rates, grad_bytes, bandwidth_gbps)
     base = split_row(w, max(BASELINE_GPUS, least), rewards, overlap)
     rows = [split_row(w, g, rewards, overlap) for g in gpus]
     for row in rows:
         row["efficiency"] = scaling_efficiency(base["gpus"], base["epoch_s"], row["gpus"], row["epoch_s"])
-    return {"config": cfg.name, "schedule": "overlap" if overlap else "lock-step", "rates": asdict(rates),
-            "workload": asdict(w), "gradient_bytes": grad_bytes, "bandwidth_gbps": bandwidth_gbps,
-            "reward_gpus": rewards, "reward_pool": reward_what, "baseline_gpus": base["gpus"], "rows": rows}
+    return {
+        "config": cfg.name,
+        "schedule": "overlap" if overlap else "lock-step",
+        "rates": asdict(rates),
+        "workload": asdict(w),
+        "gradient_bytes": grad_bytes,
+        "bandwidth_gbps": bandwidth_gbps,
+        "reward_gpus": rewards,
+        "reward_pool": reward_what,
+        "baseline_gpus": base["gpus"],
+        "rows": rows,
+    }
 
 
 def format_plan(p: dict) -> str:
@@ -273,20 +333,30 @@ def format_plan(p: dict) -> str:
     allreduce_ms = 1e3 * p["gradient_bytes"] / (p["bandwidth_gbps"] * 1e9)
     rule = "S / L = sqrt(a / (b - k))" if p["schedule"] == "lock-step" else "a / S = train(L)"
     lines = [
-        (f"{p['config']}, {p['schedule']}: {w['images']} images an epoch; rates {r['sampler_ips']:.3f} sampled, "
-         f"{r['learner_ips']:.3f} trained images/s per GPU ({r['source']})"),
-        (f"a = {w['a']:.1f} sampler GPU-s, b = {w['b']:.1f} learner GPU-s per epoch; reward pool "
-         f"{p['reward_gpus']} GPU(s) ({p['reward_pool']}); split: {rule}"),
-        (f"all-reduce of {p['gradient_bytes'] / 1e6:.1f} MB at {p['bandwidth_gbps']:g} GB/s: <= "
-         f"{2 * allreduce_ms:.1f} ms per update (k = {1e3 * w['k']:.1f} ms an epoch)"),
-        (f"{'GPUs':>5} {'reward':>6} {'samplers':>8} {'learners':>8} {'sample s':>9} {'train s':>9} {'epoch s':>9} "
-         f"{'img/GPU-s':>9} {'x ref':>6} {'eff vs ' + str(p['baseline_gpus']):>9} {'colocated s':>11}"),
+        (
+            f"{p['config']}, {p['schedule']}: {w['images']} images an epoch; rates {r['sampler_ips']:.3f} sampled, "
+            f"{r['learner_ips']:.3f} trained images/s per GPU ({r['source']})"
+        ),
+        (
+            f"a = {w['a']:.1f} sampler GPU-s, b = {w['b']:.1f} learner GPU-s per epoch; reward pool "
+            f"{p['reward_gpus']} GPU(s) ({p['reward_pool']}); split: {rule}"
+        ),
+        (
+            f"all-reduce of {p['gradient_bytes'] / 1e6:.1f} MB at {p['bandwidth_gbps']:g} GB/s: <= "
+            f"{2 * allreduce_ms:.1f} ms per update (k = {1e3 * w['k']:.1f} ms an epoch)"
+        ),
+        (
+            f"{'GPUs':>5} {'reward':>6} {'samplers':>8} {'learners':>8} {'sample s':>9} {'train s':>9} {'epoch s':>9} "
+            f"{'img/GPU-s':>9} {'x ref':>6} {'eff vs ' + str(p['baseline_gpus']):>9} {'colocated s':>11}"
+        ),
     ]
     for row in p["rows"]:
-        lines.append(f"{row['gpus']:5d} {row['reward_gpus']:6d} {row['samplers']:8d} {row['learners']:8d} "
-                     f"{row['sample_s']:9.1f} {row['train_s']:9.1f} {row['epoch_s']:9.1f} "
-                     f"{row['images_per_gpu_s']:9.3f} {row['vs_reference']:6.2f} {100 * row['efficiency']:8.1f}% "
-                     f"{row['colocated_epoch_s']:11.1f}")
+        lines.append(
+            f"{row['gpus']:5d} {row['reward_gpus']:6d} {row['samplers']:8d} {row['learners']:8d} "
+            f"{row['sample_s']:9.1f} {row['train_s']:9.1f} {row['epoch_s']:9.1f} "
+            f"{row['images_per_gpu_s']:9.3f} {row['vs_reference']:6.2f} {100 * row['efficiency']:8.1f}% "
+            f"{row['colocated_epoch_s']:11.1f}"
+        )
     lines.append("colocated s: the same compute GPUs each sampling then training (the reference's layout), lock-step")
     lines += [f"  {row['gpus']} GPUs: {' '.join(row['overrides'])}" for row in p["rows"]]
     return "\n".join(lines)
@@ -294,16 +364,26 @@ def format_plan(p: dict) -> str:
 
 def add_plan_arguments(p) -> None:
     """``fdfo plan``'s options, on the subparser ``p``."""
-    p.add_argument("--config", default="sd35m-combined",
-                   help="preset or YAML whose epoch, LoRA and reward pool to plan")
+    p.add_argument(
+        "--config", default="sd35m-combined", help="preset or YAML whose epoch, LoRA and reward pool to plan"
+    )
     p.add_argument("--gpus", type=int, nargs="+", required=True, help="GPU counts to plan for, e.g. 4 8 32")
     p.add_argument("--throughput", default=None, help="bench/bench_gpu_throughput.py's JSON (per-role images/s)")
     p.add_argument("--sampler-ips", type=float, default=None, help="images/s one sampler GPU samples")
     p.add_argument("--learner-ips", type=float, default=None, help="images/s one learner rank trains (all steps)")
-    p.add_argument("--schedule", nargs="+", choices=("lockstep", "overlap"), default=None,
-                   help="lock-step (sample, then train) and/or overlap; default: the preset's runtime.overlap")
-    p.add_argument("--bandwidth-gbps", type=float, default=DEFAULT_BANDWIDTH_GBPS,
-                   help="all-reduce bus bandwidth between learner ranks, GB/s (25: inter-node; NVLink ~10x)")
+    p.add_argument(
+        "--schedule",
+        nargs="+",
+        choices=("lockstep", "overlap"),
+        default=None,
+        help="lock-step (sample, then train) and/or overlap; default: the preset's runtime.overlap",
+    )
+    p.add_argument(
+        "--bandwidth-gbps",
+        type=float,
+        default=DEFAULT_BANDWIDTH_GBPS,
+        help="all-reduce bus bandwidth between learner ranks, GB/s (25: inter-node; NVLink ~10x)",
+    )
     p.add_argument("--gradient-mb", type=float, default=None, help="gradient MB per all-reduce (default: the preset's)")
     p.add_argument("--reward-gpus", type=int, default=None, help="GPUs of the reward pool (default: the preset's)")
     p.add_argument("--json", action="store_true", help="print the plan as JSON")
@@ -318,7 +398,9 @@ def plan_command(args) -> int:
     rates = load_rates(args.throughput, args.sampler_ips, args.learner_ips)
     schedules = args.schedule or ["overlap" if cfg.runtime.overlap else "lockstep"]
     grad = None if args.gradient_mb is None else args.gradient_mb * 1e6
-    plans = [plan(cfg, args.gpus, rates, schedule == "overlap", args.bandwidth_gbps, grad, args.reward_gpus)
-             for schedule in schedules]
+    plans = [
+        plan(cfg, args.gpus, rates, schedule == "overlap", args.bandwidth_gbps, grad, args.reward_gpus)
+        for schedule in schedules
+    ]
     print(json.dumps(plans, indent=2) if args.json else "\n\n".join(format_plan(p) for p in plans))
     return 0

@@ -26,7 +26,9 @@ def load_prompts(source: str) -> list[str]:
         return world.prompts(split)
     path = Path(source)
     if not path.is_file():
-        raise FileNotFoundError(f"prompts.source {source!r} is neither builtin:tiny, builtin:shapes-train|heldout nor a file")
+        raise FileNotFoundError(
+            f"prompts.source {source!r} is neither builtin:tiny, builtin:shapes-train|heldout nor a file"
+        )
     try:  # UTF-8 whatever the locale; utf-8-sig also drops the byte-order mark some editors write
         text = path.read_text(encoding="utf-8-sig")
     except UnicodeDecodeError as e:

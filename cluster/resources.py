@@ -54,8 +54,11 @@ def connect(runtime_cfg, num_cpus_needed: float) -> bool:
     return True
 
 
-ROLE_KEYS = {"learner": ("learner_num_cpus", "learner_num_gpus"), "reward": ("reward_num_cpus", "reward_num_gpus"),
-             "sampler": ("sampler_num_cpus", "sampler_num_gpus")}
+ROLE_KEYS = {
+    "learner": ("learner_num_cpus", "learner_num_gpus"),
+    "reward": ("reward_num_cpus", "reward_num_gpus"),
+    "sampler": ("sampler_num_cpus", "sampler_num_gpus"),
+}
 
 
 def role_ask(rt, role: str) -> dict[str, float]:
@@ -65,9 +68,11 @@ def role_ask(rt, role: str) -> dict[str, float]:
     custom = getattr(rt, f"{role}_resources")
     for k, v in custom.items():
         if k in ("CPU", "GPU", "memory", "object_store_memory") or not isinstance(v, (int, float)) or v < 0:
-            raise ValueError(f"runtime.{role}_resources: {k}: {v!r} is not a custom resource amount; give names of "
-                             f"resources the nodes advertise (ray start --resources) with amounts >= 0, and CPUs/GPUs "
-                             f"as runtime.{cpu_key} / runtime.{gpu_key}")
+            raise ValueError(
+                f"runtime.{role}_resources: {k}: {v!r} is not a custom resource amount; give names of "
+                f"resources the nodes advertise (ray start --resources) with amounts >= 0, and CPUs/GPUs "
+                f"as runtime.{cpu_key} / runtime.{gpu_key}"
+            )
     return {"CPU": getattr(rt, cpu_key), "GPU": getattr(rt, gpu_key), **{k: float(v) for k, v in custom.items()}}
 
 
@@ -88,18 +93,24 @@ def resource_shortfall(rt, nodes: list[dict]) -> str | None:
         short = [k for k in ask if ask[k] > largest[k]]
         if short:
             keys = " / ".join(f"runtime.{cpu_key if k == 'CPU' else gpu_key}" for k in short)
-            return (f"the {role} actor asks for {shown(ask)} but the largest node of this cluster has {shown(largest)} "
-                    f"({len(nodes)} nodes, {shown(have)} in all): lower {keys} or add a node that large")
+            return (
+                f"the {role} actor asks for {shown(ask)} but the largest node of this cluster has {shown(largest)} "
+                f"({len(nodes)} nodes, {shown(have)} in all): lower {keys} or add a node that large"
+            )
     short = custom_shortfall(rt, nodes)
     if short:
         return short
     need = {k: sum(count[r] * getattr(rt, ROLE_KEYS[r][k == "GPU"]) for r in count) for k in ("CPU", "GPU")}
     short = [k for k in need if need[k] > have[k]]
     if short:
-        parts = ", ".join(f"{count[r]} {r} x {shown({'CPU': getattr(rt, ROLE_KEYS[r][0]), 'GPU': getattr(rt, ROLE_KEYS[r][1])})}"
-                          for r in count)
-        return (f"the run's actors ask for {shown(need)} in all ({parts}) but this cluster has {shown(have)}: lower "
-                f"runtime.num_samplers / runtime.num_reward_actors or the per-actor asks, or add nodes")
+        parts = ", ".join(
+            f"{count[r]} {r} x {shown({'CPU': getattr(rt, ROLE_KEYS[r][0]), 'GPU': getattr(rt, ROLE_KEYS[r][1])})}"
+            for r in count
+        )
+        return (
+            f"the run's actors ask for {shown(need)} in all ({parts}) but this cluster has {shown(have)}: lower "
+            f"runtime.num_samplers / runtime.num_reward_actors or the per-actor asks, or add nodes"
+        )
     return None
 
 
@@ -112,15 +123,19 @@ def custom_shortfall(rt, nodes: list[dict]) -> str | None:
         for k, v in custom.items():
             totals[k] = totals.get(k, 0.0) + count[role] * v
         if custom and not any(all(n.get(k, 0.0) >= v for k, v in ask.items()) for n in nodes):
-            return (f"the {role} actor asks for {ask} (runtime.{role}_resources and its CPUs/GPUs) but no node of this "
-                    f"cluster has all of that: start nodes of that type (ray start --resources="
-                    f"'{json.dumps({k: int(v) if float(v).is_integer() else v for k, v in custom.items()})}' with the "
-                    f"CPUs/GPUs), or change runtime.{role}_resources")
+            return (
+                f"the {role} actor asks for {ask} (runtime.{role}_resources and its CPUs/GPUs) but no node of this "
+                f"cluster has all of that: start nodes of that type (ray start --resources="
+                f"'{json.dumps({k: int(v) if float(v).is_integer() else v for k, v in custom.items()})}' with the "
+                f"CPUs/GPUs), or change runtime.{role}_resources"
+            )
     for k, v in totals.items():
         have = sum(n.get(k, 0.0) for n in nodes)
         if v > have:
-            return (f"the run's actors ask for {v:g} of custom resource {k!r} in all but this cluster has {have:g}: "
-                    f"add nodes that advertise it, or lower runtime.num_samplers / runtime.num_reward_actors")
+            return (
+                f"the run's actors ask for {v:g} of custom resource {k!r} in all but this cluster has {have:g}: "
+                f"add nodes that advertise it, or lower runtime.num_samplers / runtime.num_reward_actors"
+            )
     return None
 
 
@@ -141,7 +156,9 @@ def await_resources(rt, can_scale: bool) -> None:
     deadline, t_log = time.monotonic() + rt.resource_wait_s, 0.0
     while short is not None:
         if time.monotonic() > deadline:
-            raise RuntimeError(f"{short}; waited runtime.resource_wait_s = {rt.resource_wait_s:g} s for the cluster to scale")
+            raise RuntimeError(
+                f"{short}; waited runtime.resource_wait_s = {rt.resource_wait_s:g} s for the cluster to scale"
+            )
         if time.monotonic() - t_log >= 30.0:
             log.warning("waiting for the cluster to scale: %s", short)
             t_log = time.monotonic()
@@ -165,13 +182,13 @@ def local_cluster_address(timeout_s: float = 3.0) -> str | None:
         with socket.create_connection((host, int(port)), timeout=timeout_s):
             return address
     except (OSError, ValueError):
-        log.warning("the Ray cluster last started on this machine (%s) does not answer: starting a local instance", address)
+        log.warning(
+            "the Ray cluster last started on this machine (%s) does not answer: starting a local instance", address
+        )
         return None
-
 
 
 def actor_threads(rt, num_cpus: float) -> int:
     """Torch intra-op threads of an actor: ``runtime.torch_threads``, else its CPU reservation (at least 1), which is
     what Ray's own OMP_NUM_THREADS convention gives it."""
     return rt.torch_threads or max(1, int(num_cpus))
-

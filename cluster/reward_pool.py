@@ -30,11 +30,20 @@ def reward_actor(cfg: RunConfig, index: int):
     rt = cfg.runtime
     return (
         ray.remote(RewardBatcher)
-        .options(name=f"fdfo/reward/{index}", num_cpus=rt.reward_num_cpus, num_gpus=rt.reward_num_gpus,
-                 resources=dict(rt.reward_resources), max_restarts=0)
-        .remote(reward_spec={"name": "weighted_sum", "specs": reward_specs(cfg.reward)},
-                max_batch_size=rt.reward_max_batch, max_wait_s=rt.reward_max_wait_s, timeout_s=rt.reward_timeout_s,
-                torch_threads=actor_threads(rt, rt.reward_num_cpus))
+        .options(
+            name=f"fdfo/reward/{index}",
+            num_cpus=rt.reward_num_cpus,
+            num_gpus=rt.reward_num_gpus,
+            resources=dict(rt.reward_resources),
+            max_restarts=0,
+        )
+        .remote(
+            reward_spec={"name": "weighted_sum", "specs": reward_specs(cfg.reward)},
+            max_batch_size=rt.reward_max_batch,
+            max_wait_s=rt.reward_max_wait_s,
+            timeout_s=rt.reward_timeout_s,
+            torch_threads=actor_threads(rt, rt.reward_num_cpus),
+        )
     )
 
 
@@ -49,12 +58,13 @@ class RewardPool:
     (Serve balances and replaces its replicas itself). A reward actor that dies is replaced by
     ``fdfo/reward/<next index>`` and recorded in ``faults`` (with ``book.epoch``)."""
 
-    def __init__(self, cfg: RunConfig, book, faults: list[dict],
-                 spawn: Callable[[RunConfig, int], object] = reward_actor):
-        self.cfg, self.book, self.faults, self.spawn = cfg, book, faults, spawn   # spawn(cfg, index) -> a reward actor
+    def __init__(
+        self, cfg: RunConfig, book, faults: list[dict], spawn: Callable[[RunConfig, int], object] = reward_actor
+    ):
+        self.cfg, self.book, self.faults, self.spawn = cfg, book, faults, spawn  # spawn(cfg, index) -> a reward actor
         rt = cfg.runtime
         self.actors = [] if uses_serve(rt) else [spawn(cfg, i) for i in range(rt.num_reward_actors)]
-        self.next_index = len(self.actors)                   # names of replacements continue from here
+        self.next_index = len(self.actors)  # names of replacements continue from here
         self.service: RewardService | None = None
         try:
             if uses_serve(rt):

@@ -21,13 +21,15 @@ from cluster.evaluate import plot_learning_curve
 from learner.storage import Mirror, Storage, join
 
 log = logging.getLogger("fdfo")
-HISTORY, WANDB_ID = "history.jsonl", "wandb.json"        # in the run folder
+HISTORY, WANDB_ID = "history.jsonl", "wandb.json"  # in the run folder
 
 
 def run_location(cfg: RunConfig) -> str:
     """Where the run folder lives: ``<runtime.storage_path>/<name>`` (a local folder or a storage URI), else
     ``<output_dir>/<name>``."""
-    return join(cfg.runtime.storage_path, cfg.name) if cfg.runtime.storage_path else str(Path(cfg.output_dir) / cfg.name)
+    return (
+        join(cfg.runtime.storage_path, cfg.name) if cfg.runtime.storage_path else str(Path(cfg.output_dir) / cfg.name)
+    )
 
 
 class RunLog:
@@ -44,7 +46,7 @@ class RunLog:
         self.dir = Path(cfg.output_dir) / cfg.name
         self.dir.mkdir(parents=True, exist_ok=True)
         self.store = Storage(run_location(cfg))
-        self.location = self.store.location           # what the learner saves under, from whichever node
+        self.location = self.store.location  # what the learner saves under, from whichever node
         self.mirror = Mirror(self.dir, self.store)
         if resume and not self.mirror.same:
             for rel in (HISTORY, WANDB_ID):
@@ -66,7 +68,9 @@ class RunLog:
         if self.mirror.same:
             return
         self.tb.flush()
-        self.mirror.sync("config.json", HISTORY, WANDB_ID, "tb", *(Path(p).relative_to(self.dir).as_posix() for p in paths))
+        self.mirror.sync(
+            "config.json", HISTORY, WANDB_ID, "tb", *(Path(p).relative_to(self.dir).as_posix() for p in paths)
+        )
 
     def shown(self, path: str | Path | None) -> str | None:
         """Where a file of the local run folder is kept, as a report shows it: its storage URI (secrets redacted),
@@ -74,7 +78,11 @@ class RunLog:
         if path is None or self.mirror.same:
             return None if path is None else str(path)
         path = Path(path)
-        return redacted(self.store.uri(path.relative_to(self.dir).as_posix())) if path.is_relative_to(self.dir) else redacted(str(path))
+        return (
+            redacted(self.store.uri(path.relative_to(self.dir).as_posix()))
+            if path.is_relative_to(self.dir)
+            else redacted(str(path))
+        )
 
     def scalars(self, step: int, metrics: dict) -> None:
         row = {"step": step, **{k: v for k, v in metrics.items() if isinstance(v, (int, float))}}
@@ -116,13 +124,23 @@ class RunLog:
         self.close()
         gains = {k: (before[k], after[k]) for k in before if k.startswith("eval/") and k in after}
         for k, (b, a) in gains.items():
-            log.info("held-out %s before %.4f -> after %.4f (%+.4f)", k[len("eval/"):-len("/mean")], b, a, a - b)
-        shown = {k: self.shown(v) for k, v in (("grid_before", before.get("grid")),
-                                                      ("grid_after", after.get("grid")), ("learning_curve", curve))}
+            log.info("held-out %s before %.4f -> after %.4f (%+.4f)", k[len("eval/") : -len("/mean")], b, a, a - b)
+        shown = {
+            k: self.shown(v)
+            for k, v in (
+                ("grid_before", before.get("grid")),
+                ("grid_after", after.get("grid")),
+                ("learning_curve", curve),
+            )
+        }
         log.info("grids %s, %s; learning curve %s", shown["grid_before"], shown["grid_after"], shown["learning_curve"])
         b, a = before["eval/reward/mean"], after["eval/reward/mean"]
-        summary = {"heldout_reward_before": b, "heldout_reward_after": a, "heldout_reward_gain": a - b,
-                   "heldout": {k[len("eval/"):]: {"before": b, "after": a, "gain": a - b} for k, (b, a) in gains.items()}}
+        summary = {
+            "heldout_reward_before": b,
+            "heldout_reward_after": a,
+            "heldout_reward_gain": a - b,
+            "heldout": {k[len("eval/") :]: {"before": b, "after": a, "gain": a - b} for k, (b, a) in gains.items()},
+        }
         return {"heldout_summary": summary, "paths": shown}
 
 
@@ -137,10 +155,16 @@ def _wandb_run(cfg: RunConfig, id_file: Path, resume: bool):
         raise ImportError(f"wandb_project={cfg.wandb_project!r} needs `pip install wandb`") from e
     prior = json.loads(id_file.read_text()) if resume and id_file.exists() else None
     if resume and prior is None:
-        log.warning("--resume: no %s in the run folder (a run from before W&B ids were kept): W&B starts a new run",
-                    id_file.name)
+        log.warning(
+            "--resume: no %s in the run folder (a run from before W&B ids were kept): W&B starts a new run",
+            id_file.name,
+        )
     same = prior is not None and prior.get("project") == cfg.wandb_project
-    run = wandb.init(project=cfg.wandb_project, name=cfg.name, config=to_dict(cfg),
-                     **({"id": prior["id"], "resume": "must"} if same else {}))
+    run = wandb.init(
+        project=cfg.wandb_project,
+        name=cfg.name,
+        config=to_dict(cfg),
+        **({"id": prior["id"], "resume": "must"} if same else {}),
+    )
     id_file.write_text(json.dumps({"project": cfg.wandb_project, "id": run.id}))
     return run

@@ -36,12 +36,12 @@ log = logging.getLogger("fdfo")
 class Job:
     """One sampler call in flight: its pairs and the refs of its stages (sample -> score -> pack)."""
 
-    sampler: int                      # the sampler's index in the pool
+    sampler: int  # the sampler's index in the pool
     pair_ids: list[int]
-    job_ref: ray.ObjectRef            # the sampler's handle of the trajectories it keeps until pack
-    out_ref: ray.ObjectRef            # the reward's RewardOutput
-    batch_ref: ray.ObjectRef          # the packed Arrow batch
-    report_ref: ray.ObjectRef         # what the pack stage reports (drops, stage times, the version it sampled with)
+    job_ref: ray.ObjectRef  # the sampler's handle of the trajectories it keeps until pack
+    out_ref: ray.ObjectRef  # the reward's RewardOutput
+    batch_ref: ray.ObjectRef  # the packed Arrow batch
+    report_ref: ray.ObjectRef  # what the pack stage reports (drops, stage times, the version it sampled with)
 
 
 @dataclass
@@ -51,7 +51,7 @@ class Pool:
 
     actors: dict[int, object] = field(default_factory=dict)
     busy: dict[int, int] = field(default_factory=dict)
-    joining: dict = field(default_factory=dict)      # ref of the first set_weights -> (index, actor)
+    joining: dict = field(default_factory=dict)  # ref of the first set_weights -> (index, actor)
     next_index: int = 0
 
     def size(self) -> int:
@@ -65,10 +65,23 @@ def sampler_actor(cfg: RunConfig, index: int):
     rt = cfg.runtime
     return (
         ray.remote(concurrency_groups={"pack": 1})(Sampler)
-        .options(name=f"fdfo/sampler/{index}", num_cpus=rt.sampler_num_cpus, num_gpus=rt.sampler_num_gpus,
-                 resources=dict(rt.sampler_resources), scheduling_strategy="SPREAD", max_restarts=0)
-        .remote(model=partial(build_model, cfg.model), sampling=cfg.sampling, lora=cfg.lora, index=index,
-                precision=cfg.train.precision, threads=actor_threads(rt, rt.sampler_num_cpus), grpo=grpo_of(cfg))
+        .options(
+            name=f"fdfo/sampler/{index}",
+            num_cpus=rt.sampler_num_cpus,
+            num_gpus=rt.sampler_num_gpus,
+            resources=dict(rt.sampler_resources),
+            scheduling_strategy="SPREAD",
+            max_restarts=0,
+        )
+        .remote(
+            model=partial(build_model, cfg.model),
+            sampling=cfg.sampling,
+            lora=cfg.lora,
+            index=index,
+            precision=cfg.train.precision,
+            threads=actor_threads(rt, rt.sampler_num_cpus),
+            grpo=grpo_of(cfg),
+        )
     )
 
 
@@ -80,8 +93,10 @@ def check_sampler_count(rt) -> Rates | None:
             raise ValueError(f"runtime.max_samplers must be >= 1, got {rt.max_samplers}")
         return load_rates(rt.throughput)
     if rt.throughput is not None:
-        raise ValueError(f"runtime.throughput ({rt.throughput}) is read only by runtime.num_samplers=auto, but "
-                         f"num_samplers is {rt.num_samplers}: set num_samplers=auto or drop runtime.throughput")
+        raise ValueError(
+            f"runtime.throughput ({rt.throughput}) is read only by runtime.num_samplers=auto, but "
+            f"num_samplers is {rt.num_samplers}: set num_samplers=auto or drop runtime.throughput"
+        )
     max_samplers = rt.max_samplers or rt.num_samplers
     if not 1 <= rt.num_samplers <= max_samplers:
         raise ValueError(f"need 1 <= runtime.num_samplers ({rt.num_samplers}) <= runtime.max_samplers ({max_samplers})")
@@ -102,14 +117,21 @@ class SamplerPool:
     brings samplers to a version and re-forms its group when the members change; ``faults`` gets one record a loss.
     Args: cfg, book, published, sync, faults as above; spawn: ``(cfg, index) -> actor`` (``sampler_actor``)."""
 
-    def __init__(self, cfg: RunConfig, book, published, sync, faults: list[dict],
-                 spawn: Callable[[RunConfig, int], object] = sampler_actor):
+    def __init__(
+        self,
+        cfg: RunConfig,
+        book,
+        published,
+        sync,
+        faults: list[dict],
+        spawn: Callable[[RunConfig, int], object] = sampler_actor,
+    ):
         self.cfg, self.book, self.published, self.sync, self.faults = cfg, book, published, sync, faults
-        self.spawn = spawn                                # (cfg, index) -> a sampler actor (a test gives stand-ins)
+        self.spawn = spawn  # (cfg, index) -> a sampler actor (a test gives stand-ins)
         self.minimum = cfg.runtime.num_samplers
         self.maximum = cfg.runtime.max_samplers or cfg.runtime.num_samplers
         self.members = Pool()
-        self.jobs: dict[ray.ObjectRef, Job] = {}          # by the ref of the call's report
+        self.jobs: dict[ray.ObjectRef, Job] = {}  # by the ref of the call's report
 
     def size(self) -> int:
         """Samplers working or still joining."""
@@ -152,13 +174,17 @@ class SamplerPool:
             sampler = self.members.actors.get(job.sampler)
             if sampler is None or error.actor_id == sampler._actor_id.hex():
                 self.lose(job.sampler)
-            else:                  # the reward actor (or Serve replica, which Serve replaces) died: the sampler lives
+            else:  # the reward actor (or Serve replica, which Serve replaces) died: the sampler lives
                 reward_lost(error.actor_id)
                 self.free_trajectories(job)
             return
         lost = isinstance(error, (ObjectLostError, OwnerDiedError))
-        log.warning("%s for %d pairs: %s", "an input was lost with its node" if lost else "reward request failed",
-                    len(job.pair_ids), error)
+        log.warning(
+            "%s for %d pairs: %s",
+            "an input was lost with its node" if lost else "reward request failed",
+            len(job.pair_ids),
+            error,
+        )
         self.book.drop("actor_lost" if lost else "reward_failure", len(job.pair_ids))
         self.free_trajectories(job)
 
@@ -172,12 +198,15 @@ class SamplerPool:
         """Held-out images on a sampler with the newest published weights; one that dies meanwhile is replaced and the
         call made again on another."""
         while True:
-            while not self.members.actors:              # at the start (or after a loss) every sampler may be joining
+            while not self.members.actors:  # at the start (or after a loss) every sampler may be joining
                 self.on_joined(ray.wait(list(self.members.joining), num_returns=1)[0][0])
             index, sampler = next(iter(self.members.actors.items()))
             try:
-                return ray.get(sampler.generate.remote(prompts=prompts, seeds=seeds, num_steps=steps,
-                                                       newest=self.published.to_load()))
+                return ray.get(
+                    sampler.generate.remote(
+                        prompts=prompts, seeds=seeds, num_steps=steps, newest=self.published.to_load()
+                    )
+                )
             except RayActorError:
                 self.lose(index)
 
@@ -196,8 +225,9 @@ class SamplerPool:
             return
         proof = ray.get(actor.set_weights.remote(weights=self.sync.learner.weights.remote()))
         if proof["version"] < published.version:
-            raise RuntimeError(f"late sampler {index} loaded version {proof['version']}, older than "
-                               f"{published.version}")
+            raise RuntimeError(
+                f"late sampler {index} loaded version {proof['version']}, older than {published.version}"
+            )
         published.checksums.setdefault(proof["version"], proof["checksum"])
         members.actors[index], members.busy[index] = actor, 0
         self.sync.members_changed = True
@@ -211,7 +241,7 @@ class SamplerPool:
             log.warning("sampler %d died while starting (%s)", index, e)
             self.lose(index)
             return
-        if self.published.is_orphaned(proof["version"], proof["checksum"]):   # what a lost learner published
+        if self.published.is_orphaned(proof["version"], proof["checksum"]):  # what a lost learner published
             self.members.joining[actor.set_weights.remote(weights=self.published.weights_ref)] = (index, actor)
             return
         self.published.check(proof)
@@ -253,8 +283,9 @@ class SamplerPool:
         members = self.members
         if waited_s > step_s and members.size() < self.maximum:
             self.add()
-            log.info("autoscale: learner waited %.1fs for data (step %.1fs): %d samplers", waited_s, step_s,
-                     members.size())
+            log.info(
+                "autoscale: learner waited %.1fs for data (step %.1fs): %d samplers", waited_s, step_s, members.size()
+            )
         elif waited_s == 0.0 and len(members.actors) > self.minimum:
             queued = {job.sampler for job in self.jobs.values()}
             idle = [i for i, calls in members.busy.items() if calls == 0 and i not in queued]
@@ -263,27 +294,31 @@ class SamplerPool:
                 ray.kill(members.actors.pop(index))
                 members.busy.pop(index)
                 self.sync.members_changed = True
-                log.info("autoscale: learner is the bottleneck: released sampler %d, %d left", index,
-                         len(members.actors))
+                log.info(
+                    "autoscale: learner is the bottleneck: released sampler %d, %d left", index, len(members.actors)
+                )
 
     # -- end -----------------------------------------------------------------------------------------------------
     def close(self) -> list[dict]:
         """Every sampler brought to the final version (on the object-store path samplers load versions lazily) and
         its proof of what it holds; the weight group closed. Returns each sampler's status."""
         members, published = self.members, self.published
-        if members.joining:                         # one the pool grew by at the end: take it in if it has started
+        if members.joining:  # one the pool grew by at the end: take it in if it has started
             ready, pending = ray.wait(list(members.joining), num_returns=len(members.joining), timeout=30.0)
             for ref in ready:
                 self.on_joined(ref)
-            for ref in pending:                     # never placed (no node for it): it never did any work
+            for ref in pending:  # never placed (no node for it): it never did any work
                 index, actor = members.joining.pop(ref)
                 log.warning("sampler %d never started (no node could hold it); released", index)
                 ray.kill(actor)
-        for index, actor in list(members.actors.items()):   # a sampler lost at the very end (its node gone) is let go:
-            try:                                        # its work is done and accounted; the others prove their weights
+        for index, actor in list(members.actors.items()):  # a sampler lost at the very end (its node gone) is let go:
+            try:  # its work is done and accounted; the others prove their weights
                 if published.weights_ref is not None:
-                    check_proof(ray.get(actor.set_weights.remote(weights=published.weights_ref)), published.version,
-                                published.checksums[published.version])
+                    check_proof(
+                        ray.get(actor.set_weights.remote(weights=published.weights_ref)),
+                        published.version,
+                        published.checksums[published.version],
+                    )
             except RayActorError:
                 log.warning("sampler %d was lost after the last epoch; the run's books are complete without it", index)
                 del members.actors[index]
@@ -295,4 +330,3 @@ class SamplerPool:
         """Release every sampler now (working or joining)."""
         for actor in [*self.members.actors.values(), *(a for _, a in self.members.joining.values())]:
             ray.kill(actor)
-

@@ -20,7 +20,7 @@ class PairSchedule:
         self.prompts = prompts
         self.seed = seed
         self.next_pair_id = start_pair_id
-        self._order: tuple[int, np.ndarray] | None = None    # (pass, its prompt order): one permutation per pass
+        self._order: tuple[int, np.ndarray] | None = None  # (pass, its prompt order): one permutation per pass
 
     def _prompt_index(self, pair_id: int) -> int:
         n = len(self.prompts)

@@ -39,10 +39,14 @@ def check_reward_pool(rt) -> None:
     """The pool's bounds, before any resource is taken."""
     top = rt.max_reward_actors or rt.num_reward_actors
     if not 1 <= rt.num_reward_actors <= top:
-        raise ValueError(f"need 1 <= runtime.num_reward_actors ({rt.num_reward_actors}) <= runtime.max_reward_actors ({top})")
+        raise ValueError(
+            f"need 1 <= runtime.num_reward_actors ({rt.num_reward_actors}) <= runtime.max_reward_actors ({top})"
+        )
     if top > rt.num_reward_actors and rt.reward_backend == "actors":
-        raise ValueError(f"runtime.max_reward_actors={top} > runtime.num_reward_actors={rt.num_reward_actors} needs an "
-                         "elastic pool: set runtime.reward_backend=serve (or auto), or max_reward_actors to the pool size")
+        raise ValueError(
+            f"runtime.max_reward_actors={top} > runtime.num_reward_actors={rt.num_reward_actors} needs an "
+            "elastic pool: set runtime.reward_backend=serve (or auto), or max_reward_actors to the pool size"
+        )
 
 
 class RewardService:
@@ -53,24 +57,42 @@ class RewardService:
 
         rt = cfg.runtime
         self.app = f"fdfo-{cfg.name}"
-        serve.start(proxy_location="Disabled")        # handles only: no HTTP server is opened
+        serve.start(proxy_location="Disabled")  # handles only: no HTTP server is opened
         options = {
             "autoscaling_config": {
-                "min_replicas": rt.num_reward_actors, "max_replicas": rt.max_reward_actors or rt.num_reward_actors,
-                "target_ongoing_requests": rt.reward_target_ongoing, "upscale_delay_s": rt.reward_upscale_delay_s,
-                "downscale_delay_s": rt.reward_downscale_delay_s, "look_back_period_s": rt.reward_look_back_s,
+                "min_replicas": rt.num_reward_actors,
+                "max_replicas": rt.max_reward_actors or rt.num_reward_actors,
+                "target_ongoing_requests": rt.reward_target_ongoing,
+                "upscale_delay_s": rt.reward_upscale_delay_s,
+                "downscale_delay_s": rt.reward_downscale_delay_s,
+                "look_back_period_s": rt.reward_look_back_s,
             },
             # requests queue inside each replica's batcher, not in the handle: the driver is never held up
             "max_ongoing_requests": 1024,
-            "ray_actor_options": {"num_cpus": rt.reward_num_cpus, "num_gpus": rt.reward_num_gpus,
-                                  "resources": dict(rt.reward_resources)},
+            "ray_actor_options": {
+                "num_cpus": rt.reward_num_cpus,
+                "num_gpus": rt.reward_num_gpus,
+                "resources": dict(rt.reward_resources),
+            },
         }
-        app = serve.deployment(RewardBatcher, name="reward").options(**options).bind(
-            reward_spec={"name": "weighted_sum", "specs": reward_specs(cfg.reward)}, max_batch_size=rt.reward_max_batch,
-            max_wait_s=rt.reward_max_wait_s, timeout_s=rt.reward_timeout_s, torch_threads=threads)
+        app = (
+            serve.deployment(RewardBatcher, name="reward")
+            .options(**options)
+            .bind(
+                reward_spec={"name": "weighted_sum", "specs": reward_specs(cfg.reward)},
+                max_batch_size=rt.reward_max_batch,
+                max_wait_s=rt.reward_max_wait_s,
+                timeout_s=rt.reward_timeout_s,
+                torch_threads=threads,
+            )
+        )
         self.handle = serve.run(app, name=self.app, route_prefix=None)
-        log.info("reward pool: Serve application %s, %d-%d replicas", self.app, rt.num_reward_actors,
-                 rt.max_reward_actors or rt.num_reward_actors)
+        log.info(
+            "reward pool: Serve application %s, %d-%d replicas",
+            self.app,
+            rt.num_reward_actors,
+            rt.max_reward_actors or rt.num_reward_actors,
+        )
 
     def score(self, images, prompts: list[str]) -> ray.ObjectRef:
         """Queue a request (``images`` may be an ObjectRef: the replica resolves it); its result as an ObjectRef."""

@@ -97,22 +97,25 @@ class WeightSync:
     def __init__(self, learner, collective: bool, timeout_s: float = 120.0):
         self.learner = learner
         self.collective = collective
-        self.timeout_s = timeout_s                       # of every collective call: how long a dead member can stall it
+        self.timeout_s = timeout_s  # of every collective call: how long a dead member can stall it
         self.members_changed = True
         self.members: list[int] = []
-        self.address: tuple[str, int] | None = None    # (host, port) of the current generation's rendezvous
-        self.lost: list[int] = []                        # samplers a broadcast found dead, for the pool to replace
+        self.address: tuple[str, int] | None = None  # (host, port) of the current generation's rendezvous
+        self.lost: list[int] = []  # samplers a broadcast found dead, for the pool to replace
 
     def _form(self, pool) -> None:
         """A new generation of the group: the learner and every sampler of ``pool`` (its ``actors``: index -> actor)."""
         self.members = sorted(pool.actors)
         # each member picks its backend from its own device (NCCL on a GPU, gloo on a CPU); they must agree
-        picks = ray.get([self.learner.weight_backend.remote()]
-                        + [pool.actors[i].weight_backend.remote() for i in self.members])
+        picks = ray.get(
+            [self.learner.weight_backend.remote()] + [pool.actors[i].weight_backend.remote() for i in self.members]
+        )
         if len(set(picks)) > 1:
-            raise RuntimeError(f"weight group members disagree on the backend (learner {picks[0]}, samplers "
-                               f"{picks[1:]}): put the learner and every sampler on GPUs (NCCL) or all on CPUs "
-                               "(gloo), or set runtime.weight_sync=object_store")
+            raise RuntimeError(
+                f"weight group members disagree on the backend (learner {picks[0]}, samplers "
+                f"{picks[1:]}): put the learner and every sampler on GPUs (NCCL) or all on CPUs "
+                "(gloo), or set runtime.weight_sync=object_store"
+            )
         backend = picks[0]
         world = 1 + len(self.members)
         # The rendezvous store has no authentication of its own: it listens on loopback when every member shares
@@ -121,12 +124,23 @@ class WeightSync:
         addr, port = ray.get(self.learner.weight_group_address.remote(peers_on_this_node=len(set(nodes)) == 1))
         self.address = (addr, port)
         log.info("weight group: %d ranks, rendezvous at %s:%d", world, addr, port)
-        joins = [self.learner.join_weight_group.remote(world_size=world, master_addr=addr, master_port=port,
-                                                       backend=backend, timeout_s=self.timeout_s)]
-        joins += [pool.actors[i].join_weight_group.remote(rank=r + 1, world_size=world, master_addr=addr,
-                                                          master_port=port, backend=backend, timeout_s=self.timeout_s)
-                  for r, i in enumerate(self.members)]
-        ray.get(joins)                              # every rank must be joining at once
+        joins = [
+            self.learner.join_weight_group.remote(
+                world_size=world, master_addr=addr, master_port=port, backend=backend, timeout_s=self.timeout_s
+            )
+        ]
+        joins += [
+            pool.actors[i].join_weight_group.remote(
+                rank=r + 1,
+                world_size=world,
+                master_addr=addr,
+                master_port=port,
+                backend=backend,
+                timeout_s=self.timeout_s,
+            )
+            for r, i in enumerate(self.members)
+        ]
+        ray.get(joins)  # every rank must be joining at once
         self.members_changed = False
 
     def broadcast(self, pool, version: int, checksum: str):
@@ -148,12 +162,14 @@ class WeightSync:
         for i, call in calls.items():
             try:
                 check_proof(ray.get(call), version, checksum)
-            except RayActorError:     # gone before the driver noticed: the runtime replaces it (``lost``)
+            except RayActorError:  # gone before the driver noticed: the runtime replaces it (``lost``)
                 self.lost.append(i)
                 self.members_changed = True
         return ref
 
     def close(self, pool) -> None:
         if self.collective and self.members:
-            ray.get([self.learner.leave_weight_group.remote()] +
-                    [pool.actors[i].leave_weight_group.remote() for i in self.members if i in pool.actors])
+            ray.get(
+                [self.learner.leave_weight_group.remote()]
+                + [pool.actors[i].leave_weight_group.remote() for i in self.members if i in pool.actors]
+            )

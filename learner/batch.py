@@ -30,35 +30,40 @@ from learner.loss import pair_signal
 from models.device import DTYPES
 
 # Column names. Shapes: N recorded steps, latent (C, H, W).
-PROMPT_ID = "prompt_id"            # int64: index of the prompt in the run's prompt list
-PROMPT = "prompt"                  # string: the prompt text (the learner re-encodes it)
-PAIR_ID = "pair_id"                # int64: unique per pair within a run
-BRANCH = "branch"                  # int8: 0 or 1
-SEED = "seed"                      # int64: the pair's noise seed (both branches share it)
+PROMPT_ID = "prompt_id"  # int64: index of the prompt in the run's prompt list
+PROMPT = "prompt"  # string: the prompt text (the learner re-encodes it)
+PAIR_ID = "pair_id"  # int64: unique per pair within a run
+BRANCH = "branch"  # int8: 0 or 1
+SEED = "seed"  # int64: the pair's noise seed (both branches share it)
 POLICY_VERSION = "policy_version"  # int64: weight version the pair was sampled with
-GUIDANCE = "guidance_scale"        # float32: CFG weight used for sampling (1.0 = none)
-REWARD = "reward"                  # float64: this branch's (combined) reward r_k
-DR = "dR"                          # float32: (r_k - r_k') / 2
-SIGMAS = "sigmas"                  # float32 tensor [N]: sigma at each recorded state
-X = "x"                            # tensor [N, C, H, W], sampling dtype: states x_i
-V = "v"                            # tensor [N, C, H, W], sampling dtype: velocities v_i used at x_i
-D = "d"                            # float32 tensor [C, H, W]: dx_k / (mean(dx_k^2) + 1e-6)
+GUIDANCE = "guidance_scale"  # float32: CFG weight used for sampling (1.0 = none)
+REWARD = "reward"  # float64: this branch's (combined) reward r_k
+DR = "dR"  # float32: (r_k - r_k') / 2
+SIGMAS = "sigmas"  # float32 tensor [N]: sigma at each recorded state
+X = "x"  # tensor [N, C, H, W], sampling dtype: states x_i
+V = "v"  # tensor [N, C, H, W], sampling dtype: velocities v_i used at x_i
+D = "d"  # float32 tensor [C, H, W]: dx_k / (mean(dx_k^2) + 1e-6)
 
 # Flow-GRPO's columns (one row per image; W recorded SDE steps): PROMPT_ID, PROMPT, SEED, POLICY_VERSION, GUIDANCE,
 # REWARD as above, and
-GROUP_ID = "group_id"              # int64: unique per group (G images of one prompt) within a run
-MEMBER = "member"                  # int16: the image's index in its group
-ADVANTAGE = "advantage"            # float32: (r - group mean) / (group std + 1e-4), learner.flow_grpo.group_advantages
-STEP = "step"                      # int32 tensor [W]: the trajectory step of each recorded state
-SIGMAS_NEXT = "sigmas_next"        # float32 tensor [W]: sigma after each recorded step
-SIGMA_MAX = "sigma_max"            # float32: the schedule's sigma after 1, what the SDE's std uses at sigma = 1
-X_NEXT = "x_next"                  # tensor [W, C, H, W], sampling dtype: the state each SDE step reached
-LOG_PROB = "log_prob"              # float32 tensor [W]: log p(x_next | x) under the sampling weights (mean over elements)
+GROUP_ID = "group_id"  # int64: unique per group (G images of one prompt) within a run
+MEMBER = "member"  # int16: the image's index in its group
+ADVANTAGE = "advantage"  # float32: (r - group mean) / (group std + 1e-4), learner.flow_grpo.group_advantages
+STEP = "step"  # int32 tensor [W]: the trajectory step of each recorded state
+SIGMAS_NEXT = "sigmas_next"  # float32 tensor [W]: sigma after each recorded step
+SIGMA_MAX = "sigma_max"  # float32: the schedule's sigma after 1, what the SDE's std uses at sigma = 1
+X_NEXT = "x_next"  # tensor [W, C, H, W], sampling dtype: the state each SDE step reached
+LOG_PROB = "log_prob"  # float32 tensor [W]: log p(x_next | x) under the sampling weights (mean over elements)
 
 DTYPE_KEY = b"fdfo.dtype"
 ALGORITHM_KEY, VERSION_KEY = b"fdfo.algorithm", b"fdfo.schema_version"
 SCHEMA_VERSIONS = {"fdfo": 1, "flow_grpo": 1}
-_ARROW_OF = {torch.float32: pa.float32(), torch.float16: pa.float16(), torch.bfloat16: pa.uint16(), torch.int32: pa.int32()}
+_ARROW_OF = {
+    torch.float32: pa.float32(),
+    torch.float16: pa.float16(),
+    torch.bfloat16: pa.uint16(),
+    torch.int32: pa.int32(),
+}
 
 
 def _schema_meta(algorithm: str) -> dict[bytes, bytes]:
@@ -160,7 +165,7 @@ def to_arrow(
         raise ValueError(f"rewards must be [P, 2] = [{P}, 2], got {tuple(rewards.shape)}")
     if not (len(prompt_ids) == len(pair_ids) == len(prompts) == P):
         raise ValueError(f"prompt_ids, pair_ids, prompts must each have P = {P} entries")
-    dR, d = pair_signal(rewards, traj.x_final)                # [P, 2], [P, 2, C, H, W]
+    dR, d = pair_signal(rewards, traj.x_final)  # [P, 2], [P, 2, C, H, W]
     schema = batch_schema(N, lat, traj.xs.dtype)
     rep = lambda seq: [s for s in seq for _ in range(2)]  # noqa: E731  (pair-major, branch-minor)
     cols = [
@@ -247,8 +252,10 @@ def schema_algorithm(schema: pa.Schema) -> str:
     if algorithm not in SCHEMA_VERSIONS:
         raise ValueError(f"batch of algorithm {algorithm!r}: this learner reads {sorted(SCHEMA_VERSIONS)}")
     if version != str(SCHEMA_VERSIONS[algorithm]):
-        raise ValueError(f"batch schema {algorithm} v{version}, but this learner reads {algorithm} "
-                         f"v{SCHEMA_VERSIONS[algorithm]}: run samplers and learner from the same fdfo release")
+        raise ValueError(
+            f"batch schema {algorithm} v{version}, but this learner reads {algorithm} "
+            f"v{SCHEMA_VERSIONS[algorithm]}: run samplers and learner from the same fdfo release"
+        )
     return algorithm
 
 
@@ -257,8 +264,10 @@ def check_schema(schema: pa.Schema, expected: pa.Schema | None = None, algorithm
     not of ``algorithm`` (when given: the learner's ``train.algorithm``); returns the batch's algorithm."""
     found = schema_algorithm(schema)
     if algorithm is not None and found != algorithm:
-        raise ValueError(f"a {found} batch reached a {algorithm} learner: every sampler and the learner must run the "
-                         f"same train.algorithm")
+        raise ValueError(
+            f"a {found} batch reached a {algorithm} learner: every sampler and the learner must run the "
+            f"same train.algorithm"
+        )
     if expected is None:
         x = schema.field(X) if X in schema.names else None
         if x is None or not isinstance(x.type, pa.FixedShapeTensorType) or x.metadata is None:
@@ -278,8 +287,9 @@ def check_schema(schema: pa.Schema, expected: pa.Schema | None = None, algorithm
     return found
 
 
-def from_arrow(batch: pa.RecordBatch | pa.Table, expected: pa.Schema | None = None,
-               algorithm: str | None = None) -> "TrainBatch | GroupBatch":
+def from_arrow(
+    batch: pa.RecordBatch | pa.Table, expected: pa.Schema | None = None, algorithm: str | None = None
+) -> "TrainBatch | GroupBatch":
     """Validate and view a batch as torch tensors (zero-copy for the tensor columns where Arrow allows): a
     ``TrainBatch`` for FDFO's schema, a ``GroupBatch`` for Flow-GRPO's."""
     found = check_schema(batch.schema, expected, algorithm)
@@ -288,10 +298,21 @@ def from_arrow(batch: pa.RecordBatch | pa.Table, expected: pa.Schema | None = No
     tensor = lambda name: _from_tensor_column(col(name), batch.schema.field(name))  # noqa: E731
     if found == "flow_grpo":
         return GroupBatch(
-            prompt_id=num(PROMPT_ID), prompt=col(PROMPT).to_pylist(), group_id=num(GROUP_ID), member=num(MEMBER),
-            policy_version=num(POLICY_VERSION), guidance_scale=num(GUIDANCE), reward=num(REWARD),
-            advantage=num(ADVANTAGE), step=tensor(STEP), sigmas=tensor(SIGMAS), sigmas_next=tensor(SIGMAS_NEXT),
-            sigma_max=num(SIGMA_MAX), x=tensor(X), x_next=tensor(X_NEXT), log_prob=tensor(LOG_PROB),
+            prompt_id=num(PROMPT_ID),
+            prompt=col(PROMPT).to_pylist(),
+            group_id=num(GROUP_ID),
+            member=num(MEMBER),
+            policy_version=num(POLICY_VERSION),
+            guidance_scale=num(GUIDANCE),
+            reward=num(REWARD),
+            advantage=num(ADVANTAGE),
+            step=tensor(STEP),
+            sigmas=tensor(SIGMAS),
+            sigmas_next=tensor(SIGMAS_NEXT),
+            sigma_max=num(SIGMA_MAX),
+            x=tensor(X),
+            x_next=tensor(X_NEXT),
+            log_prob=tensor(LOG_PROB),
         )
     return TrainBatch(
         prompt_id=num(PROMPT_ID),
@@ -309,8 +330,15 @@ def from_arrow(batch: pa.RecordBatch | pa.Table, expected: pa.Schema | None = No
     )
 
 
-def to_arrow_groups(traj, rewards: np.ndarray, prompt_ids: list[int], group_ids: list[int], prompts: list[str],
-                    policy_version: int, guidance_scale: float = 1.0) -> pa.RecordBatch:
+def to_arrow_groups(
+    traj,
+    rewards: np.ndarray,
+    prompt_ids: list[int],
+    group_ids: list[int],
+    prompts: list[str],
+    policy_version: int,
+    guidance_scale: float = 1.0,
+) -> pa.RecordBatch:
     """Rows for P finished groups of G images: rewards [P, G] -> P * G rows (group-major), with each image's
     group-normalised advantage. traj: ``actors.sampling.GroupTrajectory`` (or anything with its fields)."""
     from learner.flow_grpo import group_advantages

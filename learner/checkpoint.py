@@ -63,8 +63,9 @@ def _read_optimizer(folder: Path) -> dict:
     return {"state": state, "param_groups": groups}
 
 
-def save_checkpoint(run_dir: str | Path, learner, state: dict, config: dict,
-                    gathered: dict | None = None) -> Path | str:
+def save_checkpoint(
+    run_dir: str | Path, learner, state: dict, config: dict, gathered: dict | None = None
+) -> Path | str:
     """Write the learner's weights, optimizer and ``state`` (JSON-able) under ``run_dir`` (a local folder or a storage
     URI, learner/storage.py); returns the folder (a Path, or the URI under a URI). Into an object store the folder is
     written locally, uploaded, and only then named by ``latest``. ``gathered``: a sharded learner's full tensors,
@@ -94,7 +95,7 @@ def _write_folder(folder: Path, learner, state: dict, config: dict, gathered: di
         layers = {k: v.detach().cpu().contiguous() for k, v in get_peft_model_state_dict(tr).items()}
         # the adapter config (rank, alpha, targets) rides along, so loaders use alpha / r, not a scale of 1
         meta = tr.peft_config["default"].to_dict()
-        learner.model.lora_pipeline_class.save_lora_weights(       # the model's own diffusers pipeline
+        learner.model.lora_pipeline_class.save_lora_weights(  # the model's own diffusers pipeline
             str(folder), transformer_lora_layers=layers, safe_serialization=True, transformer_lora_adapter_metadata=meta
         )
     elif gathered is not None:
@@ -103,11 +104,11 @@ def _write_folder(folder: Path, learner, state: dict, config: dict, gathered: di
         tr.save_pretrained(str(folder / "transformer"), safe_serialization=True)
     _save_optimizer(gathered["optimizer"] if gathered is not None else learner.opt.state_dict(), folder)
     names = [n for n, p in tr.named_parameters() if p.requires_grad]
-    masters = None                                      # fp32 masters of half-precision weights: exact resume
+    masters = None  # fp32 masters of half-precision weights: exact resume
     if getattr(learner, "masters", None) is not None:
         masters = dict(zip(names, learner.masters))
     elif gathered is not None and gathered["dtype"] != torch.float32:
-        masters = {n: gathered["state"][n] for n in names}   # a sharded learner's fp32 shards, gathered
+        masters = {n: gathered["state"][n] for n in names}  # a sharded learner's fp32 shards, gathered
     if masters is not None:
         save_file({n: m.contiguous() for n, m in masters.items()}, str(folder / "masters.safetensors"))
     meta = {"version": learner.version, "checksum": w.checksum, "state": state, "config": config}
@@ -120,9 +121,10 @@ def _save_gathered_transformer(tr: torch.nn.Module, gathered: dict, folder: Path
     the trained dtype, assigned (no copy) into an unsharded model of the same config built on the meta device."""
     dtype = gathered["dtype"]
     with torch.device("meta"):
-        plain = type(tr).from_config(tr.config)           # an FSDP2 class builds the model's own class
-    plain.load_state_dict({k: v.to(dtype) if v.is_floating_point() else v for k, v in gathered["state"].items()},
-                          assign=True)
+        plain = type(tr).from_config(tr.config)  # an FSDP2 class builds the model's own class
+    plain.load_state_dict(
+        {k: v.to(dtype) if v.is_floating_point() else v for k, v in gathered["state"].items()}, assign=True
+    )
     plain.save_pretrained(str(folder), safe_serialization=True)
 
 
@@ -133,7 +135,9 @@ def prune_checkpoints(folder: str | Path, keep: int) -> list[str]:
         return []
     store = Storage(folder)
     latest = store.read_text(LATEST).strip() if store.exists(LATEST) else None
-    versions = sorted((n for n in store.listdir() if re.fullmatch(r"v\d+", n) and store.is_dir(n)), key=lambda n: int(n[1:]))
+    versions = sorted(
+        (n for n in store.listdir() if re.fullmatch(r"v\d+", n) and store.is_dir(n)), key=lambda n: int(n[1:])
+    )
     gone = [n for n in versions[:-keep] if n != latest]
     for n in gone:
         store.remove(n)
@@ -152,9 +156,11 @@ def latest_checkpoint(run_dir: str | Path) -> Path | str | None:
     name = store.read_text(marker).strip()
     if not re.fullmatch(r"v\d+", name):
         newest = sorted(n for n in store.listdir("checkpoints") if re.fullmatch(r"v\d+", n))
-        raise ValueError(f"{store.uri(marker)} names {name!r}, not a versioned checkpoint folder (v<version>): --resume "
-                         f"continues only from the run's newest checkpoint, never from 'best'; write "
-                         f"{newest[-1] if newest else 'the newest v... folder name'!r} into it")
+        raise ValueError(
+            f"{store.uri(marker)} names {name!r}, not a versioned checkpoint folder (v<version>): --resume "
+            f"continues only from the run's newest checkpoint, never from 'best'; write "
+            f"{newest[-1] if newest else 'the newest v... folder name'!r} into it"
+        )
     return Path(run_dir) / "checkpoints" / name if not is_uri(run_dir) else store.uri("checkpoints", name)
 
 
@@ -173,7 +179,9 @@ def _load_folder(folder: Path, learner) -> dict:
     params = dict(learner.model.transformer.named_parameters())
     missing = set(tensors) ^ {n for n, p in params.items() if p.requires_grad}
     if missing:
-        raise ValueError(f"checkpoint {folder} does not match this model's trainable parameters (LoRA config?): {sorted(missing)[:3]}")
+        raise ValueError(
+            f"checkpoint {folder} does not match this model's trainable parameters (LoRA config?): {sorted(missing)[:3]}"
+        )
     if getattr(learner, "sharding", "replicate") == "fsdp":
         _load_sharded(folder, learner, tensors)
     else:

@@ -138,15 +138,18 @@ def _local_ip_towards(addr: str) -> str:
         return s.getsockname()[0]
 
 
-def form_group(rank: int, world_size: int, master_addr: str, master_port: int, backend: str, timeout_s: float,
-               what: str = "group"):
+def form_group(
+    rank: int, world_size: int, master_addr: str, master_port: int, backend: str, timeout_s: float, what: str = "group"
+):
     """A standalone process group (its own ``TCPStore`` + gloo/NCCL group object, no global state): returns
     (store, group, device). Blocks until all ``world_size`` ranks joined; rank 0 listens on ``master_addr`` only."""
     timeout = datetime.timedelta(seconds=timeout_s)
     device = torch.device("cpu")
     if backend == "nccl":
         if not torch.cuda.is_available() or not hasattr(dist, "ProcessGroupNCCL"):
-            raise RuntimeError("backend='nccl' needs a CUDA build of torch and a visible GPU; use backend='gloo' on CPU")
+            raise RuntimeError(
+                "backend='nccl' needs a CUDA build of torch and a visible GPU; use backend='gloo' on CPU"
+            )
         device = torch.device("cuda", torch.cuda.current_device())
     if rank == 0:
         # Bind the store's socket ourselves so it listens on master_addr only (TCPStore alone binds to all).
@@ -294,8 +297,9 @@ class WeightGroup:
         self.rank, self.world_size, self.backend = rank, world_size, backend
         self.bucket_bytes = bucket_bytes
         self.last_stats: dict[str, float] = {}
-        self._store, self._pg, self._device = form_group(rank, world_size, master_addr, master_port, backend, timeout_s,
-                                                         what="weight group")
+        self._store, self._pg, self._device = form_group(
+            rank, world_size, master_addr, master_port, backend, timeout_s, what="weight group"
+        )
 
     # -- the one place bytes move; a test may subclass this to corrupt data in flight ----------------------
     def _broadcast(self, t: torch.Tensor) -> None:
@@ -431,13 +435,22 @@ class GradientGroup:
     states stay replicated: any rank's checkpoint resumes any number of ranks). A standalone group like
     ``WeightGroup`` (gloo on CPU, NCCL on GPU); gradients travel flattened per dtype in buckets."""
 
-    def __init__(self, rank: int, world_size: int, master_addr: str, master_port: int, backend: str = "gloo",
-                 timeout_s: float = 120, bucket_bytes: int = DEFAULT_BUCKET_BYTES):
+    def __init__(
+        self,
+        rank: int,
+        world_size: int,
+        master_addr: str,
+        master_port: int,
+        backend: str = "gloo",
+        timeout_s: float = 120,
+        bucket_bytes: int = DEFAULT_BUCKET_BYTES,
+    ):
         if master_addr in WILDCARDS:
             raise ValueError(f"master_addr {master_addr!r} is a wildcard; give rank 0's node address")
         self.rank, self.world_size, self.bucket_bytes = rank, world_size, bucket_bytes
-        self._store, self._pg, self._device = form_group(rank, world_size, master_addr, master_port, backend, timeout_s,
-                                                         what="learner group")
+        self._store, self._pg, self._device = form_group(
+            rank, world_size, master_addr, master_port, backend, timeout_s, what="learner group"
+        )
 
     def _all_reduce(self, t: torch.Tensor, op) -> None:
         if self._pg is None:
@@ -447,8 +460,10 @@ class GradientGroup:
         try:
             self._pg.allreduce([t], opts).wait()
         except RuntimeError as e:
-            raise LearnerGroupBroken(f"learner group all-reduce failed on rank {self.rank} of {self.world_size} ({e}): a "
-                               "rank died or timed out; the runtime restarts the group from the last checkpoint") from e
+            raise LearnerGroupBroken(
+                f"learner group all-reduce failed on rank {self.rank} of {self.world_size} ({e}): a "
+                "rank died or timed out; the runtime restarts the group from the last checkpoint"
+            ) from e
 
     def all_reduce_grads(self, params: list[torch.Tensor]) -> None:
         """Sum every parameter's ``.grad`` over the ranks, in place (a missing grad counts as zeros)."""
@@ -467,7 +482,7 @@ class GradientGroup:
                     self._all_reduce(flat, dist.ReduceOp.SUM)
                     offset = 0
                     for b in bucket:
-                        b.copy_(flat[offset: offset + b.numel()].view_as(b))
+                        b.copy_(flat[offset : offset + b.numel()].view_as(b))
                         offset += b.numel()
                     bucket, size = [], 0
                 if g is not None:

@@ -58,8 +58,16 @@ def check_descending(sigma, sigma_next) -> None:
         raise ValueError("sde_step goes from sigma to a smaller sigma_next (dt < 0)")
 
 
-def sde_step(x: torch.Tensor, v: torch.Tensor, sigma, sigma_next, a: float, sigma_max: float,
-             noise: torch.Tensor | None = None, x_next: torch.Tensor | None = None) -> SdeStep:
+def sde_step(
+    x: torch.Tensor,
+    v: torch.Tensor,
+    sigma,
+    sigma_next,
+    a: float,
+    sigma_max: float,
+    noise: torch.Tensor | None = None,
+    x_next: torch.Tensor | None = None,
+) -> SdeStep:
     """The step from x at ``sigma`` to ``sigma_next`` with velocity v (x, v: [B, ...]; sigma, sigma_next: scalars
     or [B]). Pass ``noise`` (eps) to take the step, or ``x_next`` to score a step taken before (the learner's
     ratio); the log-probability is of the x_next returned. Computed in float32 whatever x and v are. Sigmas given
@@ -69,7 +77,7 @@ def sde_step(x: torch.Tensor, v: torch.Tensor, sigma, sigma_next, a: float, sigm
     if a <= 0:
         raise ValueError(f"the SDE's noise level a must be > 0 (a = 0 is the ODE, which has no density); got {a}")
     if not any(isinstance(t, torch.Tensor) and t.device.type != "cpu" for t in (sigma, sigma_next)):
-        check_descending(sigma, sigma_next)          # on the host: free; a device's sigmas are checked by the caller
+        check_descending(sigma, sigma_next)  # on the host: free; a device's sigmas are checked by the caller
     x, v = x.float(), v.float()
     s, s_next = _col(sigma, x), _col(sigma_next, x)
     dt = s_next - s
@@ -89,14 +97,17 @@ def gaussian_log_prob(x: torch.Tensor, mean: torch.Tensor, scale: torch.Tensor) 
     return lp.flatten(1).mean(1)
 
 
-def group_advantages(rewards: torch.Tensor, group_ids: torch.Tensor, global_std: bool = False,
-                     eps: float = 1e-4) -> torch.Tensor:
+def group_advantages(
+    rewards: torch.Tensor, group_ids: torch.Tensor, global_std: bool = False, eps: float = 1e-4
+) -> torch.Tensor:
     """A_i = (r_i - mean of i's group) / (std + eps), std the group's own (population) std, or with ``global_std``
     the std of all ``rewards`` (Flow-GRPO's SD3 settings). rewards, group_ids: [n] -> [n] float32."""
     r = torch.as_tensor(rewards, dtype=torch.float64)
     g = torch.as_tensor(group_ids)
     if r.shape != g.shape or r.ndim != 1:
-        raise ValueError(f"group_advantages wants rewards and group_ids of one shape [n]; got {tuple(r.shape)}, {tuple(g.shape)}")
+        raise ValueError(
+            f"group_advantages wants rewards and group_ids of one shape [n]; got {tuple(r.shape)}, {tuple(g.shape)}"
+        )
     _, inv = torch.unique(g, return_inverse=True)
     n = torch.zeros(int(inv.max()) + 1 if len(inv) else 0, dtype=torch.float64).index_add_(0, inv, torch.ones_like(r))
     mean = torch.zeros_like(n).index_add_(0, inv, r) / n
@@ -108,9 +119,17 @@ def group_advantages(rewards: torch.Tensor, group_ids: torch.Tensor, global_std:
     return (dev / (std + eps)).float()
 
 
-def grpo_loss(log_prob: torch.Tensor, old_log_prob: torch.Tensor, advantage: torch.Tensor, clip_range: float = 1e-4,
-              adv_clip_max: float = 5.0, mean: torch.Tensor | None = None, mean_base: torch.Tensor | None = None,
-              std: torch.Tensor | None = None, kl_weight: float = 0.0) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+def grpo_loss(
+    log_prob: torch.Tensor,
+    old_log_prob: torch.Tensor,
+    advantage: torch.Tensor,
+    clip_range: float = 1e-4,
+    adv_clip_max: float = 5.0,
+    mean: torch.Tensor | None = None,
+    mean_base: torch.Tensor | None = None,
+    std: torch.Tensor | None = None,
+    kl_weight: float = 0.0,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """The PPO-clipped GRPO objective over B rows, one per (image, step).
 
     log_prob: [B] log p_theta(x_next | x); old_log_prob: [B] what the sampler's weights gave; advantage: [B], clamped
@@ -121,8 +140,10 @@ def grpo_loss(log_prob: torch.Tensor, old_log_prob: torch.Tensor, advantage: tor
     Gaussian under theta and under the frozen base (mean, mean_base: [B, ...] step means; std: [B] step scales).
     """
     if not (log_prob.shape == old_log_prob.shape == advantage.shape) or log_prob.ndim != 1:
-        raise ValueError(f"grpo_loss wants log_prob, old_log_prob, advantage of one shape [B]; got "
-                         f"{tuple(log_prob.shape)}, {tuple(old_log_prob.shape)}, {tuple(advantage.shape)}")
+        raise ValueError(
+            f"grpo_loss wants log_prob, old_log_prob, advantage of one shape [B]; got "
+            f"{tuple(log_prob.shape)}, {tuple(old_log_prob.shape)}, {tuple(advantage.shape)}"
+        )
     A = advantage.float().clamp(-adv_clip_max, adv_clip_max)
     log_ratio = log_prob.float() - old_log_prob.float()
     ratio = torch.exp(log_ratio)
@@ -138,7 +159,9 @@ def grpo_loss(log_prob: torch.Tensor, old_log_prob: torch.Tensor, advantage: tor
     }
     if kl_weight > 0:
         if mean is None or mean_base is None or std is None:
-            raise ValueError("kl_weight > 0 needs mean, mean_base and std: the step's Gaussian under theta and the base")
+            raise ValueError(
+                "kl_weight > 0 needs mean, mean_base and std: the step's Gaussian under theta and the base"
+            )
         kl = ((mean.float() - mean_base.float()).pow(2).flatten(1).mean(1) / (2 * std.float() ** 2)).mean()
         loss = loss + kl_weight * kl
         metrics["kl"] = kl.detach()

@@ -87,21 +87,33 @@ class EpochState:
     """The epoch a learner is updating, from ``begin_epoch`` to its last ``update``: the rows it trains, the updates
     left and the metrics running over them."""
 
-    tb: TrainBatch | GroupBatch       # the epoch's table (``from_arrow``)
-    keep: torch.Tensor                # indices of its rows that are not stale [R]
-    w: float                          # the guidance scale every row was sampled with
-    updates: list[torch.Tensor]       # row indices of each update still to take (``Batching.plan``)
-    rows: int                         # rows over all of the epoch's updates
-    sums: dict[str, float] = field(default_factory=dict)   # running metric sums (maxima for log_rho_abs_max)
+    tb: TrainBatch | GroupBatch  # the epoch's table (``from_arrow``)
+    keep: torch.Tensor  # indices of its rows that are not stale [R]
+    w: float  # the guidance scale every row was sampled with
+    updates: list[torch.Tensor]  # row indices of each update still to take (``Batching.plan``)
+    rows: int  # rows over all of the epoch's updates
+    sums: dict[str, float] = field(default_factory=dict)  # running metric sums (maxima for log_rho_abs_max)
     grad_norms: list[float] = field(default_factory=list)  # one per update taken
-    lag_sum: float = 0.0              # policy lag summed over the rows trained
+    lag_sum: float = 0.0  # policy lag summed over the rows trained
     lag_max: int = 0
-    seconds: float = 0.0              # the steps' own time (``perf/update_s``), without snapshots
+    seconds: float = 0.0  # the steps' own time (``perf/update_s``), without snapshots
 
 
 class Learner:
-    def __init__(self, model, train, batching, lora=None, seed: int = 0, threads: int | None = None, rank: int = 0,
-                 world_size: int = 1, grpo=None, sharding: str = "replicate", reuse_snapshots: bool = False):
+    def __init__(
+        self,
+        model,
+        train,
+        batching,
+        lora=None,
+        seed: int = 0,
+        threads: int | None = None,
+        rank: int = 0,
+        world_size: int = 1,
+        grpo=None,
+        sharding: str = "replicate",
+        reuse_snapshots: bool = False,
+    ):
         """model: a FlowModel, or a zero-argument callable that builds one (so a Ray actor loads it on its own
         device); train: ``TrainConfig`` (optimizer, loss); batching: ``Batching`` (which rows make each update);
         lora: ``LoraSettings`` or None (full fine-tuning); threads: torch intra-op threads of this process (None =
@@ -117,8 +129,10 @@ class Learner:
         if sharding not in ("replicate", "fsdp"):
             raise ValueError(f"sharding must be 'replicate' or 'fsdp', got {sharding!r}")
         if (grpo is not None) != (train.algorithm == "flow_grpo"):
-            raise ValueError(f"train.algorithm = {train.algorithm!r} but grpo settings were {'' if grpo else 'not '}given: "
-                             "build the learner with grpo=cluster.config.grpo_of(cfg)")
+            raise ValueError(
+                f"train.algorithm = {train.algorithm!r} but grpo settings were {'' if grpo else 'not '}given: "
+                "build the learner with grpo=cluster.config.grpo_of(cfg)"
+            )
         if threads:
             torch.set_num_threads(threads)
         if not hasattr(model, "velocity"):
@@ -131,10 +145,11 @@ class Learner:
         tr = model.transformer
         self.lora = make_trainable(tr, lora)
         if sharding == "fsdp" and self.lora:
-            raise ValueError("sharding='fsdp' shards full fine-tuning; a LoRA learner group replicates "
-                             "(sharding='replicate')")
+            raise ValueError(
+                "sharding='fsdp' shards full fine-tuning; a LoRA learner group replicates (sharding='replicate')"
+            )
         if train.gradient_checkpointing:
-            model.enable_gradient_checkpointing()            # less memory, the same v_theta
+            model.enable_gradient_checkpointing()  # less memory, the same v_theta
         self.base = copy.deepcopy(tr).requires_grad_(False) if (train.kl_weight > 0 and not self.lora) else None
         tr.train()
         self.params = [p for p in tr.parameters() if p.requires_grad]
@@ -142,22 +157,27 @@ class Learner:
         # factors are fp32 already), AdamW steps fp32 copies and the model's weights are rounded from them after each
         # step: an update at lr 3e-5 would otherwise round away. The forward stays in the model's dtype / autocast.
         # Sharded (fsdp), the fp32 shards made when the group forms are the masters: no whole fp32 copy here.
-        self.masters = ([p.detach().float().clone() for p in self.params]
-                        if any(p.dtype != torch.float32 for p in self.params) and sharding == "replicate" else None)
+        self.masters = (
+            [p.detach().float().clone() for p in self.params]
+            if any(p.dtype != torch.float32 for p in self.params) and sharding == "replicate"
+            else None
+        )
         self.opt = self._adamw(self.masters or self.params)
-        self.scaler = grad_scaler(model.device, train.precision)   # pass-through unless fp16 on CUDA
-        self.skipped_steps = 0                              # updates skipped for a non-finite gradient, all run
+        self.scaler = grad_scaler(model.device, train.precision)  # pass-through unless fp16 on CUDA
+        self.skipped_steps = 0  # updates skipped for a non-finite gradient, all run
         self.version = 0
         self.rank, self.world_size = rank, world_size
-        self._grads = None                                  # the learner group (GradientGroup) when world_size > 1
+        self._grads = None  # the learner group (GradientGroup) when world_size > 1
         self.sharding = sharding
-        self._dtype = self.params[0].dtype if self.params else torch.float32   # the trained weights' (published) dtype
-        self._gathered: tuple[dict, str] | None = None     # fsdp: the full trainable tensors and their checksum
+        self._dtype = self.params[0].dtype if self.params else torch.float32  # the trained weights' (published) dtype
+        self._gathered: tuple[dict, str] | None = None  # fsdp: the full trainable tensors and their checksum
         self.reuse_snapshots = reuse_snapshots
         self._snapshot_buffer: torch.Tensor | None = None
-        self._last_snapshot: weakref.ref | None = None     # the last published Weights (its buffer is reused once it is gone)
-        self._epoch: EpochState | None = None               # the epoch being updated (begin_epoch .. last update)
-        self.prompts = PromptCache(model)                # embeddings per prompt, never shipped in batches
+        self._last_snapshot: weakref.ref | None = (
+            None  # the last published Weights (its buffer is reused once it is gone)
+        )
+        self._epoch: EpochState | None = None  # the epoch being updated (begin_epoch .. last update)
+        self.prompts = PromptCache(model)  # embeddings per prompt, never shipped in batches
         if rank == 0:
             log.info("learner model placement: %s", self.placement())
 
@@ -203,7 +223,7 @@ class Learner:
         out = self.begin_epoch(*batches)
         while self._epoch is not None:
             step = self.update()[0]
-            step.pop("perf/publish_s")                      # nothing published: the caller publishes
+            step.pop("perf/publish_s")  # nothing published: the caller publishes
             out = out | step
         return out
 
@@ -217,19 +237,26 @@ class Learner:
         tb = from_arrow(pa.Table.from_batches(batches), algorithm=self.cfg.algorithm)
         stale = self.stale_mask(tb.policy_version)
         keep = torch.nonzero(~stale).squeeze(1)
-        out = {"stale_pair_ids": sorted(set(tb.unit_id[stale].tolist())),
-               "trained_pair_ids": sorted(set(tb.unit_id[keep].tolist())), "updates": 0}
+        out = {
+            "stale_pair_ids": sorted(set(tb.unit_id[stale].tolist())),
+            "trained_pair_ids": sorted(set(tb.unit_id[keep].tolist())),
+            "updates": 0,
+        }
         if len(keep) == 0:
             return out
         w = float(tb.guidance_scale[0])
         if not torch.all(tb.guidance_scale == w):
-            raise ValueError("one epoch mixes guidance scales; sampling.guidance_scale must be the same on every sampler")
-        if self.grpo is not None and self.grpo.global_std:     # Flow-GRPO's SD3 settings: the epoch's std
+            raise ValueError(
+                "one epoch mixes guidance scales; sampling.guidance_scale must be the same on every sampler"
+            )
+        if self.grpo is not None and self.grpo.global_std:  # Flow-GRPO's SD3 settings: the epoch's std
             tb.advantage = group_advantages(tb.reward, tb.group_id, global_std=True)
-        self.prompts.prefetch([tb.prompt[j] for j in keep.tolist()])    # new prompts: one encoder window
+        self.prompts.prefetch([tb.prompt[j] for j in keep.tolist()])  # new prompts: one encoder window
         g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.version)
-        updates = self.batching.plan(len(keep) * tb.x.shape[1], g)     # row indices of each update
-        self._epoch = EpochState(tb, keep, w, updates, rows=sum(len(r) for r in updates), seconds=time.perf_counter() - t0)
+        updates = self.batching.plan(len(keep) * tb.x.shape[1], g)  # row indices of each update
+        self._epoch = EpochState(
+            tb, keep, w, updates, rows=sum(len(r) for r in updates), seconds=time.perf_counter() - t0
+        )
         return out | {"updates": len(updates)}
 
     def update(self, publish: bool = False) -> tuple[dict, Weights | None]:
@@ -244,10 +271,12 @@ class Learner:
             self._accumulate(ep, ep.updates.pop(0))
             ep.grad_norms.append(self._step())
         except BaseException as e:
-            self._epoch = None                              # a failed step abandons the epoch (weights untouched)
+            self._epoch = None  # a failed step abandons the epoch (weights untouched)
             if self.sharding == "fsdp" and peer_lost(e):
-                raise LearnerGroupBroken(f"learner rank {self.rank} of {self.world_size}: a sharded collective failed "
-                                         f"({e}); the runtime restarts the group from the last checkpoint") from e
+                raise LearnerGroupBroken(
+                    f"learner rank {self.rank} of {self.world_size}: a sharded collective failed "
+                    f"({e}); the runtime restarts the group from the last checkpoint"
+                ) from e
             raise
         version, digest = self.weights_info()
         out = {"learner/version": version, "checksum": digest}
@@ -255,20 +284,22 @@ class Learner:
         weights = self._snapshot(version, digest) if publish else None
         out["perf/publish_s"] = time.perf_counter() - t_publish
         ep.seconds += t_publish - t0
-        if not ep.updates:                               # the epoch's last step: its metrics
+        if not ep.updates:  # the epoch's last step: its metrics
             self._epoch = None
             self._reduce_epoch_metrics(ep)
             out.update({f"learner/{k}": v for k, v in ep.sums.items()})
-            out.update({
-                "updates": len(ep.grad_norms),
-                "learner/grad_norm": finite_mean(ep.grad_norms),
-                "learner/skipped_steps": self.skipped_steps,
-                "learner/lr": self.opt.param_groups[0]["lr"],
-                "learner/policy_lag_mean": ep.lag_sum / ep.rows,
-                "learner/policy_lag_max": ep.lag_max,
-                "learner/rows": ep.rows,
-                "perf/update_s": ep.seconds,
-            })
+            out.update(
+                {
+                    "updates": len(ep.grad_norms),
+                    "learner/grad_norm": finite_mean(ep.grad_norms),
+                    "learner/skipped_steps": self.skipped_steps,
+                    "learner/lr": self.opt.param_groups[0]["lr"],
+                    "learner/policy_lag_mean": ep.lag_sum / ep.rows,
+                    "learner/policy_lag_max": ep.lag_max,
+                    "learner/rows": ep.rows,
+                    "perf/update_s": ep.seconds,
+                }
+            )
         return out, weights
 
     def _accumulate(self, ep: EpochState, rows: torch.Tensor) -> None:
@@ -279,17 +310,19 @@ class Learner:
         if self.masters is not None:
             for p in self.params:
                 p.grad = None
-        shares = [[mb for mb in self.batching.micro_batches(part) if len(mb)]
-                  for part in torch.tensor_split(rows, self.world_size)]
+        shares = [
+            [mb for mb in self.batching.micro_batches(part) if len(mb)]
+            for part in torch.tensor_split(rows, self.world_size)
+        ]
         mine = shares[self.rank]
         pad = max(map(len, shares)) - len(mine) if self.sharding == "fsdp" else 0
-        metrics = []                                        # (share, metrics) of each micro-batch, read after the loop
+        metrics = []  # (share, metrics) of each micro-batch, read after the loop
         for i, mb in enumerate(mine + [rows[:1]] * pad):
             loss, m, lag = self._micro_loss(ep, mb)
-            share = len(mb) / len(rows) if i < len(mine) else 0.0     # of the update's rows (over every rank's)
+            share = len(mb) / len(rows) if i < len(mine) else 0.0  # of the update's rows (over every rank's)
             self.scaler.scale(loss * share).backward()
             if i >= len(mine):
-                continue                                    # padding: no rows, no metrics
+                continue  # padding: no rows, no metrics
             # lag is on the host (versions): reading it does not wait for the device
             ep.lag_sum, ep.lag_max = ep.lag_sum + float(lag.sum()), max(ep.lag_max, int(lag.max()))
             metrics.append((share, m))
@@ -325,20 +358,31 @@ class Learner:
         """Flow-GRPO on (image, SDE step) rows: log p_theta of the recorded step under v_theta, against the sampler's."""
         tb, g, dev, w = ep.tb, self.grpo, self.model.device, ep.w
         W = tb.x.shape[1]
-        r, i = ep.keep[mb // W], mb % W                  # row of the table, recorded step
+        r, i = ep.keep[mb // W], mb % W  # row of the table, recorded step
         cond = self.prompts([tb.prompt[j] for j in r.tolist()])
         x, x_next = to_device(tb.x[r, i], dev), to_device(tb.x_next[r, i], dev)
-        check_descending(tb.sigmas[r, i], tb.sigmas_next[r, i])          # on the host, before they move
+        check_descending(tb.sigmas[r, i], tb.sigmas_next[r, i])  # on the host, before they move
         sigma, sigma_next = to_device(tb.sigmas[r, i], dev), to_device(tb.sigmas_next[r, i], dev)
         sigma_max = float(tb.sigma_max[r[0]])
         with autocast(dev, self.cfg.precision):
             v_theta = self.model.velocity(x, sigma, cond, w)
             v_base = self._base_velocity(x, sigma, cond, w) if self.cfg.kl_weight > 0 else None
         step = sde_step(x, v_theta, sigma, sigma_next, g.noise_level, sigma_max, x_next=x_next)
-        base = None if v_base is None else sde_step(x, v_base, sigma, sigma_next, g.noise_level, sigma_max, x_next=x_next)
+        base = (
+            None if v_base is None else sde_step(x, v_base, sigma, sigma_next, g.noise_level, sigma_max, x_next=x_next)
+        )
         old_log_prob, advantage = to_device(tb.log_prob[r, i], dev), to_device(tb.advantage[r], dev)
-        loss, m = grpo_loss(step.log_prob, old_log_prob, advantage, g.clip_range,
-                            g.adv_clip_max, step.mean, None if base is None else base.mean, step.std, self.cfg.kl_weight)
+        loss, m = grpo_loss(
+            step.log_prob,
+            old_log_prob,
+            advantage,
+            g.clip_range,
+            g.adv_clip_max,
+            step.mean,
+            None if base is None else base.mean,
+            step.std,
+            self.cfg.kl_weight,
+        )
         return loss, m, self.version - tb.policy_version[r]
 
     def _rows(self, tb, keep: torch.Tensor, mb: torch.Tensor):
@@ -346,7 +390,7 @@ class Learner:
         x, v [B, C, H, W], sigma [B], d [B, C, H, W], dR [B], the prompts' conditioning, and each row's lag [B] (on
         the host). To a GPU the rows go through pinned memory without a host sync (``to_device``)."""
         N, dev = tb.x.shape[1], self.model.device
-        r, i = keep[mb // N], mb % N                    # row of the table, step index
+        r, i = keep[mb // N], mb % N  # row of the table, step index
         cond = self.prompts([tb.prompt[j] for j in r.tolist()])
         x, v, sigma, d, dR = (to_device(t, dev) for t in (tb.x[r, i], tb.v[r, i], tb.sigmas[r, i], tb.d[r], tb.dR[r]))
         return x, v, sigma, d, dR, cond, self.version - tb.policy_version[r]
@@ -355,14 +399,14 @@ class Learner:
         """Unscale (fp16), clip, set the scheduled lr and take the AdamW step, or skip it and count it when the
         gradient is not finite; returns the gradient norm before clipping (inf or nan for a skipped update)."""
         if self._grads is not None and self.sharding == "replicate":
-            self._grads.all_reduce_grads(self.params)        # every rank now holds the update's whole gradient
+            self._grads.all_reduce_grads(self.params)  # every rank now holds the update's whole gradient
         stepped = self.masters or self.params
-        if self.masters is not None:                        # the optimizer steps the fp32 masters
+        if self.masters is not None:  # the optimizer steps the fp32 masters
             for m, p in zip(self.masters, self.params):
                 m.grad = None if p.grad is None else p.grad.float()
                 p.grad = None
         self.scaler.unscale_(self.opt)
-        gn = clip_grad_norm(stepped, self.cfg.grad_clip)    # fsdp: the global norm over the shards
+        gn = clip_grad_norm(stepped, self.cfg.grad_clip)  # fsdp: the global norm over the shards
         for group in self.opt.param_groups:
             group["lr"] = scheduled_lr(self.cfg, self.version)
         if torch.isfinite(gn):
@@ -370,12 +414,16 @@ class Learner:
             if self.masters is not None:
                 with torch.no_grad():
                     for m, p in zip(self.masters, self.params):
-                        p.copy_(m)                          # the model's weights: the masters, rounded
+                        p.copy_(m)  # the model's weights: the masters, rounded
         else:
             self.skipped_steps += 1
-            log.warning("non-finite gradient norm at learner version %d: update skipped (%d so far); if this "
-                        "repeats outside fp16 warm-up, lower train.lr", self.version, self.skipped_steps)
-        self.scaler.update()                                # fp16: a skipped update halves the loss scale
+            log.warning(
+                "non-finite gradient norm at learner version %d: update skipped (%d so far); if this "
+                "repeats outside fp16 warm-up, lower train.lr",
+                self.version,
+                self.skipped_steps,
+            )
+        self.scaler.update()  # fp16: a skipped update halves the loss scale
         self.opt.zero_grad(set_to_none=True)
         self.version += 1
         if self.sharding == "fsdp":
@@ -428,8 +476,9 @@ class Learner:
         if self._grads is None:
             return
         sums = {k: v for k, v in ep.sums.items() if k != "log_rho_abs_max"} | {"_lag_sum": ep.lag_sum}
-        maxima = {"_lag_max": ep.lag_max} | ({"log_rho_abs_max": ep.sums["log_rho_abs_max"]}
-                                               if "log_rho_abs_max" in ep.sums else {})
+        maxima = {"_lag_max": ep.lag_max} | (
+            {"log_rho_abs_max": ep.sums["log_rho_abs_max"]} if "log_rho_abs_max" in ep.sums else {}
+        )
         sums, maxima = self._grads.reduce_metrics(sums, maxima)
         ep.lag_sum, ep.lag_max = sums.pop("_lag_sum"), int(maxima.pop("_lag_max"))
         ep.sums = sums | maxima
@@ -478,8 +527,9 @@ class Learner:
 
         return rendezvous_address(peers_on_this_node)
 
-    def join_weight_group(self, *, world_size: int, master_addr: str, master_port: int, backend: str = "gloo",
-                          timeout_s: float = 120.0) -> None:
+    def join_weight_group(
+        self, *, world_size: int, master_addr: str, master_port: int, backend: str = "gloo", timeout_s: float = 120.0
+    ) -> None:
         from learner.collective import WeightGroup
 
         if getattr(self, "_group", None) is not None:
@@ -506,8 +556,11 @@ class Learner:
         gathered = None
         if self.sharding == "fsdp":
             try:
-                gathered = {"state": full_state(self.model.transformer, device="cpu"), "dtype": self._dtype,
-                            "optimizer": full_optimizer_state(self.opt)}
+                gathered = {
+                    "state": full_state(self.model.transformer, device="cpu"),
+                    "dtype": self._dtype,
+                    "optimizer": full_optimizer_state(self.opt),
+                }
             except RuntimeError as e:
                 if peer_lost(e):
                     raise LearnerGroupBroken(f"learner rank {self.rank}: a checkpoint's gather failed ({e})") from e
@@ -523,7 +576,7 @@ class Learner:
 
         state = dict(load_checkpoint(folder, self))
         if self.masters is not None and not state.pop("_masters_loaded", False):
-            with torch.no_grad():                           # a checkpoint without masters: start them from its weights
+            with torch.no_grad():  # a checkpoint without masters: start them from its weights
                 for m, p in zip(self.masters, self.params):
                     m.copy_(p)
         ours = state.pop("learner", {})

@@ -23,12 +23,14 @@ def pair_signal(rewards: torch.Tensor, x_final: torch.Tensor, eps: float = 1e-6)
     No reward normalisation and no baseline: only dx is normalised.
     """
     if rewards.ndim != 2 or rewards.shape[1] != 2 or x_final.shape[:2] != rewards.shape:
-        raise ValueError(f"pair_signal wants rewards [P, 2] and x_final [P, 2, ...]; got {tuple(rewards.shape)} and {tuple(x_final.shape)}")
+        raise ValueError(
+            f"pair_signal wants rewards [P, 2] and x_final [P, 2, ...]; got {tuple(rewards.shape)} and {tuple(x_final.shape)}"
+        )
     r = rewards.double()
-    dR = (r - r.flip(1)) / 2                                   # [P, 2], dR_2 = -dR_1
+    dR = (r - r.flip(1)) / 2  # [P, 2], dR_2 = -dR_1
     x = x_final.double()
-    dx = (x - x.flip(1)) / 2                                   # [P, 2, *latent], dx_2 = -dx_1
-    ms = dx.pow(2).flatten(2).mean(-1)                         # [P, 2] squared RMS
+    dx = (x - x.flip(1)) / 2  # [P, 2, *latent], dx_2 = -dx_1
+    ms = dx.pow(2).flatten(2).mean(-1)  # [P, 2] squared RMS
     d = dx / (ms + eps).view(*ms.shape, *([1] * (dx.ndim - 2)))
     return dR.float(), d.float()
 
@@ -60,9 +62,9 @@ def fdfo_loss(
             f"{tuple(v.shape)}, {tuple(d.shape)}, {tuple(dR.shape)}"
         )
     v_theta, v, d, dR = v_theta.float(), v.float(), d.float(), dR.float()
-    dv = (v_theta - v).flatten(1)                              # [B, M]
-    log_rho = -dv.pow(2).mean(1) - 2 * (dv * d.flatten(1)).mean(1)   # [B] = l - l_ref
-    rho = torch.exp(log_rho.clamp(max=MAX_LOG_RHO))            # [B]
+    dv = (v_theta - v).flatten(1)  # [B, M]
+    log_rho = -dv.pow(2).mean(1) - 2 * (dv * d.flatten(1)).mean(1)  # [B] = l - l_ref
+    rho = torch.exp(log_rho.clamp(max=MAX_LOG_RHO))  # [B]
     policy = -dR * rho + dR.abs() / (2 * epsilon) * (rho - 1).pow(2)  # [B]
     policy_loss = policy.mean()
     loss = policy_loss

@@ -60,8 +60,9 @@ from torch.distributed.tensor import DTensor, distribute_tensor
 STORE_PREFIX = "fdfo/sharded/"
 
 
-def init_default_group(rank: int, world_size: int, store: dist.Store, backend: str = "gloo",
-                       timeout_s: float = 120.0) -> dist.ProcessGroup:
+def init_default_group(
+    rank: int, world_size: int, store: dist.Store, backend: str = "gloo", timeout_s: float = 120.0
+) -> dist.ProcessGroup:
     """Make this process's default ``torch.distributed`` group over ``store`` (every rank calls it at once) and return
     it; FSDP2 needs it (module docstring). Idempotent for the same rank and world size; a default group of another
     shape already in this process is an error (only one per process)."""
@@ -73,13 +74,22 @@ def init_default_group(rank: int, world_size: int, store: dist.Store, backend: s
                 "torch.distributed.destroy_process_group() first, or run each rank in its own process (actor)"
             )
         return dist.group.WORLD
-    dist.init_process_group(backend, store=dist.PrefixStore(STORE_PREFIX, store), rank=rank, world_size=world_size,
-                            timeout=datetime.timedelta(seconds=timeout_s))
+    dist.init_process_group(
+        backend,
+        store=dist.PrefixStore(STORE_PREFIX, store),
+        rank=rank,
+        world_size=world_size,
+        timeout=datetime.timedelta(seconds=timeout_s),
+    )
     return dist.group.WORLD
 
 
-def shard_transformer(transformer: torch.nn.Module, group: dist.ProcessGroup, device: torch.device | str,
-                      param_dtype: torch.dtype | None = None) -> torch.nn.Module:
+def shard_transformer(
+    transformer: torch.nn.Module,
+    group: dist.ProcessGroup,
+    device: torch.device | str,
+    param_dtype: torch.dtype | None = None,
+) -> torch.nn.Module:
     """Shard ``transformer`` in place with FSDP2 over ``group`` (one unit per block of ``transformer_blocks``, then
     the root) and return it. Parameters become fp32 ``DTensor`` shards on ``device`` (the masters); the forward
     computes with ``param_dtype`` (default: the transformer's dtype before this call). Gradients are summed over the
@@ -87,8 +97,11 @@ def shard_transformer(transformer: torch.nn.Module, group: dist.ProcessGroup, de
     device = torch.device(device)
     param_dtype = param_dtype or next(transformer.parameters()).dtype
     mesh = DeviceMesh.from_group(group, device.type)
-    mp = MixedPrecisionPolicy(param_dtype=None if param_dtype == torch.float32 else param_dtype,
-                              reduce_dtype=torch.float32, cast_forward_inputs=False)
+    mp = MixedPrecisionPolicy(
+        param_dtype=None if param_dtype == torch.float32 else param_dtype,
+        reduce_dtype=torch.float32,
+        cast_forward_inputs=False,
+    )
     # Block by block, so a half-precision model never holds a whole fp32 copy before it is sharded.
     for block in transformer.transformer_blocks:
         fully_shard(block.to(torch.float32), mesh=mesh, mp_policy=mp)
@@ -100,7 +113,7 @@ def shard_transformer(transformer: torch.nn.Module, group: dist.ProcessGroup, de
     fully_shard(transformer, mesh=mesh, mp_policy=mp)
     for m in transformer.modules():
         if isinstance(m, FSDPModule):
-            m.set_gradient_divide_factor(1.0)               # per module (not recursive): each unit's own groups
+            m.set_gradient_divide_factor(1.0)  # per module (not recursive): each unit's own groups
             m.set_force_sum_reduction_for_comms(True)
     return transformer
 
@@ -115,14 +128,15 @@ def clip_grad_norm(params: list[torch.Tensor], max_norm: float) -> torch.Tensor:
 def _gathered(t: torch.Tensor, dtype: torch.dtype | None, device: torch.device | str | None) -> torch.Tensor:
     t = t.detach()
     if dtype is not None and t.is_floating_point():
-        t = t.to(dtype)                                     # before the gather: rounding is elementwise, bytes halve
+        t = t.to(dtype)  # before the gather: rounding is elementwise, bytes halve
     if isinstance(t, DTensor):
         t = t.full_tensor()
     return t.to(device) if device is not None else t
 
 
-def full_state(transformer: torch.nn.Module, dtype: torch.dtype | None = None,
-               device: torch.device | str | None = None) -> dict[str, torch.Tensor]:
+def full_state(
+    transformer: torch.nn.Module, dtype: torch.dtype | None = None, device: torch.device | str | None = None
+) -> dict[str, torch.Tensor]:
     """The full (unsharded) tensors of ``transformer``'s state dict (parameters and persistent buffers, named as in
     the unsharded model), gathered one at a time; ``dtype`` casts floating tensors (e.g. the samplers' bf16),
     ``device`` moves each after its gather (e.g. "cpu": one full tensor on the GPU at a time). A collective: every
@@ -132,11 +146,14 @@ def full_state(transformer: torch.nn.Module, dtype: torch.dtype | None = None,
 
 def _load_into(target: torch.Tensor, full: torch.Tensor, name: str) -> None:
     if tuple(full.shape) != tuple(target.shape):
-        raise ValueError(f"{name}: the state holds shape {tuple(full.shape)}, the model {tuple(target.shape)}; "
-                         "the checkpoint is of another model config")
-    if isinstance(target, DTensor):                         # this rank's chunk, cut locally (no communication)
-        full = distribute_tensor(full.to(target.device, target.dtype), target.device_mesh, target.placements,
-                                 src_data_rank=None).to_local()
+        raise ValueError(
+            f"{name}: the state holds shape {tuple(full.shape)}, the model {tuple(target.shape)}; "
+            "the checkpoint is of another model config"
+        )
+    if isinstance(target, DTensor):  # this rank's chunk, cut locally (no communication)
+        full = distribute_tensor(
+            full.to(target.device, target.dtype), target.device_mesh, target.placements, src_data_rank=None
+        ).to_local()
         target = target.to_local()
     target.copy_(full)
 
@@ -150,8 +167,10 @@ def load_full_state(transformer: torch.nn.Module, state: dict[str, torch.Tensor]
     live = transformer.state_dict(keep_vars=True)
     missing, extra = sorted(set(live) - set(state)), sorted(set(state) - set(live))
     if extra or (strict and missing):
-        raise ValueError(f"the state does not match the model: missing {missing[:5]} ({len(missing)}), unexpected "
-                         f"{extra[:5]} ({len(extra)}); load a checkpoint of the same model config")
+        raise ValueError(
+            f"the state does not match the model: missing {missing[:5]} ({len(missing)}), unexpected "
+            f"{extra[:5]} ({len(extra)}); load a checkpoint of the same model config"
+        )
     for name, full in state.items():
         target = live[name]
         _load_into(target if isinstance(target, DTensor) else target.data, full, name)
@@ -162,8 +181,10 @@ def full_optimizer_state(opt: torch.optim.Optimizer) -> dict:
     it). Indices follow the optimizer's parameter order, which is the same at any M when the optimizer is built
     from ``transformer.parameters()`` in order."""
     sd = opt.state_dict()
-    state = {i: {k: _gathered(v, None, None) if torch.is_tensor(v) else v for k, v in s.items()}
-             for i, s in sd["state"].items()}
+    state = {
+        i: {k: _gathered(v, None, None) if torch.is_tensor(v) else v for k, v in s.items()}
+        for i, s in sd["state"].items()
+    }
     return {"state": state, "param_groups": sd["param_groups"]}
 
 
@@ -174,8 +195,10 @@ def load_full_optimizer_state(opt: torch.optim.Optimizer, sd: dict) -> None:
     state = {}
     for i, s in sd["state"].items():
         p = params[int(i)]
-        state[i] = {k: _shard_like(v, p) if torch.is_tensor(v) and v.dim() > 0 and isinstance(p, DTensor) else v
-                    for k, v in s.items()}
+        state[i] = {
+            k: _shard_like(v, p) if torch.is_tensor(v) and v.dim() > 0 and isinstance(p, DTensor) else v
+            for k, v in s.items()
+        }
     opt.load_state_dict({"state": state, "param_groups": sd["param_groups"]})
 
 

@@ -30,7 +30,9 @@ import pyarrow.fs as pafs
 
 _SCHEME = re.compile(r"^[a-zA-Z][a-zA-Z0-9+.-]*://")
 _USERINFO = re.compile(r"^(?P<scheme>[a-zA-Z][a-zA-Z0-9+.-]*://)[^/?#@]+@")
-_SECRET_PARAM = re.compile(r"(?P<name>[?&][^=&]*(key|secret|token|signature|credential|password)[^=&]*)=[^&]*", re.IGNORECASE)
+_SECRET_PARAM = re.compile(
+    r"(?P<name>[?&][^=&]*(key|secret|token|signature|credential|password)[^=&]*)=[^&]*", re.IGNORECASE
+)
 
 
 def is_uri(location: str | Path) -> bool:
@@ -63,10 +65,12 @@ class Storage:
             try:
                 self.fs, self.root = pafs.FileSystem.from_uri(self.location)
             except Exception as e:  # pyarrow raises ArrowInvalid / OSError / ValueError depending on the scheme
-                raise ValueError(f"storage {shown(self.location)!r} cannot be opened by pyarrow.fs ({e}); give a local folder "
-                                 "or a URI it opens, e.g. s3://bucket/prefix (credentials from AWS_ACCESS_KEY_ID / "
-                                 "AWS_SECRET_ACCESS_KEY, an S3-compatible server from AWS_ENDPOINT_URL) or "
-                                 "gs://bucket/prefix") from e
+                raise ValueError(
+                    f"storage {shown(self.location)!r} cannot be opened by pyarrow.fs ({e}); give a local folder "
+                    "or a URI it opens, e.g. s3://bucket/prefix (credentials from AWS_ACCESS_KEY_ID / "
+                    "AWS_SECRET_ACCESS_KEY, an S3-compatible server from AWS_ENDPOINT_URL) or "
+                    "gs://bucket/prefix"
+                ) from e
             self.root = self.root.rstrip("/")
         else:
             self.fs, self.root = pafs.LocalFileSystem(), str(Path(self.location).absolute())
@@ -82,9 +86,11 @@ class Storage:
             self.write_bytes(".fdfo-write-check", b"")
             self.remove(".fdfo-write-check")
         except OSError as e:
-            raise ValueError(f"storage {shown(self.location)!r} is not reachable ({e}); check that the bucket exists, "
-                             "the credentials (AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY, or the node's role) and, "
-                             "for an S3-compatible server, its endpoint (AWS_ENDPOINT_URL or ?endpoint_override=)") from e
+            raise ValueError(
+                f"storage {shown(self.location)!r} is not reachable ({e}); check that the bucket exists, "
+                "the credentials (AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY, or the node's role) and, "
+                "for an S3-compatible server, its endpoint (AWS_ENDPOINT_URL or ?endpoint_override=)"
+            ) from e
 
     def uri(self, *parts: str) -> str:
         """The location of ``parts`` under this folder, as a string ``Storage`` opens (a local path stays a path)."""
@@ -147,8 +153,12 @@ class Storage:
             self._parent(rel)
         else:
             self._mkdir(rel)
-        pafs.copy_files(str(local.absolute()), self.path(rel), source_filesystem=pafs.LocalFileSystem(),
-                        destination_filesystem=self.fs)
+        pafs.copy_files(
+            str(local.absolute()),
+            self.path(rel),
+            source_filesystem=pafs.LocalFileSystem(),
+            destination_filesystem=self.fs,
+        )
         return self.uri(rel)
 
     def download(self, rel: str, local: str | Path) -> Path:
@@ -157,8 +167,12 @@ class Storage:
             raise FileNotFoundError(f"{self.uri(rel)} does not exist")
         local = Path(local)
         (local.parent if not self.is_dir(rel) else local).mkdir(parents=True, exist_ok=True)
-        pafs.copy_files(self.path(rel), str(local.absolute()), source_filesystem=self.fs,
-                        destination_filesystem=pafs.LocalFileSystem())
+        pafs.copy_files(
+            self.path(rel),
+            str(local.absolute()),
+            source_filesystem=self.fs,
+            destination_filesystem=pafs.LocalFileSystem(),
+        )
         return local
 
     def copy_from(self, source: Storage, rel: str) -> str:
@@ -168,7 +182,7 @@ class Storage:
         return self.uri(rel)
 
     def _mkdir(self, rel: str) -> None:
-        if self.local:       # object stores have no folders: a key's prefix is enough
+        if self.local:  # object stores have no folders: a key's prefix is enough
             self.fs.create_dir(self.path(rel), recursive=True)
 
     def _parent(self, rel: str) -> None:
@@ -183,7 +197,7 @@ class Mirror:
     def __init__(self, local_dir: str | Path, store: Storage):
         self.local_dir, self.store = Path(local_dir), store
         self.same = store.local and Path(store.root) == self.local_dir.absolute()
-        self.sent: dict[str, tuple[int, int]] = {}      # relative path -> (size, mtime_ns) uploaded
+        self.sent: dict[str, tuple[int, int]] = {}  # relative path -> (size, mtime_ns) uploaded
 
     def sync(self, *rels: str) -> list[str]:
         """Upload the files (or every file under the folders) ``rels`` that changed; returns the paths uploaded."""

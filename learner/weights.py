@@ -126,8 +126,8 @@ def word_fingerprint(t: torch.Tensor) -> torch.Tensor:
             padded[: chunk.numel()] = chunk
             chunk = padded
         # int32 words widened first: an int64 x int64 product is vectorised, a mixed-dtype one is not (3x slower).
-        words = chunk.view(torch.int32).to(torch.int64).view(-1, 1, ROW_WORDS)           # [rows, 1, ROW_WORDS]
-        row_sums = (words * keys).sum(dim=2)                                            # [rows, 2] int64
+        words = chunk.view(torch.int32).to(torch.int64).view(-1, 1, ROW_WORDS)  # [rows, 1, ROW_WORDS]
+        row_sums = (words * keys).sum(dim=2)  # [rows, 2] int64
         first = start // row_bytes
         lanes += (row_sums * row_keys[:, first : first + len(row_sums)].T).sum(dim=0)
     return lanes
@@ -170,7 +170,9 @@ def packed_layout(tensors: dict[str, torch.Tensor]) -> tuple[list[tuple[str, tor
     return layout, offset
 
 
-def pack(tensors: dict[str, torch.Tensor], out: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+def pack(
+    tensors: dict[str, torch.Tensor], out: torch.Tensor | None = None
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """(one CPU uint8 buffer holding every tensor's bytes at ``packed_layout``'s offsets, the tensors as views of
     it). One copy per tensor, into ``out`` when it is a CPU uint8 buffer of the packed size (reused: no allocation,
     whose first touch costs more than the copy: ~40 ms for 72 MiB on a VM), else into a new one. Tensors on one GPU
@@ -182,7 +184,7 @@ def pack(tensors: dict[str, torch.Tensor], out: torch.Tensor | None = None) -> t
     device = devices.pop() if len(devices) == 1 else torch.device("cpu")
     flat = out if device.type == "cpu" else torch.empty(total, dtype=torch.uint8, device=device)
     views = unpack(flat, layout)
-    with torch.no_grad():   # one call for every tensor (a LoRA has hundreds: a Python loop of copies costs ms)
+    with torch.no_grad():  # one call for every tensor (a LoRA has hundreds: a Python loop of copies costs ms)
         torch._foreach_copy_(list(views.values()), [t.detach() for t in tensors.values()])
     if flat is not out:
         out.copy_(flat)
@@ -192,8 +194,10 @@ def pack(tensors: dict[str, torch.Tensor], out: torch.Tensor | None = None) -> t
 
 def unpack(flat: torch.Tensor, layout: list[tuple[str, torch.dtype, tuple, int]]) -> dict[str, torch.Tensor]:
     """The tensors of a packed buffer, as views of it (by name)."""
-    return {name: flat[offset : offset + math.prod(shape) * dtype.itemsize].view(dtype).view(shape)
-            for name, dtype, shape, offset in layout}
+    return {
+        name: flat[offset : offset + math.prod(shape) * dtype.itemsize].view(dtype).view(shape)
+        for name, dtype, shape, offset in layout
+    }
 
 
 def _rebuild(version: int, flat: np.ndarray, layout: list, digest: str) -> Weights:
@@ -223,8 +227,13 @@ class Weights:
     packed: torch.Tensor | None = field(default=None, repr=False, compare=False)  # the buffer tensors view, if any
 
     @classmethod
-    def of(cls, transformer: torch.nn.Module | dict[str, torch.Tensor], version: int,
-           digest: str | None = None, buffer: torch.Tensor | None = None) -> Weights:
+    def of(
+        cls,
+        transformer: torch.nn.Module | dict[str, torch.Tensor],
+        version: int,
+        digest: str | None = None,
+        buffer: torch.Tensor | None = None,
+    ) -> Weights:
         """A snapshot of ``transformer``'s trainable tensors as ``version`` (or of a dict of tensors by name: the full
         tensors a sharded learner gathered); ``digest``: their checksum if the caller has just computed it (the
         learner has, after every step), else computed here. ``buffer``: the previous snapshot's ``packed`` to write
@@ -260,11 +269,13 @@ class Weights:
             raise ValueError(f"weights name parameters the model lacks (LoRA config differs?): {sorted(unknown)[:3]}")
         for name, t in self.tensors.items():
             p = params[name]
-            if p.dtype != t.dtype or p.shape != t.shape:   # a narrowing copy: the model would not hold this version
-                raise RuntimeError(f"cannot load version {self.version}: {name} is {t.dtype} {tuple(t.shape)} in the "
-                                   f"weights but {p.dtype} {tuple(p.shape)} in the model (model.dtype or LoRA settings differ)")
+            if p.dtype != t.dtype or p.shape != t.shape:  # a narrowing copy: the model would not hold this version
+                raise RuntimeError(
+                    f"cannot load version {self.version}: {name} is {t.dtype} {tuple(t.shape)} in the "
+                    f"weights but {p.dtype} {tuple(p.shape)} in the model (model.dtype or LoRA settings differ)"
+                )
         source = self._on(params[next(iter(self.tensors))].device if self.tensors else None)
-        with torch.no_grad():   # one call for every tensor
+        with torch.no_grad():  # one call for every tensor
             torch._foreach_copy_([params[name] for name in source], list(source.values()))
         return self.checksum
 

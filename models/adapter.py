@@ -23,7 +23,6 @@ from __future__ import annotations
 import collections
 import contextlib
 import sys
-
 from dataclasses import dataclass, field
 from typing import Callable, Protocol, Sequence
 
@@ -52,7 +51,9 @@ class PromptEmbeds:
     def map(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> "PromptEmbeds":
         """``fn`` applied to every tensor held (each has the batch first); absent fields stay absent."""
         opt = lambda t: None if t is None else fn(t)  # noqa: E731
-        return PromptEmbeds(fn(self.tokens), opt(self.pooled), opt(self.mask), {k: fn(v) for k, v in self.extras.items()})
+        return PromptEmbeds(
+            fn(self.tokens), opt(self.pooled), opt(self.mask), {k: fn(v) for k, v in self.extras.items()}
+        )
 
     def index(self, idx: torch.Tensor | slice | list[int]) -> "PromptEmbeds":
         return self.map(lambda t: t[idx])
@@ -76,15 +77,24 @@ class PromptEmbeds:
         first = parts[0]
         for p in parts[1:]:
             if p.tokens.shape[1:] != first.tokens.shape[1:]:
-                raise ValueError(f"prompt embeddings of shapes {tuple(first.tokens.shape[1:])} and "
-                                 f"{tuple(p.tokens.shape[1:])} cannot share a batch: the adapter must pad every prompt "
-                                 "to one length (its max_sequence_length)")
-            if (p.pooled is None, p.mask is None, sorted(p.extras)) != (first.pooled is None, first.mask is None,
-                                                                      sorted(first.extras)):
+                raise ValueError(
+                    f"prompt embeddings of shapes {tuple(first.tokens.shape[1:])} and "
+                    f"{tuple(p.tokens.shape[1:])} cannot share a batch: the adapter must pad every prompt "
+                    "to one length (its max_sequence_length)"
+                )
+            if (p.pooled is None, p.mask is None, sorted(p.extras)) != (
+                first.pooled is None,
+                first.mask is None,
+                sorted(first.extras),
+            ):
                 raise ValueError("prompt embeddings with different fields (pooled, mask, extras) cannot share a batch")
         join = lambda get: None if get(first) is None else torch.cat([get(p) for p in parts])  # noqa: E731
-        return PromptEmbeds(join(lambda p: p.tokens), join(lambda p: p.pooled), join(lambda p: p.mask),
-                            {k: torch.cat([p.extras[k] for p in parts]) for k in first.extras})
+        return PromptEmbeds(
+            join(lambda p: p.tokens),
+            join(lambda p: p.pooled),
+            join(lambda p: p.mask),
+            {k: torch.cat([p.extras[k] for p in parts]) for k in first.extras},
+        )
 
 
 class PromptCache:
@@ -156,8 +166,14 @@ class FlowModel(Protocol):
     def enable_gradient_checkpointing(self) -> None: ...  # the learner's train.gradient_checkpointing
 
 
-def cfg_velocity(forward: Callable[[torch.Tensor, torch.Tensor, PromptEmbeds], torch.Tensor], x: torch.Tensor,
-                 sigma: torch.Tensor, cond: PromptEmbeds, empty: PromptEmbeds, guidance_scale: float) -> torch.Tensor:
+def cfg_velocity(
+    forward: Callable[[torch.Tensor, torch.Tensor, PromptEmbeds], torch.Tensor],
+    x: torch.Tensor,
+    sigma: torch.Tensor,
+    cond: PromptEmbeds,
+    empty: PromptEmbeds,
+    guidance_scale: float,
+) -> torch.Tensor:
     """Classifier-free guidance ``v_neg + w * (v_pos - v_neg)`` with ``empty`` (the empty prompt, a batch of one) as
     the negative: both halves run as one batch of 2B through ``forward(x, sigma, cond)``. Combined in the dtype the
     transformer computed in (fp16 under the reference's autocast), as the reference does: a v recorded in that dtype
@@ -199,16 +215,21 @@ def vae_decode(vae, latents: torch.Tensor, device: torch.device, dtype: torch.dt
 # ``vae_released`` and ``encoder_moves`` (offload windows opened: host -> device copies of the encoders); the class
 # defaults below are a sampler's, ``place_for_learner`` sets the learner's on the instance.
 LEARNER_ENCODERS = ("device", "offload", "cpu")  # model.learner_encoders (cluster/config.py)
-NO_VAE = ("the learner's model has no VAE: build_model(model_cfg, role='learner') released it (the learner never "
-          "decodes); decode with a sampler's or evaluation's model, built by build_model(model_cfg)")
+NO_VAE = (
+    "the learner's model has no VAE: build_model(model_cfg, role='learner') released it (the learner never "
+    "decodes); decode with a sampler's or evaluation's model, built by build_model(model_cfg)"
+)
 
 
 def text_encoders(model) -> dict[str, object]:
     """The model's prompt encoders by name: its pipeline's CLIP / T5 modules, and a ``prompt_encoder`` that can move
     (has ``to`` and ``device``, as the shapes task's MiniLM); a plain callable stays where it is and is not listed."""
     pipe = model.pipe
-    out = {n: getattr(pipe, n) for n in ("text_encoder", "text_encoder_2", "text_encoder_3")
-           if getattr(pipe, n, None) is not None}
+    out = {
+        n: getattr(pipe, n)
+        for n in ("text_encoder", "text_encoder_2", "text_encoder_3")
+        if getattr(pipe, n, None) is not None
+    }
     encoder = getattr(model, "prompt_encoder", None)
     if hasattr(encoder, "to") and hasattr(encoder, "device"):
         out["prompt_encoder"] = encoder
@@ -253,8 +274,8 @@ def place_for_learner(model, encoders: str, device: str | torch.device | None = 
     for e in text_encoders(model).values():
         e.to(model.device if encoders == "device" else "cpu")
     model.learner_encoders, model.encoder_moves, model._encoders_in = encoders, 0, False
-    model._empty = None                                 # CFG's empty prompt: encoded again where it now belongs
-    if getattr(model, "_img_ids", None):                # FLUX's position ids, made on the old device
+    model._empty = None  # CFG's empty prompt: encoded again where it now belongs
+    if getattr(model, "_img_ids", None):  # FLUX's position ids, made on the old device
         model._img_ids = {}
     if model.pipe.vae is not None:
         model.pipe.vae = None
@@ -282,7 +303,7 @@ class SD3Adapter:
 
     guidance = "cfg"
     attention = "auto"  # model.attention (cluster.build.build_model sets it): the SDPA backend of transformer calls
-    learner_encoders, vae_released, encoder_moves, _encoders_in = "device", False, 0, False   # a sampler's placement
+    learner_encoders, vae_released, encoder_moves, _encoders_in = "device", False, 0, False  # a sampler's placement
 
     def __init__(
         self,

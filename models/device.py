@@ -29,7 +29,7 @@ PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def pick_device(device: str) -> str:
-    """"auto" = cuda when this process sees a GPU, else cpu; an explicit cuda device must exist."""
+    """ "auto" = cuda when this process sees a GPU, else cpu; an explicit cuda device must exist."""
     if device == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
     if device.startswith("cuda") and not torch.cuda.is_available():
@@ -61,8 +61,13 @@ def grad_scaler(device: torch.device | str, precision: str) -> torch.amp.GradSca
 COMPILE_MODES = ("off", "regional", "full")
 RECOMPILE_LIMIT = 64  # graphs dynamo keeps per code object once a model is compiled (its default: 8)
 # model.attention -> the SDPA backend it forces (auto: none forced, torch picks per call)
-ATTENTION_BACKENDS = {"auto": None, "flash": "FLASH_ATTENTION", "efficient": "EFFICIENT_ATTENTION",
-                      "cudnn": "CUDNN_ATTENTION", "math": "MATH"}
+ATTENTION_BACKENDS = {
+    "auto": None,
+    "flash": "FLASH_ATTENTION",
+    "efficient": "EFFICIENT_ATTENTION",
+    "cudnn": "CUDNN_ATTENTION",
+    "math": "MATH",
+}
 # the backends that exist only as CUDA kernels (a CPU has flash and math)
 _CUDA_ONLY = ("efficient", "cudnn")
 
@@ -91,8 +96,10 @@ def apply_compile(transformer: torch.nn.Module, mode: str, **compile_kwargs) -> 
     if mode == "regional":
         blocks = repeated_blocks(transformer)
         if not blocks:
-            raise ValueError(f"model.compile=regional compiles transformer_blocks, which {type(transformer).__name__} "
-                             "does not have; use model.compile=full or off")
+            raise ValueError(
+                f"model.compile=regional compiles transformer_blocks, which {type(transformer).__name__} "
+                "does not have; use model.compile=full or off"
+            )
         for block in blocks:
             block.compile(**compile_kwargs)
     elif mode == "full":
@@ -106,8 +113,10 @@ def check_attention(mode: str, device: torch.device | str, setting: str = "model
         raise ValueError(f"{setting} must be one of {tuple(ATTENTION_BACKENDS)}, got {mode!r}")
     kind = torch.device(device).type
     if mode in _CUDA_ONLY and kind != "cuda":
-        raise ValueError(f"{setting}={mode!r} is a CUDA kernel but the model runs on {kind}; set {setting}=auto (or "
-                         "flash or math, which a CPU has)")
+        raise ValueError(
+            f"{setting}={mode!r} is a CUDA kernel but the model runs on {kind}; set {setting}=auto (or "
+            "flash or math, which a CPU has)"
+        )
 
 
 @contextlib.contextmanager
@@ -125,10 +134,12 @@ def attention(mode: str):
         with sdpa_kernel([getattr(SDPBackend, backend)]):
             yield
     except RuntimeError as e:
-        if not any(m in str(e) for m in ("No available kernel", "No viable backend")):    # torch's CUDA / CPU words
+        if not any(m in str(e) for m in ("No available kernel", "No viable backend")):  # torch's CUDA / CPU words
             raise
-        raise RuntimeError(f"model.attention={mode!r}: torch's {backend} kernel cannot run this attention call "
-                           f"({str(e).splitlines()[0]}); set model.attention=auto to let torch choose") from e
+        raise RuntimeError(
+            f"model.attention={mode!r}: torch's {backend} kernel cannot run this attention call "
+            f"({str(e).splitlines()[0]}); set model.attention=auto to let torch choose"
+        ) from e
 
 
 def checkpoint_function(model):
@@ -141,8 +152,9 @@ def checkpoint_function(model):
         return contextlib.nullcontext(), attention(model.attention)
 
     def checkpointed(module, *args):
-        return torch.utils.checkpoint.checkpoint(module.__call__, *args, use_reentrant=False,
-                                                 context_fn=recompute_contexts)
+        return torch.utils.checkpoint.checkpoint(
+            module.__call__, *args, use_reentrant=False, context_fn=recompute_contexts
+        )
 
     return checkpointed
 

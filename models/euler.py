@@ -33,8 +33,9 @@ def seed_noise(seeds: Sequence[int], shape: Sequence[int], device: torch.device 
 
 
 @torch.no_grad()
-def euler_integrate(model: FlowModel, x: torch.Tensor, cond: PromptEmbeds, num_steps: int,
-                    guidance_scale: float = 1.0) -> torch.Tensor:
+def euler_integrate(
+    model: FlowModel, x: torch.Tensor, cond: PromptEmbeds, num_steps: int, guidance_scale: float = 1.0
+) -> torch.Tensor:
     """Integrate x [B, C, H, W] from sigma 1 to 0 with plain Euler steps x + (s - t) v on the model's schedule."""
     x = x.to(model.device)
     sigmas = model.sigmas(num_steps)
@@ -45,8 +46,9 @@ def euler_integrate(model: FlowModel, x: torch.Tensor, cond: PromptEmbeds, num_s
 
 
 @torch.no_grad()
-def sample_euler(model: FlowModel, prompts: Sequence[str], seeds: Sequence[int], num_steps: int = 40,
-                 guidance_scale: float = 1.0) -> torch.Tensor:
+def sample_euler(
+    model: FlowModel, prompts: Sequence[str], seeds: Sequence[int], num_steps: int = 40, guidance_scale: float = 1.0
+) -> torch.Tensor:
     """One Euler sample per (prompt, seed) -> final latents [P, C, H, W]."""
     if len(prompts) != len(seeds):
         raise ValueError(f"{len(prompts)} prompts but {len(seeds)} seeds: pass one seed per prompt")
@@ -55,8 +57,14 @@ def sample_euler(model: FlowModel, prompts: Sequence[str], seeds: Sequence[int],
 
 
 @torch.no_grad()
-def euler_images(model: FlowModel, prompts: Sequence[str], noise: torch.Tensor, num_steps: int,
-                 guidance_scale: float = 1.0, batch: int = 64) -> torch.Tensor:
+def euler_images(
+    model: FlowModel,
+    prompts: Sequence[str],
+    noise: torch.Tensor,
+    num_steps: int,
+    guidance_scale: float = 1.0,
+    batch: int = 64,
+) -> torch.Tensor:
     """Decoded Euler samples [B, 3, H, W] in [0, 1] from given start noise [B, C, H, W], ``batch`` at a time."""
     out = []
     for i in range(0, len(prompts), batch):
@@ -65,9 +73,17 @@ def euler_images(model: FlowModel, prompts: Sequence[str], noise: torch.Tensor, 
     return torch.cat(out)
 
 
-def generate_images(model: FlowModel, prompts: Sequence[str], seeds: Sequence[int], num_steps: int,
-                    guidance_scale: float = 1.0, batch: int = 64) -> np.ndarray:
+def generate_images(
+    model: FlowModel,
+    prompts: Sequence[str],
+    seeds: Sequence[int],
+    num_steps: int,
+    guidance_scale: float = 1.0,
+    batch: int = 64,
+) -> np.ndarray:
     """uint8 images [len(prompts), H, W, 3], one per (prompt, seed): what ``fdfo generate`` and evaluation show."""
     if len(prompts) != len(seeds):
         raise ValueError(f"{len(prompts)} prompts but {len(seeds)} seeds: pass one seed per prompt")
-    return to_uint8(euler_images(model, prompts, seed_noise(seeds, model.latent_shape), num_steps, guidance_scale, batch))
+    return to_uint8(
+        euler_images(model, prompts, seed_noise(seeds, model.latent_shape), num_steps, guidance_scale, batch)
+    )

@@ -51,7 +51,7 @@ class FluxAdapter:
     """FLUX.1 through a ``FluxPipeline``'s components: CLIP-L pooled + T5 tokens (the pipeline's ``encode_prompt``),
     the ``FluxTransformer2DModel`` on packed latents, the pipeline's schedule and VAE decoding."""
 
-    learner_encoders, vae_released, encoder_moves, _encoders_in = "device", False, 0, False   # a sampler's placement
+    learner_encoders, vae_released, encoder_moves, _encoders_in = "device", False, 0, False  # a sampler's placement
 
     attention = "auto"  # model.attention (cluster.build.build_model sets it): the SDPA backend of transformer calls
 
@@ -68,7 +68,9 @@ class FluxAdapter:
         self.device = torch.device(device)
         self.dtype = dtype
         if not 1 <= max_sequence_length <= 512:
-            raise ValueError(f"FLUX's T5 takes 1 to 512 prompt tokens; model.max_sequence_length is {max_sequence_length}")
+            raise ValueError(
+                f"FLUX's T5 takes 1 to 512 prompt tokens; model.max_sequence_length is {max_sequence_length}"
+            )
         self.max_sequence_length = max_sequence_length
         pipe.to(self.device)
         for module in (pipe.text_encoder, pipe.text_encoder_2, pipe.vae, pipe.transformer):
@@ -77,20 +79,28 @@ class FluxAdapter:
         self.transformer = pipe.transformer
         cfg = pipe.transformer.config
         self.guidance = "embedded" if cfg.guidance_embeds else "cfg"
-        multiple = 2 * pipe.vae_scale_factor                # VAE downsampling x the 2x2 packing
+        multiple = 2 * pipe.vae_scale_factor  # VAE downsampling x the 2x2 packing
         height = height or pipe.default_sample_size * pipe.vae_scale_factor
         width = width or height
         if height % multiple or width % multiple:
-            raise ValueError(f"image size {height}x{width} must be a multiple of 2 * vae_scale_factor = {multiple} "
-                             f"(FLUX packs 2x2 latent patches); pick e.g. {height - height % multiple or multiple}")
+            raise ValueError(
+                f"image size {height}x{width} must be a multiple of 2 * vae_scale_factor = {multiple} "
+                f"(FLUX packs 2x2 latent patches); pick e.g. {height - height % multiple or multiple}"
+            )
         self.image_size = (height, width)
         self.latent_shape = (cfg.in_channels // 4, height // pipe.vae_scale_factor, width // pipe.vae_scale_factor)
         self._empty: PromptEmbeds | None = None
-        self._img_ids: dict[tuple, torch.Tensor] = {}       # the pipeline's img_ids by (h, w, dtype), made once
+        self._img_ids: dict[tuple, torch.Tensor] = {}  # the pipeline's img_ids by (h, w, dtype), made once
 
     @classmethod
-    def from_pretrained(cls, path: str, device: str | torch.device = "cuda", dtype: torch.dtype = torch.bfloat16,
-                        resolution: int = 512, max_sequence_length: int = 512) -> "FluxAdapter":
+    def from_pretrained(
+        cls,
+        path: str,
+        device: str | torch.device = "cuda",
+        dtype: torch.dtype = torch.bfloat16,
+        resolution: int = 512,
+        max_sequence_length: int = 512,
+    ) -> "FluxAdapter":
         """Load FLUX.1 from a hub id (``black-forest-labs/FLUX.1-dev`` or ``black-forest-labs/FLUX.1-schnell``) or a
         local ``FluxPipeline`` folder; T5 prompts are cut at ``max_sequence_length`` tokens (the pipeline's 512)."""
         from diffusers import FluxPipeline
@@ -115,12 +125,17 @@ class FluxAdapter:
         pipeline does) and CLIP-L's pooled output [B, P], on the model's device in its dtype, encoded where
         ``learner_encoders`` says (``models.adapter.encoders_loaded``)."""
         with encoders_loaded(self):
-            tokens, pooled, _ = self.pipe.encode_prompt(prompt=list(prompts), prompt_2=None, device=encoder_device(self),
-                                                        max_sequence_length=self.max_sequence_length)
+            tokens, pooled, _ = self.pipe.encode_prompt(
+                prompt=list(prompts),
+                prompt_2=None,
+                device=encoder_device(self),
+                max_sequence_length=self.max_sequence_length,
+            )
         return PromptEmbeds(tokens.to(self.device, self.dtype), pooled.to(self.device, self.dtype))
 
-    def _transformer_out(self, x: torch.Tensor, sigma: torch.Tensor, cond: PromptEmbeds,
-                         guidance: float | None = None) -> torch.Tensor:
+    def _transformer_out(
+        self, x: torch.Tensor, sigma: torch.Tensor, cond: PromptEmbeds, guidance: float | None = None
+    ) -> torch.Tensor:
         """The transformer on x [B, C, h, w] packed to [B, hw/4, 4C]; its output unpacked to [B, C, h, w]."""
         B, C, h, w = x.shape
         pipe = self.pipe
@@ -150,8 +165,9 @@ class FluxAdapter:
             self._img_ids[key] = self.pipe._prepare_latent_image_ids(1, h // 2, w // 2, self.device, dtype)
         return self._img_ids[key]
 
-    def velocity(self, x: torch.Tensor, sigma: torch.Tensor, cond: PromptEmbeds,
-                 guidance_scale: float = 1.0) -> torch.Tensor:
+    def velocity(
+        self, x: torch.Tensor, sigma: torch.Tensor, cond: PromptEmbeds, guidance_scale: float = 1.0
+    ) -> torch.Tensor:
         """v(x, sigma | prompt) for x: [B, C, h, w]; sigma: scalar or [B]; ``guidance_scale``: FLUX.1-dev's embedded
         guidance, or CFG for a model without a guidance input (1.0 = none). Returns float32 [B, C, h, w]."""
         return guided_velocity(self, x, sigma, cond, guidance_scale)
@@ -163,8 +179,13 @@ class FluxAdapter:
         scheduler = self.pipe.scheduler
         conf = scheduler.config
         _, h, w = self.latent_shape
-        mu = calculate_shift((h // 2) * (w // 2), conf.get("base_image_seq_len", 256), conf.get("max_image_seq_len", 4096),
-                             conf.get("base_shift", 0.5), conf.get("max_shift", 1.15))
+        mu = calculate_shift(
+            (h // 2) * (w // 2),
+            conf.get("base_image_seq_len", 256),
+            conf.get("max_image_seq_len", 4096),
+            conf.get("base_shift", 0.5),
+            conf.get("max_shift", 1.15),
+        )
         sigmas = None if conf.get("use_flow_sigmas") else np.linspace(1.0, 1 / num_steps, num_steps)
         retrieve_timesteps(scheduler, num_steps, "cpu", sigmas=sigmas, mu=mu)
         return scheduler.sigmas.detach().clone().float()

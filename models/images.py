@@ -28,7 +28,9 @@ def save_grid(images: np.ndarray, cols: int, path: str | Path, scale: int = 2, l
     n, h, w, _ = images.shape
     rows = math.ceil(n / cols)
     if labels is not None and len(labels) != rows:
-        raise ValueError(f"save_grid: {len(labels)} labels for {rows} rows ({n} images, {cols} per row): give one per row")
+        raise ValueError(
+            f"save_grid: {len(labels)} labels for {rows} rows ({n} images, {cols} per row): give one per row"
+        )
     grid = np.full((rows * (h + 2), cols * (w + 2), 3), 255, np.uint8)
     for k, img in enumerate(images):
         r, c = divmod(k, cols)
@@ -39,9 +41,9 @@ def save_grid(images: np.ndarray, cols: int, path: str | Path, scale: int = 2, l
     return str(path)
 
 
-LABEL_CHARS = 40        # characters per caption line
-LABEL_PAD = 4           # pixels around a caption
-LABEL_FONT_PX = 12      # caption font size (Pillow's bundled font: no system fonts needed)
+LABEL_CHARS = 40  # characters per caption line
+LABEL_PAD = 4  # pixels around a caption
+LABEL_FONT_PX = 12  # caption font size (Pillow's bundled font: no system fonts needed)
 
 
 def _captioned(tiles, labels: list[str], row_px: int):
@@ -52,7 +54,7 @@ def _captioned(tiles, labels: list[str], row_px: int):
 
     font = ImageFont.load_default(size=LABEL_FONT_PX)
     line_px = _text_size(font, "Ag")[1] + 2
-    fit = max(1, (row_px - 2 * LABEL_PAD) // line_px)        # caption lines a row has room for
+    fit = max(1, (row_px - 2 * LABEL_PAD) // line_px)  # caption lines a row has room for
     wrapped = []
     for label in labels:
         lines = textwrap.wrap(str(label), LABEL_CHARS) or [""]

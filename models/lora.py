@@ -41,7 +41,9 @@ LORA_TARGET_MODULES = (
 
 PEFT_CONFIG = "adapter_config.json"
 PEFT_WEIGHTS = "adapter_model.safetensors"
-_HUB = re.compile(r"(?:hf:|https://huggingface\.co/)?(?P<repo>[\w.-]+/[\w.-]+)(?:/tree/(?P<rev>[^/]+))?(?P<sub>(?:/[^/]+)*)/?")
+_HUB = re.compile(
+    r"(?:hf:|https://huggingface\.co/)?(?P<repo>[\w.-]+/[\w.-]+)(?:/tree/(?P<rev>[^/]+))?(?P<sub>(?:/[^/]+)*)/?"
+)
 
 
 def target_matches(module_name: str, target: str) -> bool:
@@ -67,7 +69,9 @@ def add_lora(
     names = [n for n, _ in transformer.named_modules() if n]
     missing = [t for t in target_modules if not any(target_matches(n, t) for n in names)]
     if missing:
-        raise ValueError(f"LoRA target modules {missing} are not in {type(transformer).__name__}; check lora.target_modules")
+        raise ValueError(
+            f"LoRA target modules {missing} are not in {type(transformer).__name__}; check lora.target_modules"
+        )
     transformer.requires_grad_(False)
     transformer.add_adapter(
         LoraConfig(r=rank, lora_alpha=alpha, init_lora_weights=init, target_modules=list(target_modules))
@@ -107,22 +111,28 @@ def check_init_from(source: str) -> None:
     if _looks_local(source):
         _local_init_folder(source)
     elif not _HUB.fullmatch(source):
-        raise ValueError(f"lora.init_from={source!r} is neither a local folder nor a hub folder such as "
-                         "nvidia/finite-difference-flow-optimization/fdfo-combined-reward-no-cfg/epoch-0000100")
+        raise ValueError(
+            f"lora.init_from={source!r} is neither a local folder nor a hub folder such as "
+            "nvidia/finite-difference-flow-optimization/fdfo-combined-reward-no-cfg/epoch-0000100"
+        )
 
 
 def _local_init_folder(source: str) -> Path:
     """A local PEFT folder, fdfo checkpoint folder or fdfo run folder (-> its latest checkpoint)."""
     folder = Path(source).expanduser()
     if not folder.is_dir():
-        raise FileNotFoundError(f"lora.init_from={source!r} is not a folder; give a PEFT LoRA folder ({PEFT_CONFIG} + "
-                                f"{PEFT_WEIGHTS}), an fdfo checkpoint or run folder, or a hub folder")
+        raise FileNotFoundError(
+            f"lora.init_from={source!r} is not a folder; give a PEFT LoRA folder ({PEFT_CONFIG} + "
+            f"{PEFT_WEIGHTS}), an fdfo checkpoint or run folder, or a hub folder"
+        )
     marker = folder / "checkpoints" / "latest"
-    if marker.is_file():                                # an fdfo run folder: its latest checkpoint
+    if marker.is_file():  # an fdfo run folder: its latest checkpoint
         folder = marker.parent / marker.read_text().strip()
     if not ((folder / PEFT_CONFIG).is_file() or (folder / "state.json").is_file()):
-        raise FileNotFoundError(f"lora.init_from={source!r}: {folder} holds neither {PEFT_CONFIG} (a PEFT LoRA) nor "
-                                "state.json (an fdfo checkpoint); point it at the folder that holds one of them")
+        raise FileNotFoundError(
+            f"lora.init_from={source!r}: {folder} holds neither {PEFT_CONFIG} (a PEFT LoRA) nor "
+            "state.json (an fdfo checkpoint); point it at the folder that holds one of them"
+        )
     return folder
 
 
@@ -132,16 +142,19 @@ def resolve_init_from(source: str) -> Path:
         return _local_init_folder(source)
     m = _HUB.fullmatch(source)
     if m is None:
-        check_init_from(source)                         # raises, naming the accepted forms
+        check_init_from(source)  # raises, naming the accepted forms
     import huggingface_hub
 
     sub = m["sub"].strip("/")
     try:
-        root = huggingface_hub.snapshot_download(repo_id=m["repo"], revision=m["rev"] or "main",
-                                                 allow_patterns=[f"{sub}/*"] if sub else None)
+        root = huggingface_hub.snapshot_download(
+            repo_id=m["repo"], revision=m["rev"] or "main", allow_patterns=[f"{sub}/*"] if sub else None
+        )
     except Exception as e:  # noqa: BLE001 - the hub client raises many types; all mean "not downloadable"
-        raise FileNotFoundError(f"lora.init_from={source!r}: downloading {m['repo']} from the hub failed ({e}); "
-                                "download it yourself and give the local folder") from e
+        raise FileNotFoundError(
+            f"lora.init_from={source!r}: downloading {m['repo']} from the hub failed ({e}); "
+            "download it yourself and give the local folder"
+        ) from e
     return _local_init_folder(str(Path(root, *sub.split("/")) if sub else Path(root)))
 
 
@@ -156,14 +169,18 @@ def load_init(transformer: torch.nn.Module, lora) -> None:
     params = {n: p for n, p in transformer.named_parameters() if p.requires_grad}
     missing, unexpected = sorted(set(params) - set(tensors)), sorted(set(tensors) - set(params))
     if missing or unexpected:
-        raise ValueError(f"lora.init_from={lora.init_from!r} ({folder}) does not fit this model's trainable parameters: "
-                         f"{len(missing)} missing (e.g. {missing[:2]}), {len(unexpected)} unexpected (e.g. "
-                         f"{unexpected[:2]}); check model.path and lora.target_modules")
+        raise ValueError(
+            f"lora.init_from={lora.init_from!r} ({folder}) does not fit this model's trainable parameters: "
+            f"{len(missing)} missing (e.g. {missing[:2]}), {len(unexpected)} unexpected (e.g. "
+            f"{unexpected[:2]}); check model.path and lora.target_modules"
+        )
     with torch.no_grad():
         for name, t in tensors.items():
             if t.shape != params[name].shape:
-                raise ValueError(f"lora.init_from: {name} has shape {tuple(t.shape)}, the model's is "
-                                 f"{tuple(params[name].shape)}; check lora.rank and model.path")
+                raise ValueError(
+                    f"lora.init_from: {name} has shape {tuple(t.shape)}, the model's is "
+                    f"{tuple(params[name].shape)}; check lora.rank and model.path"
+                )
             params[name].copy_(t)
 
 
@@ -173,9 +190,11 @@ def _check_same(source: str, found: dict, lora) -> None:
     shown = lambda v: "[" + ",".join(v) + "]" if isinstance(v, list) else v  # noqa: E731 - as an override is written
     for key, value in found.items():
         if value != ours[key]:
-            raise ValueError(f"lora.init_from={source!r} was trained with lora.{key}={shown(value)} but this run has "
-                             f"lora.{key}={shown(ours[key])}; set lora.{key}={shown(value)} (an override or the preset) "
-                             "to load it")
+            raise ValueError(
+                f"lora.init_from={source!r} was trained with lora.{key}={shown(value)} but this run has "
+                f"lora.{key}={shown(ours[key])}; set lora.{key}={shown(value)} (an override or the preset) "
+                "to load it"
+            )
 
 
 def _peft_tensors(folder: Path, lora) -> dict[str, torch.Tensor]:
@@ -187,17 +206,22 @@ def _peft_tensors(folder: Path, lora) -> dict[str, torch.Tensor]:
         raise ValueError(f"lora.init_from={lora.init_from!r} is a PEFT LoRA; it needs lora.enabled=true")
     conf = json.loads((folder / PEFT_CONFIG).read_text())
     if conf.get("peft_type", "LORA") != "LORA" or conf.get("use_dora") or conf.get("use_rslora"):
-        raise ValueError(f"lora.init_from={lora.init_from!r}: {folder / PEFT_CONFIG} is not a plain LoRA "
-                         f"(peft_type={conf.get('peft_type')}, use_dora={conf.get('use_dora')}, "
-                         f"use_rslora={conf.get('use_rslora')}); only plain LoRA adapters load")
+        raise ValueError(
+            f"lora.init_from={lora.init_from!r}: {folder / PEFT_CONFIG} is not a plain LoRA "
+            f"(peft_type={conf.get('peft_type')}, use_dora={conf.get('use_dora')}, "
+            f"use_rslora={conf.get('use_rslora')}); only plain LoRA adapters load"
+        )
     if conf.get("rank_pattern") or conf.get("alpha_pattern"):
         raise ValueError(f"lora.init_from={lora.init_from!r}: per-module rank_pattern/alpha_pattern are not supported")
     targets = conf.get("target_modules")
     if not isinstance(targets, list):
-        raise ValueError(f"lora.init_from={lora.init_from!r}: target_modules {targets!r} in {PEFT_CONFIG} is not a list "
-                         "of module names; only adapters saved with a list of targets load")
-    _check_same(lora.init_from, {"rank": conf["r"], "alpha": float(conf["lora_alpha"]),
-                                 "target_modules": sorted(targets)}, lora)
+        raise ValueError(
+            f"lora.init_from={lora.init_from!r}: target_modules {targets!r} in {PEFT_CONFIG} is not a list "
+            "of module names; only adapters saved with a list of targets load"
+        )
+    _check_same(
+        lora.init_from, {"rank": conf["r"], "alpha": float(conf["lora_alpha"]), "target_modules": sorted(targets)}, lora
+    )
     if not (folder / PEFT_WEIGHTS).is_file():
         raise FileNotFoundError(f"lora.init_from={lora.init_from!r}: {folder} has {PEFT_CONFIG} but no {PEFT_WEIGHTS}")
     out = {}
@@ -214,9 +238,18 @@ def _fdfo_tensors(folder: Path, lora) -> dict[str, torch.Tensor]:
 
     saved = json.loads((folder / "state.json").read_text()).get("config", {}).get("lora", {})
     if bool(saved.get("enabled", True)) != bool(lora.enabled):
-        raise ValueError(f"lora.init_from={lora.init_from!r} is a checkpoint with lora.enabled={saved.get('enabled')} "
-                         f"but this run has lora.enabled={lora.enabled}; set lora.enabled={saved.get('enabled')}")
+        raise ValueError(
+            f"lora.init_from={lora.init_from!r} is a checkpoint with lora.enabled={saved.get('enabled')} "
+            f"but this run has lora.enabled={lora.enabled}; set lora.enabled={saved.get('enabled')}"
+        )
     if lora.enabled:
-        _check_same(lora.init_from, {"rank": saved.get("rank"), "alpha": float(saved.get("alpha", "nan")),
-                                     "target_modules": sorted(saved.get("target_modules", []))}, lora)
+        _check_same(
+            lora.init_from,
+            {
+                "rank": saved.get("rank"),
+                "alpha": float(saved.get("alpha", "nan")),
+                "target_modules": sorted(saved.get("target_modules", [])),
+            },
+            lora,
+        )
     return load_file(str(folder / "trainable.safetensors"))

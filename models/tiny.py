@@ -116,8 +116,9 @@ def _vae(shift_factor: float, scaling_factor: float) -> AutoencoderKL:
     )
 
 
-def tiny_sd3_pipeline(seed: int = 0, shift: float = 3.0, num_layers: int = 2,
-                      dual_attention_layers: tuple[int, ...] = ()) -> StableDiffusion3Pipeline:
+def tiny_sd3_pipeline(
+    seed: int = 0, shift: float = 3.0, num_layers: int = 2, dual_attention_layers: tuple[int, ...] = ()
+) -> StableDiffusion3Pipeline:
     """Build a random-weight SD3 pipeline (about 0.5 M parameters) deterministically from ``seed``.
     ``dual_attention_layers``: the blocks with SD3.5's second self-attention ``attn2`` (SD3.5 Medium: 0-12)."""
     torch.manual_seed(seed)
@@ -157,13 +158,21 @@ def tiny_sd3_pipeline(seed: int = 0, shift: float = 3.0, num_layers: int = 2,
 
 # FLUX.1-dev's scheduler settings: a resolution-dependent shift mu between base_shift at 256 image tokens and max_shift
 # at 4096 (FLUX.1-schnell: no dynamic shifting, shift 1.0)
-FLUX_DEV_SCHEDULER = dict(num_train_timesteps=1000, shift=3.0, use_dynamic_shifting=True, base_shift=0.5,
-                          max_shift=1.15, base_image_seq_len=256, max_image_seq_len=4096)
+FLUX_DEV_SCHEDULER = dict(
+    num_train_timesteps=1000,
+    shift=3.0,
+    use_dynamic_shifting=True,
+    base_shift=0.5,
+    max_shift=1.15,
+    base_image_seq_len=256,
+    max_image_seq_len=4096,
+)
 FLUX_SCHNELL_SCHEDULER = dict(num_train_timesteps=1000, shift=1.0, use_dynamic_shifting=False)
 
 
-def tiny_flux_pipeline(seed: int = 0, guidance_embeds: bool = True, num_layers: int = 1,
-                       num_single_layers: int = 1) -> FluxPipeline:
+def tiny_flux_pipeline(
+    seed: int = 0, guidance_embeds: bool = True, num_layers: int = 1, num_single_layers: int = 1
+) -> FluxPipeline:
     """Build a random-weight FLUX.1 pipeline deterministically from ``seed``: 32x32 images, 16x16x16 latents packed
     into 8x8 = 64 tokens of 2x2x16 = 64 values. CLIP-L's pooled output (32) is ``pooled_projection_dim``, T5's width
     (64) ``joint_attention_dim``; the rotary axes (4 + 6 + 6) add up to the head dim 16. ``guidance_embeds``:
@@ -184,7 +193,14 @@ def tiny_flux_pipeline(seed: int = 0, guidance_embeds: bool = True, num_layers: 
         guidance_embeds=guidance_embeds,
         axes_dims_rope=(4, 6, 6),
     )
-    vae = _vae(shift_factor=0.1159, scaling_factor=0.3611)       # FLUX.1's VAE normalisation
+    vae = _vae(shift_factor=0.1159, scaling_factor=0.3611)  # FLUX.1's VAE normalisation
     scheduler = FlowMatchEulerDiscreteScheduler(**(FLUX_DEV_SCHEDULER if guidance_embeds else FLUX_SCHNELL_SCHEDULER))
-    return FluxPipeline(scheduler=scheduler, vae=vae, text_encoder=text_encoder, tokenizer=clip_tok,
-                        text_encoder_2=text_encoder_2, tokenizer_2=t5_tok, transformer=transformer)
+    return FluxPipeline(
+        scheduler=scheduler,
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=clip_tok,
+        text_encoder_2=text_encoder_2,
+        tokenizer_2=t5_tok,
+        transformer=transformer,
+    )

@@ -6,13 +6,15 @@ helpers of ``models.images`` and the shapes world of ``tasks.shapes.world``), so
 """
 
 from models.images import to_uint8  # float images in [0, 1] -> the uint8 [B, H, W, 3] every scorer takes
+from rewards import (
+    clip,  # noqa: F401  (registers pickscore, clipscore, hpsv2, clip_logit, aesthetic)
+    combined,  # noqa: F401  (registers weighted_sum; PRESETS, build_preset)
+    imagereward,  # noqa: F401  (registers imagereward)
+    jpeg,  # noqa: F401  (registers jpeg_compressibility)
+    ocr,  # noqa: F401  (registers ocr)
+    shapes,  # noqa: F401  (registers shapes_judge, shapes_exact, shapes_count)
+    vlm_judge,  # noqa: F401  (registers vlm_judge)
+)
 from rewards.base import REGISTRY, Reward, RewardOutput, build_reward, check_images, combine, register
-from rewards import jpeg  # noqa: F401  (registers jpeg_compressibility)
-from rewards import shapes  # noqa: F401  (registers shapes_judge, shapes_exact, shapes_count)
-from rewards import clip  # noqa: F401  (registers pickscore, clipscore, hpsv2, clip_logit, aesthetic)
-from rewards import combined  # noqa: F401  (registers weighted_sum; PRESETS, build_preset)
-from rewards import imagereward  # noqa: F401  (registers imagereward)
-from rewards import ocr  # noqa: F401  (registers ocr)
-from rewards import vlm_judge  # noqa: F401  (registers vlm_judge)
 
 __all__ = ["REGISTRY", "Reward", "RewardOutput", "build_reward", "check_images", "combine", "register", "to_uint8"]

@@ -89,9 +89,14 @@ def check_spec(spec: Mapping[str, Any], what: str = "reward") -> None:
         except (ValueError, FileNotFoundError, TypeError) as e:
             raise type(e)(f"{what} ({name}): {e}") from None
     for key, value in spec.items():
-        if isinstance(value, str) and value.startswith(("/", "./", "../", "~")) and not os.path.exists(os.path.expanduser(value)):
-            raise FileNotFoundError(f"{what} ({name}): {key}={value!r} does not exist; point it at the downloaded "
-                                    "files or use the hub id")
+        if (
+            isinstance(value, str)
+            and value.startswith(("/", "./", "../", "~"))
+            and not os.path.exists(os.path.expanduser(value))
+        ):
+            raise FileNotFoundError(
+                f"{what} ({name}): {key}={value!r} does not exist; point it at the downloaded files or use the hub id"
+            )
 
 
 def check_kwargs(target: Callable, kwargs: Mapping[str, Any], what: str, forwarded_to: Sequence[Callable] = ()) -> None:
@@ -108,7 +113,7 @@ def check_kwargs(target: Callable, kwargs: Mapping[str, Any], what: str, forward
             raise ValueError(f"{what}: unknown setting {key!r}; its settings are {', '.join(sorted(params)) or 'none'}")
         tp = params[key]
         if tp is not None and not _is_instance(value, tp):
-            shown = f"a {type(value).__name__}" if isinstance(value, str) else repr(value)   # a string may be a secret
+            shown = f"a {type(value).__name__}" if isinstance(value, str) else repr(value)  # a string may be a secret
             raise ValueError(f"{what}: {key} = {shown} should be {_type_name(tp)}")
 
 
@@ -119,8 +124,11 @@ def _params(target: Callable) -> dict[str, Any]:
         hints = typing.get_type_hints(fn)
     except Exception:  # an annotation that cannot be resolved here: check names only
         hints = {}
-    return {n: hints.get(n) for n, p in inspect.signature(fn).parameters.items()
-            if n != "self" and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
+    return {
+        n: hints.get(n)
+        for n, p in inspect.signature(fn).parameters.items()
+        if n != "self" and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)
+    }
 
 
 def _is_instance(value: Any, tp: Any) -> bool:
@@ -142,7 +150,11 @@ def _is_instance(value: Any, tp: Any) -> bool:
 
 def _type_name(tp: Any) -> str:
     args = typing.get_args(tp)
-    return " or ".join(_type_name(a) for a in args) if args else getattr(tp, "__name__", str(tp)).replace("NoneType", "None")
+    return (
+        " or ".join(_type_name(a) for a in args)
+        if args
+        else getattr(tp, "__name__", str(tp)).replace("NoneType", "None")
+    )
 
 
 def combine(components: Mapping[str, np.ndarray], weights: Mapping[str, float]) -> np.ndarray:

@@ -84,7 +84,7 @@ class RewardBatcher:
             )
         self.reward = reward if reward is not None else build_reward(reward_spec)
         self.name = getattr(self.reward, "name", type(self.reward).__name__)
-        self.pid = os.getpid()                  # tags each answer: which process (reward actor, Serve replica) scored it
+        self.pid = os.getpid()  # tags each answer: which process (reward actor, Serve replica) scored it
         self.max_batch_size = int(max_batch_size)
         self.max_wait_s = float(max_wait_s)
         self.timeout_s = float(timeout_s)
@@ -93,8 +93,16 @@ class RewardBatcher:
         self._wakeup: asyncio.Event | None = None
         self._worker: asyncio.Task | None = None
         self._stats = dict(
-            requests=0, images=0, scored_images=0, batches=0, failed_batches=0, timeouts=0,
-            nan_images=0, latency_sum_s=0.0, last_latency_s=float("nan"), wait_sum_s=0.0,
+            requests=0,
+            images=0,
+            scored_images=0,
+            batches=0,
+            failed_batches=0,
+            timeouts=0,
+            nan_images=0,
+            latency_sum_s=0.0,
+            last_latency_s=float("nan"),
+            wait_sum_s=0.0,
         )
 
     # ---------------------------------------------------------------- public API
@@ -216,7 +224,7 @@ class RewardBatcher:
             error = f"reward/{self.name}: timed out after {self.timeout_s:.1f}s on a batch of {n}"
         except Exception as e:  # the scorer's failure is data for the caller, not a crash of the actor
             error = f"reward/{self.name}: {type(e).__name__}: {e}"
-            if len(batch) > 1:     # one caller's bad input must not fail the callers it was batched with
+            if len(batch) > 1:  # one caller's bad input must not fail the callers it was batched with
                 self._stats["failed_batches"] += 1
                 for c in batch:
                     await self._score_batch([c])
@@ -268,8 +276,9 @@ def _concat(parts: list[RewardOutput]) -> RewardOutput:
     reasons = [r for p in parts for r in p.info["reasons"]]
     info = {"reasons": reasons, "chunks": [p.info for p in parts]}
     if all("components" in p.info for p in parts):
-        info["components"] = {k: np.concatenate([np.asarray(p.info["components"][k]) for p in parts])
-                              for k in parts[0].info["components"]}
+        info["components"] = {
+            k: np.concatenate([np.asarray(p.info["components"][k]) for p in parts]) for k in parts[0].info["components"]
+        }
     return RewardOutput(scores=scores, info=info)
 
 

@@ -84,7 +84,7 @@ class ClipEmbedder:
         """uint8 [B, H, W, 3] -> float32 tensor [B, D], unit norm."""
         out = []
         for lo in range(0, images.shape[0], self.batch_size):
-            batch = [im for im in images[lo:lo + self.batch_size]]
+            batch = [im for im in images[lo : lo + self.batch_size]]
             pixels = self.processor(images=batch, return_tensors="pt")["pixel_values"]
             with self.torch.inference_mode():
                 emb = self.model.get_image_features(pixel_values=pixels.to(self.device, self.dtype))
@@ -97,12 +97,17 @@ class ClipEmbedder:
         """B strings -> float32 tensor [B, D], unit norm (truncated to the model's 77 tokens)."""
         out = []
         for lo in range(0, len(prompts), self.batch_size):
-            tok = self.processor(text=list(prompts[lo:lo + self.batch_size]), padding=True, truncation=True,
-                                 max_length=self.model.config.text_config.max_position_embeddings,
-                                 return_tensors="pt")
+            tok = self.processor(
+                text=list(prompts[lo : lo + self.batch_size]),
+                padding=True,
+                truncation=True,
+                max_length=self.model.config.text_config.max_position_embeddings,
+                return_tensors="pt",
+            )
             with self.torch.inference_mode():
-                emb = self.model.get_text_features(input_ids=tok["input_ids"].to(self.device),
-                                                   attention_mask=tok["attention_mask"].to(self.device))
+                emb = self.model.get_text_features(
+                    input_ids=tok["input_ids"].to(self.device), attention_mask=tok["attention_mask"].to(self.device)
+                )
             emb = getattr(emb, "pooler_output", emb)
             out.append(emb.float())
         emb = self.torch.cat(out)
@@ -120,8 +125,13 @@ class PickScore:
 
     FORWARDS_SETTINGS_TO = (ClipEmbedder,)  # **embedder_kwargs: device, dtype, batch_size
 
-    def __init__(self, model: Any = PICKSCORE_MODEL, processor: Any = PICKSCORE_PROCESSOR, dtype: str = "float32",
-                 **embedder_kwargs: Any):
+    def __init__(
+        self,
+        model: Any = PICKSCORE_MODEL,
+        processor: Any = PICKSCORE_PROCESSOR,
+        dtype: str = "float32",
+        **embedder_kwargs: Any,
+    ):
         """dtype: float32 by default, as the reference (``auto`` = fp16 on CUDA, faster but shifted)."""
         self.clip = ClipEmbedder(model=model, processor=processor, dtype=dtype, **embedder_kwargs)
 
@@ -162,12 +172,21 @@ class HPSv2:
 
     FORWARDS_SETTINGS_TO = (ClipEmbedder,)  # **embedder_kwargs: device, dtype, batch_size
 
-    def __init__(self, model: Any = None, checkpoint: str | None = None, base: str = CLIP_H14,
-                 processor: Any = None, logit_scale: bool = False, **embedder_kwargs: Any):
+    def __init__(
+        self,
+        model: Any = None,
+        checkpoint: str | None = None,
+        base: str = CLIP_H14,
+        processor: Any = None,
+        logit_scale: bool = False,
+        **embedder_kwargs: Any,
+    ):
         self.logit_scale = bool(logit_scale)
         if (model is None) == (checkpoint is None):
-            raise ValueError("HPSv2 needs exactly one of checkpoint= (path to HPS_v2.1_compressed.pt from the "
-                             "HPSv2 authors) or model= (a converted CLIPModel directory, or a built model)")
+            raise ValueError(
+                "HPSv2 needs exactly one of checkpoint= (path to HPS_v2.1_compressed.pt from the "
+                "HPSv2 authors) or model= (a converted CLIPModel directory, or a built model)"
+            )
         if checkpoint is not None:
             model = load_openclip_checkpoint(checkpoint, base)
             processor = processor or base
@@ -177,8 +196,10 @@ class HPSv2:
     def check_settings(model: Any = None, checkpoint: str | None = None, **_: Any) -> None:
         """Before any model loads: exactly one of model= / checkpoint=, and a checkpoint file that exists."""
         if (model is None) == (checkpoint is None):
-            raise ValueError("give exactly one of checkpoint= (path to HPS_v2.1_compressed.pt) or model= (a converted "
-                             "CLIPModel directory)")
+            raise ValueError(
+                "give exactly one of checkpoint= (path to HPS_v2.1_compressed.pt) or model= (a converted "
+                "CLIPModel directory)"
+            )
         if checkpoint is not None:
             require_file(checkpoint, "HPSv2 checkpoint")
 
@@ -275,8 +296,14 @@ class AestheticHead:
         import torch.nn as nn
 
         return nn.Sequential(
-            nn.Linear(dim, 1024), nn.Dropout(0.2), nn.Linear(1024, 128), nn.Dropout(0.2),
-            nn.Linear(128, 64), nn.Dropout(0.1), nn.Linear(64, 16), nn.Linear(16, 1),
+            nn.Linear(dim, 1024),
+            nn.Dropout(0.2),
+            nn.Linear(1024, 128),
+            nn.Dropout(0.2),
+            nn.Linear(128, 64),
+            nn.Dropout(0.1),
+            nn.Linear(64, 16),
+            nn.Linear(16, 1),
         )
 
 
@@ -295,8 +322,10 @@ class Aesthetic:
         import torch
 
         if head is None:
-            raise ValueError("aesthetic needs head= : the path to the LAION aesthetic MLP weights "
-                             "(sac+logos+ava1-l14-linearMSE.pth, or a .safetensors with the same keys)")
+            raise ValueError(
+                "aesthetic needs head= : the path to the LAION aesthetic MLP weights "
+                "(sac+logos+ava1-l14-linearMSE.pth, or a .safetensors with the same keys)"
+            )
         self.clip = ClipEmbedder(model=model, processor=processor, **embedder_kwargs)
         if isinstance(head, (str, os.PathLike)):
             path = require_file(head, "aesthetic head weights")

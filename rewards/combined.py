@@ -41,8 +41,12 @@ PRESETS: dict[str, list[dict[str, Any]]] = {
 class CombinedReward:
     """Score with every component, keep the raw values, return ``combine(components, weights)``."""
 
-    def __init__(self, specs: Sequence[Mapping[str, Any]] | None = None, preset: str | None = None,
-                 overrides: Mapping[str, Mapping[str, Any]] | None = None):
+    def __init__(
+        self,
+        specs: Sequence[Mapping[str, Any]] | None = None,
+        preset: str | None = None,
+        overrides: Mapping[str, Mapping[str, Any]] | None = None,
+    ):
         """``specs``: a list of ``{"name": <registered scorer>, "weight": w, "key": <optional label>, **kwargs}``;
         instead of ``name`` + kwargs a spec may carry a built scorer as ``"reward"`` (tests, shared models).
         ``key`` defaults to ``name``; use it to combine one scorer twice with different settings.
@@ -75,8 +79,11 @@ class CombinedReward:
             self.weights[key] = float(weight)
 
     @staticmethod
-    def check_settings(specs: Sequence[Mapping[str, Any]] | None = None, preset: str | None = None,
-                       overrides: Mapping[str, Mapping[str, Any]] | None = None) -> None:
+    def check_settings(
+        specs: Sequence[Mapping[str, Any]] | None = None,
+        preset: str | None = None,
+        overrides: Mapping[str, Mapping[str, Any]] | None = None,
+    ) -> None:
         """Every component spec checked (``rewards.base.check_spec``) without building a model; weights and keys."""
         from rewards.base import check_spec
 
@@ -89,8 +96,10 @@ class CombinedReward:
             spec = dict(spec)
             weight = spec.pop("weight", None)
             if not isinstance(weight, (int, float)) or isinstance(weight, bool) or not math.isfinite(weight):
-                raise ValueError(f"component {i} ({spec.get('name')}): weight must be a finite number, e.g. 'weight': 1.0; "
-                                 f"got {weight!r}")
+                raise ValueError(
+                    f"component {i} ({spec.get('name')}): weight must be a finite number, e.g. 'weight': 1.0; "
+                    f"got {weight!r}"
+                )
             key = spec.pop("key", None) or spec.get("name")
             if key in keys:
                 raise ValueError(f"reward key {key!r} appears twice; give one of them a distinct 'key'")
@@ -124,8 +133,13 @@ class CombinedReward:
                 reasons[i] = why if reasons[i] is None else f"{reasons[i]}; {why}"
             components[key] = np.where(bad, np.nan, s)
         total = combine(components, self.weights)
-        info = {"components": components, "weights": dict(self.weights), "reasons": reasons,
-                "errors": errors, "component_info": component_info}
+        info = {
+            "components": components,
+            "weights": dict(self.weights),
+            "reasons": reasons,
+            "errors": errors,
+            "component_info": component_info,
+        }
         return RewardOutput(scores=total, info=info)
 
 
@@ -137,13 +151,17 @@ def _label(spec: Mapping[str, Any]) -> str:
 def preset_specs(preset: str, overrides: Mapping[str, Mapping[str, Any]] | None = None) -> list[dict[str, Any]]:
     """The specs of one of ``PRESETS`` with per-scorer keyword overrides, e.g. ``{"vlm_judge": {...}}``."""
     if preset not in PRESETS:
-        raise ValueError(f"unknown reward preset {preset!r}; presets: {sorted(PRESETS)} "
-                         "(or give a weighted list: CombinedReward(specs=[{'name': ..., 'weight': ...}]))")
+        raise ValueError(
+            f"unknown reward preset {preset!r}; presets: {sorted(PRESETS)} "
+            "(or give a weighted list: CombinedReward(specs=[{'name': ..., 'weight': ...}]))"
+        )
     overrides = dict(overrides or {})
     specs = [{**spec, **overrides.pop(spec["name"], {})} for spec in PRESETS[preset]]
     if overrides:
-        raise ValueError(f"overrides for {sorted(overrides)} do not match any scorer of preset {preset!r} "
-                         f"({[s['name'] for s in PRESETS[preset]]})")
+        raise ValueError(
+            f"overrides for {sorted(overrides)} do not match any scorer of preset {preset!r} "
+            f"({[s['name'] for s in PRESETS[preset]]})"
+        )
     return specs
 
 

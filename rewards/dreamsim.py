@@ -27,10 +27,12 @@ import numpy as np
 from PIL import Image
 
 DEFAULT_CACHE_DIR = "~/.cache/fdfo/dreamsim"
-INSTALL_HINT = ("DreamSim diversity needs the dreamsim package: pip install dreamsim==0.2.1 (it brings timm, "
-                "open_clip and torchvision; install the torchvision that matches your torch first). Its weights "
-                "download on first use into cache_dir (default ~/.cache/fdfo/dreamsim) from the ssundaram21/dreamsim "
-                "GitHub releases; offline, unzip dreamsim_ensemble_checkpoint.zip there beforehand")
+INSTALL_HINT = (
+    "DreamSim diversity needs the dreamsim package: pip install dreamsim==0.2.1 (it brings timm, "
+    "open_clip and torchvision; install the torchvision that matches your torch first). Its weights "
+    "download on first use into cache_dir (default ~/.cache/fdfo/dreamsim) from the ssundaram21/dreamsim "
+    "GitHub releases; offline, unzip dreamsim_ensemble_checkpoint.zip there beforehand"
+)
 
 
 def mean_pairwise_sq_l2(embeddings: Any) -> np.ndarray:
@@ -39,7 +41,7 @@ def mean_pairwise_sq_l2(embeddings: Any) -> np.ndarray:
     e = np.asarray(embeddings, dtype=np.float64)
     if e.ndim != 3 or e.shape[1] < 2:
         raise ValueError(f"diversity needs embeddings [prompts, images per prompt >= 2, dim]; got shape {e.shape}")
-    sq = ((e[:, :, None, :] - e[:, None, :, :]) ** 2).sum(-1)        # [P, R, R]
+    sq = ((e[:, :, None, :] - e[:, None, :, :]) ** 2).sum(-1)  # [P, R, R]
     i, j = np.triu_indices(e.shape[1], k=1)
     return sq[:, i, j].mean(axis=1)
 
@@ -49,8 +51,15 @@ class DreamSim:
     ``dreamsim.dreamsim()`` returns (a module with ``embed(x [B, 3, S, S]) -> [B, D]`` and a PIL image ->
     [1, 3, S, S] transform), passed built in tests; by default the pretrained ensemble is loaded."""
 
-    def __init__(self, model: Any = None, preprocess: Callable | None = None, device: str | None = None,
-                 cache_dir: str = DEFAULT_CACHE_DIR, dreamsim_type: str = "ensemble", batch_size: int = 32):
+    def __init__(
+        self,
+        model: Any = None,
+        preprocess: Callable | None = None,
+        device: str | None = None,
+        cache_dir: str = DEFAULT_CACHE_DIR,
+        dreamsim_type: str = "ensemble",
+        batch_size: int = 32,
+    ):
         import torch
 
         self.torch = torch
@@ -61,9 +70,10 @@ class DreamSim:
             except ImportError as e:
                 raise ImportError(f"{INSTALL_HINT} ({e})") from None
             cache = os.path.expanduser(cache_dir)
-            os.makedirs(cache, exist_ok=True)        # dreamsim creates only the last folder of the path
-            model, preprocess = dreamsim.dreamsim(pretrained=True, device=self.device, cache_dir=cache,
-                                                  dreamsim_type=dreamsim_type)
+            os.makedirs(cache, exist_ok=True)  # dreamsim creates only the last folder of the path
+            model, preprocess = dreamsim.dreamsim(
+                pretrained=True, device=self.device, cache_dir=cache, dreamsim_type=dreamsim_type
+            )
         if preprocess is None:
             raise ValueError("a built DreamSim model needs its preprocess transform: pass preprocess=")
         self.model, self.preprocess = model, preprocess
@@ -73,7 +83,7 @@ class DreamSim:
         """uint8 [B, H, W, 3] -> float64 [B, D] DreamSim embeddings."""
         out = []
         for lo in range(0, len(images), self.batch_size):
-            x = self.torch.cat([self.preprocess(Image.fromarray(im)) for im in images[lo:lo + self.batch_size]])
+            x = self.torch.cat([self.preprocess(Image.fromarray(im)) for im in images[lo : lo + self.batch_size]])
             with self.torch.inference_mode():
                 out.append(self.model.embed(x.to(self.device)).float().cpu().numpy())
         return np.concatenate(out).astype(np.float64)
@@ -81,7 +91,9 @@ class DreamSim:
     def diversity(self, images: np.ndarray, images_per_prompt: int) -> np.ndarray:
         """uint8 [P * R, H, W, 3], a prompt's R images adjacent -> [P] mean pairwise squared L2 of their embeddings."""
         if images_per_prompt < 2 or len(images) % images_per_prompt:
-            raise ValueError(f"diversity needs whole groups of >= 2 images per prompt; got {len(images)} images in "
-                             f"groups of {images_per_prompt}")
+            raise ValueError(
+                f"diversity needs whole groups of >= 2 images per prompt; got {len(images)} images in "
+                f"groups of {images_per_prompt}"
+            )
         emb = self.embed(images)
         return mean_pairwise_sq_l2(emb.reshape(-1, images_per_prompt, emb.shape[-1]))

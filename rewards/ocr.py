@@ -68,8 +68,10 @@ class OCRReward:
         try:
             from rapidocr_onnxruntime import RapidOCR
         except ImportError as e:
-            raise ImportError("the OCR reward needs rapidocr-onnxruntime: pip install rapidocr-onnxruntime==1.4.4 "
-                              "(with opencv-python-headless instead of opencv-python)") from e
+            raise ImportError(
+                "the OCR reward needs rapidocr-onnxruntime: pip install rapidocr-onnxruntime==1.4.4 "
+                "(with opencv-python-headless instead of opencv-python)"
+            ) from e
         self.engine = RapidOCR(**rapidocr_kwargs)
         self.min_confidence = float(min_confidence)
         self.use_angle_cls = bool(use_angle_cls)

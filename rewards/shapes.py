@@ -47,7 +47,9 @@ class ShapesJudgeSoft:
     """The judge's clauses made continuous (``world.soft_clauses``), averaged: a denser training signal for FDFO."""
 
     def score(self, images: np.ndarray, prompts: Sequence[str]) -> RewardOutput:
-        return _per_image(lambda scene, found: np.mean(list(world.soft_clauses(scene, found).values())), images, prompts)
+        return _per_image(
+            lambda scene, found: np.mean(list(world.soft_clauses(scene, found).values())), images, prompts
+        )
 
 
 @register("shapes_exact")
@@ -63,8 +65,11 @@ class ShapesCount:
     """Fraction of the prompt's count clauses (exact number of objects of each colour and shape) that hold."""
 
     def score(self, images: np.ndarray, prompts: Sequence[str]) -> RewardOutput:
-        return _per_image(lambda scene, found: np.mean([v for k, v in world.clauses(scene, found).items()
-                                                        if k.endswith("/count")]), images, prompts)
+        return _per_image(
+            lambda scene, found: np.mean([v for k, v in world.clauses(scene, found).items() if k.endswith("/count")]),
+            images,
+            prompts,
+        )
 
 
 @register("shapes_clean")

@@ -73,7 +73,7 @@ DEFAULT_MODEL = "Qwen/Qwen2.5-VL-7B-Instruct"
 DEFAULT_QUESTION = 'Does this image match the caption "{prompt}"? Answer Yes or No.'
 DEFAULT_URL = "http://127.0.0.1:8000"
 RESIZE_MODES = ("pil_bicubic", "float_bilinear")
-JUDGE_UNAVAILABLE = "judge_unavailable"   # the reason of an image the judge server did not score
+JUDGE_UNAVAILABLE = "judge_unavailable"  # the reason of an image the judge server did not score
 
 
 def judge_score(logit_diff: np.ndarray, scale: float = 100.0) -> np.ndarray:
@@ -106,10 +106,10 @@ def prepare_image(image: np.ndarray, size: int | None, resize: str = "pil_bicubi
     if resize == "float_bilinear":
         import torch
 
-        x = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1)[None].float() / 255.0   # [1, 3, H, W]
+        x = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1)[None].float() / 255.0  # [1, 3, H, W]
         if size is not None and tuple(x.shape[-2:]) != (size, size):
             x = torch.nn.functional.interpolate(x, size=(size, size), mode="bilinear", align_corners=False)
-        return x[0].permute(1, 2, 0).numpy()                                                      # [S, S, 3]
+        return x[0].permute(1, 2, 0).numpy()  # [S, S, 3]
     img = Image.fromarray(np.ascontiguousarray(image))
     if size is not None and img.size != (size, size):
         img = img.resize((size, size), Image.BICUBIC)
@@ -203,8 +203,10 @@ class VLMJudge:
 
 def check_resize(resize: str) -> str:
     if resize not in RESIZE_MODES:
-        raise ValueError(f"judge resize={resize!r} is not one of {RESIZE_MODES}; 'float_bilinear' is the reference's "
-                         "training reward, 'pil_bicubic' uint8 + PIL bicubic")
+        raise ValueError(
+            f"judge resize={resize!r} is not one of {RESIZE_MODES}; 'float_bilinear' is the reference's "
+            "training reward, 'pil_bicubic' uint8 + PIL bicubic"
+        )
     return resize
 
 
@@ -228,8 +230,9 @@ class TransformersJudge:
 
         self.torch = torch
         self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-        torch_dtype = {"auto": "auto", "float32": torch.float32, "bfloat16": torch.bfloat16,
-                       "float16": torch.float16}[dtype]
+        torch_dtype = {"auto": "auto", "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[
+            dtype
+        ]
         self.processor = load_pretrained(AutoProcessor.from_pretrained, model, "judge processor")
         kwargs = {"dtype": torch_dtype}
         if attn_implementation:
@@ -247,15 +250,22 @@ class TransformersJudge:
         """PIL images (``pil_bicubic``) or float [S, S, 3] in [0, 1] already resized (``float_bilinear``: the
         processor neither rescales nor resizes them, as in the reference)."""
         out = []
-        floats = {"images_kwargs": {"do_rescale": False, "do_resize": False}} if images and isinstance(images[0], np.ndarray) else {}
+        floats = (
+            {"images_kwargs": {"do_rescale": False, "do_resize": False}}
+            if images and isinstance(images[0], np.ndarray)
+            else {}
+        )
         for lo in range(0, len(images), self.batch_size):
-            imgs, qs = images[lo:lo + self.batch_size], questions[lo:lo + self.batch_size]
+            imgs, qs = images[lo : lo + self.batch_size], questions[lo : lo + self.batch_size]
             texts = [
-                self.processor.apply_chat_template(user_turn(q, {"type": "image"}), add_generation_prompt=True,
-                                                   tokenize=False)
+                self.processor.apply_chat_template(
+                    user_turn(q, {"type": "image"}), add_generation_prompt=True, tokenize=False
+                )
                 for q in qs
             ]
-            inputs = self.processor(text=texts, images=[[im] for im in imgs], padding=True, return_tensors="pt", **floats)
+            inputs = self.processor(
+                text=texts, images=[[im] for im in imgs], padding=True, return_tensors="pt", **floats
+            )
             inputs = inputs.to(self.device)
             with self.torch.inference_mode():
                 logits = self.model(**inputs).logits[:, -1, :].float()  # [b, vocab]
@@ -308,8 +318,11 @@ class CircuitBreaker:
                 self.probing = True
                 return None
             self.counts["fast_failed"] += 1
-            when = "a probe is in flight" if self.state == "half_open" else \
-                f"next probe in {max(0.0, self.opened_at + self.cooldown_s - now):.1f}s"
+            when = (
+                "a probe is in flight"
+                if self.state == "half_open"
+                else f"next probe in {max(0.0, self.opened_at + self.cooldown_s - now):.1f}s"
+            )
             return f"circuit breaker open after {self.consecutive} consecutive failed attempts; {when}"
 
     def success(self) -> None:
@@ -328,8 +341,12 @@ class CircuitBreaker:
     def stats(self) -> dict:
         """State (``closed`` / ``open`` / ``half_open``; ``breaker/open`` 1 unless closed) and counters."""
         with self.lock:
-            return {"breaker/state": self.state, "breaker/open": int(self.state != "closed"),
-                    "breaker/consecutive_failures": self.consecutive, **{f"breaker/{k}": v for k, v in self.counts.items()}}
+            return {
+                "breaker/state": self.state,
+                "breaker/open": int(self.state != "closed"),
+                "breaker/consecutive_failures": self.consecutive,
+                **{f"breaker/{k}": v for k, v in self.counts.items()},
+            }
 
 
 class ServerJudge:
@@ -355,9 +372,14 @@ class ServerJudge:
     ):
         if logprob_request not in ("token_ids", "top_logprobs"):
             raise ValueError(f"logprob_request must be 'token_ids' or 'top_logprobs', got {logprob_request!r}")
-        check_server_settings(timeout_s=timeout_s, retries=retries, retry_backoff_s=retry_backoff_s,
-                              breaker_failures=breaker_failures, breaker_cooldown_s=breaker_cooldown_s,
-                              max_concurrency=max_concurrency)
+        check_server_settings(
+            timeout_s=timeout_s,
+            retries=retries,
+            retry_backoff_s=retry_backoff_s,
+            breaker_failures=breaker_failures,
+            breaker_cooldown_s=breaker_cooldown_s,
+            max_concurrency=max_concurrency,
+        )
         self.breaker = CircuitBreaker(breaker_failures, breaker_cooldown_s)
         self.url = url.rstrip("/")
         self.model = served_model_name or model
@@ -403,8 +425,10 @@ class ServerJudge:
                 self.breaker.success()
                 return json.loads(raw)
             self.breaker.failure()
-        raise JudgeUnavailable(f"{JUDGE_UNAVAILABLE}: no answer from {self.url}{path} after {self.retries + 1} "
-                               f"attempt(s) (timeout {self.timeout_s:g}s each): {last}")
+        raise JudgeUnavailable(
+            f"{JUDGE_UNAVAILABLE}: no answer from {self.url}{path} after {self.retries + 1} "
+            f"attempt(s) (timeout {self.timeout_s:g}s each): {last}"
+        )
 
     def stats(self) -> dict:
         return self.breaker.stats()
@@ -444,11 +468,15 @@ class ServerJudge:
         lp.setdefault(_token_id(first["token"]), first["logprob"])  # the sampled token's value is exact too
         missing = [t for t in (self.yes_id, self.no_id) if t not in lp]
         if missing and self.logprob_request == "token_ids":
-            raise RuntimeError(f"server returned no logprob for token id(s) {missing}; does it support "
-                               "logprob_token_ids (vLLM >= 0.32)? else use logprob_request='top_logprobs'")
+            raise RuntimeError(
+                f"server returned no logprob for token id(s) {missing}; does it support "
+                "logprob_token_ids (vLLM >= 0.32)? else use logprob_request='top_logprobs'"
+            )
         if len(missing) == 2:
-            raise RuntimeError(f"neither Yes nor No is among the top {self.top_logprobs} tokens; raise "
-                               "top_logprobs or use logprob_request='token_ids'")
+            raise RuntimeError(
+                f"neither Yes nor No is among the top {self.top_logprobs} tokens; raise "
+                "top_logprobs or use logprob_request='token_ids'"
+            )
         floored = bool(missing)
         for tid in missing:
             # Not in the top k: its logprob is at most the k-th largest; use that bound.
@@ -464,7 +492,7 @@ class ServerJudge:
             try:
                 diff[i], fl = f.result()
                 floored += fl
-            except JudgeUnavailable as e:   # no answer: "reward/vlm_judge: judge_unavailable: ..."
+            except JudgeUnavailable as e:  # no answer: "reward/vlm_judge: judge_unavailable: ..."
                 reasons[i] = f"reward/vlm_judge: {e}"
             except Exception as e:  # one failed request costs one sample, not the batch
                 reasons[i] = f"reward/vlm_judge: {type(e).__name__}: {e}"

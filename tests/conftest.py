@@ -29,8 +29,15 @@ def ray_local():
 
     port = free_port()
     # address="local": always a new instance, never a cluster another test or a `ray start` left on this machine
-    ray.init(address="local", num_cpus=8, namespace="fdfo", include_dashboard=False, _metrics_export_port=port,
-             logging_level="WARNING", log_to_driver=False)
+    ray.init(
+        address="local",
+        num_cpus=8,
+        namespace="fdfo",
+        include_dashboard=False,
+        _metrics_export_port=port,
+        logging_level="WARNING",
+        log_to_driver=False,
+    )
     yield {"metrics_port": port}
     ray.shutdown()
 
@@ -43,8 +50,10 @@ def _why_slow(item) -> str | None:
 
 
 # Fixtures that put a test in the slow tier by themselves, with the reason (tests/README.md, "Tiers")
-SLOW_FIXTURES = {"ray_local": "it runs actors on the session's Ray instance (starting it and each actor's imports "
-                              "cost 10-30 s on 2 cores)"}
+SLOW_FIXTURES = {
+    "ray_local": "it runs actors on the session's Ray instance (starting it and each actor's imports "
+    "cost 10-30 s on 2 cores)"
+}
 
 
 @pytest.hookimpl(tryfirst=True)  # before -m "not slow" deselects by mark
@@ -54,12 +63,20 @@ def pytest_collection_modifyitems(config, items):
         if any(name in SLOW_FIXTURES for name in getattr(item, "fixturenames", ())):
             item.add_marker(pytest.mark.slow)
             item.user_properties.append(("slow_because", "fixture"))
-    unjustified = sorted({item.nodeid.split("[")[0] for item in items
-                          if item.get_closest_marker("slow") and not _why_slow(item)
-                          and ("slow_because", "fixture") not in item.user_properties})
+    unjustified = sorted(
+        {
+            item.nodeid.split("[")[0]
+            for item in items
+            if item.get_closest_marker("slow")
+            and not _why_slow(item)
+            and ("slow_because", "fixture") not in item.user_properties
+        }
+    )
     if unjustified:
-        raise pytest.UsageError("tests marked slow without a docstring saying why they need the time (tests/README.md, "
-                                "'Tiers'): " + ", ".join(unjustified))
+        raise pytest.UsageError(
+            "tests marked slow without a docstring saying why they need the time (tests/README.md, "
+            "'Tiers'): " + ", ".join(unjustified)
+        )
 
 
 _over_budget: list[tuple[float, str]] = []

@@ -35,7 +35,11 @@ class GaussianFlow:
         return PromptEmbeds(torch.zeros(len(prompts), 1, 1), torch.zeros(len(prompts), 1))
 
     def velocity(self, x, sigma, cond, guidance_scale=1.0):
-        t = torch.as_tensor(sigma, dtype=torch.float32).reshape(-1, *([1] * (x.ndim - 1))) if torch.as_tensor(sigma).ndim else torch.as_tensor(sigma, dtype=torch.float32)
+        t = (
+            torch.as_tensor(sigma, dtype=torch.float32).reshape(-1, *([1] * (x.ndim - 1)))
+            if torch.as_tensor(sigma).ndim
+            else torch.as_tensor(sigma, dtype=torch.float32)
+        )
         a = 1 - t
         var = a * a * self.s**2 + t * t
         v = (t - a * self.s**2) * (x - a * self.mu) / var - self.mu
@@ -89,7 +93,11 @@ def three_pair_batch(cfg):
     from models.adapter import SD3Adapter
 
     sampler = Sampler(SD3Adapter.tiny(seed=0), cfg.sampling, cfg.lora)
-    job, _ = sampler.sample(prompts=["a red circle", "a blue square", "two green triangles"], prompt_ids=[0, 1, 2],
-                            pair_ids=[0, 1, 2], seeds=[5, 6, 7])
+    job, _ = sampler.sample(
+        prompts=["a red circle", "a blue square", "two green triangles"],
+        prompt_ids=[0, 1, 2],
+        pair_ids=[0, 1, 2],
+        seeds=[5, 6, 7],
+    )
     out, _ = sampler.complete(job=job, rewards=np.array([[1.0, 0.0], [0.25, 0.75], [0.5, 0.6]]))
     return out

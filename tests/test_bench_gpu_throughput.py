@@ -17,9 +17,21 @@ _spec.loader.exec_module(bench)
 
 # 1 block (so also the last, context_pre_only one), width D = 1 head x 4 = 4, patch 1 on a 2 x 2 latent: n = 4 image
 # tokens; t = 2 text tokens of width J = 3; pooled width 2; LoRA rank r = 1
-TOY = {"sample_size": 2, "patch_size": 1, "in_channels": 1, "num_layers": 1, "attention_head_dim": 4,
-       "num_attention_heads": 1, "joint_attention_dim": 3, "caption_projection_dim": 4, "pooled_projection_dim": 2,
-       "out_channels": 1, "pos_embed_max_size": 2, "dual_attention_layers": (), "qk_norm": "rms_norm"}
+TOY = {
+    "sample_size": 2,
+    "patch_size": 1,
+    "in_channels": 1,
+    "num_layers": 1,
+    "attention_head_dim": 4,
+    "num_attention_heads": 1,
+    "joint_attention_dim": 3,
+    "caption_projection_dim": 4,
+    "pooled_projection_dim": 2,
+    "out_channels": 1,
+    "pos_embed_max_size": 2,
+    "dual_attention_layers": (),
+    "qk_norm": "rms_norm",
+}
 
 
 def test_flop_count_of_a_one_block_toy_by_hand():
@@ -79,14 +91,14 @@ def test_sd35m_shape_and_lora_layout():
     with torch.device("meta"):
         model = SD3Transformer2DModel(**bench.SD35M_TRANSFORMER)
     lora = bench.lora_module_names(model, bench.LORA_TARGET_MODULES)
-    assert len(lora) == 191                                         # ALGORITHM.md section 6
+    assert len(lora) == 191  # ALGORITHM.md section 6
     fans = [(model.get_submodule(n).in_features, model.get_submodule(n).out_features) for n in lora]
     assert sum(32 * (i + o) for i, o in fans) == 18_776_064
     from cluster.plan import SD35M_TRANSFORMER_PARAMETERS, lora_parameters
 
     assert sum(p.numel() for p in model.parameters()) == SD35M_TRANSFORMER_PARAMETERS
     assert lora_parameters(bench.LORA_TARGET_MODULES, 32) == 18_776_064
-    bare = tuple(t.removeprefix("attn.") for t in bench.LORA_TARGET_MODULES)    # also SD3.5-M's attn2 of blocks 0-12
+    bare = tuple(t.removeprefix("attn.") for t in bench.LORA_TARGET_MODULES)  # also SD3.5-M's attn2 of blocks 0-12
     assert len(bench.lora_module_names(model, bare)) == 243 and lora_parameters(bare, 32) == 243 * 32 * 3072
     # one forward of one 512 px image: ~2.2 TFLOP (ARCHITECTURE.md's cost model); 1,024 + 205 tokens
     f = bench.flop_count(bench.SD35M_TRANSFORMER, 64, bench.SD35M_TEXT_TOKENS, 32)
@@ -95,8 +107,24 @@ def test_sd35m_shape_and_lora_layout():
 
 def test_smoke_runs_end_to_end(tmp_path):
     out = tmp_path / "gpu.json"
-    report = bench.main(["--smoke", "--out", str(out), "--steps", "2", "--iters", "1", "--warmup", "0",
-                         "--sampler-batch", "2", "--learner-micro-batch", "3", "5"])
+    report = bench.main(
+        [
+            "--smoke",
+            "--out",
+            str(out),
+            "--steps",
+            "2",
+            "--iters",
+            "1",
+            "--warmup",
+            "0",
+            "--sampler-batch",
+            "2",
+            "--learner-micro-batch",
+            "3",
+            "5",
+        ]
+    )
     assert json.loads(out.read_text()) == json.loads(json.dumps(report))
     assert report["smoke"] and report["image_tokens"] == 16 and report["steps"] == 2
     # block 0: 8 LoRA modules, the last block 7 (no to_add_out); each rank 4 x (16 + 16)

@@ -19,8 +19,14 @@ ENV = {**os.environ, "NO_MKDOCS_2_WARNING": "1"}
 
 
 def mkdocs_build(root: Path, site: Path) -> subprocess.CompletedProcess:
-    return subprocess.run([BIN / "mkdocs", "build", "--strict", "--site-dir", str(site)], cwd=root, env=ENV,
-                          capture_output=True, text=True, timeout=300)
+    return subprocess.run(
+        [BIN / "mkdocs", "build", "--strict", "--site-dir", str(site)],
+        cwd=root,
+        env=ENV,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
 
 
 def test_mkdocs_build_strict(tmp_path):
@@ -64,18 +70,30 @@ QUICKSTART = {
     ".venv/bin/fdfo config --explain runtime": ("here", ()),
     ".venv/bin/fdfo plan --gpus 8 --config sd35m-combined": ("here", ()),
     ".venv/bin/fdfo train --config tiny-cpu --local": (
-        "tests/cluster/test_debug_loop.py", ('load_config("tiny-cpu", ["runtime.local=true"', "run_local(cfg)")),
-    ".venv/bin/ray get-auth-token --generate": ("tests/cluster/test_job_submit.py", ('"get-auth-token", "--generate"',)),
+        "tests/cluster/test_debug_loop.py",
+        ('load_config("tiny-cpu", ["runtime.local=true"', "run_local(cfg)"),
+    ),
+    ".venv/bin/ray get-auth-token --generate": (
+        "tests/cluster/test_job_submit.py",
+        ('"get-auth-token", "--generate"',),
+    ),
     "export RAY_AUTH_MODE=token": ("tests/cluster/test_job_submit.py", ('"RAY_AUTH_MODE": "token"',)),
     ".venv/bin/ray start --head --dashboard-host 127.0.0.1": (
-        "tests/cluster/test_job_submit.py", ('"start", "--head"', '"--dashboard-host=127.0.0.1"')),
+        "tests/cluster/test_job_submit.py",
+        ('"start", "--head"', '"--dashboard-host=127.0.0.1"'),
+    ),
     ".venv/bin/ray job submit --address http://127.0.0.1:8265 --working-dir . -- python -m cluster.cli train "
     "--config tiny-cpu": (
         "tests/cluster/test_job_submit.py",
-        ('"job", "submit", "--address", address, "--working-dir", str(ROOT)',
-         '"python", "-m", "cluster.cli", "train", "--config", "tiny-cpu"')),
+        (
+            '"job", "submit", "--address", address, "--working-dir", str(ROOT)',
+            '"python", "-m", "cluster.cli", "train", "--config", "tiny-cpu"',
+        ),
+    ),
     ".venv/bin/ray job logs --address http://127.0.0.1:8265 <submission-id>": (
-        "tests/cluster/test_job_submit.py", ('"job", "logs", "--address", address, job_id',)),
+        "tests/cluster/test_job_submit.py",
+        ('"job", "logs", "--address", address, job_id',),
+    ),
 }
 
 
@@ -91,8 +109,8 @@ def test_every_quickstart_command_is_run_by_a_test():
         if runner == "README":
             assert f"```bash\n{command} && .venv/bin/fdfo train\n```" in readme
         elif runner != "here":
-            source = (ROOT / runner).read_text()
-            missing = [f for f in fragments if f not in source]
+            source = re.sub(r"\s+", "", (ROOT / runner).read_text())  # however the formatter wraps the call
+            missing = [f for f in fragments if re.sub(r"\s+", "", f) not in source]
             assert missing == [], f"{command!r}: {runner} no longer runs it ({missing})"
 
 
@@ -101,8 +119,11 @@ def test_quickstart_commands_run(command):
     args = command.split()
     run = subprocess.run([BIN / Path(args[0]).name, *args[1:]], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr[-2000:]
-    shown = {"presets": "sd35m-combined ", "config": "runtime.num_samplers = 1    (int or auto)",
-             "plan": "8 GPUs: runtime.overlap=false runtime.num_samplers=2"}[args[1]]
+    shown = {
+        "presets": "sd35m-combined ",
+        "config": "runtime.num_samplers = 1    (int or auto)",
+        "plan": "8 GPUs: runtime.overlap=false runtime.num_samplers=2",
+    }[args[1]]
     assert shown in run.stdout and len(run.stdout.splitlines()) > 3
 
 
@@ -110,10 +131,15 @@ def test_config_keys_named_in_the_docs_exist():
     """Every ``section.key`` the README or a docs page names in inline code is a key of the config tree, so renaming a
     field without updating the prose fails here (the configuration page itself is regenerated, above)."""
     known = {r.key for name in sections() if name != "run" for r in section_doc(name)[1]}
-    named = re.compile(r"(?<![\w./-])((?:" + "|".join(n for n in sections() if n != "run") + r")\.[a-z_][a-z0-9_]*)(?![\w(])")
+    named = re.compile(
+        r"(?<![\w./-])((?:" + "|".join(n for n in sections() if n != "run") + r")\.[a-z_][a-z0-9_]*)(?![\w(])"
+    )
     unknown = []
     for page in [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]:
         for span in re.findall(r"`([^`\n]+)`", page.read_text()):
-            unknown += [f"{page.name}: {key}" for key in named.findall(span)
-                        if key not in known and not key.endswith((".py", ".yaml", ".md", ".json"))]
+            unknown += [
+                f"{page.name}: {key}"
+                for key in named.findall(span)
+                if key not in known and not key.endswith((".py", ".yaml", ".md", ".json"))
+            ]
     assert unknown == []

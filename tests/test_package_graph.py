@@ -41,7 +41,9 @@ def imports_of(path: Path, modules: dict[str, Path]) -> set[str]:
         if isinstance(node, ast.Import):
             names = [a.name for a in node.names]
         elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
-            names = [f"{node.module}.{a.name}" if f"{node.module}.{a.name}" in modules else node.module for a in node.names]
+            names = [
+                f"{node.module}.{a.name}" if f"{node.module}.{a.name}" in modules else node.module for a in node.names
+            ]
         else:
             continue
         out |= {n for n in names if n in modules}
@@ -109,12 +111,17 @@ def test_no_package_imports_itself_back():
 @pytest.mark.parametrize("package", PACKAGES)
 def test_each_package_imports_only_what_the_layering_allows(package):
     allowed = ALLOWED[package]
-    bad = sorted(f"{m} -> {d}" for m, deps in graph().items() if m.split(".")[0] == package for d in deps
-                 if d.split(".")[0] != package and not any(d == a or d.startswith(a + ".") for a in allowed))
+    bad = sorted(
+        f"{m} -> {d}"
+        for m, deps in graph().items()
+        if m.split(".")[0] == package
+        for d in deps
+        if d.split(".")[0] != package and not any(d == a or d.startswith(a + ".") for a in allowed)
+    )
     assert bad == []
 
 
 def test_the_graph_sees_deferred_imports():
     edges = graph()
-    assert "models.tiny" in edges["models.adapter"]          # imported inside SD3Adapter.tiny
-    assert "tasks.shapes.model" in edges["cluster.build"]    # imported inside build_model
+    assert "models.tiny" in edges["models.adapter"]  # imported inside SD3Adapter.tiny
+    assert "tasks.shapes.model" in edges["cluster.build"]  # imported inside build_model

@@ -14,4 +14,4 @@ def test_pyproject_applies_without_warnings():
         warnings.simplefilter("always")
         dist = apply_configuration(Distribution(), ROOT / "pyproject.toml")
     assert [str(w.message).splitlines()[0] for w in caught] == []
-    assert dist.metadata.license_expression == "Apache-2.0"     # an SPDX string, not the deprecated table
+    assert dist.metadata.license_expression == "Apache-2.0"  # an SPDX string, not the deprecated table

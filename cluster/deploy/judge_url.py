@@ -14,11 +14,14 @@ import argparse
 def judge_url(nodes: list[dict], port: int) -> str:
     """``http://<address>:<port>`` of the live node with a ``judge`` resource (``ray.nodes()`` rows); the first by
     address when several do. No such node raises, naming the fix."""
-    hosts = sorted(n["NodeManagerAddress"] for n in nodes
-                   if n.get("Alive") and n.get("Resources", {}).get("judge", 0) > 0)
+    hosts = sorted(
+        n["NodeManagerAddress"] for n in nodes if n.get("Alive") and n.get("Resources", {}).get("judge", 0) > 0
+    )
     if not hosts:
-        raise SystemExit("no live Ray node advertises the `judge` resource: start the judge_gpu node type of "
-                         "cluster/deploy/ray-cluster.yaml (min_workers: 1), or set FDFO_JUDGE_URL to the judge's url")
+        raise SystemExit(
+            "no live Ray node advertises the `judge` resource: start the judge_gpu node type of "
+            "cluster/deploy/ray-cluster.yaml (min_workers: 1), or set FDFO_JUDGE_URL to the judge's url"
+        )
     return f"http://{hosts[0]}:{port}"
 
 

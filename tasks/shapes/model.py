@@ -162,7 +162,9 @@ def load_shapes_transformer(weights_dir: Path | str = WEIGHTS_DIR, name: str = "
 
 
 def load_shapes_adapter(
-    device: str | torch.device = "cpu", weights_dir: Path | str = WEIGHTS_DIR, name: str = "shapes_base",
+    device: str | torch.device = "cpu",
+    weights_dir: Path | str = WEIGHTS_DIR,
+    name: str = "shapes_base",
     vae_name: str = "shapes_vae",
 ) -> SD3Adapter:
     """The shipped base model as an ``SD3Adapter`` (float32, 32x32 pixels, MiniLM prompt encoder)."""
@@ -180,8 +182,13 @@ def load_shapes_adapter(
     )
 
 
-def sample_images(model: SD3Adapter, prompts: Sequence[str], num_steps: int = 10,
-                  generator: torch.Generator | None = None, batch_size: int = 128) -> torch.Tensor:
+def sample_images(
+    model: SD3Adapter,
+    prompts: Sequence[str],
+    num_steps: int = 10,
+    generator: torch.Generator | None = None,
+    batch_size: int = 128,
+) -> torch.Tensor:
     """Plain Euler samples (guidance 1), start noise drawn from ``generator`` in one block -> images [B, 3, H, W] in
     [0, 1]: how the pretraining scripts and the base-model tests evaluate (runs use per-seed noise instead)."""
     noise = torch.randn(len(prompts), *model.latent_shape, generator=generator)

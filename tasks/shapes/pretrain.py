@@ -72,30 +72,50 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--out-dir", default="tasks/shapes/weights", help="where shapes_base.{json,safetensors} go")
     p.add_argument("--name", default="shapes_base", help="file stem of the checkpoint")
     p.add_argument("--seed", type=int, default=0, help="seeds weights, data, noise and evaluation")
-    p.add_argument("--vae-dir", default="tasks/shapes/weights",
-                   help="folder with shapes_vae.{json,safetensors} (tasks/shapes/pretrain_vae.py): the latent space")
-    p.add_argument("--init-from", default=None,
-                   help="start from this safetensors state dict (same architecture) instead of random weights")
+    p.add_argument(
+        "--vae-dir",
+        default="tasks/shapes/weights",
+        help="folder with shapes_vae.{json,safetensors} (tasks/shapes/pretrain_vae.py): the latent space",
+    )
+    p.add_argument(
+        "--init-from",
+        default=None,
+        help="start from this safetensors state dict (same architecture) instead of random weights",
+    )
     p.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--lr", type=float, default=1e-3, help="AdamW peak learning rate (linear warm-up)")
     p.add_argument("--warmup", type=int, default=100, help="warm-up steps")
     p.add_argument("--max-steps", type=int, default=6000)
     p.add_argument("--max-minutes", type=float, default=20.0, help="wall-clock cap on training")
-    p.add_argument("--single-fraction", type=float, default=0.3,
-                   help="share of one-group prompts in a batch (they are 3%% of the train prompts)")
-    p.add_argument("--caption-noise", type=float, default=0.0,
-                   help="share of training images drawn for a random other train prompt than their caption (mismatched pairs)")
+    p.add_argument(
+        "--single-fraction",
+        type=float,
+        default=0.3,
+        help="share of one-group prompts in a batch (they are 3%% of the train prompts)",
+    )
+    p.add_argument(
+        "--caption-noise",
+        type=float,
+        default=0.0,
+        help="share of training images drawn for a random other train prompt than their caption (mismatched pairs)",
+    )
     p.add_argument("--eval-every", type=int, default=150, help="steps between held-out evaluations")
     p.add_argument("--eval-prompts", type=int, default=128, help="held-out prompts per evaluation")
     p.add_argument("--eval-steps", type=int, default=10, help="Euler steps when sampling for evaluation")
     p.add_argument("--band", type=float, nargs=2, default=(0.50, 0.60), help="target held-out judge score")
     p.add_argument("--patch-size", type=int, default=TRANSFORMER_CONFIG["patch_size"])
     p.add_argument("--num-layers", type=int, default=TRANSFORMER_CONFIG["num_layers"])
-    p.add_argument("--heads", type=int, default=TRANSFORMER_CONFIG["num_attention_heads"], help="attention heads of 32 dims")
+    p.add_argument(
+        "--heads", type=int, default=TRANSFORMER_CONFIG["num_attention_heads"], help="attention heads of 32 dims"
+    )
     p.add_argument("--ema", type=float, default=0.995, help="EMA decay of the evaluated/saved weights (0 = none)")
-    p.add_argument("--stop-above", type=float, default=0.12,
-                   help="stop once two evaluations in a row score more than band_hi + this")
+    p.add_argument(
+        "--stop-above",
+        type=float,
+        default=0.12,
+        help="stop once two evaluations in a row score more than band_hi + this",
+    )
     p.add_argument("--candidates-dir", default=None, help="also save every evaluated checkpoint here")
     p.add_argument("--grid", default=None, help="write a PNG grid of held-out samples of the kept checkpoint here")
     return p.parse_args(argv)
@@ -115,8 +135,14 @@ def heldout_judge(model: SD3Adapter, prompts: list[str], num_steps: int, seed: i
     return float(judge_scores(to_uint8(images), prompts).mean())
 
 
-def save_grid(model: SD3Adapter, prompts: list[str], path: str | Path, seeds_per_prompt: int = 4,
-              num_steps: int = 10, seed: int = 0) -> None:
+def save_grid(
+    model: SD3Adapter,
+    prompts: list[str],
+    path: str | Path,
+    seeds_per_prompt: int = 4,
+    num_steps: int = 10,
+    seed: int = 0,
+) -> None:
     """A PNG grid (its prompts in a .txt beside it): one row per prompt, ``seeds_per_prompt`` Euler samples each."""
     rows = [p for p in prompts for _ in range(seeds_per_prompt)]
     images = to_uint8(sample_images(model, rows, num_steps, torch.Generator().manual_seed(seed)))  # [n, H, W, 3]
@@ -128,9 +154,12 @@ def build(args):
     """The transformer to train, its EMA copy (what is evaluated and saved) and the model around the EMA."""
     from diffusers import SD3Transformer2DModel
 
-    arch = TRANSFORMER_CONFIG | dict(patch_size=args.patch_size, num_layers=args.num_layers,
-                                     num_attention_heads=args.heads,
-                                     caption_projection_dim=args.heads * TRANSFORMER_CONFIG["attention_head_dim"])
+    arch = TRANSFORMER_CONFIG | dict(
+        patch_size=args.patch_size,
+        num_layers=args.num_layers,
+        num_attention_heads=args.heads,
+        caption_projection_dim=args.heads * TRANSFORMER_CONFIG["attention_head_dim"],
+    )
     transformer = SD3Transformer2DModel(**arch)
     if args.init_from:
         from safetensors.torch import load_file
@@ -139,8 +168,13 @@ def build(args):
     ema = copy.deepcopy(transformer).requires_grad_(False).eval()  # the weights evaluated and saved
     encoder = MiniLMPromptEncoder(MAX_TOKENS)
     vae = load_shapes_vae(args.vae_dir)
-    model = SD3Adapter(shapes_pipeline(ema, SCHEDULER_CONFIG, vae), "cpu", torch.float32,
-                       max_sequence_length=MAX_TOKENS, prompt_encoder=encoder)
+    model = SD3Adapter(
+        shapes_pipeline(ema, SCHEDULER_CONFIG, vae),
+        "cpu",
+        torch.float32,
+        max_sequence_length=MAX_TOKENS,
+        prompt_encoder=encoder,
+    )
     print(f"transformer: {sum(p.numel() for p in transformer.parameters()) / 1e6:.3f} M parameters, {arch}", flush=True)
     return transformer, ema, model
 
@@ -156,7 +190,9 @@ def batch_prompts(args, train: list[str], singles: list[str], pairs: list[str], 
     return prompts, drawn
 
 
-def train_step(transformer, ema, model, opt, sched, prompts: list[str], drawn: list[str], rng, step: int, ema_max: float) -> float:
+def train_step(
+    transformer, ema, model, opt, sched, prompts: list[str], drawn: list[str], rng, step: int, ema_max: float
+) -> float:
     """One rectified-flow step on freshly rendered scenes, then the EMA update; returns the loss."""
     vae, encoder = model.pipe.vae, model.prompt_encoder
     with torch.no_grad():  # diffusers' latent convention: z = (latent - shift) * scale, about unit variance
@@ -167,8 +203,13 @@ def train_step(transformer, ema, model, opt, sched, prompts: list[str], drawn: l
     s = sigma.view(-1, 1, 1, 1)
     x_t = (1 - s) * x0 + s * noise
     cond = encoder(prompts)
-    v = transformer(hidden_states=x_t, encoder_hidden_states=cond.tokens, pooled_projections=cond.pooled,
-                    timestep=1000.0 * sigma, return_dict=False)[0]
+    v = transformer(
+        hidden_states=x_t,
+        encoder_hidden_states=cond.tokens,
+        pooled_projections=cond.pooled,
+        timestep=1000.0 * sigma,
+        return_dict=False,
+    )[0]
     loss = torch.mean((v - (noise - x0)) ** 2)
     opt.zero_grad(set_to_none=True)
     loss.backward()
@@ -215,18 +256,31 @@ def main(argv=None) -> None:
             candidates.append((step, held_score, state))
             if args.candidates_dir:
                 Path(args.candidates_dir).mkdir(parents=True, exist_ok=True)
-                save_file(state, Path(args.candidates_dir) / f"step{step:05d}.safetensors",
-                          metadata={"heldout_judge": json.dumps(held_score)})
+                save_file(
+                    state,
+                    Path(args.candidates_dir) / f"step{step:05d}.safetensors",
+                    metadata={"heldout_judge": json.dumps(held_score)},
+                )
             above = above + 1 if held_score > args.band[1] + args.stop_above else 0
             if above >= 2:
                 break
         if minutes > args.max_minutes:
             break
-    keep_and_save(args, ema, model, candidates, history, eval_prompts(train, args.eval_prompts, args.seed), held,
-                  (time.time() - start) / 60)
+    keep_and_save(
+        args,
+        ema,
+        model,
+        candidates,
+        history,
+        eval_prompts(train, args.eval_prompts, args.seed),
+        held,
+        (time.time() - start) / 60,
+    )
 
 
-def keep_and_save(args, ema, model, candidates, history, train_eval: list[str], held: list[str], minutes: float) -> None:
+def keep_and_save(
+    args, ema, model, candidates, history, train_eval: list[str], held: list[str], minutes: float
+) -> None:
     """Keep the most-trained checkpoint whose held-out score is in the band (best-formed shapes with headroom), or
     if none is, the one closest to the band's centre; write it with its scheduler config and metadata."""
     from safetensors.torch import save_file
@@ -236,9 +290,17 @@ def keep_and_save(args, ema, model, candidates, history, train_eval: list[str], 
     step, held_score, state = in_band[-1] if in_band else min(candidates, key=lambda c: abs(c[1] - (lo + hi) / 2))
     ema.load_state_dict(state)
     train_score = heldout_judge(model, train_eval, args.eval_steps, args.seed)
-    meta = dict(step=step, heldout_judge=held_score, train_judge=train_score, seed=args.seed,
-                minutes=round(minutes, 1), eval_steps=args.eval_steps, params=sum(p.numel() for p in ema.parameters()),
-                history=history, args=vars(args) | {"band": list(args.band)})
+    meta = dict(
+        step=step,
+        heldout_judge=held_score,
+        train_judge=train_score,
+        seed=args.seed,
+        minutes=round(minutes, 1),
+        eval_steps=args.eval_steps,
+        params=sum(p.numel() for p in ema.parameters()),
+        history=history,
+        args=vars(args) | {"band": list(args.band)},
+    )
     out = Path(args.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     (out / f"{args.name}.json").write_text(ema.to_json_string())

@@ -52,8 +52,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--lr", type=float, default=2e-3, help="AdamW peak learning rate (cosine decay to 5%%)")
     p.add_argument("--kl", type=float, default=1e-6, help="weight of the KL term")
     p.add_argument("--latent-channels", type=int, default=VAE_CONFIG["latent_channels"])
-    p.add_argument("--downsamplings", type=int, default=len(VAE_CONFIG["block_out_channels"]) - 1,
-                   help="the latent is 32 / 2^downsamplings pixels wide")
+    p.add_argument(
+        "--downsamplings",
+        type=int,
+        default=len(VAE_CONFIG["block_out_channels"]) - 1,
+        help="the latent is 32 / 2^downsamplings pixels wide",
+    )
     p.add_argument("--stat-images", type=int, default=2048)
     p.add_argument("--eval-images", type=int, default=256)
     return p.parse_args(argv)
@@ -79,12 +83,19 @@ def main(argv=None) -> None:
     rng = np.random.default_rng(args.seed)
     prompts = train_prompts()
     levels = args.downsamplings + 1
-    vae = AutoencoderKL(**VAE_CONFIG | dict(
-        latent_channels=args.latent_channels, block_out_channels=(16,) + (32,) * (levels - 1),
-        down_block_types=("DownEncoderBlock2D",) * levels, up_block_types=("UpDecoderBlock2D",) * levels))
+    vae = AutoencoderKL(
+        **VAE_CONFIG
+        | dict(
+            latent_channels=args.latent_channels,
+            block_out_channels=(16,) + (32,) * (levels - 1),
+            down_block_types=("DownEncoderBlock2D",) * levels,
+            up_block_types=("UpDecoderBlock2D",) * levels,
+        )
+    )
     opt = torch.optim.AdamW(vae.parameters(), lr=args.lr, weight_decay=0.0)
     sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: min(1.0, (s + 1) / 100) * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * min(s / args.steps, 1.0))))
+        opt,
+        lambda s: min(1.0, (s + 1) / 100) * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * min(s / args.steps, 1.0)))),
     )
     t0, step, losses = time.perf_counter(), 0, []
     while step < args.steps and time.perf_counter() - t0 < args.max_minutes * 60:
@@ -100,11 +111,17 @@ def main(argv=None) -> None:
         step += 1
         losses.append(float(loss))
         if step % 250 == 0:
-            print(f"step {step} loss {np.mean(losses[-250:]):.5f} ({(time.perf_counter() - t0) / 60:.1f} min)", flush=True)
+            print(
+                f"step {step} loss {np.mean(losses[-250:]):.5f} ({(time.perf_counter() - t0) / 60:.1f} min)", flush=True
+            )
     vae.eval()
     with torch.no_grad():
-        lat = torch.cat([vae.encode(render_batch(random_prompts(prompts, 256, rng), rng)).latent_dist.sample()
-                         for _ in range(max(1, args.stat_images // 256))])
+        lat = torch.cat(
+            [
+                vae.encode(render_batch(random_prompts(prompts, 256, rng), rng)).latent_dist.sample()
+                for _ in range(max(1, args.stat_images // 256))
+            ]
+        )
         shift, scale = float(lat.mean()), float(1.0 / lat.std())
         vae.register_to_config(shift_factor=shift, scaling_factor=scale)
         held = heldout_prompts()
@@ -117,10 +134,20 @@ def main(argv=None) -> None:
     out.mkdir(parents=True, exist_ok=True)
     # _use_default_values would make from_config ignore the latent statistics set after construction
     config = {k: v for k, v in dict(vae.config).items() if k != "_use_default_values"}
-    (out / f"{args.name}.json").write_text(json.dumps({"_class_name": "AutoencoderKL", **config}, indent=2, default=list))
-    meta = {"step": str(step), "minutes": f"{(time.perf_counter() - t0) / 60:.1f}", "loss": f"{np.mean(losses[-250:]):.5f}",
-            "heldout_recon_judge": f"{rec_score:.4f}", "heldout_recon_mse": f"{rec_mse:.5f}", "args": json.dumps(vars(args))}
-    save_file({k: v.contiguous() for k, v in vae.state_dict().items()}, str(out / f"{args.name}.safetensors"), metadata=meta)
+    (out / f"{args.name}.json").write_text(
+        json.dumps({"_class_name": "AutoencoderKL", **config}, indent=2, default=list)
+    )
+    meta = {
+        "step": str(step),
+        "minutes": f"{(time.perf_counter() - t0) / 60:.1f}",
+        "loss": f"{np.mean(losses[-250:]):.5f}",
+        "heldout_recon_judge": f"{rec_score:.4f}",
+        "heldout_recon_mse": f"{rec_mse:.5f}",
+        "args": json.dumps(vars(args)),
+    }
+    save_file(
+        {k: v.contiguous() for k, v in vae.state_dict().items()}, str(out / f"{args.name}.safetensors"), metadata=meta
+    )
     print(json.dumps({**meta, "shift_factor": shift, "scaling_factor": scale}))
 
 

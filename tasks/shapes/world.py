@@ -128,9 +128,7 @@ def parse(text: str) -> Scene:
 
 def all_scenes() -> list[Scene]:
     """Every scene of the grammar, in a fixed order (36 one-group + 1296 two-group scenes)."""
-    scenes = [
-        Scene((Group(n, c, s),)) for n, c, s in itertools.product(COUNT_WORDS, COLOURS, SHAPES)
-    ]
+    scenes = [Scene((Group(n, c, s),)) for n, c, s in itertools.product(COUNT_WORDS, COLOURS, SHAPES)]
     objects = list(itertools.product(COLOURS, SHAPES))
     for (c1, s1), (c2, s2) in itertools.product(objects, objects):
         if c1 == c2:
@@ -319,8 +317,16 @@ def detect(image: np.ndarray) -> list[Detection]:
             x0, x1 = max(xs.min() - 2, 0), min(xs.max() + 3, image.shape[1])
             own = ndimage.binary_dilation(comp)[y0:y1, x0:x1] & ((labels[y0:y1, x0:x1] == 0) | comp[y0:y1, x0:x1])
             errors = shape_errors(coverage[y0:y1, x0:x1] * own)
-            found.append(Detection(colour, min(errors, key=errors.get), float(ys.mean()), float(xs.mean()), area,
-                                   shape_posterior(errors)))
+            found.append(
+                Detection(
+                    colour,
+                    min(errors, key=errors.get),
+                    float(ys.mean()),
+                    float(xs.mean()),
+                    area,
+                    shape_posterior(errors),
+                )
+            )
     return found
 
 
@@ -351,8 +357,11 @@ def clauses(scene: Scene, found: Sequence[Detection]) -> dict[str, bool]:
     if scene.relation is not None:
         a, b = members
         if a and b:
-            gap = relation_gap(scene.relation, (np.mean([d.cy for d in a]), np.mean([d.cx for d in a])),
-                               (np.mean([d.cy for d in b]), np.mean([d.cx for d in b])))
+            gap = relation_gap(
+                scene.relation,
+                (np.mean([d.cy for d in a]), np.mean([d.cx for d in a])),
+                (np.mean([d.cy for d in b]), np.mean([d.cx for d in b])),
+            )
             out["relation"] = bool(gap > MARGIN)
         else:
             out["relation"] = False
@@ -406,8 +415,9 @@ def judge_scores(images: np.ndarray, prompts: Sequence[str]) -> np.ndarray:
 
 def soft_judge_scores(images: np.ndarray, prompts: Sequence[str]) -> np.ndarray:
     """The mean of ``soft_clauses`` per image, [B] float64 in [0, 1]."""
-    return np.array([np.mean(list(soft_clauses(parse(p), detect(im)).values())) for im, p in zip(images, prompts)],
-                    dtype=np.float64)
+    return np.array(
+        [np.mean(list(soft_clauses(parse(p), detect(im)).values())) for im, p in zip(images, prompts)], dtype=np.float64
+    )
 
 
 CLEAN_SCALE = 30.0  # RGB distance at which a pixel counts as e^-1 clean

@@ -13,17 +13,27 @@ from learner.learner import Learner
 from learner.loss import fdfo_loss
 
 
-@pytest.mark.parametrize("preset,extra", [("tiny-cpu", ["lora.enabled=true", "lora.rank=4", "lora.alpha=8"]),
-                                          ("shapes", [])])
+@pytest.mark.parametrize(
+    "preset,extra", [("tiny-cpu", ["lora.enabled=true", "lora.rank=4", "lora.alpha=8"]), ("shapes", [])]
+)
 def test_log_rho_is_zero_at_lag_zero(preset, extra):
-    cfg = load_config(preset, ["sampling.num_steps=3", "train.pairs_per_epoch=4", "train.updates_per_epoch=1",
-                               "sampling.pairs_per_call=4", "train.micro_batch_rows=5", *extra])
+    cfg = load_config(
+        preset,
+        [
+            "sampling.num_steps=3",
+            "train.pairs_per_epoch=4",
+            "train.updates_per_epoch=1",
+            "sampling.pairs_per_call=4",
+            "train.micro_batch_rows=5",
+            *extra,
+        ],
+    )
     learner = Learner(build_model(cfg.model), cfg.train, Batching.of(cfg), cfg.lora, seed=0)
     sampler = Sampler(build_model(cfg.model), cfg.sampling, cfg.lora, precision=cfg.train.precision)
-    sampler.set_weights(learner.weights())                       # version 0 on both sides, same bits
+    sampler.set_weights(learner.weights())  # version 0 on both sides, same bits
     prompts = ["a red circle", "two blue squares", "a green triangle", "a red circle"]
     job, images = sampler.sample(prompts=prompts, prompt_ids=[0, 1, 2, 0], pair_ids=[0, 1, 2, 3], seeds=[5, 6, 7, 8])
-    rewards = np.arange(8, dtype=np.float64).reshape(4, 2) % 3             # any finite rewards
+    rewards = np.arange(8, dtype=np.float64).reshape(4, 2) % 3  # any finite rewards
     batch, _ = sampler.complete(job=job, rewards=rewards)
 
     # the sampler's own batches re-evaluated by the learner (the rows of one step, in the sampler's order, the

@@ -23,15 +23,16 @@ PROMPTS = ["a red circle", "two blue squares"]
 
 def test_autocast_per_mode_and_device():
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore")                 # this CPU build warns that CUDA autocast is unavailable
+        warnings.simplefilter("ignore")  # this CPU build warns that CUDA autocast is unavailable
         fp16, bf16 = autocast("cuda", "fp16"), autocast("cuda", "bf16")
     assert isinstance(fp16, torch.autocast) and fp16.fast_dtype == torch.float16
     assert isinstance(bf16, torch.autocast) and bf16.fast_dtype == torch.bfloat16
     assert isinstance(autocast("cuda", "fp32"), contextlib.nullcontext)
     assert all(isinstance(autocast("cpu", p), contextlib.nullcontext) for p in ("fp32", "bf16", "fp16"))
     assert not grad_scaler("cpu", "fp16").is_enabled() and not grad_scaler("cpu", "bf16").is_enabled()
-    with pytest.raises(ValueError, match=re.escape("precision must be one of ['bf16', 'fp16', 'fp32'] "
-                                                   "(train.precision), got 'amp'")):
+    with pytest.raises(
+        ValueError, match=re.escape("precision must be one of ['bf16', 'fp16', 'fp32'] (train.precision), got 'amp'")
+    ):
         autocast("cpu", "amp")
 
 
@@ -56,7 +57,7 @@ def test_log_rho_is_zero_at_lag_zero_in_the_recorded_dtype(weights, record, w, m
     seen in the learner's own update (``fdfo_loss``'s inputs inside ``train_epoch``), not a re-built forward."""
     import learner.learner as learner_module
 
-    seen = []                                           # (v_theta, v, the loss's metrics) of each micro-batch
+    seen = []  # (v_theta, v, the loss's metrics) of each micro-batch
 
     def spy(v_theta, v, *args, **kwargs):
         loss, m = fdfo_loss(v_theta, v, *args, **kwargs)
@@ -64,14 +65,25 @@ def test_log_rho_is_zero_at_lag_zero_in_the_recorded_dtype(weights, record, w, m
         return loss, m
 
     monkeypatch.setattr(learner_module, "fdfo_loss", spy)
-    cfg = load_config("tiny-cpu", ["sampling.num_steps=2", "train.pairs_per_epoch=2", "train.updates_per_epoch=1",
-                                   "sampling.pairs_per_call=2", "train.micro_batch_rows=8", "train.precision=fp16",
-                                   f"sampling.record_dtype={record}", f"sampling.guidance_scale={w}",
-                                   "lora.enabled=true", "lora.rank=4", "lora.alpha=8"])
+    cfg = load_config(
+        "tiny-cpu",
+        [
+            "sampling.num_steps=2",
+            "train.pairs_per_epoch=2",
+            "train.updates_per_epoch=1",
+            "sampling.pairs_per_call=2",
+            "train.micro_batch_rows=8",
+            "train.precision=fp16",
+            f"sampling.record_dtype={record}",
+            f"sampling.guidance_scale={w}",
+            "lora.enabled=true",
+            "lora.rank=4",
+            "lora.alpha=8",
+        ],
+    )
     learner = Learner(SD3Adapter.tiny(seed=0, dtype=weights), cfg.train, Batching.of(cfg), cfg.lora, seed=0)
-    sampler = Sampler(SD3Adapter.tiny(seed=0, dtype=weights), cfg.sampling, cfg.lora,
-                      precision=cfg.train.precision)
-    with torch.no_grad():                              # a non-zero LoRA, so the adapter's path is exercised
+    sampler = Sampler(SD3Adapter.tiny(seed=0, dtype=weights), cfg.sampling, cfg.lora, precision=cfg.train.precision)
+    with torch.no_grad():  # a non-zero LoRA, so the adapter's path is exercised
         for p in learner.params:
             p.add_(0.05 * torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())))
     sampler.set_weights(learner.weights())
@@ -81,8 +93,10 @@ def test_log_rho_is_zero_at_lag_zero_in_the_recorded_dtype(weights, record, w, m
     recorded = {"float16": torch.float16, "bfloat16": torch.bfloat16}[record]
     assert tb.v.dtype == recorded and tb.x.dtype == recorded and float(tb.guidance_scale[0]) == w
     out = learner.train_epoch(batch)
-    rows = tb.x.shape[0] * tb.x.shape[1]                # every (branch, recorded step) row, in the update's batches
-    assert out["learner/rows"] == rows and sum(len(v) for _, v, _ in seen) == rows and out["learner/policy_lag_max"] == 0
+    rows = tb.x.shape[0] * tb.x.shape[1]  # every (branch, recorded step) row, in the update's batches
+    assert (
+        out["learner/rows"] == rows and sum(len(v) for _, v, _ in seen) == rows and out["learner/policy_lag_max"] == 0
+    )
     for v_theta, v, m in seen:
         assert torch.equal(v_theta, v.float()) and float(m["log_rho_abs_max"]) == 0.0
     assert out["learner/log_rho_abs_max"] == 0.0 and learner.version == 1

@@ -1,6 +1,5 @@
 """Churned paired sampling (ALGORITHM.md §2): closed-form checks on an analytic Gaussian flow."""
 
-
 import pytest
 import torch
 from diffusers import FlowMatchEulerDiscreteScheduler
@@ -26,7 +25,11 @@ def test_churn_step_keeps_the_flow_marginal():
     # On x_t = (1 - t) x0 + t n with the exact v = n - x0, a churn step from t to s lands on a state whose
     # data coefficient is 1 - s and whose noise std is s (the re-noising exactly undoes the overshoot).
     gamma, t, s = 0.3, 0.8, 0.5
-    x0, n, fresh = 2.0, torch.randn(200_000, generator=torch.Generator().manual_seed(3)), torch.randn(200_000, generator=torch.Generator().manual_seed(4))
+    x0, n, fresh = (
+        2.0,
+        torch.randn(200_000, generator=torch.Generator().manual_seed(3)),
+        torch.randn(200_000, generator=torch.Generator().manual_seed(4)),
+    )
     x_t = (1 - t) * x0 + t * n
     x_s = churn_step(x_t, n - x0, t, s, gamma, fresh)
     assert x_s.mean().item() == pytest.approx((1 - s) * x0, abs=5e-3)
@@ -40,7 +43,7 @@ def test_start_has_unit_variance_and_pairs_correlate_as_the_formula_says():
     a, b = churn_start(eps, n1, gamma), churn_start(eps, n2, gamma)
     assert a.var().item() == pytest.approx(1.0, abs=0.01)
     corr = torch.corrcoef(torch.stack([a, b]))[0, 1].item()
-    assert corr == pytest.approx(1 / (1 + gamma) ** 2, abs=0.005)   # 0.444
+    assert corr == pytest.approx(1 / (1 + gamma) ** 2, abs=0.005)  # 0.444
 
 
 @pytest.mark.parametrize("gamma", [0.0, 0.05])
@@ -74,7 +77,7 @@ def test_same_seed_same_pair_bit_for_bit_and_independent_of_batching():
     assert torch.equal(a.xs, b.xs) and torch.equal(a.x_final, b.x_final)
     alone = sample_pairs(model, ["q"], [12], num_steps=5, gamma=0.05)
     assert torch.allclose(alone.x_final[0], a.x_final[1], atol=1e-6)
-    assert not torch.equal(a.x_final[0, 0], a.x_final[0, 1])        # the branches differ
+    assert not torch.equal(a.x_final[0, 0], a.x_final[0, 1])  # the branches differ
 
 
 def test_pair_seed_is_stable_and_distinct():

@@ -4,12 +4,12 @@ import numpy as np
 import pytest
 import torch
 
-from models.adapter import SD3Adapter
 from actors.sampler import Sampler
 from cluster.config import Batching, load_config, with_overrides
 from learner.batch import from_arrow
 from learner.learner import Learner
 from learner.weights import Weights
+from models.adapter import SD3Adapter
 from rewards import build_reward
 
 PROMPTS = ["a red circle", "a blue square"]
@@ -17,8 +17,17 @@ PROMPTS = ["a red circle", "a blue square"]
 
 @pytest.fixture(scope="module")
 def cfg():
-    return load_config("tiny-cpu", ["lora.enabled=true", "lora.rank=4", "lora.alpha=8", "train.lr=1e-2",
-                                    "train.pairs_per_epoch=2", "train.updates_per_epoch=1"])
+    return load_config(
+        "tiny-cpu",
+        [
+            "lora.enabled=true",
+            "lora.rank=4",
+            "lora.alpha=8",
+            "train.lr=1e-2",
+            "train.pairs_per_epoch=2",
+            "train.updates_per_epoch=1",
+        ],
+    )
 
 
 def test_adapter_contract_shapes_and_guidance():
@@ -30,7 +39,7 @@ def test_adapter_contract_shapes_and_guidance():
     v1 = model.velocity(x, torch.tensor(0.7), cond, guidance_scale=1.0)
     v_neg = model.velocity(x, torch.tensor(0.7), model.encode_prompts(["", ""]), guidance_scale=1.0)
     v3 = model.velocity(x, torch.tensor(0.7), cond, guidance_scale=3.0)
-    assert torch.allclose(v3, v_neg + 3.0 * (v1 - v_neg), atol=1e-5)       # CFG with the empty prompt
+    assert torch.allclose(v3, v_neg + 3.0 * (v1 - v_neg), atol=1e-5)  # CFG with the empty prompt
     sig = model.sigmas(10)
     assert sig.shape == (11,) and sig[0] == 1.0 and sig[-1] == 0.0 and torch.all(sig[:-1] > sig[1:])
     img = model.decode(x)
@@ -44,7 +53,7 @@ def test_pair_batch_step_and_weight_swap(cfg):
     assert proof["version"] == 0 and proof["checksum"] == learner.weights().checksum
     job, images = sampler.sample(prompts=PROMPTS, prompt_ids=[0, 1], pair_ids=[0, 1], seeds=[5, 6])
     assert images.shape == (4, 32, 32, 3) and images.dtype == np.uint8
-    assert not np.array_equal(images[0], images[1])                          # the two branches differ
+    assert not np.array_equal(images[0], images[1])  # the two branches differ
     out = build_reward({"name": "jpeg_compressibility"}).score(images, [p for p in PROMPTS for _ in range(2)])
     batch, report = sampler.complete(job=job, rewards=out)
     assert report["dropped"] == [] and batch.num_rows == 4 and report["sample_s"] > 0 and report["pack_s"] > 0
@@ -64,20 +73,20 @@ def test_a_learner_actor_packs_a_snapshot_into_the_last_ones_buffer_once_it_is_g
     # reuse_snapshots (the runtime's learner actor): no new buffer per version, but never under a live snapshot
     learner = Learner(SD3Adapter.tiny(), cfg.train, Batching.of(cfg), cfg.lora, seed=0, reuse_snapshots=True)
     first = learner.weights()
-    second = learner.weights()                                  # first is still held: a buffer of its own
+    second = learner.weights()  # first is still held: a buffer of its own
     assert second.packed.data_ptr() != first.packed.data_ptr()
     address = second.packed.data_ptr()
     del first, second
     third = learner.weights()
     assert third.packed.data_ptr() == address
-    third.verify()                                              # the reused bytes are this version's
+    third.verify()  # the reused bytes are this version's
 
 
 def test_timestep_fraction_trains_on_a_random_share_of_the_rows(cfg):
     sampler = Sampler(SD3Adapter.tiny(), cfg.sampling, cfg.lora)
     job, images = sampler.sample(prompts=PROMPTS, prompt_ids=[0, 1], pair_ids=[0, 1], seeds=[5, 6])
     batch, _ = sampler.complete(job=job, rewards=np.array([[1.0, 0.0], [0.5, 0.25]]))
-    rows = 4 * cfg.sampling.num_steps                                        # 2 pairs x 2 branches x N steps
+    rows = 4 * cfg.sampling.num_steps  # 2 pairs x 2 branches x N steps
     for fraction, expected in ((1.0, rows), (0.25, rows // 4), (1e-6, 1)):
         batching = Batching.of(with_overrides(cfg, [f"train.timestep_fraction={fraction}"]))
         learner = Learner(SD3Adapter.tiny(), cfg.train, batching, cfg.lora, seed=0)

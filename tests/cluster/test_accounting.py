@@ -29,17 +29,23 @@ def ledger(requested=10, trained=6, **dropped) -> Ledger:
 def test_books_balance_with_the_pairs_in_flight():
     book = ledger(10, 6, stale=1, reward_failure=2)
     assert book.in_flight == 10 - 6 - 3 == 1
-    book.check(in_flight=1)                                    # balanced: no error
-    assert book.summary() == {"pairs_requested": 10, "pairs_trained": 6,
-                              "pairs_dropped": {"reward_failure": 2, "stale": 1}, "pairs_in_flight": 1}
+    book.check(in_flight=1)  # balanced: no error
+    assert book.summary() == {
+        "pairs_requested": 10,
+        "pairs_trained": 6,
+        "pairs_dropped": {"reward_failure": 2, "stale": 1},
+        "pairs_in_flight": 1,
+    }
     assert book.line() == "pairs requested 10 = trained 6 + dropped 3 (reward_failure 2, stale 1) + in flight 1"
 
 
 def test_check_fails_when_pairs_go_missing():
     # 10 requested, 6 trained, 1 dropped: the books say 3 are in flight, the caller knows of none
     book = ledger(10, 6, stale=1)
-    msg = ("accounting broken: {'pairs_requested': 10, 'pairs_trained': 6, 'pairs_dropped': {'stale': 1}, "
-           "'pairs_in_flight': 3} but 0 pairs are in flight")
+    msg = (
+        "accounting broken: {'pairs_requested': 10, 'pairs_trained': 6, 'pairs_dropped': {'stale': 1}, "
+        "'pairs_in_flight': 3} but 0 pairs are in flight"
+    )
     with pytest.raises(AssertionError, match="^" + re.escape(msg) + "$"):
         book.check()
     with pytest.raises(AssertionError, match=re.escape("but 2 pairs are in flight")):
@@ -48,7 +54,7 @@ def test_check_fails_when_pairs_go_missing():
 
 
 def test_check_fails_when_more_pairs_are_counted_than_requested():
-    book = ledger(4, 4, actor_lost=1)                          # a pair counted twice
+    book = ledger(4, 4, actor_lost=1)  # a pair counted twice
     assert book.in_flight == -1
     with pytest.raises(AssertionError, match=re.escape("'pairs_in_flight': -1} but 0 pairs are in flight")):
         book.check()
@@ -56,11 +62,13 @@ def test_check_fails_when_more_pairs_are_counted_than_requested():
 
 def test_drop_refuses_an_unknown_reason_and_ignores_zero():
     book = ledger(6, 0)
-    msg = ("unknown drop reason 'timeout'; one of ('stale', 'reward_failure', 'non_finite_reward', 'actor_lost', "
-           "'interrupted', 'rolled_back')")
+    msg = (
+        "unknown drop reason 'timeout'; one of ('stale', 'reward_failure', 'non_finite_reward', 'actor_lost', "
+        "'interrupted', 'rolled_back')"
+    )
     with pytest.raises(ValueError, match="^" + re.escape(msg) + "$"):
         book.drop("timeout", 2)
-    book.drop("interrupted", 0)                                # counted as nothing, not listed as a reason
+    book.drop("interrupted", 0)  # counted as nothing, not listed as a reason
     assert book.dropped == Counter() and book.in_flight == 6
     assert book.line() == "pairs requested 6 = trained 0 + dropped 0 (none) + in flight 6"
     for reason in DROP_REASONS:
@@ -75,15 +83,18 @@ TIMED_OUT = "reward/jpeg: timed out after 300.0s on a batch of 6"
 NON_FINITE = "reward/jpeg: non-finite score nan"
 
 
-@pytest.mark.parametrize("reasons, expected", [
-    ([FAILED, FAILED], "reward_failure"),
-    ([TIMED_OUT, None], "reward_failure"),
-    ([None, NON_FINITE], "non_finite_reward"),
-    ([NON_FINITE, NON_FINITE], "non_finite_reward"),
-    ([None, None], "non_finite_reward"),                        # a NaN with no reason given: the score itself
-    (["", None], "non_finite_reward"),
-    ([f"{FAILED}; non-finite score nan", None], "non_finite_reward"),   # a combined reward's joined reasons
-])
+@pytest.mark.parametrize(
+    "reasons, expected",
+    [
+        ([FAILED, FAILED], "reward_failure"),
+        ([TIMED_OUT, None], "reward_failure"),
+        ([None, NON_FINITE], "non_finite_reward"),
+        ([NON_FINITE, NON_FINITE], "non_finite_reward"),
+        ([None, None], "non_finite_reward"),  # a NaN with no reason given: the score itself
+        (["", None], "non_finite_reward"),
+        ([f"{FAILED}; non-finite score nan", None], "non_finite_reward"),  # a combined reward's joined reasons
+    ],
+)
 def test_reward_drop_reason_of_one_pair(reasons, expected):
     assert reward_drop_reason(reasons) == expected
 
@@ -103,7 +114,7 @@ def test_drop_reasons_reads_each_pair_from_its_own_two_images():
 def test_drop_reasons_feed_the_ledger_to_a_balance():
     pair_ids = [0, 1, 2]
     reasons = [FAILED, None, None, None, None, NON_FINITE]
-    book = ledger(3, 1)                                          # pair 1 trained
+    book = ledger(3, 1)  # pair 1 trained
     for reason, n in drop_reasons(pair_ids, [0, 2], reasons).items():
         book.drop(reason, n)
     book.check()
@@ -132,7 +143,7 @@ def test_timers_add_up_per_name_and_pop_clears(monkeypatch):
     timers.add("reward", 1.25)
     timers.add("reward", 0.75)
     assert timers.pop() == {"perf/sample_s": 3.0, "perf/update_s": 4.0, "perf/reward_s": 2.0}
-    assert timers.pop() == {}                                      # popped: the next epoch starts from zero
+    assert timers.pop() == {}  # popped: the next epoch starts from zero
     with timers("sample"):
         clock.now += 1.0
     assert timers.pop() == {"perf/sample_s": 1.0}

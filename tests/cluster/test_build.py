@@ -20,15 +20,22 @@ def test_the_presets_pass():
 
 
 def test_an_unknown_scorer_lists_the_known_ones():
-    with pytest.raises(ValueError, match=r"reward.components: component 0: unknown reward 'jpg'; known rewards: .*jpeg_compressibility"):
+    with pytest.raises(
+        ValueError, match=r"reward.components: component 0: unknown reward 'jpg'; known rewards: .*jpeg_compressibility"
+    ):
         check("reward.components=[{name: jpg, weight: 1}]")
 
 
 def test_a_misspelt_setting_lists_the_scorers_settings():
-    with pytest.raises(ValueError, match=r"component 0 \(jpeg_compressibility\): unknown setting 'qualty'; its settings are quality$"):
+    with pytest.raises(
+        ValueError, match=r"component 0 \(jpeg_compressibility\): unknown setting 'qualty'; its settings are quality$"
+    ):
         check("reward.components=[{name: jpeg_compressibility, weight: 1, qualty: 90}]")
     # settings a scorer forwards to its CLIP embedder count as its own; a typo names them all
-    with pytest.raises(ValueError, match=r"\(pickscore\): unknown setting 'batchsize'; its settings are batch_size, device, dtype, model, processor$"):
+    with pytest.raises(
+        ValueError,
+        match=r"\(pickscore\): unknown setting 'batchsize'; its settings are batch_size, device, dtype, model, processor$",
+    ):
         check("reward.components=[{name: pickscore, weight: 1, batchsize: 8}]")
 
 
@@ -40,25 +47,39 @@ def test_a_setting_of_the_wrong_type_says_what_it_should_be():
 
 
 def test_a_missing_weight_is_named():
-    with pytest.raises(ValueError, match=r"component 0 \(jpeg_compressibility\): weight must be a finite number, e\.g\. 'weight': 1\.0; got None"):
+    with pytest.raises(
+        ValueError,
+        match=r"component 0 \(jpeg_compressibility\): weight must be a finite number, e\.g\. 'weight': 1\.0; got None",
+    ):
         check("reward.components=[{name: jpeg_compressibility}]")
 
 
 def test_missing_weights_files_fail_before_loading(tmp_path):
-    with pytest.raises(FileNotFoundError, match=r"\(aesthetic\): aesthetic head weights: no file at '.*nope.pth'; download it and pass its path"):
+    with pytest.raises(
+        FileNotFoundError,
+        match=r"\(aesthetic\): aesthetic head weights: no file at '.*nope.pth'; download it and pass its path",
+    ):
         check(f"reward.components=[{{name: aesthetic, weight: 1, head: {tmp_path}/nope.pth}}]")
     with pytest.raises(FileNotFoundError, match=r"\(hpsv2\): HPSv2 checkpoint: no file at 'HPS_v2.1_compressed.pt'"):
         check("reward.components=[{name: hpsv2, weight: 1, checkpoint: HPS_v2.1_compressed.pt}]")
-    with pytest.raises(FileNotFoundError, match=r"\(pickscore\): model='./no/such/dir' does not exist; point it at the downloaded files or use the hub id"):
+    with pytest.raises(
+        FileNotFoundError,
+        match=r"\(pickscore\): model='./no/such/dir' does not exist; point it at the downloaded files or use the hub id",
+    ):
         check("reward.components=[{name: pickscore, weight: 1, model: ./no/such/dir}]")
     with pytest.raises(FileNotFoundError, match=r"imagereward model='/no/such' is not a directory"):
         check("reward.components=[{name: imagereward, weight: 1, model: /no/such}]")
 
 
 def test_the_judge_template_and_backend_settings_are_checked():
-    with pytest.raises(ValueError, match=r"\(vlm_judge\): judge question template 'Is this a cat\?' must contain the placeholder \{prompt\}"):
+    with pytest.raises(
+        ValueError,
+        match=r"\(vlm_judge\): judge question template 'Is this a cat\?' must contain the placeholder \{prompt\}",
+    ):
         check("reward.components=[{name: vlm_judge, weight: 1, question: 'Is this a cat?'}]")
-    with pytest.raises(ValueError, match=r"\(vlm_judge\): backend 'server': unknown setting 'urll'; its settings are .*url"):
+    with pytest.raises(
+        ValueError, match=r"\(vlm_judge\): backend 'server': unknown setting 'urll'; its settings are .*url"
+    ):
         check("reward.components=[{name: vlm_judge, weight: 1, backend: server, urll: 'http://127.0.0.1:8000'}]")
     with pytest.raises(ValueError, match=r"unknown judge backend 'tgi'"):
         check("reward.components=[{name: vlm_judge, weight: 1, backend: tgi}]")
@@ -66,11 +87,16 @@ def test_the_judge_template_and_backend_settings_are_checked():
 
 def test_a_setting_that_may_be_a_secret_is_not_echoed():
     with pytest.raises(ValueError) as e:
-        check("reward.components=[{name: vlm_judge, weight: 1, backend: server, api_key: sk-planted-1234, max_concurrency: x}]")
+        check(
+            "reward.components=[{name: vlm_judge, weight: 1, backend: server, api_key: sk-planted-1234, max_concurrency: x}]"
+        )
     assert "max_concurrency = a str should be int" in str(e.value) and "sk-planted-1234" not in str(e.value)
     from rewards.combined import CombinedReward
 
-    with pytest.raises(ValueError, match=r"^reward spec vlm_judge \(settings: api_key, backend\) has no 'weight'; add e.g. 'weight': 1.0$"):
+    with pytest.raises(
+        ValueError,
+        match=r"^reward spec vlm_judge \(settings: api_key, backend\) has no 'weight'; add e.g. 'weight': 1.0$",
+    ):
         CombinedReward(specs=[{"name": "vlm_judge", "backend": "server", "api_key": "sk-planted-1234"}])
 
 
@@ -80,7 +106,10 @@ def test_eval_metrics_are_checked_too():
 
 
 def test_a_bad_model_path_is_named(tmp_path):
-    with pytest.raises(FileNotFoundError, match=r"model.path='.*nowhere' is not a folder; build one with `python -m tasks.shapes.pretrain"):
+    with pytest.raises(
+        FileNotFoundError,
+        match=r"model.path='.*nowhere' is not a folder; build one with `python -m tasks.shapes.pretrain",
+    ):
         check_run(load_config("shapes", [f"model.path={tmp_path}/nowhere"]))
 
 

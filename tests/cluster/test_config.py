@@ -16,12 +16,14 @@ def test_presets_load_and_overrides_apply():
         # the reference: 432 pairs per epoch, 4 updates, each on 216 images x 40 steps = 8640 rows
         assert (b.pairs_per_epoch, b.rows_per_epoch, b.updates_per_epoch) == (432, 34560, 4)
         updates = b.plan(b.rows_per_epoch, torch.Generator().manual_seed(0))
-        assert [len(u) for u in updates] == [8640] * 4                        # one global shuffle split in four
-        assert torch.equal(torch.cat(updates).sort().values, torch.arange(34560))   # every row exactly once
+        assert [len(u) for u in updates] == [8640] * 4  # one global shuffle split in four
+        assert torch.equal(torch.cat(updates).sort().values, torch.arange(34560))  # every row exactly once
 
 
 def test_unknown_key_is_named_with_the_valid_ones():
-    with pytest.raises(ValueError, match=r"unknown config key 'train.lrr'; valid keys here: train.algorithm, train.lr, "):
+    with pytest.raises(
+        ValueError, match=r"unknown config key 'train.lrr'; valid keys here: train.algorithm, train.lr, "
+    ):
         load_config("tiny-cpu", ["train.lrr=1"])
     with pytest.raises(ValueError, match=r"unknown config key 'bogus'"):
         load_config("tiny-cpu", ["bogus=1"])
@@ -30,12 +32,16 @@ def test_unknown_key_is_named_with_the_valid_ones():
 def test_wrong_types_and_bad_arithmetic_explain_themselves():
     with pytest.raises(ValueError, match=r"config key 'sampling.num_steps' wants int"):
         load_config("tiny-cpu", ["sampling.num_steps=many"])
-    with pytest.raises(ValueError, match=r"2 branches x 3 pairs x 8 steps = 48 rows, which train.updates_per_epoch = 5"):
+    with pytest.raises(
+        ValueError, match=r"2 branches x 3 pairs x 8 steps = 48 rows, which train.updates_per_epoch = 5"
+    ):
         load_config("tiny-cpu", ["train.pairs_per_epoch=3", "train.updates_per_epoch=5"])
     grpo = ["train.algorithm=flow_grpo", "grpo.group_size=3", "train.pairs_per_epoch=3", "train.updates_per_epoch=5"]
     with pytest.raises(ValueError, match=r"3 images x 3 groups x 2 steps = 18 rows, which train.updates_per_epoch = 5"):
         load_config("tiny-cpu", [*grpo, "grpo.sde_window=2"])
-    with pytest.raises(ValueError, match=r"grpo.sde_window = 9 must be 0 \(every step\) or lie in \[1, grpo.sde_window_range = 8\]"):
+    with pytest.raises(
+        ValueError, match=r"grpo.sde_window = 9 must be 0 \(every step\) or lie in \[1, grpo.sde_window_range = 8\]"
+    ):
         load_config("tiny-cpu", [*grpo, "grpo.sde_window=9"])
     with pytest.raises(ValueError, match=r"grpo.group_size must be >= 2"):
         load_config("tiny-cpu", [*grpo, "grpo.group_size=1"])

@@ -7,9 +7,9 @@ from typing import Literal
 
 import pytest
 
+from cluster import config_docs
 from cluster.cli import cli
 from cluster.config import RunConfig
-from cluster import config_docs
 from cluster.config_docs import explain, field_docs, section_doc, sections, type_name, yaml_value
 
 CONFIG_PY = Path(__file__).resolve().parents[2] / "cluster" / "config.py"
@@ -30,21 +30,27 @@ def test_explain_prints_a_section_exactly(capsys):
 
 def test_explain_one_key_and_a_top_level_key(capsys):
     assert cli(["config", "--explain", "train.lr"]) == 0
-    assert capsys.readouterr().out == "train.lr = 3.0e-05    (float)\n    AdamW learning rate: the main knob (ALGORITHM.md §9)\n"
+    assert (
+        capsys.readouterr().out
+        == "train.lr = 3.0e-05    (float)\n    AdamW learning rate: the main knob (ALGORITHM.md §9)\n"
+    )
     assert cli(["config", "--explain", "seed"]) == 0
     assert capsys.readouterr().out == "seed = 0    (int)\n    run seed: pair noise, shuffles\n"
 
 
 def test_explain_names_what_exists_when_asked_for_what_does_not(capsys):
     assert cli(["config", "--explain", "trian"]) == 1
-    assert ("fdfo: error: no config section 'trian'; sections: run, model, lora, sampling, reward, prompts, train, grpo, "
-            "runtime, eval\n") in capsys.readouterr().err
+    assert (
+        "fdfo: error: no config section 'trian'; sections: run, model, lora, sampling, reward, prompts, train, grpo, "
+        "runtime, eval\n"
+    ) in capsys.readouterr().err
     assert cli(["config", "--explain", "grpo.group"]) == 1
     assert "no config key 'grpo.group'; keys of grpo: grpo.group_size, grpo.noise_level," in capsys.readouterr().err
 
 
 def test_every_key_of_every_section_is_explained_once():
     """The whole explanation covers each leaf key of the tree exactly once (no section or field forgotten)."""
+
     def leaves():
         for f in dataclasses.fields(RunConfig):
             section = f.default_factory if f.default_factory is not dataclasses.MISSING else None
@@ -57,7 +63,18 @@ def test_every_key_of_every_section_is_explained_once():
     shown = re.findall(r"^(\S+) = ", text, flags=re.M)
     assert sorted(shown) == sorted(leaves())
     assert len(shown) == len(set(shown)) > 100
-    assert list(sections()) == ["run", "model", "lora", "sampling", "reward", "prompts", "train", "grpo", "runtime", "eval"]
+    assert list(sections()) == [
+        "run",
+        "model",
+        "lora",
+        "sampling",
+        "reward",
+        "prompts",
+        "train",
+        "grpo",
+        "runtime",
+        "eval",
+    ]
 
 
 def test_field_docs_sit_on_their_own_lines():
@@ -81,8 +98,11 @@ def test_a_field_without_documentation_is_named(monkeypatch):
 
     assert field_docs(Undocumented) == {"documented": "what it is"}
     monkeypatch.setattr(config_docs, "sections", lambda: {"extra": Undocumented})
-    with pytest.raises(ValueError, match=r"^config field extra.bare has no documentation: add a docstring on the "
-                                         r"line\(s\) below it in cluster/config.py$"):
+    with pytest.raises(
+        ValueError,
+        match=r"^config field extra.bare has no documentation: add a docstring on the "
+        r"line\(s\) below it in cluster/config.py$",
+    ):
         section_doc("extra")
 
 
@@ -91,8 +111,14 @@ def test_types_and_defaults_read_as_yaml():
     assert type_name(tuple[float, float]) == "[float, float]"
     assert type_name(tuple[dict, ...]) == "list of mapping"
     assert type_name(Literal["a", "b"] | None) == "one of a, b or null"
-    assert [yaml_value(v) for v in (None, 3e-5, (0.9, 0.999), {}, True, "builtin:tiny")] == \
-        ["null", "3.0e-05", "[0.9, 0.999]", "{}", "true", "builtin:tiny"]
+    assert [yaml_value(v) for v in (None, 3e-5, (0.9, 0.999), {}, True, "builtin:tiny")] == [
+        "null",
+        "3.0e-05",
+        "[0.9, 0.999]",
+        "{}",
+        "true",
+        "builtin:tiny",
+    ]
 
 
 def test_section_summary_and_rows():

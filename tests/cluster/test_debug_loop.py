@@ -5,8 +5,8 @@ import logging
 import numpy as np
 import pytest
 
-from cluster.build import build_model
 from actors.sampling import sample_pairs
+from cluster.build import build_model
 from cluster.config import load_config
 from cluster.driver import run_local
 from cluster.prompts import TINY

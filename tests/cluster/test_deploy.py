@@ -31,8 +31,11 @@ def strict(schema):
     if not isinstance(schema, dict):
         return schema
     out = {k: strict(v) for k, v in schema.items()}
-    if "properties" in schema and "additionalProperties" not in schema \
-            and not schema.get("x-kubernetes-preserve-unknown-fields"):
+    if (
+        "properties" in schema
+        and "additionalProperties" not in schema
+        and not schema.get("x-kubernetes-preserve-unknown-fields")
+    ):
         out["additionalProperties"] = False
     return out
 
@@ -65,13 +68,21 @@ def run_train_job(tmp_path, args, env):
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir(exist_ok=True)
     stub = bin_dir / "python"
-    stub.write_text('#!/bin/sh\nif [ "$1" = cluster/deploy/judge_url.py ]; then echo http://192.0.2.7:8000; exit 0; fi\n'
-                    'printf "%s\\0" "$@" > "$ARGV_OUT"\n')
+    stub.write_text(
+        '#!/bin/sh\nif [ "$1" = cluster/deploy/judge_url.py ]; then echo http://192.0.2.7:8000; exit 0; fi\n'
+        'printf "%s\\0" "$@" > "$ARGV_OUT"\n'
+    )
     stub.chmod(0o755)
     out = tmp_path / "argv"
     full_env = {"PATH": f"{bin_dir}:/usr/bin:/bin", "HOME": str(tmp_path), "ARGV_OUT": str(out), **env}
-    res = subprocess.run(["bash", str(DEPLOY / "train-job.sh"), *args], cwd=ROOT, env=full_env,
-                         capture_output=True, text=True, timeout=30)
+    res = subprocess.run(
+        ["bash", str(DEPLOY / "train-job.sh"), *args],
+        cwd=ROOT,
+        env=full_env,
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
     return res, (out.read_text().split("\0")[:-1] if out.exists() else None)
 
 
@@ -90,14 +101,16 @@ def config_of(argv):
 
 # -- KubeRay -------------------------------------------------------------------------------------------------------
 
+
 def test_rayjob_validates_against_the_released_kuberay_crd():
     job = rayjob()
     assert job["apiVersion"] == "ray.io/v1" and job["kind"] == "RayJob"
     assert crd_errors(job) == []
-    typo = copy.deepcopy(job)                       # strict: a misspelt field is caught, not pruned
+    typo = copy.deepcopy(job)  # strict: a misspelt field is caught, not pruned
     typo["spec"]["rayClusterSpec"]["workerGroupSpecs"][0]["maxReplica"] = 3
-    assert crd_errors(typo) == ["spec/rayClusterSpec/workerGroupSpecs/0: Additional properties are not allowed "
-                                "('maxReplica' was unexpected)"]
+    assert crd_errors(typo) == [
+        "spec/rayClusterSpec/workerGroupSpecs/0: Additional properties are not allowed ('maxReplica' was unexpected)"
+    ]
     bad_mode = copy.deepcopy(job)
     bad_mode["spec"]["rayClusterSpec"]["authOptions"]["mode"] = "tokens"
     assert len(crd_errors(bad_mode)) == 1
@@ -108,15 +121,21 @@ def test_rayjob_roles_token_dashboard_and_autoscaling():
     spec = job["spec"]["rayClusterSpec"]
     # one token for the whole cluster, from the Secret the header tells how to create; the operator injects it
     assert spec["authOptions"] == {"mode": "token", "secretName": "fdfo-ray-token"}
-    assert "kubectl create secret generic fdfo-ray-token --from-literal=auth_token=" in (DEPLOY / "rayjob.yaml").read_text()
+    assert (
+        "kubectl create secret generic fdfo-ray-token --from-literal=auth_token="
+        in (DEPLOY / "rayjob.yaml").read_text()
+    )
     assert all(e["name"] not in ("RAY_AUTH_TOKEN", "RAY_AUTH_MODE") for c in containers(job) for e in c.get("env", []))
     # the sidecar submitter reaches the dashboard on loopback; the operator polls it over the head Service
     assert job["spec"]["submissionMode"] == "SidecarMode"
     assert spec["headGroupSpec"]["rayStartParams"]["dashboard-host"] == "0.0.0.0"
     assert spec["enableInTreeAutoscaling"] is True
     groups = {g["groupName"]: g for g in spec["workerGroupSpecs"]}
-    assert {g: set(groups[g]["resources"]) for g in groups} == \
-        {"sampler-gpu": {"sampler"}, "learner-gpu": {"learner"}, "reward-gpu": {"reward"}}
+    assert {g: set(groups[g]["resources"]) for g in groups} == {
+        "sampler-gpu": {"sampler"},
+        "learner-gpu": {"learner"},
+        "reward-gpu": {"reward"},
+    }
     for g in groups.values():
         # the operator refuses resources both here and in rayStartParams
         assert not {"resources", "num-cpus", "num-gpus", "memory"} & set(g["rayStartParams"])
@@ -129,28 +148,37 @@ def test_rayjob_roles_token_dashboard_and_autoscaling():
 
 def test_rayjob_entrypoint_builds_a_valid_run_with_roles_judge_and_storage(tmp_path):
     job = rayjob()
-    words = shlex.split(job["spec"]["entrypoint"])         # as the submitter's shell splits it
+    words = shlex.split(job["spec"]["entrypoint"])  # as the submitter's shell splits it
     assert words[:2] == ["bash", "cluster/deploy/train-job.sh"]
     head = job["spec"]["rayClusterSpec"]["headGroupSpec"]["template"]["spec"]["containers"][0]
     env = {e["name"]: e for e in head["env"]}
     assert env["FDFO_JUDGE_API_KEY"]["valueFrom"]["secretKeyRef"] == {"name": "fdfo-judge-key", "key": "api_key"}
-    res, argv = run_train_job(tmp_path, words[2:], {"FDFO_JUDGE_URL": env["FDFO_JUDGE_URL"]["value"],
-                                                     "FDFO_JUDGE_API_KEY": "k-123"})
+    res, argv = run_train_job(
+        tmp_path, words[2:], {"FDFO_JUDGE_URL": env["FDFO_JUDGE_URL"]["value"], "FDFO_JUDGE_API_KEY": "k-123"}
+    )
     assert res.returncode == 0, res.stderr
     cfg = config_of(argv)
     assert cfg.name == "sd35m-combined"
     groups = {g["groupName"].split("-")[0]: g for g in job["spec"]["rayClusterSpec"]["workerGroupSpecs"]}
-    for role in ROLES:                          # every role asks for exactly what its group advertises one of
+    for role in ROLES:  # every role asks for exactly what its group advertises one of
         assert getattr(cfg.runtime, f"{role}_resources") == {role: 1}
         assert float(groups[role]["resources"][role]) >= 1
     assert "runtime.storage_path=s3://BUCKET/fdfo-runs" in argv
     pick, judge = cfg.reward.components
     assert pick == {"name": "pickscore", "weight": 1.0}
-    assert judge == {"name": "vlm_judge", "weight": 0.1, "model": "Qwen/Qwen2.5-VL-7B-Instruct", "backend": "server",
-                     "url": "http://fdfo-judge:8000", "api_key": "k-123", "resize": "float_bilinear"}
+    assert judge == {
+        "name": "vlm_judge",
+        "weight": 0.1,
+        "model": "Qwen/Qwen2.5-VL-7B-Instruct",
+        "backend": "server",
+        "url": "http://fdfo-judge:8000",
+        "api_key": "k-123",
+        "resize": "float_bilinear",
+    }
     preset_judge = load_config("sd35m-combined").reward.components[1]
-    assert {k: v for k, v in judge.items() if k not in ("url", "api_key")} == \
-        {k: v for k, v in preset_judge.items() if k != "url"}
+    assert {k: v for k, v in judge.items() if k not in ("url", "api_key")} == {
+        k: v for k, v in preset_judge.items() if k != "url"
+    }
 
 
 def test_judge_manifests_validate_as_kubernetes_objects_and_match_the_job():
@@ -159,7 +187,7 @@ def test_judge_manifests_validate_as_kubernetes_objects_and_match_the_job():
     docs = judge_docs()
     assert set(docs) == {"Deployment", "Service", "NetworkPolicy"}
     for doc in docs.values():
-        kubernetes_validate.validate(doc, K8S_VERSION, strict=True)        # raises on any error or unknown field
+        kubernetes_validate.validate(doc, K8S_VERSION, strict=True)  # raises on any error or unknown field
     broken = copy.deepcopy(docs["Service"])
     broken["spec"]["ports"][0]["prot"] = 8000
     with pytest.raises(kubernetes_validate.ValidationError):
@@ -176,7 +204,9 @@ def test_judge_manifests_validate_as_kubernetes_objects_and_match_the_job():
     vllm = dep["spec"]["template"]["spec"]["containers"][0]
     key = {e["name"]: e for e in vllm["env"]}["VLLM_API_KEY"]["valueFrom"]["secretKeyRef"]
     assert key == env["FDFO_JUDGE_API_KEY"]["valueFrom"]["secretKeyRef"]
-    assert vllm["args"][vllm["args"].index("--model") + 1] == load_config("sd35m-combined").reward.components[1]["model"]
+    assert (
+        vllm["args"][vllm["args"].index("--model") + 1] == load_config("sd35m-combined").reward.components[1]["model"]
+    )
     # the server binds the pod's own IP (the downward API's status.podIP, expanded by Kubernetes), never a wildcard
     assert vllm["args"][vllm["args"].index("--host") + 1] == "$(POD_IP)"
     assert {e["name"]: e for e in vllm["env"]}["POD_IP"]["valueFrom"] == {"fieldRef": {"fieldPath": "status.podIP"}}
@@ -188,6 +218,7 @@ def test_judge_manifests_validate_as_kubernetes_objects_and_match_the_job():
 
 
 # -- Ray cluster launcher ------------------------------------------------------------------------------------------
+
 
 def test_launcher_config_validates_against_rays_schema():
     from ray.autoscaler._private.util import prepare_config, validate_config
@@ -204,15 +235,23 @@ def test_launcher_roles_token_judge_and_dashboard():
     cfg = launcher()
     types = cfg["available_node_types"]
     custom = {name: set(t["resources"]) - {"CPU", "GPU"} for name, t in types.items()}
-    assert custom == {"head": set(), "sampler_gpu": {"sampler"}, "learner_gpu": {"learner"},
-                      "reward_gpu": {"reward"}, "judge_gpu": {"judge"}}
+    assert custom == {
+        "head": set(),
+        "sampler_gpu": {"sampler"},
+        "learner_gpu": {"learner"},
+        "reward_gpu": {"reward"},
+        "judge_gpu": {"judge"},
+    }
     assert types["head"]["resources"] == {"CPU": 0} and types["head"]["max_workers"] == 0
     assert types["sampler_gpu"]["max_workers"] > types["sampler_gpu"]["min_workers"] >= 1
     assert types["reward_gpu"]["max_workers"] > types["reward_gpu"]["min_workers"] >= 1
     # one token: made once on the client, copied to every node; no node generates its own
     assert cfg["file_mounts"]["~/.ray/auth_token"] == "~/.ray/auth_token"
-    commands = [c for key in ("initialization_commands", "setup_commands", "head_start_ray_commands",
-                              "worker_start_ray_commands") for c in cfg.get(key, [])]
+    commands = [
+        c
+        for key in ("initialization_commands", "setup_commands", "head_start_ray_commands", "worker_start_ray_commands")
+        for c in cfg.get(key, [])
+    ]
     commands += [c for t in types.values() for c in t.get("worker_setup_commands", [])]
     assert not any("get-auth-token" in c for c in commands)
     starts = [c for c in cfg["head_start_ray_commands"] + cfg["worker_start_ray_commands"] if "ray start" in c]
@@ -232,7 +271,7 @@ def test_launcher_job_command_builds_a_valid_run(tmp_path):
     """The submit command in ray-cluster.yaml's header, run through train-job.sh as the job would on the head."""
     header = (DEPLOY / "ray-cluster.yaml").read_text().split("--working-dir . -- \\\n", 1)[1]
     lines = []
-    for line in header.splitlines():                  # the command's continuation lines
+    for line in header.splitlines():  # the command's continuation lines
         lines.append(line.lstrip("# ").rstrip("\\").strip())
         if not line.endswith("\\"):
             break
@@ -246,15 +285,17 @@ def test_launcher_job_command_builds_a_valid_run(tmp_path):
     cfg = config_of(argv)
     assert {r: getattr(cfg.runtime, f"{r}_resources") for r in ROLES} == {r: {r: 1} for r in ROLES}
     judge = cfg.reward.components[1]
-    assert (judge["url"], judge["api_key"]) == ("http://192.0.2.7:8000", "file-key")   # found by judge_url.py
+    assert (judge["url"], judge["api_key"]) == ("http://192.0.2.7:8000", "file-key")  # found by judge_url.py
 
 
 def test_train_job_without_a_judge_key_says_how_to_make_one(tmp_path):
     res, argv = run_train_job(tmp_path, ["--config", "sd35m-combined"], {"FDFO_JUDGE_URL": "http://j:8000"})
     assert res.returncode == 2 and argv is None
-    assert res.stderr.strip() == (f"train-job.sh: no judge API key: set FDFO_JUDGE_API_KEY or create "
-                                  f"{tmp_path}/.fdfo/judge_api_key (the header of cluster/deploy/ray-cluster.yaml "
-                                  "says how)")
+    assert res.stderr.strip() == (
+        f"train-job.sh: no judge API key: set FDFO_JUDGE_API_KEY or create "
+        f"{tmp_path}/.fdfo/judge_api_key (the header of cluster/deploy/ray-cluster.yaml "
+        "says how)"
+    )
 
 
 def test_judge_url_picks_the_live_judge_node():
@@ -263,9 +304,11 @@ def test_judge_url_picks_the_live_judge_node():
     spec = importlib.util.spec_from_file_location("judge_url", DEPLOY / "judge_url.py")
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
-    nodes = [{"Alive": True, "NodeManagerAddress": "192.0.2.3", "Resources": {"CPU": 8.0, "sampler": 8.0}},
-             {"Alive": False, "NodeManagerAddress": "192.0.2.4", "Resources": {"judge": 1.0}},
-             {"Alive": True, "NodeManagerAddress": "192.0.2.9", "Resources": {"CPU": 4.0, "judge": 1.0}}]
+    nodes = [
+        {"Alive": True, "NodeManagerAddress": "192.0.2.3", "Resources": {"CPU": 8.0, "sampler": 8.0}},
+        {"Alive": False, "NodeManagerAddress": "192.0.2.4", "Resources": {"judge": 1.0}},
+        {"Alive": True, "NodeManagerAddress": "192.0.2.9", "Resources": {"CPU": 4.0, "judge": 1.0}},
+    ]
     assert mod.judge_url(nodes, 8000) == "http://192.0.2.9:8000"
     with pytest.raises(SystemExit, match="no live Ray node advertises the `judge` resource"):
         mod.judge_url(nodes[:2], 8000)
@@ -280,10 +323,15 @@ def test_images_named_consistently():
     job_images = {c["image"] for c in containers(rayjob())}
     judge_image = judge_docs()["Deployment"]["spec"]["template"]["spec"]["containers"][0]["image"]
     docker = launcher()["docker"]
-    launcher_images = {docker["image"], docker["head_image"],
-                       launcher()["available_node_types"]["judge_gpu"]["docker"]["worker_image"]}
+    launcher_images = {
+        docker["image"],
+        docker["head_image"],
+        launcher()["available_node_types"]["judge_gpu"]["docker"]["worker_image"],
+    }
     assert job_images | {judge_image} == want and launcher_images == want
     assert rayjob()["spec"]["rayClusterSpec"]["rayVersion"] == "2.60.0"
-    assert any(d.startswith("ray[default,serve]==2.60.0")
-               for d in tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"])
+    assert any(
+        d.startswith("ray[default,serve]==2.60.0")
+        for d in tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
+    )
     assert os.access(DEPLOY / "train-job.sh", os.R_OK)

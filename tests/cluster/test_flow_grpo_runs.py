@@ -10,9 +10,19 @@ import pytest
 from cluster.config import load_config
 from rewards.base import RewardOutput
 
-BASE = ["train.epochs=4", "train.pairs_per_epoch=8", "train.updates_per_epoch=2", "sampling.pairs_per_call=4",
-        "sampling.num_steps=4", "runtime.num_samplers=2", "runtime.sampler_num_cpus=1", "runtime.learner_num_cpus=1",
-        "train.algorithm=flow_grpo", "grpo.group_size=4", "train.lr=1e-3"]
+BASE = [
+    "train.epochs=4",
+    "train.pairs_per_epoch=8",
+    "train.updates_per_epoch=2",
+    "sampling.pairs_per_call=4",
+    "sampling.num_steps=4",
+    "runtime.num_samplers=2",
+    "runtime.sampler_num_cpus=1",
+    "runtime.learner_num_cpus=1",
+    "train.algorithm=flow_grpo",
+    "grpo.group_size=4",
+    "train.lr=1e-3",
+]
 
 
 def test_a_ray_run_of_groups_keeps_the_books(ray_local, tmp_path):
@@ -26,7 +36,7 @@ def test_a_ray_run_of_groups_keeps_the_books(ray_local, tmp_path):
     assert [h["learner/version"] for h in hist] == [2, 4, 6, 8]
     assert [h["perf/images_sampled"] for h in hist][-1] == 32 * 4
     assert max(h["learner/policy_lag_max"] for h in hist) <= 3
-    assert all(h["learner/rows"] == 8 * 4 * 4 for h in hist)           # every (image, SDE step) row, each epoch
+    assert all(h["learner/rows"] == 8 * 4 * 4 for h in hist)  # every (image, SDE step) row, each epoch
     assert all(0.0 <= h["learner/clip_frac"] <= 1.0 and np.isfinite(h["learner/loss"]) for h in hist)
     # it trains: every update has a gradient (a log p without one would not), and the weights move between versions,
     # so the rows sampled a version or more behind (overlap) score a log p of their own under the learner's weights
@@ -42,8 +52,15 @@ def test_a_ray_run_of_groups_keeps_the_books(ray_local, tmp_path):
 # Short Flow-GRPO runs of the shapes-flow-grpo preset in one process: 12 epochs of 16 groups of 8 (1,536 images) at
 # lr 3e-4, the held-out judge on 32 prompts x 4 seeds (0.530 at the base). Measured here (the same runs are
 # bench_fdfo_vs_grpo's curves at 1,536 images): seeds 0 / 1 gain +0.091 / +0.151.
-GAIN_RUN = ["train.epochs=12", "train.lr=3e-4", "eval.every_epochs=0", "eval.num_prompts=32", "runtime.local=true",
-            "runtime.torch_threads=2", "train.checkpoint_every=0"]
+GAIN_RUN = [
+    "train.epochs=12",
+    "train.lr=3e-4",
+    "eval.every_epochs=0",
+    "eval.num_prompts=32",
+    "runtime.local=true",
+    "runtime.torch_threads=2",
+    "train.checkpoint_every=0",
+]
 MIN_GAIN = 0.04
 
 
@@ -51,7 +68,7 @@ def grpo_run(tmp_path, seed: int, monkeypatch=None, shuffled: bool = False) -> d
     import cluster.driver as driver
     from cluster.pipeline import score_pairs
 
-    if shuffled:   # the control: every reward call's scores permuted among its images (seeded), so no signal is left
+    if shuffled:  # the control: every reward call's scores permuted among its images (seeded), so no signal is left
         rng = np.random.default_rng(seed)
 
         def shuffled_scores(reward, images, prompts):

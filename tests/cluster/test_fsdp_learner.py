@@ -16,13 +16,22 @@ from models.adapter import SD3Adapter
 from tests.helpers import three_pair_batch
 
 
-
 def cfg(*extra):
     # 3 pairs x 2 branches x 3 steps = 18 rows in 2 updates of 9: the ranks take 5 and 4 rows. Micro-batches of 5 make
     # each rank's share one micro-batch, so the group sums the single learner's two micro-batch terms in its order
     # (another order differs by float rounding, which AdamW magnifies in near-zero components: 1e-6 would not hold)
-    return load_config("tiny-cpu", ["sampling.num_steps=3", "train.pairs_per_epoch=3", "train.updates_per_epoch=2",
-                                    "train.micro_batch_rows=5", "train.lr=1e-2", "runtime.num_learners=2", *extra])
+    return load_config(
+        "tiny-cpu",
+        [
+            "sampling.num_steps=3",
+            "train.pairs_per_epoch=3",
+            "train.updates_per_epoch=2",
+            "train.micro_batch_rows=5",
+            "train.lr=1e-2",
+            "runtime.num_learners=2",
+            *extra,
+        ],
+    )
 
 
 @pytest.fixture(scope="module")
@@ -40,15 +49,27 @@ def sharded_group(*extra, dtype=torch.float32) -> list:
     import ray
 
     c = cfg(*extra)
-    assert learner_sharding(c) == "fsdp"                # auto: full fine-tuning over 2 ranks
+    assert learner_sharding(c) == "fsdp"  # auto: full fine-tuning over 2 ranks
     remote = ray.remote(Learner).options(num_cpus=1)
     # the test process's torch threads: its single learner's matmuls then sum in the same order as the ranks'
-    ranks = [remote.remote(model=functools.partial(SD3Adapter.tiny, seed=0, dtype=dtype), train=c.train, batching=Batching.of(c),
-                           lora=c.lora, seed=0, threads=torch.get_num_threads(), rank=r, world_size=2,
-                           sharding=learner_sharding(c)) for r in range(2)]
+    ranks = [
+        remote.remote(
+            model=functools.partial(SD3Adapter.tiny, seed=0, dtype=dtype),
+            train=c.train,
+            batching=Batching.of(c),
+            lora=c.lora,
+            seed=0,
+            threads=torch.get_num_threads(),
+            rank=r,
+            world_size=2,
+            sharding=learner_sharding(c),
+        )
+        for r in range(2)
+    ]
     addr, port = ray.get(ranks[0].learner_group_address.remote(peers_on_this_node=True))
-    ray.get([r.join_learner_group.remote(master_addr=addr, master_port=port, backend="gloo", timeout_s=60)
-             for r in ranks])
+    ray.get(
+        [r.join_learner_group.remote(master_addr=addr, master_port=port, backend="gloo", timeout_s=60) for r in ranks]
+    )
     return ranks
 
 
@@ -85,7 +106,7 @@ def test_two_sharded_ranks_make_the_update_of_one_learner_and_resume_either_way(
     start = one.weights().tensors
     want = one.train_epoch(batch)
     outs = epoch(group, batch)
-    published = ray.get(group[0].weights.remote())         # rank 0 alone: the weights gathered after the last step
+    published = ray.get(group[0].weights.remote())  # rank 0 alone: the weights gathered after the last step
     published.verify()
     assert published.version == one.version == 2
     assert ray.get(group[1].weights_info.remote()) == (2, published.checksum)
@@ -101,14 +122,15 @@ def test_two_sharded_ranks_make_the_update_of_one_learner_and_resume_either_way(
         assert outs[0][key] == pytest.approx(want[key], rel=1e-5) == outs[1][key]
 
     # M=2 -> M=1: rank 0 writes one learner's layout (the others gather with it and return None) ...
-    folders = ray.get([r.save.remote(str(tmp_path / "m2"), {"epoch": 1}, {"train": {"keep_checkpoints": 0}})
-                       for r in group])
+    folders = ray.get(
+        [r.save.remote(str(tmp_path / "m2"), {"epoch": 1}, {"train": {"keep_checkpoints": 0}}) for r in group]
+    )
     assert folders[1] is None
     m2, m1 = folders[0], one.save(str(tmp_path / "m1"), {"epoch": 1}, {"train": {"keep_checkpoints": 0}})
     assert layout(m2) == layout(m1)
     saved, theirs = load_file(f"{m2}/optimizer.safetensors"), load_file(f"{m1}/optimizer.safetensors")
     assert saved.keys() == theirs.keys()
-    for k in saved:                                        # indexed like one learner's AdamW, the same moments
+    for k in saved:  # indexed like one learner's AdamW, the same moments
         torch.testing.assert_close(saved[k], theirs[k], rtol=1e-5, atol=1e-9)
     # ... which one learner resumes: the published tensors and AdamW moments, bit for bit
     solo = single()
@@ -166,9 +188,10 @@ def test_bf16_sharded_ranks_train_fp32_masters_and_resume_at_one_rank_bit_for_bi
         want = one.train_epoch(batch)
         outs = epoch(ranks, batch)
         published = ray.get(ranks[0].weights.remote())
-        folder = ray.get([r.save.remote(str(tmp_path), {"epoch": 1}, {"train": {"keep_checkpoints": 0}})
-                          for r in ranks])[0]
-        epoch(ranks, batch)                                 # one more epoch from the group's in-memory masters
+        folder = ray.get(
+            [r.save.remote(str(tmp_path), {"epoch": 1}, {"train": {"keep_checkpoints": 0}}) for r in ranks]
+        )[0]
+        epoch(ranks, batch)  # one more epoch from the group's in-memory masters
         continued = ray.get(ranks[0].weights.remote())
     finally:
         for r in ranks:
@@ -177,7 +200,7 @@ def test_bf16_sharded_ranks_train_fp32_masters_and_resume_at_one_rank_bit_for_bi
     assert {t.dtype for t in published.tensors.values()} == {torch.bfloat16}
     w1 = one.weights().tensors
     moved = max(float((w1[k].float() - start[k].float()).abs().max()) for k in w1)
-    assert moved > 0.01                                     # an update at lr 1e-2 did not round away in bf16
+    assert moved > 0.01  # an update at lr 1e-2 did not round away in bf16
     # the two updates agree to bf16 rounding: measured 4.8 % apart (L2) with 84 % of the elements identical; ranks
     # that stepped on their own rows alone, or counted a row twice, would be apart by a large share of the update
     d1 = torch.cat([(w1[k].float() - start[k].float()).flatten() for k in w1])
@@ -190,9 +213,9 @@ def test_bf16_sharded_ranks_train_fp32_masters_and_resume_at_one_rank_bit_for_bi
     # learner resumes: a checkpoint of the bf16 weights alone would have passed the checksum above
     masters = load_file(f"{folder}/masters.safetensors")
     assert masters.keys() == published.tensors.keys() and {m.dtype for m in masters.values()} == {torch.float32}
-    assert all(torch.equal(masters[k].bfloat16(), published.tensors[k]) for k in masters)     # the weights: rounded
+    assert all(torch.equal(masters[k].bfloat16(), published.tensors[k]) for k in masters)  # the weights: rounded
     finer = sum(int((masters[k] != published.tensors[k].float()).sum()) for k in masters)
-    assert finer > 0.5 * sum(m.numel() for m in masters.values())                            # most bits below bf16
+    assert finer > 0.5 * sum(m.numel() for m in masters.values())  # most bits below bf16
     names = [n for n, p in solo.model.transformer.named_parameters() if p.requires_grad]
     assert all(torch.equal(m, masters[n]) for n, m in zip(names, solo.masters, strict=True))
     # one more epoch both ways: the group from its live masters, one learner from the saved ones, agree as the first
@@ -205,15 +228,26 @@ def test_bf16_sharded_ranks_train_fp32_masters_and_resume_at_one_rank_bit_for_bi
     assert float((d2 - d1).norm() / d1.norm()) < 0.15 and float((d1 == d2).float().mean()) > 0.6
 
 
-@pytest.mark.parametrize("overrides, message", [
-    (["runtime.learner_sharding=fsdp", "lora.enabled=true"],
-     ("runtime.learner_sharding = fsdp shards full fine-tuning, but lora.enabled is true (LoRA factors are small: "
-      "every rank holds them); set runtime.learner_sharding=auto (or replicate), or lora.enabled=false")),
-    (["train.precision=fp16"],                              # auto resolves to fsdp: full fine-tuning, 2 ranks
-     ("runtime.learner_sharding resolves to fsdp (2 learner ranks, full fine-tuning) but train.precision is fp16: "
-      "the GradScaler's inf check reads only each rank's gradient shard, so the ranks could disagree on skipping a "
-      "step; use train.precision=bf16 (or runtime.learner_sharding=replicate to keep fp16)")),
-])
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (
+            ["runtime.learner_sharding=fsdp", "lora.enabled=true"],
+            (
+                "runtime.learner_sharding = fsdp shards full fine-tuning, but lora.enabled is true (LoRA factors are small: "
+                "every rank holds them); set runtime.learner_sharding=auto (or replicate), or lora.enabled=false"
+            ),
+        ),
+        (
+            ["train.precision=fp16"],  # auto resolves to fsdp: full fine-tuning, 2 ranks
+            (
+                "runtime.learner_sharding resolves to fsdp (2 learner ranks, full fine-tuning) but train.precision is fp16: "
+                "the GradScaler's inf check reads only each rank's gradient shard, so the ranks could disagree on skipping a "
+                "step; use train.precision=bf16 (or runtime.learner_sharding=replicate to keep fp16)"
+            ),
+        ),
+    ],
+)
 def test_sharding_config_errors_name_the_fix(overrides, message):
     with pytest.raises(ValueError, match=f"^{re.escape(message)}$"):
         cfg(*overrides)

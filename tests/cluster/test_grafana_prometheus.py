@@ -35,8 +35,11 @@ def panel_queries() -> list[str]:
 def test_dashboard_shows_every_exported_metric():
     # Ray exports a metric `fdfo_x` as `ray_fdfo_x` (counters with `_total`)
     # (histograms as `_bucket` / `_sum` / `_count` series)
-    shown = {re.sub(r"_(total|bucket|sum|count)$", "", m)[len("ray_"):] for q in panel_queries()
-             for m in re.findall(r"ray_fdfo_[a-z_]+", q)}
+    shown = {
+        re.sub(r"_(total|bucket|sum|count)$", "", m)[len("ray_") :]
+        for q in panel_queries()
+        for m in re.findall(r"ray_fdfo_[a-z_]+", q)
+    }
     assert shown == exported_metrics()
     dash = json.loads(DASHBOARD.read_text())
     assert dash["uid"] == "fdfo-training"
@@ -54,12 +57,19 @@ def start_prometheus(tmp_path, target: str) -> tuple[subprocess.Popen, str]:
     port = free_port()
     (tmp_path / "prometheus.yml").write_text(
         "global: {scrape_interval: 1s, evaluation_interval: 1s}\n"
-        f"scrape_configs:\n  - job_name: ray\n    static_configs:\n      - targets: ['{target}']\n")
-    with open(tmp_path / "prometheus.log", "w") as log:            # the child keeps its own descriptor
+        f"scrape_configs:\n  - job_name: ray\n    static_configs:\n      - targets: ['{target}']\n"
+    )
+    with open(tmp_path / "prometheus.log", "w") as log:  # the child keeps its own descriptor
         proc = subprocess.Popen(
-            [shutil.which("prometheus"), f"--config.file={tmp_path / 'prometheus.yml'}",
-             f"--storage.tsdb.path={tmp_path / 'tsdb'}", f"--web.listen-address=127.0.0.1:{port}"],
-            stdout=log, stderr=subprocess.STDOUT)
+            [
+                shutil.which("prometheus"),
+                f"--config.file={tmp_path / 'prometheus.yml'}",
+                f"--storage.tsdb.path={tmp_path / 'tsdb'}",
+                f"--web.listen-address=127.0.0.1:{port}",
+            ],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
     return proc, f"http://127.0.0.1:{port}"
 
 
@@ -82,8 +92,10 @@ def prometheus_or_skip() -> str:
     found = shutil.which("prometheus")
     if found:
         return found
-    why = ("Debian's `prometheus` is not installed (apt-get install prometheus; .ci/setup.sh --tests installs it where "
-           "it runs as root with apt)")
+    why = (
+        "Debian's `prometheus` is not installed (apt-get install prometheus; .ci/setup.sh --tests installs it where "
+        "it runs as root with apt)"
+    )
     if os.environ.get("CI", "").strip().lower() not in ("", "0", "false", "no"):
         pytest.fail(f"{why}, and this is CI (CI={os.environ['CI']}): the dashboard test must run here, not skip")
     pytest.skip(why)
@@ -93,7 +105,9 @@ def test_a_missing_prometheus_fails_in_ci_and_skips_elsewhere(monkeypatch):
     monkeypatch.setattr(shutil, "which", lambda name: None)
     for ci in ("true", "1"):
         monkeypatch.setenv("CI", ci)
-        with pytest.raises(pytest.fail.Exception, match=rf"^Debian's `prometheus` is not installed .*, and this is CI \(CI={ci}\)"):
+        with pytest.raises(
+            pytest.fail.Exception, match=rf"^Debian's `prometheus` is not installed .*, and this is CI \(CI={ci}\)"
+        ):
             prometheus_or_skip()
     for ci in ("", "false"):
         monkeypatch.setenv("CI", ci)
@@ -111,10 +125,21 @@ def test_prometheus_scrapes_a_run_and_answers_every_panel(ray_local, tmp_path):
     from cluster.runtime import run_ray
 
     prometheus_or_skip()
-    cfg = load_config("tiny-cpu", [f"name={RUN}", f"output_dir={tmp_path / 'runs'}", "train.epochs=2",
-                                   "train.pairs_per_epoch=8", "train.updates_per_epoch=2", "sampling.pairs_per_call=4",
-                                   "sampling.num_steps=4", "runtime.num_samplers=2", "runtime.sampler_num_cpus=1",
-                                   "runtime.learner_num_cpus=1"])
+    cfg = load_config(
+        "tiny-cpu",
+        [
+            f"name={RUN}",
+            f"output_dir={tmp_path / 'runs'}",
+            "train.epochs=2",
+            "train.pairs_per_epoch=8",
+            "train.updates_per_epoch=2",
+            "sampling.pairs_per_call=4",
+            "sampling.num_steps=4",
+            "runtime.num_samplers=2",
+            "runtime.sampler_num_cpus=1",
+            "runtime.learner_num_cpus=1",
+        ],
+    )
     out = run_ray(cfg)
     trained = out["ledger"]["pairs_trained"]
     assert trained == 16

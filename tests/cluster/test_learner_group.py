@@ -45,8 +45,9 @@ def group(ray_local):
         formed.append([StubRank.remote(index, r) for r in range(cfg.runtime.num_learners)])
         return formed[-1]
 
-    learners = LearnerGroup(load_config("tiny-cpu", ["runtime.num_learners=2", "runtime.learner_sharding=replicate"]),
-                            form=form)
+    learners = LearnerGroup(
+        load_config("tiny-cpu", ["runtime.num_learners=2", "runtime.learner_sharding=replicate"]), form=form
+    )
     yield learners, formed
     for ranks in formed:
         for rank in ranks:
@@ -60,7 +61,7 @@ def test_every_call_goes_to_each_rank_and_rank_0_answers(group):
     assert learners.lead is formed[0][0] and learners.index == 0
     batches = [ray.put("batch-a"), ray.put("batch-b")]
     lead = learners.begin_epoch(batches)
-    assert ray.get(lead) == {"rank": 0, "batches": ["batch-a", "batch-b"]}     # refs resolved on the rank
+    assert ray.get(lead) == {"rank": 0, "batches": ["batch-a", "batch-b"]}  # refs resolved on the rank
     (other,) = learners.rank_refs
     assert learners.owns(other) and not learners.owns(lead)
     assert learners.on_rank(other) and learners.rank_refs == []
@@ -100,7 +101,7 @@ def test_checkpoints_and_a_restart_on_the_last_one(group):
     assert folder == learners.checkpoint == "/runs/a/checkpoints/v000002"
     assert [ray.get(r.record.remote()) for r in formed[1]] == [[2], []]
     learners.begin_epoch([])
-    state = learners.restart()                             # group 2 restores the checkpoint on every rank
+    state = learners.restart()  # group 2 restores the checkpoint on every rank
     assert learners.index == 2 and learners.rank_refs == []
     assert state == {"epoch": 2, "ledger": {"pairs_trained": 16}, "loaded_by": [2, 0], "folder": folder}
     assert learners.checkpoint == folder

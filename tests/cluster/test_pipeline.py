@@ -12,8 +12,15 @@ from cluster.config import load_config
 
 SHORT = ["train.epochs=4", "eval.every_epochs=2", "eval.num_prompts=16"]
 STAGES = ("perf/sample_s", "perf/score_s", "perf/pack_s", "perf/update_s", "perf/publish_s")
-RAY_ONLY = {"perf/learner_step_s", "perf/learner_waited_for_data_s", "reward/latency_s", "reward/backlog", "runtime/samplers",
-            "runtime/samplers_joining", "runtime/reward_replicas"}
+RAY_ONLY = {
+    "perf/learner_step_s",
+    "perf/learner_waited_for_data_s",
+    "reward/latency_s",
+    "reward/backlog",
+    "runtime/samplers",
+    "runtime/samplers_joining",
+    "runtime/reward_replicas",
+}
 
 
 def short_run(tmp_path, mode: str) -> dict:
@@ -40,18 +47,23 @@ def judge_curve(out: dict) -> list:
 def test_in_process_numbers_are_unchanged(runs):
     out = runs["local"]
     assert judge_curve(out) == [None, 0.578125, None, 0.583984375]
-    assert out["final"]["heldout"]["reward/shapes_judge/mean"] == {"before": 0.55078125, "after": 0.583984375,
-                                                                  "gain": pytest.approx(0.033203125)}
+    assert out["final"]["heldout"]["reward/shapes_judge/mean"] == {
+        "before": 0.55078125,
+        "after": 0.583984375,
+        "gain": pytest.approx(0.033203125),
+    }
     assert [h["learner/loss"] for h in out["history"]] == pytest.approx(
-        [0.005125002469867468, 0.007345797959715128, -0.0022837829310446978, -0.003821965306997299], rel=1e-3)
+        [0.005125002469867468, 0.007345797959715128, -0.0022837829310446978, -0.003821965306997299], rel=1e-3
+    )
 
 
 def test_ray_numbers_are_unchanged(runs):
     out = runs["ray"]
-    assert judge_curve(out) == [None, 0.560546875, None, 0.5703125]      # samples one version old from epoch 1 on
+    assert judge_curve(out) == [None, 0.560546875, None, 0.5703125]  # samples one version old from epoch 1 on
     assert out["final"]["heldout"]["reward/shapes_judge/mean"]["after"] == 0.5703125
     assert [h["learner/loss"] for h in out["history"]] == pytest.approx(
-        [0.005125002469867468, 0.0137956403195858, -0.0033495828974992037, -0.002752145752310753], rel=1e-3)
+        [0.005125002469867468, 0.0137956403195858, -0.0033495828974992037, -0.002752145752310753], rel=1e-3
+    )
 
 
 def test_ray_in_lock_step_computes_exactly_what_the_in_process_loop_computes(runs):
@@ -62,15 +74,20 @@ def test_ray_in_lock_step_computes_exactly_what_the_in_process_loop_computes(run
     assert judge_curve(lock) == judge_curve(local)
     assert [h["learner/loss"] for h in lock["history"]] == [h["learner/loss"] for h in local["history"]]
     assert [h["reward/mean"] for h in lock["history"]] == [h["reward/mean"] for h in local["history"]]
-    assert all(h["learner/policy_lag_max"] == 0 for h in lock["history"])   # one update an epoch: lag 0
+    assert all(h["learner/policy_lag_max"] == 0 for h in lock["history"])  # one update an epoch: lag 0
 
 
 def test_both_drivers_keep_the_same_books(runs):
     local, ray_ = runs["local"], runs["ray"]
     for out in (local, ray_):
-        assert out["ledger"] == {"pairs_requested": 256, "pairs_trained": 256, "pairs_dropped": {}, "pairs_in_flight": 0}
+        assert out["ledger"] == {
+            "pairs_requested": 256,
+            "pairs_trained": 256,
+            "pairs_dropped": {},
+            "pairs_in_flight": 0,
+        }
         assert out["version"] == 4 and [h["epoch"] for h in out["history"]] == [0, 1, 2, 3]
-        assert all(sum(h[k] for h in out["history"]) > 0 for k in STAGES)   # every stage under its timer
+        assert all(sum(h[k] for h in out["history"]) > 0 for k in STAGES)  # every stage under its timer
     # in process each epoch runs every stage; through Ray a stage's time counts in the epoch it finished in
     assert all(h[k] > 0 for h in local["history"] for k in STAGES)
     assert all(ray_["history"][0][k] > 0 for k in STAGES)
@@ -99,7 +116,11 @@ def test_resume_after_a_crash_or_a_stop_continues_exactly(tmp_path, monkeypatch,
     from cluster.driver import run_local
     from tests.helpers import stop_after_epoch
 
-    over = ["train.epochs=4", "train.checkpoint_every=4", "sampling.num_steps=4"]   # 2 updates an epoch: a checkpoint at epoch 2
+    over = [
+        "train.epochs=4",
+        "train.checkpoint_every=4",
+        "sampling.num_steps=4",
+    ]  # 2 updates an epoch: a checkpoint at epoch 2
     whole = run_local(load_config("tiny-cpu", over + [f"output_dir={tmp_path}", "name=whole"]))
     cfg = load_config("tiny-cpu", over + [f"output_dir={tmp_path}", "name=crashed"])
     stop_after_epoch(monkeypatch, 2, stop)
@@ -111,19 +132,27 @@ def test_resume_after_a_crash_or_a_stop_continues_exactly(tmp_path, monkeypatch,
     first = 2 if stop is RuntimeError else 3
     assert [h["epoch"] for h in resumed["history"]] == list(range(first, 4))
     assert resumed["version"] == whole["version"] == 8
-    assert resumed["learner"].weights_info() == whole["learner"].weights_info()      # bit-identical weights
+    assert resumed["learner"].weights_info() == whole["learner"].weights_info()  # bit-identical weights
     a, b = whole["learner"].opt.state_dict()["state"], resumed["learner"].opt.state_dict()["state"]
     assert a.keys() == b.keys() and all(torch.equal(a[i][k], b[i][k]) for i in a for k in a[i])
     # the checkpoint holds the counters and the next pair id as of epoch 2: the re-run epoch draws the same pairs
-    assert resumed["ledger"] == whole["ledger"] == {"pairs_requested": 64, "pairs_trained": 64, "pairs_dropped": {},
-                                                    "pairs_in_flight": 0}
+    assert (
+        resumed["ledger"]
+        == whole["ledger"]
+        == {"pairs_requested": 64, "pairs_trained": 64, "pairs_dropped": {}, "pairs_in_flight": 0}
+    )
     assert [h["reward/mean"] for h in resumed["history"]] == [h["reward/mean"] for h in whole["history"][first:]]
 
 
 # The shapes judge cannot parse six of the eight tiny prompts ("a black cat"): with one pair per call, exactly the
 # pairs drawn for those prompts fail their reward and are dropped as reward_failure; the others train.
-FAILING = ["reward.components=[{name: jpeg_compressibility, weight: 1.0}, {name: shapes_judge, weight: 1.0}]",
-           "sampling.pairs_per_call=1", "train.pairs_per_epoch=8", "train.epochs=2", "sampling.num_steps=4"]
+FAILING = [
+    "reward.components=[{name: jpeg_compressibility, weight: 1.0}, {name: shapes_judge, weight: 1.0}]",
+    "sampling.pairs_per_call=1",
+    "train.pairs_per_epoch=8",
+    "train.epochs=2",
+    "sampling.num_steps=4",
+]
 PARSEABLE = {"a red circle", "a blue square"}
 
 
@@ -147,7 +176,7 @@ def test_reward_failures_are_counted_in_both_drivers(mode, tmp_path, request):
         # every requested pair is accounted for: the 16 of two epochs, those with an unparseable prompt dropped
         assert ledger["pairs_requested"] == 16 and ledger["pairs_dropped"] == {"reward_failure": failing_pairs(16)}
         assert ledger["pairs_trained"] == 16 - failing_pairs(16)
-        assert out["sampler"].status()["pending_pairs"] == 0          # failed pairs' trajectories were freed
+        assert out["sampler"].status()["pending_pairs"] == 0  # failed pairs' trajectories were freed
     else:
         request.getfixturevalue("ray_local")
         from cluster.runtime import run_ray
@@ -160,7 +189,9 @@ def test_reward_failures_are_counted_in_both_drivers(mode, tmp_path, request):
         assert ledger["pairs_trained"] == 16 and ledger["pairs_dropped"] == {"reward_failure": failing_pairs(n)}
         assert n == 16 + failing_pairs(n)
         assert all(s["pending_pairs"] == 0 for s in out["samplers"])
-    assert ledger["pairs_in_flight"] == 0 and out["history"][-1]["drops/reward_failure"] == failing_pairs(ledger["pairs_requested"])
+    assert ledger["pairs_in_flight"] == 0 and out["history"][-1]["drops/reward_failure"] == failing_pairs(
+        ledger["pairs_requested"]
+    )
 
 
 def test_book_rollback_returns_to_the_restored_checkpoints_counters(tmp_path):
@@ -174,13 +205,24 @@ def test_book_rollback_returns_to_the_restored_checkpoints_counters(tmp_path):
     for epoch in range(3):
         book.ledger.request(8)
         book.add_rewards([{"reward": [0.5] * 16}])
-        assert book.record_update({"stale_pair_ids": [], "trained_pair_ids": list(range(8 * epoch, 8 * epoch + 8)),
-                                   "updates": 1, "learner/version": epoch + 1, "checksum": f"c{epoch + 1}"})
+        assert book.record_update(
+            {
+                "stale_pair_ids": [],
+                "trained_pair_ids": list(range(8 * epoch, 8 * epoch + 8)),
+                "updates": 1,
+                "learner/version": epoch + 1,
+                "checksum": f"c{epoch + 1}",
+            }
+        )
         book.end_epoch({})
-    book.add_rewards([{"reward": [0.9, 0.9]}])             # the lost epoch's statistics so far
+    book.add_rewards([{"reward": [0.9, 0.9]}])  # the lost epoch's statistics so far
     state = {"epoch": 1, "next_pair_id": 8, "ledger": {"pairs_trained": 8}}
     assert book.rollback(state, version=1, checksum="c1") == 16
     assert (book.epoch, book.version, book.checksum, book.last_checkpoint, book.rewards) == (1, 1, "c1", 1, {})
     assert [h["epoch"] for h in book.history] == [0]
-    assert book.ledger.summary() == {"pairs_requested": 24, "pairs_trained": 8, "pairs_dropped": {"rolled_back": 16},
-                                     "pairs_in_flight": 0}
+    assert book.ledger.summary() == {
+        "pairs_requested": 24,
+        "pairs_trained": 8,
+        "pairs_dropped": {"rolled_back": 16},
+        "pairs_in_flight": 0,
+    }

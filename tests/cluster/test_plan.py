@@ -31,7 +31,7 @@ def test_lockstep_split_by_hand():
     assert continuous_samplers(w, 3, overlap=False) == pytest.approx(1.0)
     assert best_split(w, 3, overlap=False) == (1, 2)
     assert w.epoch_s(1, 2, overlap=False) == 1 / 1 + 4 / 2 == 3.0
-    assert w.epoch_s(2, 1, overlap=False) == 1 / 2 + 4 / 1 == 4.5      # the other split is worse
+    assert w.epoch_s(2, 1, overlap=False) == 1 / 2 + 4 / 1 == 4.5  # the other split is worse
     # a = 2, b = 6, 8 GPUs: S = 8 / (1 + sqrt(3)) = 2.93 -> 3 + 5: 2/3 + 6/5 = 28/15 beats 2 + 6 and 4 + 4 (both 2)
     w = Workload(images=1, a=2.0, b=6.0)
     assert continuous_samplers(w, 8, overlap=False) == pytest.approx(8 / (1 + math.sqrt(3)))
@@ -42,9 +42,9 @@ def test_overlap_balances_the_two_roles():
     # overlap: the epoch is the slower role; it is balanced where a / S = b / L, i.e. S = C a / (a + b)
     w = Workload(images=1, a=2.0, b=6.0)
     assert continuous_samplers(w, 8, overlap=True) == pytest.approx(2.0)
-    assert best_split(w, 8, overlap=True) == (2, 6) and w.epoch_s(2, 6, overlap=True) == 1.0   # 2/2 = 6/6
+    assert best_split(w, 8, overlap=True) == (2, 6) and w.epoch_s(2, 6, overlap=True) == 1.0  # 2/2 = 6/6
     w = Workload(images=1, a=1.0, b=4.0)
-    assert best_split(w, 3, overlap=True) == (1, 2) and w.epoch_s(1, 2, overlap=True) == 2.0   # max(1, 2)
+    assert best_split(w, 3, overlap=True) == (1, 2) and w.epoch_s(1, 2, overlap=True) == 2.0  # max(1, 2)
 
 
 def test_allreduce_cost_and_its_closed_form():
@@ -69,7 +69,7 @@ def test_rounded_closed_form_is_the_best_integer_split(overlap):
 
 def test_scaling_efficiency():
     # images per GPU-second at G over those at G0: G0 x epoch(G0) / (G x epoch(G))
-    assert scaling_efficiency(4, 100.0, 32, 12.5) == 1.0          # 8x the GPUs, 1/8 of the time
+    assert scaling_efficiency(4, 100.0, 32, 12.5) == 1.0  # 8x the GPUs, 1/8 of the time
     assert scaling_efficiency(4, 100.0, 32, 15.0) == pytest.approx(400 / 480)
 
 
@@ -91,7 +91,7 @@ def test_preset_reward_gpus_and_gradient_bytes():
     combined = load_config("sd35m-combined")
     assert reward_gpus(combined) == (2, "1 reward actor(s) x 1 GPU + 1 VLM judge server(s)")
     assert reward_gpus(load_config("sd35m-pickscore"))[0] == 1
-    assert gradient_bytes(combined) == 4 * 191 * 32 * 3072 == 75_104_256      # fp32 LoRA gradients, 18.8 M params
+    assert gradient_bytes(combined) == 4 * 191 * 32 * 3072 == 75_104_256  # fp32 LoRA gradients, 18.8 M params
     assert gradient_bytes(load_config("sd35m-combined", ["lora.enabled=false"])) == 4 * 2_243_171_520
     with pytest.raises(ValueError, match=r"model.kind=shapes: give --gradient-mb"):
         gradient_bytes(load_config("shapes"))
@@ -120,7 +120,8 @@ def test_too_few_gpus_is_an_error_that_names_the_need():
     assert str(e.value) == (
         "--gpus 3 is too few for sd35m-combined: its reward pool takes 2 GPU(s) (1 reward actor(s) x 1 GPU + 1 VLM "
         "judge server(s)) and sampling and training need at least 1 GPU each: give --gpus 4 or more (or fewer "
-        "--reward-gpus)")
+        "--reward-gpus)"
+    )
 
 
 def test_rates_from_the_bench_json_scale_to_the_presets_steps(tmp_path):
@@ -137,8 +138,27 @@ def test_rates_from_the_bench_json_scale_to_the_presets_steps(tmp_path):
 
 
 def test_cli_plan(capsys):
-    assert main(["plan", "--gpus", "4", "32", "--sampler-ips", "2", "--learner-ips", "1", "--reward-gpus", "0",
-                 "--schedule", "lockstep", "overlap", "--json"]) == 0
+    assert (
+        main(
+            [
+                "plan",
+                "--gpus",
+                "4",
+                "32",
+                "--sampler-ips",
+                "2",
+                "--learner-ips",
+                "1",
+                "--reward-gpus",
+                "0",
+                "--schedule",
+                "lockstep",
+                "overlap",
+                "--json",
+            ]
+        )
+        == 0
+    )
     lock, over = json.loads(capsys.readouterr().out)
     assert (lock["schedule"], over["schedule"]) == ("lock-step", "overlap")
     # 4 GPUs, no reward pool, a = 432, b = 864: lock-step S / L = sqrt(1/2) -> 2 + 2; overlap S = 4/3 -> 1 + 3
@@ -152,10 +172,13 @@ def test_cli_plan(capsys):
 
 def test_auto_samplers_lockstep_takes_every_sampler_that_fits():
     # sd35m-combined: 1 GPU per sampler, per learner rank and per reward actor; 2 learner ranks, reward pool of 2
-    cfg = load_config("sd35m-combined", ["runtime.num_samplers=auto", "runtime.num_learners=2",
-                                         "runtime.max_reward_actors=2"])
+    cfg = load_config(
+        "sd35m-combined", ["runtime.num_samplers=auto", "runtime.num_learners=2", "runtime.max_reward_actors=2"]
+    )
     assert sampler_room(cfg.runtime, {"GPU": 8.0, "CPU": 64.0}, learners=2, rewards=2) == (
-        4, "8 GPUs - 4 for 2 learner rank(s) and 2 reward actor(s) = 4, / 1 per sampler = 4")
+        4,
+        "8 GPUs - 4 for 2 learner rank(s) and 2 reward actor(s) = 4, / 1 per sampler = 4",
+    )
     start, ceiling, why = auto_samplers(cfg, {"GPU": 8.0, "CPU": 64.0}, default_rates())
     assert (start, ceiling) == (4, 4) and why.startswith("lock-step: all that fit (8 GPUs - 4")
     # runtime.max_samplers caps it; a cluster with no room still gets one sampler (the resource check then says why)
@@ -169,12 +192,14 @@ def test_auto_samplers_overlap_starts_enough_to_keep_the_learner_busy():
     # a = 864 / 0.6 = 1,440 s; train(2) = (864 / 2.0 - k) / 2 + k with k = 4 x 2 x 75,104,256 B / 25 GB/s = 24 ms
     k = 4 * 2 * 75_104_256 / 25e9
     train = (432.0 - k) / 2 + k
-    assert 1440 / train == pytest.approx(6.6663, abs=1e-4)          # -> 7 samplers keep 2 learner ranks busy
+    assert 1440 / train == pytest.approx(6.6663, abs=1e-4)  # -> 7 samplers keep 2 learner ranks busy
     # room: 16 GPUs - 2 learner ranks - 1 reward actor = 13; the pool may grow there when the learner waits
     start, ceiling, why = auto_samplers(cfg, {"GPU": 16.0}, Rates(0.6, 2.0))
     assert (start, ceiling) == (7, 13) and "-> 7 keep 2 learner rank(s) busy" in why
-    assert auto_samplers(cfg, {"GPU": 6.0}, Rates(0.6, 2.0))[:2] == (3, 3)      # room for 3 only
+    assert auto_samplers(cfg, {"GPU": 6.0}, Rates(0.6, 2.0))[:2] == (3, 3)  # room for 3 only
     # CPU actors (no GPU asked): the unit is a CPU; tiny-cpu: 1 CPU per sampler and learner, 0.5 per reward actor
     tiny = load_config("tiny-cpu", ["runtime.num_samplers=auto"])
     assert sampler_room(tiny.runtime, {"CPU": 8.0}, learners=1, rewards=1) == (
-        6, "8 CPUs - 1.5 for 1 learner rank(s) and 1 reward actor(s) = 6.5, / 1 per sampler = 6")
+        6,
+        "8 CPUs - 1.5 for 1 learner rank(s) and 1 reward actor(s) = 6.5, / 1 per sampler = 6",
+    )

@@ -9,10 +9,10 @@ def test_a_sample_call_carries_the_newest_version_on_the_object_store_path_only(
     published = Published(0, "c0", weights_ref="w0")
     assert published.to_load() == (0, "c0", ["w0"])
     published.record(1, "c1")
-    assert published.to_load() == (0, "c0", ["w0"])          # recorded, not yet published
+    assert published.to_load() == (0, "c0", ["w0"])  # recorded, not yet published
     published.publish(1, "w1")
     assert published.to_load() == (1, "c1", ["w1"])
-    assert Published(0, "c0").to_load() is None               # the collective path: samplers hold the broadcast
+    assert Published(0, "c0").to_load() is None  # the collective path: samplers hold the broadcast
 
 
 def test_proofs_are_checked_and_sampler_calls_counted_by_version():
@@ -20,10 +20,13 @@ def test_proofs_are_checked_and_sampler_calls_counted_by_version():
     published.record(1, "c1")
     for proof in ({"version": 0, "checksum": "c0"}, {"version": 1, "checksum": "c1"}, {"version": 1, "checksum": "c1"}):
         published.count_call(proof | {"sampler": 0})
-    published.check({"version": 1, "checksum": "c1", "sampler": 2})         # a joining sampler's load: not counted
+    published.check({"version": 1, "checksum": "c1", "sampler": 2})  # a joining sampler's load: not counted
     assert published.sampled == {0: 1, 1: 2}
-    with pytest.raises(RuntimeError, match=r"^sampler 3 reports version 1 checksum bad but the learner broadcast "
-                                           r"version 1 checksum c1: weight sync failed$"):
+    with pytest.raises(
+        RuntimeError,
+        match=r"^sampler 3 reports version 1 checksum bad but the learner broadcast "
+        r"version 1 checksum c1: weight sync failed$",
+    ):
         published.count_call({"version": 1, "checksum": "bad", "sampler": 3})
     assert published.sampled == {0: 1, 1: 2}
 

@@ -4,12 +4,14 @@ from cluster.ready import ReadyBatch, ReadyBatches
 
 
 def batch(first: int, pairs: int, version: int = 0) -> ReadyBatch:
-    return ReadyBatch(batch_ref=f"ref{first}", pairs=pairs, stats={}, first_pair_id=first, sampled_with=(version, f"c{version}"))
+    return ReadyBatch(
+        batch_ref=f"ref{first}", pairs=pairs, stats={}, first_pair_id=first, sampled_with=(version, f"c{version}")
+    )
 
 
 def test_an_epoch_takes_the_oldest_batches_in_request_order():
     ready = ReadyBatches()
-    for first, pairs in ((8, 4), (0, 4), (4, 2), (12, 4)):     # arrival order: a later request finished first
+    for first, pairs in ((8, 4), (0, 4), (4, 2), (12, 4)):  # arrival order: a later request finished first
         ready.add(batch(first, pairs))
     assert ready.pairs() == 14 and len(ready) == 4
     # 8 pairs: the first two arrivals hold 8, sorted by their first pair id

@@ -56,8 +56,8 @@ def test_a_dead_actor_is_replaced_once(rewards):
     dead = made[0]._actor_id.hex()
     ray.kill(made[0])
     pool.lose(dead)
-    pool.lose(dead)                                        # a second request reporting the same death
-    pool.lose("a Serve replica's or a sampler's id")       # not one of the pool's actors: nothing to replace
+    pool.lose(dead)  # a second request reporting the same death
+    pool.lose("a Serve replica's or a sampler's id")  # not one of the pool's actors: nothing to replace
     assert pool.faults == [{"role": "reward", "lost": 0, "replaced_by": 2, "epoch": 7}]
     assert pool.actors == [made[2], made[1]] and pool.next_index == 3
     assert ray.get(pool.score([1], ["b"], route=0))[0] == 2
@@ -68,9 +68,9 @@ def test_evaluation_and_counters_replace_a_dead_actor(rewards):
 
     pool, made = rewards
     ray.kill(made[0])
-    assert pool.score_now([9], ["c"]) == (2, [9], ["c"])            # retried on fdfo/reward/2
+    assert pool.score_now([9], ["c"]) == (2, [9], ["c"])  # retried on fdfo/reward/2
     ray.kill(made[1])
-    stats = pool.stats()                                   # actor 1's counters are gone with it: replaced
+    stats = pool.stats()  # actor 1's counters are gone with it: replaced
     assert [s["backlog"] for s in stats] == [2] and pool.actors == [made[2], made[3]]
     assert [f["replaced_by"] for f in pool.faults] == [2, 3]
 
@@ -81,7 +81,13 @@ def test_score_seconds_splits_each_batch_by_the_images_it_served():
     from cluster.reward_pool import score_seconds
 
     # 4 of a batch of 8 images in 2.0 s, then 2 of a batch of 2 in 0.5 s: 1.0 + 0.5
-    out = SimpleNamespace(info={"chunks": [{"batch": {"latency_s": 2.0, "size": 8}, "reasons": [None] * 4},
-                                           {"batch": {"latency_s": 0.5, "size": 2}, "reasons": [None] * 2}]})
+    out = SimpleNamespace(
+        info={
+            "chunks": [
+                {"batch": {"latency_s": 2.0, "size": 8}, "reasons": [None] * 4},
+                {"batch": {"latency_s": 0.5, "size": 2}, "reasons": [None] * 2},
+            ]
+        }
+    )
     assert score_seconds(out) == pytest.approx(1.5)
-    assert score_seconds(SimpleNamespace(info={"reasons": [None] * 2})) == 0.0      # scored without a batcher
+    assert score_seconds(SimpleNamespace(info={"reasons": [None] * 2})) == 0.0  # scored without a batcher

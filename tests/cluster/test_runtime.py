@@ -10,20 +10,28 @@ import urllib.request
 import pytest
 import torch
 
-from models.adapter import SD3Adapter
-from models.tiny import tiny_sd3_pipeline
 from cluster.config import load_config
+from models.adapter import SD3Adapter
 from models.lora import add_lora
+from models.tiny import tiny_sd3_pipeline
 
-BASE = ["train.epochs=4", "train.pairs_per_epoch=8", "train.updates_per_epoch=2", "sampling.pairs_per_call=4",
-        "sampling.num_steps=4", "runtime.num_samplers=2", "runtime.sampler_num_cpus=1", "runtime.learner_num_cpus=1"]
+BASE = [
+    "train.epochs=4",
+    "train.pairs_per_epoch=8",
+    "train.updates_per_epoch=2",
+    "sampling.pairs_per_call=4",
+    "sampling.num_steps=4",
+    "runtime.num_samplers=2",
+    "runtime.sampler_num_cpus=1",
+    "runtime.learner_num_cpus=1",
+]
 
 
 def prometheus_values(text: str, run: str) -> dict[str, float]:
     """{metric name without Ray's ``ray_`` prefix: value} of the samples tagged run="<run>" (the last one wins)."""
     out = {}
     for line in text.splitlines():
-        m = re.match(r'^(?:ray_)?(fdfo_[a-z_]+?)(?:_total)?\{(.*)\} ([0-9.eE+-]+)$', line)
+        m = re.match(r"^(?:ray_)?(fdfo_[a-z_]+?)(?:_total)?\{(.*)\} ([0-9.eE+-]+)$", line)
         if m and f'run="{run}"' in m.group(2):
             out[m.group(1)] = float(m.group(3))
     return out
@@ -54,8 +62,10 @@ def run_and_kill(tmp_path, extra, actor: str, after_epochs: int) -> dict:
 
 def test_end_to_end_versions_accounting_metrics_checkpoint(ray_local, tmp_path):
     # a run name of its own: Ray's counters live as long as the process, and other tests run tiny-cpu in it too
-    cfg, out = run(tmp_path, ["name=e2e", "lora.enabled=true", "lora.rank=4", "lora.alpha=8", "train.lr=1e-2",
-                              "train.checkpoint_every=4"])
+    cfg, out = run(
+        tmp_path,
+        ["name=e2e", "lora.enabled=true", "lora.rank=4", "lora.alpha=8", "train.lr=1e-2", "train.checkpoint_every=4"],
+    )
     ledger = out["ledger"]
     assert ledger["pairs_requested"] == ledger["pairs_trained"] + sum(ledger["pairs_dropped"].values())
     assert ledger["pairs_trained"] == 32 and ledger["pairs_in_flight"] == 0
@@ -70,7 +80,10 @@ def test_end_to_end_versions_accounting_metrics_checkpoint(ray_local, tmp_path):
     assert set(out["sampled_versions"]) <= set(range(8)) and sum(out["sampled_versions"].values()) == 8
     assert max(h["learner/policy_lag_max"] for h in out["history"]) <= 3
     # the metrics endpoint serves the run's gauges and counters with their values (export is periodic: poll)
-    url, want = f"http://127.0.0.1:{ray_local['metrics_port']}/metrics", {"fdfo_weight_version": 8.0, "fdfo_pairs_trained": 32.0}
+    url, want = (
+        f"http://127.0.0.1:{ray_local['metrics_port']}/metrics",
+        {"fdfo_weight_version": 8.0, "fdfo_pairs_trained": 32.0},
+    )
     for _ in range(60):
         values = prometheus_values(urllib.request.urlopen(url, timeout=5).read().decode(), run=cfg.name)
         if all(values.get(k) == v for k, v in want.items()):
@@ -95,15 +108,21 @@ def test_end_to_end_versions_accounting_metrics_checkpoint(ray_local, tmp_path):
     v_loaded = loaded.velocity(x, torch.tensor(0.5), cond)
     v_base = SD3Adapter.tiny(seed=0).velocity(x, torch.tensor(0.5), cond)
     assert torch.allclose(v_loaded, v_trained, atol=1e-5)
-    assert not torch.allclose(v_trained, v_base, atol=1e-5)          # the LoRA did change the model
+    assert not torch.allclose(v_trained, v_base, atol=1e-5)  # the LoRA did change the model
 
 
 def test_worst_lag_of_a_request_by_hand():
     from cluster.config import Batching
     from cluster.runtime import worst_lag
 
-    b = Batching(pairs_per_epoch=8, rows_per_epoch=64, updates_per_epoch=2, timestep_fraction=1.0, micro_batch_rows=64,
-                 max_policy_lag=3)
+    b = Batching(
+        pairs_per_epoch=8,
+        rows_per_epoch=64,
+        updates_per_epoch=2,
+        timestep_fraction=1.0,
+        micro_batch_rows=64,
+        max_policy_lag=3,
+    )
     # no update running at version 6: pairs 0-7 train in the next epoch (versions 6 -> 8, worst lag 1), 8-15 in the
     # one after (lag 3: sampled at 6, trained up to the step that makes version 9)
     assert [worst_lag(6, None, ahead, b) for ahead in (0, 7, 8, 15, 16)] == [1, 1, 3, 3, 5]
@@ -127,17 +146,25 @@ def test_slow_learner_never_trains_beyond_max_policy_lag(ray_local, tmp_path):
 def test_a_killed_actor_costs_only_its_pairs(ray_local, tmp_path, role):
     # two pairs per call keep 2 jobs queued on each sampler almost all the time: it dies holding pairs (a reward
     # actor dies holding the requests of both samplers)
-    out = run_and_kill(tmp_path, ["train.epochs=12", "train.pairs_per_epoch=16", "sampling.num_steps=8",
-                                  "sampling.pairs_per_call=2"], "fdfo/sampler/1" if role == "sampler" else "fdfo/reward/0", 2)
+    out = run_and_kill(
+        tmp_path,
+        ["train.epochs=12", "train.pairs_per_epoch=16", "sampling.num_steps=8", "sampling.pairs_per_call=2"],
+        "fdfo/sampler/1" if role == "sampler" else "fdfo/reward/0",
+        2,
+    )
     ledger = out["ledger"]
     assert set(ledger["pairs_dropped"]) <= {"actor_lost"} and ledger["pairs_in_flight"] == 0
     assert ledger["pairs_requested"] == ledger["pairs_trained"] + ledger["pairs_dropped"].get("actor_lost", 0)
-    assert len(out["history"]) == 12 and ledger["pairs_trained"] == 12 * 16     # the lost pairs were sampled again
+    assert len(out["history"]) == 12 and ledger["pairs_trained"] == 12 * 16  # the lost pairs were sampled again
     (fault,) = out["faults"]
     if role == "sampler":
         # the lost sampler was replaced (indices are not reused) and the replacement got the current weights
         assert ledger["pairs_dropped"]["actor_lost"] > 0
-        assert {k: fault[k] for k in ("role", "lost", "replaced_by")} == {"role": "sampler", "lost": 1, "replaced_by": [2]}
+        assert {k: fault[k] for k in ("role", "lost", "replaced_by")} == {
+            "role": "sampler",
+            "lost": 1,
+            "replaced_by": [2],
+        }
         assert [s["sampler"] for s in out["samplers"]] == [0, 2]
     else:
         # a new reward actor took the dead one's place; both samplers lived on and freed what they held for it
@@ -151,8 +178,9 @@ def test_a_lost_learner_restarts_from_the_last_checkpoint(ray_local, tmp_path):
     # overlapped, two samplers, a checkpoint every 4 versions (2 epochs): the learner is killed mid-run; a new one
     # restores the last checkpoint, the epochs since are trained again, pairs sampled with the lost versions are
     # dropped as stale, and the run ends with every epoch trained exactly once on the surviving lineage
-    out = run_and_kill(tmp_path, ["train.epochs=6", "train.checkpoint_every=4", "sampling.pairs_per_call=2"],
-                       "fdfo/learner", 3)
+    out = run_and_kill(
+        tmp_path, ["train.epochs=6", "train.checkpoint_every=4", "sampling.pairs_per_call=2"], "fdfo/learner", 3
+    )
     (fault,) = out["faults"]
     assert {k: fault[k] for k in ("role", "lost", "replaced_by")} == {"role": "learner", "lost": 0, "replaced_by": 1}
     # restored from the checkpoint of version 4 or 8, which closed epoch 2 or 4; everything trained since is rolled back
@@ -166,11 +194,12 @@ def test_a_lost_learner_restarts_from_the_last_checkpoint(ray_local, tmp_path):
     assert ledger["pairs_trained"] == 6 * 8 and out["version"] == 12
     assert [h["epoch"] for h in out["history"]] == list(range(6))
     assert all(s["version"] == 12 for s in out["samplers"])
-    assert max(h["learner/policy_lag_max"] for h in out["history"]) <= 3        # no lost version was trained on
+    assert max(h["learner/policy_lag_max"] for h in out["history"]) <= 3  # no lost version was trained on
 
 
-def test_a_learner_lost_writing_the_final_checkpoint_is_restored_and_the_last_epoch_trained_again(ray_local, tmp_path,
-                                                                                                  monkeypatch):
+def test_a_learner_lost_writing_the_final_checkpoint_is_restored_and_the_last_epoch_trained_again(
+    ray_local, tmp_path, monkeypatch
+):
     # 4 epochs of 2 updates, a checkpoint every 5 versions: version 6 (epoch 3) is the last one before the end, and the
     # final version 8 is written by final_checkpoint, during which the learner dies (as when its node is removed as
     # the run ends): restored from version 6, epoch 4 is trained again, and the run finishes instead of failing
@@ -199,8 +228,12 @@ def test_a_learner_lost_writing_the_final_checkpoint_is_restored_and_the_last_ep
 def test_a_learner_group_trains_and_survives_losing_a_rank(ray_local, tmp_path):
     # two learner ranks in one gloo group (each its share of every update's rows, gradients summed); rank 1 is
     # killed mid-run: the group restarts from the last checkpoint (rank 0 alone cannot step) and the run completes
-    out = run_and_kill(tmp_path, ["runtime.num_learners=2", "train.epochs=6", "train.checkpoint_every=4",
-                                  "runtime.num_samplers=1"], "fdfo/learner/rank1", 3)
+    out = run_and_kill(
+        tmp_path,
+        ["runtime.num_learners=2", "train.epochs=6", "train.checkpoint_every=4", "runtime.num_samplers=1"],
+        "fdfo/learner/rank1",
+        3,
+    )
     assert out["learner_ranks"] == 2
     (fault,) = out["faults"]
     assert fault["role"] == "learner" and fault["restored_version"] in (4, 8)
@@ -220,19 +253,27 @@ def test_resume_continues_counters_and_weights(ray_local, tmp_path, monkeypatch,
 
     lock = ["runtime.overlap=false", "runtime.num_samplers=1", "train.checkpoint_every=4"]
     _, whole = run(tmp_path / "whole", lock)
-    stop_after_epoch(monkeypatch, 2, stop)          # a crash, or Ctrl-C / `ray job stop` (a checkpoint as it stops)
+    stop_after_epoch(monkeypatch, 2, stop)  # a crash, or Ctrl-C / `ray job stop` (a checkpoint as it stops)
     with pytest.raises(stop):
         run(tmp_path / "resumed", lock)
     monkeypatch.undo()
     _, resumed = run(tmp_path / "resumed", lock, resume=True)
     first = 2 if stop is RuntimeError else 3
-    assert resumed["version"] == whole["version"] == 8 and [h["epoch"] for h in resumed["history"]] == list(range(first, 4))
+    assert resumed["version"] == whole["version"] == 8 and [h["epoch"] for h in resumed["history"]] == list(
+        range(first, 4)
+    )
     assert resumed["samplers"][0]["checksum"] == whole["samplers"][0]["checksum"]
-    assert resumed["ledger"] == whole["ledger"] == {"pairs_requested": 32, "pairs_trained": 32, "pairs_dropped": {},
-                                                    "pairs_in_flight": 0}
+    assert (
+        resumed["ledger"]
+        == whole["ledger"]
+        == {"pairs_requested": 32, "pairs_trained": 32, "pairs_dropped": {}, "pairs_in_flight": 0}
+    )
     assert [h["reward/mean"] for h in resumed["history"]] == [h["reward/mean"] for h in whole["history"][first:]]
     final = lambda root: root / "tiny-cpu" / "checkpoints" / "v000008"  # noqa: E731
-    a, b = load_file(str(final(tmp_path / "whole") / "optimizer.safetensors")), load_file(str(final(tmp_path / "resumed") / "optimizer.safetensors"))
+    a, b = (
+        load_file(str(final(tmp_path / "whole") / "optimizer.safetensors")),
+        load_file(str(final(tmp_path / "resumed") / "optimizer.safetensors")),
+    )
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     with pytest.raises(FileNotFoundError, match="no checkpoint"):
         run(tmp_path / "fresh", ["train.epochs=1"], resume=True)
@@ -242,11 +283,20 @@ def test_sampler_pool_grows_when_the_learner_waits_for_data(ray_local, tmp_path)
     # one pair per sampler call (a Ray round trip each) and one update per epoch on a single micro-batch: the
     # learner idles waiting for pairs, so the driver asks Ray for a second sampler (up to runtime.max_samplers),
     # which loads the current weights before it samples
-    _, out = run(tmp_path, ["runtime.num_samplers=1", "runtime.max_samplers=2", "sampling.num_steps=20",
-                            "sampling.pairs_per_call=1", "train.updates_per_epoch=1", "train.micro_batch_rows=1024",
-                            "train.epochs=3"])
+    _, out = run(
+        tmp_path,
+        [
+            "runtime.num_samplers=1",
+            "runtime.max_samplers=2",
+            "sampling.num_steps=20",
+            "sampling.pairs_per_call=1",
+            "train.updates_per_epoch=1",
+            "train.micro_batch_rows=1024",
+            "train.epochs=3",
+        ],
+    )
     counts = [h["runtime/samplers"] for h in out["history"]]
-    assert counts[0] == 1 and counts[-1] == 2 and max(counts) == 2   # grown after epoch 0, never past the ceiling
+    assert counts[0] == 1 and counts[-1] == 2 and max(counts) == 2  # grown after epoch 0, never past the ceiling
     assert [s["sampler"] for s in out["samplers"]] == [0, 1]
     assert all(s["version"] == out["version"] for s in out["samplers"])
     assert out["ledger"]["pairs_trained"] == 24 and out["ledger"]["pairs_dropped"] == {}
@@ -255,14 +305,20 @@ def test_sampler_pool_grows_when_the_learner_waits_for_data(ray_local, tmp_path)
 def test_auto_sampler_count_is_resolved_on_the_cluster(ray_local, tmp_path, caplog):
     # lock-step, 8 CPUs: room for (8 - 1 learner CPU - 0.5 reward CPU) / 1 = 6 samplers, capped by max_samplers = 2
     with caplog.at_level("INFO", logger="fdfo"):
-        _, out = run(tmp_path, ["runtime.num_samplers=auto", "runtime.max_samplers=2", "runtime.overlap=false",
-                                "train.epochs=2"])
-    assert "runtime.num_samplers=auto: 2 sampler(s) at start, up to 2: lock-step: all that fit (8 CPUs - 1.5" in caplog.text
+        _, out = run(
+            tmp_path, ["runtime.num_samplers=auto", "runtime.max_samplers=2", "runtime.overlap=false", "train.epochs=2"]
+        )
+    assert (
+        "runtime.num_samplers=auto: 2 sampler(s) at start, up to 2: lock-step: all that fit (8 CPUs - 1.5"
+        in caplog.text
+    )
     assert [s["sampler"] for s in out["samplers"]] == [0, 1]
     assert [h["runtime/samplers"] for h in out["history"]] == [2, 2] and out["ledger"]["pairs_trained"] == 16
     # runtime.throughput only feeds auto: set without it, the run refuses before it connects
     with pytest.raises(ValueError) as e:
         run(tmp_path, ["runtime.throughput=bench/results/gpu_throughput.json"])
-    assert str(e.value) == ("runtime.throughput (bench/results/gpu_throughput.json) is read only by "
-                            "runtime.num_samplers=auto, but num_samplers is 2: set num_samplers=auto or drop "
-                            "runtime.throughput")
+    assert str(e.value) == (
+        "runtime.throughput (bench/results/gpu_throughput.json) is read only by "
+        "runtime.num_samplers=auto, but num_samplers is 2: set num_samplers=auto or drop "
+        "runtime.throughput"
+    )

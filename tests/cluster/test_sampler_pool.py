@@ -77,7 +77,7 @@ def test_samplers_join_once_their_first_load_is_proven(stubs):
     import ray
 
     spawn, made, proofs = stubs
-    proofs[1] = {"version": 2, "checksum": "orphan"}          # sampler 1 loaded what a lost learner published
+    proofs[1] = {"version": 2, "checksum": "orphan"}  # sampler 1 loaded what a lost learner published
     pool = make_pool(spawn)
     pool.published.orphaned.add((2, "orphan"))
     for _ in range(2):
@@ -91,7 +91,7 @@ def test_samplers_join_once_their_first_load_is_proven(stubs):
     ray.wait([ref1])
     pool.on_joined(ref1)
     assert list(pool.members.joining.values())[0][0] == 1 and 1 not in pool.members.actors
-    assert pool.published.sampled == {}                       # a join is checked, not counted as a sampler call
+    assert pool.published.sampled == {}  # a join is checked, not counted as a sampler call
 
 
 def test_a_sampler_that_dies_while_starting_is_replaced(stubs):
@@ -102,7 +102,7 @@ def test_a_sampler_that_dies_while_starting_is_replaced(stubs):
     pool = make_pool(spawn, minimum=1, book=book)
     pool.add()
     ray.kill(made[0])
-    join_all(pool)                                            # sampler 0's first load fails: sampler 1 takes its place
+    join_all(pool)  # sampler 0's first load fails: sampler 1 takes its place
     assert sorted(pool.members.actors) == [1] and book.drops == []
     assert pool.faults == [{"role": "sampler", "lost": 0, "replaced_by": [1], "epoch": 0}]
 
@@ -112,8 +112,11 @@ def test_a_wrong_first_load_stops_the_run(stubs):
     proofs[0] = {"version": 3, "checksum": "tampered"}
     pool = make_pool(spawn, minimum=1)
     pool.add()
-    with pytest.raises(RuntimeError, match="sampler 0 reports version 3 checksum tampered but the learner broadcast "
-                                           "version 3 checksum c3: weight sync failed"):
+    with pytest.raises(
+        RuntimeError,
+        match="sampler 0 reports version 3 checksum tampered but the learner broadcast "
+        "version 3 checksum c3: weight sync failed",
+    ):
         join_all(pool)
 
 
@@ -184,19 +187,19 @@ def test_autoscale_grows_when_the_learner_waited_and_releases_an_idle_sampler_wh
     spawn, made, _ = stubs
     pool = make_pool(spawn, minimum=1, maximum=3)
     join_all(pool, add=1)
-    pool.autoscale(waited_s=2.0, step_s=1.0)                  # waited longer than it trained: a second sampler
-    pool.autoscale(waited_s=0.5, step_s=1.0)                  # waited, but less than a step: no change
+    pool.autoscale(waited_s=2.0, step_s=1.0)  # waited longer than it trained: a second sampler
+    pool.autoscale(waited_s=0.5, step_s=1.0)  # waited, but less than a step: no change
     pool.autoscale(waited_s=2.0, step_s=1.0)
-    pool.autoscale(waited_s=2.0, step_s=1.0)                  # at the ceiling of 3
+    pool.autoscale(waited_s=2.0, step_s=1.0)  # at the ceiling of 3
     join_all(pool)
     assert sorted(pool.members.actors) == [0, 1, 2]
     pool.track(Job(2, [7], "j", None, None, "r2"))
-    pool.jobs["r1"] = Job(1, [8], "j", None, None, "r1")      # finished but not yet read: still queued on sampler 1
+    pool.jobs["r1"] = Job(1, [8], "j", None, None, "r1")  # finished but not yet read: still queued on sampler 1
     pool.sync.members_changed = False
     pool.autoscale(waited_s=0.0, step_s=1.0)
     assert sorted(pool.members.actors) == [1, 2] and sorted(pool.members.busy) == [1, 2]
-    assert pool.sync.members_changed                          # the next broadcast re-forms the weight group
+    assert pool.sync.members_changed  # the next broadcast re-forms the weight group
     with pytest.raises(RayActorError):
         ray.get(made[0].ping.remote(), timeout=30)
-    pool.autoscale(waited_s=0.0, step_s=1.0)                  # nothing idle now: the pool keeps its two samplers
+    pool.autoscale(waited_s=0.0, step_s=1.0)  # nothing idle now: the pool keeps its two samplers
     assert sorted(pool.members.actors) == [1, 2] and ray.get(made[1].ping.remote()) == "ok"

@@ -16,13 +16,13 @@ PROMPTS = [f"prompt {i}" for i in range(7)]
 def test_every_prompt_exactly_once_per_pass_in_a_fresh_order():
     sched = PairSchedule(PROMPTS, seed=3)
     ids = []
-    for n in (3, 5, 6, 4, 2, 1, 14):                            # 35 pairs = 5 passes, chunks across pass edges
+    for n in (3, 5, 6, 4, 2, 1, 14):  # 35 pairs = 5 passes, chunks across pass edges
         ids += sched.take(n)["prompt_ids"]
     passes = [ids[k : k + 7] for k in range(0, 35, 7)]
     for order in passes:
-        assert sorted(order) == list(range(7))                  # a permutation: none twice, none left out
-    assert len({tuple(o) for o in passes}) == 5                 # a fresh order each pass (7! = 5040 orders)
-    assert passes[0] != list(range(7))                          # shuffled, not the file's order
+        assert sorted(order) == list(range(7))  # a permutation: none twice, none left out
+    assert len({tuple(o) for o in passes}) == 5  # a fresh order each pass (7! = 5040 orders)
+    assert passes[0] != list(range(7))  # shuffled, not the file's order
 
 
 def test_pair_ids_count_up_and_prompts_match_their_ids():
@@ -71,8 +71,8 @@ def test_pair_seed_is_stable_and_in_63_bits():
     digest = hashlib.blake2b(b"7\x0012\x00a black cat", digest_size=8).digest()
     assert pair_seed(7, "a black cat", 12) == int.from_bytes(digest, "little") >> 1
     seeds = {pair_seed(s, p, i) for s in (0, 1) for p in TINY for i in range(50)}
-    assert len(seeds) == 2 * len(TINY) * 50                     # every (seed, prompt, index) its own seed
-    assert all(0 <= s < 2**63 for s in seeds)                   # fits torch.Generator.manual_seed and int64 columns
+    assert len(seeds) == 2 * len(TINY) * 50  # every (seed, prompt, index) its own seed
+    assert all(0 <= s < 2**63 for s in seeds)  # fits torch.Generator.manual_seed and int64 columns
 
 
 # -- load_prompts ---------------------------------------------------------------------------------------------
@@ -93,7 +93,7 @@ def test_blank_lines_and_surrounding_space_are_skipped(tmp_path):
 
 def test_utf8_text_and_a_byte_order_mark(tmp_path):
     src = write(tmp_path, "\ufeffcaf\u00e9 au lait\nein gr\u00fcner Apfel\n".encode())
-    assert load_prompts(src) == ["caf\u00e9 au lait", "ein gr\u00fcner Apfel"]   # no BOM glued to the first
+    assert load_prompts(src) == ["caf\u00e9 au lait", "ein gr\u00fcner Apfel"]  # no BOM glued to the first
 
 
 @pytest.mark.parametrize("data", [b"", b"\n\n", b"  \n\t\n \r\n"], ids=["empty", "newlines", "whitespace"])
@@ -104,7 +104,7 @@ def test_a_file_without_prompts_is_a_clear_error(tmp_path, data):
 
 
 def test_non_utf8_bytes_are_a_clear_error_naming_the_file_and_the_fix(tmp_path):
-    src = write(tmp_path, "a red circle\na blue square\ncaf\u00e9\n".encode("latin-1"))   # é = 0xe9 on line 3
+    src = write(tmp_path, "a red circle\na blue square\ncaf\u00e9\n".encode("latin-1"))  # é = 0xe9 on line 3
     msg = f"prompt file {src} is not UTF-8 text (byte 0xe9 on line 3); save it as UTF-8"
     with pytest.raises(ValueError, match="^" + re.escape(msg) + "$"):
         load_prompts(src)
@@ -112,11 +112,13 @@ def test_non_utf8_bytes_are_a_clear_error_naming_the_file_and_the_fix(tmp_path):
 
 def test_a_missing_file_names_the_accepted_sources(tmp_path):
     src = str(tmp_path / "nope.txt")
-    with pytest.raises(FileNotFoundError, match=re.escape(
-            f"prompts.source {src!r} is neither builtin:tiny, builtin:shapes-train|heldout nor a file")):
+    with pytest.raises(
+        FileNotFoundError,
+        match=re.escape(f"prompts.source {src!r} is neither builtin:tiny, builtin:shapes-train|heldout nor a file"),
+    ):
         load_prompts(src)
     with pytest.raises(FileNotFoundError, match="neither builtin:tiny"):
-        load_prompts(str(tmp_path))                             # a folder is not a prompt file
+        load_prompts(str(tmp_path))  # a folder is not a prompt file
 
 
 def test_a_huge_file_loads_and_schedules(tmp_path, monkeypatch):
@@ -128,7 +130,7 @@ def test_a_huge_file_loads_and_schedules(tmp_path, monkeypatch):
     shuffles, rng = [], np.random.default_rng
     monkeypatch.setattr(np.random, "default_rng", lambda *a: shuffles.append(a) or rng(*a))
     sched = PairSchedule(prompts, seed=0, start_pair_id=n - 500)
-    t = sched.take(1000)                                         # the last 500 of pass 0, the first 500 of pass 1
+    t = sched.take(1000)  # the last 500 of pass 0, the first 500 of pass 1
     assert shuffles == [([0, 0],), ([0, 1],)]
     assert len(set(t["prompt_ids"][:500])) == len(set(t["prompt_ids"][500:])) == 500
     assert all(prompts[i] == p for i, p in zip(t["prompt_ids"], t["prompts"]))

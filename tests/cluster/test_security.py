@@ -29,7 +29,7 @@ import pytest
 from cluster.config import REDACTED, config_from_dict, load_config, redacted, to_dict, with_overrides
 
 LOOPBACK = "127.0.0.1"
-FDFO_ACTORS = ("Learner", "Sampler", "RewardBatcher")   # the classes fdfo runs as Ray actors (cluster/runtime.py)
+FDFO_ACTORS = ("Learner", "Sampler", "RewardBatcher")  # the classes fdfo runs as Ray actors (cluster/runtime.py)
 
 # Ray's own listeners on a node of a local instance (Ray 2.60, `ray.init` with token authentication on), by the
 # process kind ``_kind`` gives. All but the dashboard's HTTP port and the agents on the node address listen on every
@@ -79,7 +79,7 @@ class ListenerWatch(threading.Thread):
             try:
                 kind = "driver" if p.pid == me.pid else _kind(p)
                 conns = p.net_connections(kind="inet")
-            except psutil.Error:          # exited between listing and reading: nothing to see
+            except psutil.Error:  # exited between listing and reading: nothing to see
                 continue
             for c in conns:
                 if c.status == psutil.CONN_LISTEN:
@@ -102,8 +102,11 @@ def _fdfo_actors_since(t0_ms: float) -> dict[int, dict]:
     the core-worker address Ray serves it on (``Address.Port``; ``OwnerAddress.Port`` is the driver's)."""
     import ray._private.state  # the GCS table; ray.util.state would need the dashboard, off in tests
 
-    return {a["Pid"]: a for a in ray._private.state.actors().values()
-            if a.get("StartTime", 0) >= t0_ms and a["Name"].startswith("fdfo/") and a["ActorClassName"] in FDFO_ACTORS}
+    return {
+        a["Pid"]: a
+        for a in ray._private.state.actors().values()
+        if a.get("StartTime", 0) >= t0_ms and a["Name"].startswith("fdfo/") and a["ActorClassName"] in FDFO_ACTORS
+    }
 
 
 def test_a_one_node_run_listens_on_loopback_only(ray_local, tmp_path, caplog):
@@ -111,11 +114,24 @@ def test_a_one_node_run_listens_on_loopback_only(ray_local, tmp_path, caplog):
     # every rank a gloo listener; all of them must be on 127.0.0.1 because every member is on this machine.
     from cluster.runtime import run_ray
 
-    cfg = load_config("tiny-cpu", [
-        "train.epochs=2", "train.pairs_per_epoch=8", "train.updates_per_epoch=2", "sampling.pairs_per_call=4",
-        "sampling.num_steps=4", "runtime.num_samplers=2", "runtime.sampler_num_cpus=1", "runtime.learner_num_cpus=1",
-        "lora.enabled=false", "runtime.weight_sync=collective", "eval.num_prompts=4", "eval.seeds_per_prompt=1",
-        f"output_dir={tmp_path}"])
+    cfg = load_config(
+        "tiny-cpu",
+        [
+            "train.epochs=2",
+            "train.pairs_per_epoch=8",
+            "train.updates_per_epoch=2",
+            "sampling.pairs_per_call=4",
+            "sampling.num_steps=4",
+            "runtime.num_samplers=2",
+            "runtime.sampler_num_cpus=1",
+            "runtime.learner_num_cpus=1",
+            "lora.enabled=false",
+            "runtime.weight_sync=collective",
+            "eval.num_prompts=4",
+            "eval.seeds_per_prompt=1",
+            f"output_dir={tmp_path}",
+        ],
+    )
     caplog.set_level(logging.INFO, logger="fdfo")
     t0_ms = time.time() * 1000
     watch = ListenerWatch()
@@ -130,7 +146,7 @@ def test_a_one_node_run_listens_on_loopback_only(ray_local, tmp_path, caplog):
     assert sorted(a["ActorClassName"] for a in fdfo.values()) == ["Learner", "RewardBatcher", "Sampler", "Sampler"]
     driver_ports = {a["OwnerAddress"]["Port"] for a in fdfo.values()}
 
-    own: dict[int, list[tuple[str, int]]] = {pid: [] for pid in fdfo}   # fdfo's listeners, per actor process
+    own: dict[int, list[tuple[str, int]]] = {pid: [] for pid in fdfo}  # fdfo's listeners, per actor process
     ray_report, beyond_loopback = [], []
     for (pid, ip, port), kind in sorted(watch.seen.items()):
         if pid in fdfo:
@@ -143,7 +159,7 @@ def test_a_one_node_run_listens_on_loopback_only(ray_local, tmp_path, caplog):
         elif pid == os.getpid():
             if port in driver_ports:
                 ray_report.append(("driver", "driver", ip, port))
-            elif ip != LOOPBACK:            # fdfo's driver starts no server; nothing of its own may face the network
+            elif ip != LOOPBACK:  # fdfo's driver starts no server; nothing of its own may face the network
                 beyond_loopback.append(("driver", pid, ip, port))
         else:
             ray_report.append((kind, kind, ip, port))
@@ -154,11 +170,11 @@ def test_a_one_node_run_listens_on_loopback_only(ray_local, tmp_path, caplog):
     assert rendezvous and all(host == LOOPBACK for host, _ in rendezvous), rendezvous
     learner_pid = next(pid for pid, a in fdfo.items() if a["ActorClassName"] == "Learner")
     assert set(rendezvous) <= set(own[learner_pid])
-    for pid, a in fdfo.items():                                   # every rank's gloo listener was seen too
+    for pid, a in fdfo.items():  # every rank's gloo listener was seen too
         if a["ActorClassName"] in ("Learner", "Sampler"):
             assert len(own[pid]) >= 1 + (a["ActorClassName"] == "Learner"), (a["ActorClassName"], own[pid])
         else:
-            assert own[pid] == [], own[pid]                       # the reward actor opens nothing of its own
+            assert own[pid] == [], own[pid]  # the reward actor opens nothing of its own
 
     lines = [f"{kind:22s} {who:22s} {ip}:{port}" for kind, who, ip, port in ray_report]
     print("Ray's listeners during the run (allowlist RAY_LISTENERS):\n  " + "\n  ".join(lines))
@@ -183,7 +199,7 @@ def test_the_weight_group_asks_for_the_cluster_address_only_when_a_member_is_on_
             return self.node
 
         def weight_backend(self) -> str:
-            return "gloo"                                # CPU actors: what each member picks from its device
+            return "gloo"  # CPU actors: what each member picks from its device
 
         def weight_group_address(self, peers_on_this_node: bool) -> tuple[str, int]:
             self.asked.append(peers_on_this_node)
@@ -205,10 +221,23 @@ def test_the_weight_group_asks_for_the_cluster_address_only_when_a_member_is_on_
     assert sync.address == ("10.1.2.3", 29502)
     asked, joined = ray.get(learner.record.remote())
     assert asked == [True, False]
-    assert joined[-1] == {"world_size": 3, "master_addr": "10.1.2.3", "master_port": 29502, "backend": "gloo",
-                          "timeout_s": 30.0}
-    assert ray.get(far.record.remote())[1] == [{"rank": 2, "world_size": 3, "master_addr": "10.1.2.3",
-                                                "master_port": 29502, "backend": "gloo", "timeout_s": 30.0}]
+    assert joined[-1] == {
+        "world_size": 3,
+        "master_addr": "10.1.2.3",
+        "master_port": 29502,
+        "backend": "gloo",
+        "timeout_s": 30.0,
+    }
+    assert ray.get(far.record.remote())[1] == [
+        {
+            "rank": 2,
+            "world_size": 3,
+            "master_addr": "10.1.2.3",
+            "master_port": 29502,
+            "backend": "gloo",
+            "timeout_s": 30.0,
+        }
+    ]
 
 
 def test_weight_group_members_pick_their_backend_and_must_agree(ray_local):
@@ -227,21 +256,24 @@ def test_weight_group_members_pick_their_backend_and_must_agree(ray_local):
             return self.backend
 
     sync = WeightSync(Member.remote("nccl"), collective=True)
-    with pytest.raises(RuntimeError, match=r"^weight group members disagree on the backend \(learner nccl, samplers "
-                                           r"\['gloo', 'gloo'\]\): put the learner and every sampler on GPUs \(NCCL\) or "
-                                           r"all on CPUs \(gloo\), or set runtime.weight_sync=object_store$"):
+    with pytest.raises(
+        RuntimeError,
+        match=r"^weight group members disagree on the backend \(learner nccl, samplers "
+        r"\['gloo', 'gloo'\]\): put the learner and every sampler on GPUs \(NCCL\) or "
+        r"all on CPUs \(gloo\), or set runtime.weight_sync=object_store$",
+    ):
         sync._form(Pool(actors={0: Member.remote("gloo"), 1: Member.remote("gloo")}))
 
 
 # -- secrets -------------------------------------------------------------------------------------------------------
-PLANTED_ENV = {                                     # what a real run has in its environment, as planted values
+PLANTED_ENV = {  # what a real run has in its environment, as planted values
     "RAY_AUTH_TOKEN": "planted-ray-token-6f1d2c0e",
     "WANDB_API_KEY": "planted-wandb-key-93ab71f4",
     "AWS_SECRET_ACCESS_KEY": "planted-aws-secret-5c0e88d2",
     "AWS_SESSION_TOKEN": "planted-aws-session-17e4b9",
 }
-JUDGE_KEY = "planted-judge-api-key-2b7f41aa"        # a config secret: the judge server's API key
-URL_PASSWORD = "planted-url-password-a1c9e3"        # a config secret inside a URL's userinfo
+JUDGE_KEY = "planted-judge-api-key-2b7f41aa"  # a config secret: the judge server's API key
+URL_PASSWORD = "planted-url-password-a1c9e3"  # a config secret inside a URL's userinfo
 PLANTED = [*PLANTED_ENV.values(), JUDGE_KEY, URL_PASSWORD]
 
 
@@ -251,46 +283,88 @@ def test_redaction_rule():
     with pytest.MonkeyPatch.context() as mp:
         for k, v in env.items():
             mp.setenv(k, v)
-        got = redacted({
-            "judge": {"api_key": JUDGE_KEY, "apiKey": "x" * 9, "client_secret": 7, "password": None, "token": "",
-                      "yes_token": "Yes", "no_token": "No", "max_tokens": 1, "key": "judge_a", "tokenizer": "bert"},
-            "address": f"ray://ops:{URL_PASSWORD}@head.example:10001",
-            "weights": ["s3://bucket/w.safetensors?X-Amz-Credential=AKIA/x&X-Amz-Signature=f00d&region=eu",
-                        "https://hub.example/m?token=hf_planted_0123456789", "not-a-secret-value"],
-            "note": "uses hf_planted_0123456789 inline",
-        })
+        got = redacted(
+            {
+                "judge": {
+                    "api_key": JUDGE_KEY,
+                    "apiKey": "x" * 9,
+                    "client_secret": 7,
+                    "password": None,
+                    "token": "",
+                    "yes_token": "Yes",
+                    "no_token": "No",
+                    "max_tokens": 1,
+                    "key": "judge_a",
+                    "tokenizer": "bert",
+                },
+                "address": f"ray://ops:{URL_PASSWORD}@head.example:10001",
+                "weights": [
+                    "s3://bucket/w.safetensors?X-Amz-Credential=AKIA/x&X-Amz-Signature=f00d&region=eu",
+                    "https://hub.example/m?token=hf_planted_0123456789",
+                    "not-a-secret-value",
+                ],
+                "note": "uses hf_planted_0123456789 inline",
+            }
+        )
     assert got == {
-        "judge": {"api_key": REDACTED, "apiKey": REDACTED, "client_secret": REDACTED, "password": None, "token": "",
-                  "yes_token": "Yes", "no_token": "No", "max_tokens": 1, "key": "judge_a", "tokenizer": "bert"},
+        "judge": {
+            "api_key": REDACTED,
+            "apiKey": REDACTED,
+            "client_secret": REDACTED,
+            "password": None,
+            "token": "",
+            "yes_token": "Yes",
+            "no_token": "No",
+            "max_tokens": 1,
+            "key": "judge_a",
+            "tokenizer": "bert",
+        },
         "address": f"ray://{REDACTED}@head.example:10001",
-        "weights": [f"s3://bucket/w.safetensors?X-Amz-Credential={REDACTED}&X-Amz-Signature={REDACTED}&region=eu",
-                    f"https://hub.example/m?token={REDACTED}", "not-a-secret-value"],
+        "weights": [
+            f"s3://bucket/w.safetensors?X-Amz-Credential={REDACTED}&X-Amz-Signature={REDACTED}&region=eu",
+            f"https://hub.example/m?token={REDACTED}",
+            "not-a-secret-value",
+        ],
         "note": f"uses {REDACTED} inline",
     }
 
 
-JUDGE_COMPONENT = {"name": "vlm_judge", "weight": 0.001, "backend": "server", "model": "stub", "image_size": 16,
-                   "retries": 0, "api_key": JUDGE_KEY}
+JUDGE_COMPONENT = {
+    "name": "vlm_judge",
+    "weight": 0.001,
+    "backend": "server",
+    "model": "stub",
+    "image_size": 16,
+    "retries": 0,
+    "api_key": JUDGE_KEY,
+}
 
 
 def test_written_configs_are_redacted_in_memory_ones_are_not():
-    cfg = load_config("tiny-cpu", [
-        f"reward.components=[{{name: jpeg_compressibility, weight: 1.0}}, {json.dumps(JUDGE_COMPONENT)}]",
-        f"runtime.address=ray://ops:{URL_PASSWORD}@head.example:10001"])
+    cfg = load_config(
+        "tiny-cpu",
+        [
+            f"reward.components=[{{name: jpeg_compressibility, weight: 1.0}}, {json.dumps(JUDGE_COMPONENT)}]",
+            f"runtime.address=ray://ops:{URL_PASSWORD}@head.example:10001",
+        ],
+    )
     written = to_dict(cfg)
     assert written["reward"]["components"][1] == {**JUDGE_COMPONENT, "api_key": REDACTED}
     assert written["reward"]["components"][0] == {"name": "jpeg_compressibility", "weight": 1.0}
     assert written["runtime"]["address"] == f"ray://{REDACTED}@head.example:10001"
-    kept = with_overrides(cfg, ["train.lr=1e-3"])                 # a round trip in memory keeps what it holds
+    kept = with_overrides(cfg, ["train.lr=1e-3"])  # a round trip in memory keeps what it holds
     assert kept.reward.components[1]["api_key"] == JUDGE_KEY and kept.runtime.address == cfg.runtime.address
     assert to_dict(cfg, redact=False)["reward"]["components"][1]["api_key"] == JUDGE_KEY
 
 
-@pytest.mark.parametrize("data", [
-    {"wandb_project": {"api_key": JUDGE_KEY}},                        # a secret nested where a string belongs
-    {"runtime": {"address": [f"ray://ops:{URL_PASSWORD}@head:10001"]}},
-    {"runtime": {"weight_sync": f"https://ops:{URL_PASSWORD}@x"}},    # not one of the choices
-])
+@pytest.mark.parametrize(
+    "data",
+    [
+        {"wandb_project": {"api_key": JUDGE_KEY}},  # a secret nested where a string belongs
+        {"runtime": {"address": [f"ray://ops:{URL_PASSWORD}@head:10001"]}},
+        {"runtime": {"weight_sync": f"https://ops:{URL_PASSWORD}@x"}},  # not one of the choices
+    ],
+)
 def test_config_errors_do_not_echo_secrets(data):
     with pytest.raises(ValueError) as err:
         config_from_dict(data)
@@ -327,9 +401,9 @@ class _FakeWandb(types.ModuleType):
 
     def __init__(self):
         super().__init__("wandb")
-        self.__spec__ = importlib.machinery.ModuleSpec("wandb", None)   # libraries probe for wandb by its spec
+        self.__spec__ = importlib.machinery.ModuleSpec("wandb", None)  # libraries probe for wandb by its spec
         self.inits, self.rows, self.finished = [], [], False
-        self.id = "run-1a2b3c"                     # wandb.init returns the run, whose id a resume asks for again
+        self.id = "run-1a2b3c"  # wandb.init returns the run, whose id a resume asks for again
 
     def init(self, **kwargs):
         self.inits.append(kwargs)
@@ -360,12 +434,23 @@ def test_planted_secrets_reach_no_file_tracker_or_log(tmp_path, monkeypatch, cap
     server = ThreadingHTTPServer((LOOPBACK, 0), _JudgeStub)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     judge = {**JUDGE_COMPONENT, "url": f"http://{LOOPBACK}:{server.server_address[1]}"}
-    cfg = load_config("tiny-cpu", [
-        "train.epochs=2", "train.pairs_per_epoch=8", "train.updates_per_epoch=2", "sampling.pairs_per_call=4",
-        "sampling.num_steps=4", "train.checkpoint_every=2", "eval.num_prompts=4", "eval.seeds_per_prompt=1",
-        f"reward.components=[{{name: jpeg_compressibility, weight: 1.0}}, {json.dumps(judge)}]",
-        f"runtime.address=ray://ops:{URL_PASSWORD}@head.example:10001", "wandb_project=fdfo-security",
-        f"output_dir={tmp_path}"])
+    cfg = load_config(
+        "tiny-cpu",
+        [
+            "train.epochs=2",
+            "train.pairs_per_epoch=8",
+            "train.updates_per_epoch=2",
+            "sampling.pairs_per_call=4",
+            "sampling.num_steps=4",
+            "train.checkpoint_every=2",
+            "eval.num_prompts=4",
+            "eval.seeds_per_prompt=1",
+            f"reward.components=[{{name: jpeg_compressibility, weight: 1.0}}, {json.dumps(judge)}]",
+            f"runtime.address=ray://ops:{URL_PASSWORD}@head.example:10001",
+            "wandb_project=fdfo-security",
+            f"output_dir={tmp_path}",
+        ],
+    )
     caplog.set_level(logging.DEBUG)
     try:
         out = run_local(cfg)
@@ -374,14 +459,20 @@ def test_planted_secrets_reach_no_file_tracker_or_log(tmp_path, monkeypatch, cap
         server.server_close()
     assert out["version"] == 4 and out["ledger"]["pairs_trained"] == 16
     chats = [auth for path, auth in _JudgeStub.seen if path == "/v1/chat/completions"]
-    assert len(chats) >= 16 and set(chats) == {f"Bearer {JUDGE_KEY}"}        # the key was used, and only sent there
+    assert len(chats) >= 16 and set(chats) == {f"Bearer {JUDGE_KEY}"}  # the key was used, and only sent there
 
     run_dir = tmp_path / "tiny-cpu"
     files = sorted(p for p in run_dir.rglob("*") if p.is_file())
     names = {str(p.relative_to(run_dir)) for p in files}
-    assert {"config.json", "history.jsonl", "checkpoints/v000002/state.json", "checkpoints/v000004/state.json",
-            "checkpoints/v000004/trainable.safetensors", "checkpoints/v000004/optimizer.json",
-            "checkpoints/v000004/transformer/config.json"} <= names
+    assert {
+        "config.json",
+        "history.jsonl",
+        "checkpoints/v000002/state.json",
+        "checkpoints/v000004/state.json",
+        "checkpoints/v000004/trainable.safetensors",
+        "checkpoints/v000004/optimizer.json",
+        "checkpoints/v000004/transformer/config.json",
+    } <= names
     assert any(n.startswith("tb/events.out.tfevents") for n in names)
     for path in files:
         data = path.read_bytes()

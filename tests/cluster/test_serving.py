@@ -7,20 +7,35 @@ import pytest
 
 from cluster.config import load_config
 
-ELASTIC = ["runtime.num_reward_actors=1", "runtime.max_reward_actors=2", "runtime.reward_target_ongoing=1",
-           "runtime.reward_upscale_delay_s=0.5", "runtime.reward_downscale_delay_s=2", "runtime.reward_look_back_s=1",
-           "runtime.reward_num_cpus=0.5"]
+ELASTIC = [
+    "runtime.num_reward_actors=1",
+    "runtime.max_reward_actors=2",
+    "runtime.reward_target_ongoing=1",
+    "runtime.reward_upscale_delay_s=0.5",
+    "runtime.reward_downscale_delay_s=2",
+    "runtime.reward_look_back_s=1",
+    "runtime.reward_num_cpus=0.5",
+]
 
 
 def test_pool_bounds_are_checked_before_anything_starts():
     from cluster.serving import check_reward_pool, uses_serve
 
     rt = lambda *o: load_config("tiny-cpu", list(o)).runtime  # noqa: E731
-    assert not uses_serve(rt()) and uses_serve(rt("runtime.max_reward_actors=3")) and uses_serve(rt("runtime.reward_backend=serve"))
-    with pytest.raises(ValueError, match=r"^need 1 <= runtime.num_reward_actors \(3\) <= runtime.max_reward_actors \(2\)$"):
+    assert (
+        not uses_serve(rt())
+        and uses_serve(rt("runtime.max_reward_actors=3"))
+        and uses_serve(rt("runtime.reward_backend=serve"))
+    )
+    with pytest.raises(
+        ValueError, match=r"^need 1 <= runtime.num_reward_actors \(3\) <= runtime.max_reward_actors \(2\)$"
+    ):
         check_reward_pool(rt("runtime.num_reward_actors=3", "runtime.max_reward_actors=2"))
-    with pytest.raises(ValueError, match=r"^runtime.max_reward_actors=2 > runtime.num_reward_actors=1 needs an elastic "
-                                         r"pool: set runtime.reward_backend=serve"):
+    with pytest.raises(
+        ValueError,
+        match=r"^runtime.max_reward_actors=2 > runtime.num_reward_actors=1 needs an elastic "
+        r"pool: set runtime.reward_backend=serve",
+    ):
         check_reward_pool(rt("runtime.max_reward_actors=2", "runtime.reward_backend=actors"))
 
 
@@ -71,9 +86,11 @@ def test_reward_pool_grows_under_load_and_shrinks_when_idle(ray_local):
         answered.extend(ray.get(inflight))
         inflight.clear()
         pids = set().union(*map(scorer_pids, answered[grown:]))
-        assert len(pids) == 2 and os.getpid() not in pids, pids              # two replicas answered, neither this one
-        local = RewardBatcher(reward_spec={"name": "weighted_sum", "specs": reward_specs(cfg.reward)},
-                              max_batch_size=cfg.runtime.reward_max_batch)
+        assert len(pids) == 2 and os.getpid() not in pids, pids  # two replicas answered, neither this one
+        local = RewardBatcher(
+            reward_spec={"name": "weighted_sum", "specs": reward_specs(cfg.reward)},
+            max_batch_size=cfg.runtime.reward_max_batch,
+        )
         expected = asyncio.run(local.score(images=pixels, prompts=prompts))
         assert scorer_pids(expected) == {os.getpid()}
         assert all(np.array_equal(o.scores, expected.scores) for o in answered)  # every replica scores as in process
@@ -89,7 +106,7 @@ def test_a_run_through_the_elastic_reward_pool(ray_local, tmp_path, monkeypatch)
     from cluster.runtime import run_ray
     from cluster.serving import RewardService
 
-    made, requests = [], []                 # the deployments the run started; each request sent to one, with its answer
+    made, requests = [], []  # the deployments the run started; each request sent to one, with its answer
 
     class Recorded(RewardService):
         def __init__(self, cfg, threads):
@@ -102,18 +119,31 @@ def test_a_run_through_the_elastic_reward_pool(ray_local, tmp_path, monkeypatch)
             return ref
 
     monkeypatch.setattr(cluster.reward_pool, "RewardService", Recorded)
-    asked = {"score": [], "score_now": []}          # images the run asked its reward pool to score: pairs, held-out
+    asked = {"score": [], "score_now": []}  # images the run asked its reward pool to score: pairs, held-out
 
     def counted(name, method):
         def call(self, images, prompts, *args, **kwargs):
             asked[name].append(len(prompts))
             return method(self, images, prompts, *args, **kwargs)
+
         return call
 
     for name in asked:
-        monkeypatch.setattr(cluster.reward_pool.RewardPool, name, counted(name, getattr(cluster.reward_pool.RewardPool, name)))
-    cfg = load_config("tiny-cpu", ELASTIC + [f"output_dir={tmp_path}", "train.epochs=3", "train.pairs_per_epoch=8",
-                                             "sampling.pairs_per_call=4", "sampling.num_steps=4", "name=elastic"])
+        monkeypatch.setattr(
+            cluster.reward_pool.RewardPool, name, counted(name, getattr(cluster.reward_pool.RewardPool, name))
+        )
+    cfg = load_config(
+        "tiny-cpu",
+        ELASTIC
+        + [
+            f"output_dir={tmp_path}",
+            "train.epochs=3",
+            "train.pairs_per_epoch=8",
+            "sampling.pairs_per_call=4",
+            "sampling.num_steps=4",
+            "name=elastic",
+        ],
+    )
     out = run_ray(cfg)
     assert out["ledger"] == {"pairs_requested": 24, "pairs_trained": 24, "pairs_dropped": {}, "pairs_in_flight": 0}
     # the run went through Serve: one deployment, running when made, and every image the run had scored (the pairs'

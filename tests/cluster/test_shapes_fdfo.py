@@ -19,8 +19,14 @@ from cluster.driver import run_local
 from cluster.evaluate import eval_set
 from tasks.shapes import world
 
-SHORT_RUN = ["train.epochs=4", "eval.num_prompts=8", "eval.seeds_per_prompt=2", "eval.every_epochs=2",
-             "runtime.local=true", "runtime.torch_threads=2"]
+SHORT_RUN = [
+    "train.epochs=4",
+    "eval.num_prompts=8",
+    "eval.seeds_per_prompt=2",
+    "eval.every_epochs=2",
+    "runtime.local=true",
+    "runtime.torch_threads=2",
+]
 
 
 def run_default(overrides: list[str]) -> tuple:
@@ -44,8 +50,12 @@ def test_default_is_the_shapes_task_and_reports_the_judge(run):
     cfg, result, run_dir = run
     assert cfg.name == "shapes" and cfg.model.kind == "shapes"
     heldout = result["final"]["heldout"]
-    assert set(heldout) == {"reward/mean", "reward/shapes_judge/mean", "reward/shapes_clean/mean",
-                            "metric/shapes_exact/mean"}
+    assert set(heldout) == {
+        "reward/mean",
+        "reward/shapes_judge/mean",
+        "reward/shapes_clean/mean",
+        "metric/shapes_exact/mean",
+    }
     for v in heldout.values():
         assert v["gain"] == pytest.approx(v["after"] - v["before"])
     judge, clean, total = (heldout[k] for k in ("reward/shapes_judge/mean", "reward/shapes_clean/mean", "reward/mean"))
@@ -55,7 +65,10 @@ def test_default_is_the_shapes_task_and_reports_the_judge(run):
     # 8 held-out prompts x 2 seeds (16 images, 128 clauses), 6 Euler steps: the shipped base model satisfies 82 of
     # the clauses, the policy after 4 epochs 80 (4 epochs do not yet move a set this small: the 30-epoch test does)
     assert (judge["before"], judge["after"]) == (82 / 128, 80 / 128)
-    assert (heldout["metric/shapes_exact/mean"]["before"], heldout["metric/shapes_exact/mean"]["after"]) == (2 / 16, 1 / 16)
+    assert (heldout["metric/shapes_exact/mean"]["before"], heldout["metric/shapes_exact/mean"]["after"]) == (
+        2 / 16,
+        1 / 16,
+    )
     ledger = result["ledger"]
     assert ledger["pairs_trained"] == ledger["pairs_requested"] == 4 * 64 and not ledger["pairs_dropped"]
     # mid-run evaluations land in the history and on the learning curve with the final one
@@ -88,11 +101,26 @@ def test_eval_and_generate_on_the_checkpoint(run, tmp_path, capsys):
     # 2 seeds x 6 prompts of 32 px + borders, 2x, right of a caption column naming each row's prompt
     grid = np.asarray(Image.open(ev["grid"]).convert("RGB"))
     assert grid.shape[0] == 6 * 2 * 34 and grid.shape[1] > 2 * 2 * 34
-    tiles = grid[:, -2 * 2 * 34:]
-    assert np.array_equal(tiles[2:66:2, 2:66:2], images[0])       # the first tile is the first image, upscaled 2x
+    tiles = grid[:, -2 * 2 * 34 :]
+    assert np.array_equal(tiles[2:66:2, 2:66:2], images[0])  # the first tile is the first image, upscaled 2x
     prompt = "two red circles above a blue square"
-    assert main(["generate", "--checkpoint", str(run_dir), "--prompt", prompt, "--seed", "0", "1",
-                 "--out", str(tmp_path / "gen")]) == 0
+    assert (
+        main(
+            [
+                "generate",
+                "--checkpoint",
+                str(run_dir),
+                "--prompt",
+                prompt,
+                "--seed",
+                "0",
+                "1",
+                "--out",
+                str(tmp_path / "gen"),
+            ]
+        )
+        == 0
+    )
     pngs = sorted((tmp_path / "gen").glob("*.png"))
     # what `fdfo generate` writes is, bit for bit, what the trained sampler draws for those seeds
     written = np.stack([np.asarray(Image.open(p)) for p in pngs])
@@ -104,8 +132,16 @@ def test_eval_and_generate_on_the_checkpoint(run, tmp_path, capsys):
 # seeds (0.530 at the base). Measured here: seeds 0 / 1 gain +0.130 / +0.128; the same run on a shuffled judge (scores
 # permuted within each reward call, so no signal is left) -0.062. The 30-epoch run at the preset's lr that this replaced
 # gained +0.128 / +0.122 in 2.5x the pairs.
-GAIN_RUN = ["train.epochs=12", "train.lr=3e-4", "train.lr_schedule=constant", "eval.every_epochs=0",
-            "eval.num_prompts=32", "train.checkpoint_every=0", "runtime.local=true", "runtime.torch_threads=2"]
+GAIN_RUN = [
+    "train.epochs=12",
+    "train.lr=3e-4",
+    "train.lr_schedule=constant",
+    "eval.every_epochs=0",
+    "eval.num_prompts=32",
+    "train.checkpoint_every=0",
+    "runtime.local=true",
+    "runtime.torch_threads=2",
+]
 MIN_GAIN = 0.06
 
 

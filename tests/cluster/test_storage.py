@@ -15,23 +15,29 @@ from cluster.config import load_config
 from learner.checkpoint import LATEST, latest_checkpoint, prune_checkpoints
 from learner.storage import Mirror, Storage, join, shown
 
-KEY, SECRET = "fdfo-test-key", "fdfo-test-secret"      # moto accepts any; the run reads them from the environment
+KEY, SECRET = "fdfo-test-key", "fdfo-test-secret"  # moto accepts any; the run reads them from the environment
 
 
 @pytest.fixture(scope="module")
 def s3_endpoint():
     from moto.server import ThreadedMotoServer
 
-    logging.getLogger("werkzeug").setLevel(logging.ERROR)          # one request log line per S3 call otherwise
+    logging.getLogger("werkzeug").setLevel(logging.ERROR)  # one request log line per S3 call otherwise
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
     server.start()
     try:
         host, port = server.get_host_and_port()
         endpoint = f"http://{host}:{port}"
-        fs = pafs.S3FileSystem(access_key=KEY, secret_key=SECRET, region="us-east-1", scheme="http",
-                               endpoint_override=f"{host}:{port}", allow_bucket_creation=True)
+        fs = pafs.S3FileSystem(
+            access_key=KEY,
+            secret_key=SECRET,
+            region="us-east-1",
+            scheme="http",
+            endpoint_override=f"{host}:{port}",
+            allow_bucket_creation=True,
+        )
         deadline = time.monotonic() + 20
-        while True:                                               # bounded: the server answers within seconds
+        while True:  # bounded: the server answers within seconds
             try:
                 fs.create_dir("fdfo-probe")
                 break
@@ -69,7 +75,9 @@ def test_storage_reads_writes_and_copies_trees_on_s3(bucket, tmp_path):
     assert store.is_dir("checkpoints/v000004") and not store.is_dir("checkpoints/latest")
     store.child("checkpoints").copy_from(store.child("checkpoints", "v000004"), "best")
     got = store.download("checkpoints/best", tmp_path / "back")
-    assert (got / "state.json").read_text() == '{"version": 4}' and (got / "transformer" / "w.bin").read_bytes() == b"\x00\x01"
+    assert (got / "state.json").read_text() == '{"version": 4}' and (
+        got / "transformer" / "w.bin"
+    ).read_bytes() == b"\x00\x01"
     store.remove("checkpoints/v000004")
     assert store.listdir("checkpoints") == ["best", "latest"] and not store.exists("checkpoints/v000004")
     with pytest.raises(FileNotFoundError, match=f"s3://{bucket}/runs/a/nothing does not exist"):
@@ -79,17 +87,22 @@ def test_storage_reads_writes_and_copies_trees_on_s3(bucket, tmp_path):
 def test_locations_keep_their_query_and_hide_credentials():
     uri = "s3://k:s@bucket/runs?endpoint_override=http://127.0.0.1:9000&scheme=http&secret_key=s"
     assert join(uri, "shapes", "checkpoints/") == (
-        "s3://k:s@bucket/runs/shapes/checkpoints?endpoint_override=http://127.0.0.1:9000&scheme=http&secret_key=s")
-    assert shown(uri) == ("s3://<redacted>@bucket/runs?endpoint_override=http://127.0.0.1:9000&scheme=http"
-                          "&secret_key=<redacted>")
+        "s3://k:s@bucket/runs/shapes/checkpoints?endpoint_override=http://127.0.0.1:9000&scheme=http&secret_key=s"
+    )
+    assert shown(uri) == (
+        "s3://<redacted>@bucket/runs?endpoint_override=http://127.0.0.1:9000&scheme=http&secret_key=<redacted>"
+    )
     assert join("runs", "shapes") == "runs/shapes"
 
 
 def test_unopenable_and_unreachable_storage_name_the_fix(bucket, monkeypatch):
     with pytest.raises(ValueError, match=r"^storage 'nosuch://x/y' cannot be opened by pyarrow.fs \("):
         Storage("nosuch://x/y")
-    with pytest.raises(ValueError, match=r"^storage 's3://no-such-bucket-fdfo/runs' is not reachable \(.*\); check "
-                                         r"that the bucket exists, the credentials"):
+    with pytest.raises(
+        ValueError,
+        match=r"^storage 's3://no-such-bucket-fdfo/runs' is not reachable \(.*\); check "
+        r"that the bucket exists, the credentials",
+    ):
         Storage("s3://no-such-bucket-fdfo/runs").check()
 
 
@@ -115,7 +128,7 @@ def test_mirror_uploads_only_what_changed(bucket, tmp_path):
     (tmp_path / "history.jsonl").write_text("a\nb\n")
     assert mirror.sync("history.jsonl", "tb") == ["history.jsonl"]
     assert store.read_text("history.jsonl") == "a\nb\n"
-    assert Mirror(tmp_path, Storage(tmp_path)).sync("history.jsonl") == []      # the same folder: nothing to do
+    assert Mirror(tmp_path, Storage(tmp_path)).sync("history.jsonl") == []  # the same folder: nothing to do
 
 
 def test_in_process_run_writes_to_the_bucket_and_resumes_from_it(bucket, tmp_path, capsys, caplog):
@@ -123,15 +136,31 @@ def test_in_process_run_writes_to_the_bucket_and_resumes_from_it(bucket, tmp_pat
     there; with the local folder deleted, --resume continues from the bucket's latest checkpoint, counters
     continuing (8 pairs and 2 updates an epoch)."""
     local = tmp_path / "local"
-    common = ["train", "--config", "tiny-cpu", "--local", "name=s3run", f"output_dir={local}",
-              f"runtime.storage_path=s3://{bucket}/runs", "sampling.num_steps=4", "eval.num_prompts=2",
-              "eval.seeds_per_prompt=1", "train.checkpoint_every=2", "train.pairs_per_epoch=8"]
+    common = [
+        "train",
+        "--config",
+        "tiny-cpu",
+        "--local",
+        "name=s3run",
+        f"output_dir={local}",
+        f"runtime.storage_path=s3://{bucket}/runs",
+        "sampling.num_steps=4",
+        "eval.num_prompts=2",
+        "eval.seeds_per_prompt=1",
+        "train.checkpoint_every=2",
+        "train.pairs_per_epoch=8",
+    ]
     assert main([*common, "train.epochs=1"]) == 0
     run = Storage(f"s3://{bucket}/runs/s3run")
     assert run.read_text("checkpoints/latest") == "v000002"
     assert run.listdir("checkpoints") == ["latest", "v000002"]
-    assert run.listdir("checkpoints/v000002") == ["optimizer.json", "optimizer.safetensors", "state.json",
-                                                  "trainable.safetensors", "transformer"]   # tiny-cpu: full weights
+    assert run.listdir("checkpoints/v000002") == [
+        "optimizer.json",
+        "optimizer.safetensors",
+        "state.json",
+        "trainable.safetensors",
+        "transformer",
+    ]  # tiny-cpu: full weights
     assert run.listdir("checkpoints/v000002/transformer") == ["config.json", "diffusion_pytorch_model.safetensors"]
     assert [json.loads(r)["step"] for r in run.read_text("history.jsonl").splitlines()] == [0]
     assert any(n.startswith("events.out.tfevents") for n in run.listdir("tb"))
@@ -146,7 +175,7 @@ def test_in_process_run_writes_to_the_bucket_and_resumes_from_it(bucket, tmp_pat
     caplog.set_level(logging.INFO, logger="fdfo")
     assert main([*common, "train.epochs=2", "--resume"]) == 0
     assert f"resumed from s3://{bucket}/runs/s3run/checkpoints/v000002 at epoch 1" in caplog.text
-    assert "| epoch 2/2, " in caplog.text and ", eta 0s" in caplog.text           # progress for `ray job logs`
+    assert "| epoch 2/2, " in caplog.text and ", eta 0s" in caplog.text  # progress for `ray job logs`
     assert run.read_text("checkpoints/latest") == "v000004"
     state = json.loads(run.read_text("checkpoints/v000004/state.json"))
     assert state["version"] == 4 and state["state"]["epoch"] == 2
@@ -158,10 +187,23 @@ def test_in_process_run_writes_to_the_bucket_and_resumes_from_it(bucket, tmp_pat
 
 def test_resume_with_nothing_in_the_bucket_says_so(bucket, tmp_path):
     with pytest.raises(FileNotFoundError) as e:
-        main(["train", "--config", "tiny-cpu", "--local", "--resume", "name=empty", f"output_dir={tmp_path}",
-              f"runtime.storage_path=s3://{bucket}/runs", "train.epochs=1"])
-    assert str(e.value) == (f"--resume: no checkpoint under s3://{bucket}/runs/empty/checkpoints; run without --resume "
-                            "first (or check runtime.storage_path and name)")
+        main(
+            [
+                "train",
+                "--config",
+                "tiny-cpu",
+                "--local",
+                "--resume",
+                "name=empty",
+                f"output_dir={tmp_path}",
+                f"runtime.storage_path=s3://{bucket}/runs",
+                "train.epochs=1",
+            ]
+        )
+    assert str(e.value) == (
+        f"--resume: no checkpoint under s3://{bucket}/runs/empty/checkpoints; run without --resume "
+        "first (or check runtime.storage_path and name)"
+    )
 
 
 def test_ray_learner_resumes_from_the_bucket_and_writes_there(ray_local, s3_endpoint, tmp_path):
@@ -175,10 +217,20 @@ def test_ray_learner_resumes_from_the_bucket_and_writes_there(ray_local, s3_endp
     s3_endpoint["fs"].create_dir(name)
     host_port = s3_endpoint["endpoint"].removeprefix("http://")
     uri = f"s3://{KEY}:{SECRET}@{name}/runs?endpoint_override={host_port}&scheme=http&region=us-east-1"
-    common = ["name=ray-s3", f"output_dir={tmp_path}", f"runtime.storage_path={uri}", "sampling.num_steps=4",
-              "eval.num_prompts=2", "eval.seeds_per_prompt=1", "train.checkpoint_every=2", "train.pairs_per_epoch=8",
-              "sampling.pairs_per_call=8", "runtime.num_samplers=1", "runtime.sampler_num_cpus=1",
-              "runtime.learner_num_cpus=1"]
+    common = [
+        "name=ray-s3",
+        f"output_dir={tmp_path}",
+        f"runtime.storage_path={uri}",
+        "sampling.num_steps=4",
+        "eval.num_prompts=2",
+        "eval.seeds_per_prompt=1",
+        "train.checkpoint_every=2",
+        "train.pairs_per_epoch=8",
+        "sampling.pairs_per_call=8",
+        "runtime.num_samplers=1",
+        "runtime.sampler_num_cpus=1",
+        "runtime.learner_num_cpus=1",
+    ]
     assert main(["train", "--config", "tiny-cpu", "--local", *common, "train.epochs=1"]) == 0
     shutil.rmtree(tmp_path / "ray-s3")
     out = run_ray(load_config("tiny-cpu", [*common, "train.epochs=2"]), resume=True)
@@ -186,7 +238,9 @@ def test_ray_learner_resumes_from_the_bucket_and_writes_there(ray_local, s3_endp
     assert run.read_text("checkpoints/latest") == "v000004" and out["version"] == 4
     state = json.loads(run.read_text("checkpoints/v000004/state.json"))
     assert state["state"]["epoch"] == 2 and state["state"]["ledger"]["pairs_trained"] == 16
-    assert out["paths"]["checkpoint"] == f"s3://<redacted>@{name}/runs/ray-s3/checkpoints/v000004?endpoint_override=" \
-                                         f"{host_port}&scheme=http&region=us-east-1"
+    assert (
+        out["paths"]["checkpoint"] == f"s3://<redacted>@{name}/runs/ray-s3/checkpoints/v000004?endpoint_override="
+        f"{host_port}&scheme=http&region=us-east-1"
+    )
     written = json.loads(run.read_text("config.json"))["runtime"]["storage_path"]
     assert written == f"s3://<redacted>@{name}/runs?endpoint_override={host_port}&scheme=http&region=us-east-1"

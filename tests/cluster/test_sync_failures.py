@@ -11,7 +11,6 @@ from actors.sampler import Sampler
 from cluster.build import build_model
 from cluster.config import Batching, load_config
 from learner.learner import Learner
-from ray.exceptions import RayActorError
 
 REQ = {"prompts": ["a red circle"], "prompt_ids": [0], "pair_ids": [0], "seeds": [0]}
 
@@ -31,7 +30,7 @@ def test_sampler_refuses_to_sample_after_a_failed_transfer_until_a_verified_vers
     cfg = load_config("tiny-cpu", ["sampling.num_steps=2"])
     learner = Learner(build_model(cfg.model), cfg.train, Batching.of(cfg), cfg.lora, seed=0)
     sampler = Sampler(build_model(cfg.model), cfg.sampling, cfg.lora, index=0)
-    sampler.sample(**REQ)                              # holds verified (initial) weights: samples
+    sampler.sample(**REQ)  # holds verified (initial) weights: samples
     sampler._group = FailingGroup()
     with pytest.raises(RuntimeError, match="a peer died"):
         sampler.receive_weights()
@@ -40,7 +39,7 @@ def test_sampler_refuses_to_sample_after_a_failed_transfer_until_a_verified_vers
         sampler.sample(**REQ)
     assert str(err.value) == "sampler 0 holds no verified weights (the last transfer failed); refusing to sample"
 
-    learner.version = 3                                # a later version, verified through the object-store path
+    learner.version = 3  # a later version, verified through the object-store path
     proof = sampler.set_weights(learner.weights())
     assert proof == {"version": 3, "checksum": learner.weights_info()[1], "sampler": 0}
     job, images = sampler.sample(**REQ)
@@ -57,12 +56,19 @@ def weight_sync(ray_local):
     from cluster.sampler_pool import Pool, sampler_actor
     from cluster.weight_sync import WeightSync
 
-    cfg = load_config("tiny-cpu", ["lora.enabled=false", "runtime.weight_sync=collective", "runtime.sampler_num_cpus=1",
-                                   "runtime.learner_num_cpus=1"])
+    cfg = load_config(
+        "tiny-cpu",
+        [
+            "lora.enabled=false",
+            "runtime.weight_sync=collective",
+            "runtime.sampler_num_cpus=1",
+            "runtime.learner_num_cpus=1",
+        ],
+    )
     learner = learner_actor(cfg)
     samplers = {i: sampler_actor(cfg, i) for i in range(2)}
 
-    def step(self, version):                           # runs inside the learner actor: an update's effect
+    def step(self, version):  # runs inside the learner actor: an update's effect
         with torch.no_grad():
             for p in self.params:
                 p.add_(0.01)
@@ -74,12 +80,20 @@ def weight_sync(ray_local):
         return ray.get(learner.weights_info.remote(), timeout=30)
 
     def proofs(indices):
-        return [tuple(ray.get(samplers[i].status.remote(), timeout=30)[k] for k in ("version", "checksum")) for i in indices]
+        return [
+            tuple(ray.get(samplers[i].status.remote(), timeout=30)[k] for k in ("version", "checksum")) for i in indices
+        ]
 
-    try:                                               # actors up (model built) before the timed part starts
+    try:  # actors up (model built) before the timed part starts
         ray.get([learner.weights_info.remote()] + [a.status.remote() for a in samplers.values()], timeout=180)
         pool = Pool(actors=dict(samplers), busy={0: 0, 1: 0}, next_index=2)
-        yield WeightSync(learner, collective=True, timeout_s=15.0), pool, samplers, bump, proofs   # a dead member stalls a transfer 15 s
+        yield (
+            WeightSync(learner, collective=True, timeout_s=15.0),
+            pool,
+            samplers,
+            bump,
+            proofs,
+        )  # a dead member stalls a transfer 15 s
     finally:
         for a in [learner, *samplers.values()]:
             ray.kill(a)
@@ -87,7 +101,7 @@ def weight_sync(ray_local):
 
 def healthy_broadcast(sync, pool, bump, proofs):
     version, digest = bump(1)
-    assert sync.broadcast(pool, version, digest) is None          # the collective path: no object-store ref
+    assert sync.broadcast(pool, version, digest) is None  # the collective path: no object-store ref
     assert sync.members == [0, 1] and not sync.members_changed
     assert proofs([0, 1]) == [(1, digest)] * 2
     return sync.address
@@ -104,7 +118,7 @@ def test_a_dead_member_dropped_from_the_pool_is_left_out_of_the_next_generation(
     pool.actors.pop(1)
     pool.busy.pop(1)
     version, digest = bump(2)
-    assert sync.broadcast(pool, version, digest) is None          # a new generation, collective again
+    assert sync.broadcast(pool, version, digest) is None  # a new generation, collective again
     assert sync.members == [0] and not sync.members_changed and sync.address != first
     assert proofs([0]) == [(2, digest)]
     assert time.monotonic() - t0 < 60
@@ -122,7 +136,7 @@ def test_member_killed_before_a_broadcast_falls_back_for_the_survivors(weight_sy
     version, digest = bump(2)
     ref = sync.broadcast(pool, version, digest)
     assert ref is not None and ray.get(ref, timeout=30).checksum == digest
-    assert sync.members_changed and sync.lost == [1]                 # reported for the runtime to replace
+    assert sync.members_changed and sync.lost == [1]  # reported for the runtime to replace
     assert proofs([0]) == [(2, digest)]
     # the runtime drops it (RayRun.lose_sampler); the next broadcast re-forms the group without it
     pool.actors.pop(sync.lost.pop())

@@ -10,9 +10,20 @@ from models.flux import FluxAdapter
 from models.lora import add_lora
 from models.tiny import tiny_flux_pipeline
 
-SHORT = ["name=tiny-flux-e2e", "train.epochs=2", "train.pairs_per_epoch=4", "train.updates_per_epoch=2",
-         "sampling.pairs_per_call=2", "sampling.num_steps=3", "runtime.num_samplers=1", "runtime.sampler_num_cpus=1",
-         "runtime.learner_num_cpus=1", "eval.num_prompts=2", "eval.seeds_per_prompt=1", "train.checkpoint_every=4"]
+SHORT = [
+    "name=tiny-flux-e2e",
+    "train.epochs=2",
+    "train.pairs_per_epoch=4",
+    "train.updates_per_epoch=2",
+    "sampling.pairs_per_call=2",
+    "sampling.num_steps=3",
+    "runtime.num_samplers=1",
+    "runtime.sampler_num_cpus=1",
+    "runtime.learner_num_cpus=1",
+    "eval.num_prompts=2",
+    "eval.seeds_per_prompt=1",
+    "train.checkpoint_every=4",
+]
 
 
 def test_tiny_flux_trains_through_ray(ray_local, tmp_path):
@@ -31,7 +42,8 @@ def test_tiny_flux_trains_through_ray(ray_local, tmp_path):
     folder = tmp_path / "tiny-flux-e2e" / "checkpoints" / "v000004"
     final_checksum = json.loads((folder / "state.json").read_text())["checksum"]
     assert [(s["sampler"], s["version"], s["checksum"], s["pending_pairs"]) for s in out["samplers"]] == [
-        (0, 4, final_checksum, 0)]
+        (0, 4, final_checksum, 0)
+    ]
     assert out["sampled_versions"] == {0: 2, 2: 2}
     # the LoRA checkpoint loads into a fresh FluxPipeline and reproduces the trained velocity
     pipe = tiny_flux_pipeline(seed=0)
@@ -41,7 +53,9 @@ def test_tiny_flux_trains_through_ray(ray_local, tmp_path):
 
     trained = FluxAdapter.tiny(seed=0)
     add_lora(trained.transformer, cfg.lora.rank, cfg.lora.alpha)
-    missing, unexpected = trained.transformer.load_state_dict(load_file(str(folder / "trainable.safetensors")), strict=False)
+    missing, unexpected = trained.transformer.load_state_dict(
+        load_file(str(folder / "trainable.safetensors")), strict=False
+    )
     assert unexpected == [] and all("lora_" not in k for k in missing)
     x = torch.randn(2, *trained.latent_shape, generator=torch.Generator().manual_seed(0))
     cond = trained.encode_prompts(["a red circle", "a black cat"])
@@ -50,4 +64,4 @@ def test_tiny_flux_trains_through_ray(ray_local, tmp_path):
         v_loaded = loaded.velocity(x, torch.tensor(0.5), cond, cfg.sampling.guidance_scale)
         v_base = FluxAdapter.tiny(seed=0).velocity(x, torch.tensor(0.5), cond, cfg.sampling.guidance_scale)
     torch.testing.assert_close(v_loaded, v_trained, rtol=1e-5, atol=1e-6)
-    assert (v_trained - v_base).abs().max() > 1e-4                     # the LoRA did change the model
+    assert (v_trained - v_base).abs().max() > 1e-4  # the LoRA did change the model

@@ -28,8 +28,10 @@ def trained(tmp_path_factory):
             super().__init__(*a, **kw)
             learners.append(self)
 
-    cfg = load_config("tiny-cpu", ["train.epochs=1", f"output_dir={tmp}", "sampling.num_steps=4", "train.pairs_per_epoch=4"])
-    assert not cfg.lora.enabled                        # tiny-cpu is full fine-tuning: this is the transformer/ path
+    cfg = load_config(
+        "tiny-cpu", ["train.epochs=1", f"output_dir={tmp}", "sampling.num_steps=4", "train.pairs_per_epoch=4"]
+    )
+    assert not cfg.lora.enabled  # tiny-cpu is full fine-tuning: this is the transformer/ path
     mp = pytest.MonkeyPatch()
     mp.setattr(cluster.driver, "Learner", Recording)
     try:
@@ -84,7 +86,9 @@ def test_a_checkpoint_missing_a_tensor_is_refused_and_leaves_the_weights(trained
     fresh = Learner(SD3Adapter.tiny(seed=0), learner.cfg, learner.batching, None, seed=0)
     before = {n: p.clone() for n, p in trainable(fresh.model.transformer).items()}
     version, before_sum = fresh.weights_info()
-    with pytest.raises(ValueError, match=r"does not match this model's trainable parameters.*" + dropped.replace(".", r"\.")):
+    with pytest.raises(
+        ValueError, match=r"does not match this model's trainable parameters.*" + dropped.replace(".", r"\.")
+    ):
         load_checkpoint(broken, fresh)
     assert fresh.weights_info() == (version, before_sum)
     after = trainable(fresh.model.transformer)
@@ -121,7 +125,9 @@ def test_a_transformer_folder_missing_a_weight_is_caught_by_the_checksum(trained
         t.requires_grad_(True)
         assert dropped in trainable(t)
         if trainable(t)[dropped].is_meta:
-            with pytest.raises(ValueError, match=rf"^tensor {dropped!r} is on the meta device \(never loaded\): no bytes to checksum$"):
+            with pytest.raises(
+                ValueError, match=rf"^tensor {dropped!r} is on the meta device \(never loaded\): no bytes to checksum$"
+            ):
                 checksum(trainable(t))
         else:
             assert checksum(trainable(t)) != meta["checksum"]

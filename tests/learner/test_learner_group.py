@@ -13,11 +13,19 @@ from models.adapter import SD3Adapter
 from tests.helpers import three_pair_batch
 
 
-
 def cfg(*extra):
     # 3 pairs x 2 branches x 3 steps = 18 rows in 2 updates of 9 rows, micro-batches of 2 (uneven shares per rank)
-    return load_config("tiny-cpu", ["sampling.num_steps=3", "train.pairs_per_epoch=3", "train.updates_per_epoch=2",
-                                    "train.micro_batch_rows=2", "train.lr=1e-2", *extra])
+    return load_config(
+        "tiny-cpu",
+        [
+            "sampling.num_steps=3",
+            "train.pairs_per_epoch=3",
+            "train.updates_per_epoch=2",
+            "train.micro_batch_rows=2",
+            "train.lr=1e-2",
+            *extra,
+        ],
+    )
 
 
 @pytest.fixture(scope="module")
@@ -82,4 +90,4 @@ def test_a_group_checkpoint_resumes_into_one_learner(batch, tmp_path):
     assert solo.load(folder) == {"epoch": 1}
     assert solo.weights_info() == ranks[0].weights_info() and solo.version == 2
     a, b = solo.opt.state_dict()["state"], ranks[1].opt.state_dict()["state"]
-    assert all(torch.equal(a[i][k], b[i][k]) for i in a for k in a[i])     # AdamW moments replicated too
+    assert all(torch.equal(a[i][k], b[i][k]) for i in a for k in a[i])  # AdamW moments replicated too

@@ -27,8 +27,17 @@ PROMPTS = ["a red circle", "a blue square"]
 # -- helpers -------------------------------------------------------------------------------------------------
 def toy_cfg(*extra):
     # 3 pairs x 2 branches x 2 steps = 12 rows, all in one update; no LoRA (the toy's one parameter is b)
-    return load_config("tiny-cpu", ["sampling.num_steps=2", "train.pairs_per_epoch=3", "train.updates_per_epoch=1",
-                                    "lora.enabled=false", "train.lr=0.01", *extra])
+    return load_config(
+        "tiny-cpu",
+        [
+            "sampling.num_steps=2",
+            "train.pairs_per_epoch=3",
+            "train.updates_per_epoch=1",
+            "lora.enabled=false",
+            "train.lr=0.01",
+            *extra,
+        ],
+    )
 
 
 # Three pairs of 1-element latents: final states (x_1, x_2) and rewards (r_1, r_2) chosen by hand.
@@ -42,8 +51,9 @@ def toy_batch(model: GaussianFlow, poison: str | None = None) -> pa.RecordBatch:
     sigmas = torch.tensor([1.0, 0.5, 0.0])
     xs = torch.linspace(-1.0, 1.0, P * 2 * N).view(P, 2, N, 1, 1, 1)
     with torch.no_grad():
-        vs = torch.stack([model.velocity(xs[:, :, i].reshape(-1, 1, 1, 1), sigmas[i].expand(2 * P), None)
-                          for i in range(N)], 1).view(P, 2, N, 1, 1, 1)
+        vs = torch.stack(
+            [model.velocity(xs[:, :, i].reshape(-1, 1, 1, 1), sigmas[i].expand(2 * P), None) for i in range(N)], 1
+        ).view(P, 2, N, 1, 1, 1)
     if poison == "v":
         vs[1, 0, 1] = float("nan")
     x_final = torch.tensor(TOY_FINAL).view(P, 2, 1, 1, 1)
@@ -58,10 +68,10 @@ def toy_gradient() -> float:
     contributes the same, and each pair has 2 branches x 2 steps = 4 rows: the mean over pairs."""
     terms = []
     for (x1, x2), (r1, r2) in zip(TOY_FINAL, TOY_REWARDS):
-        x1, x2 = float(np.float32(x1)), float(np.float32(x2))       # the batch holds float32 latents
+        x1, x2 = float(np.float32(x1)), float(np.float32(x2))  # the batch holds float32 latents
         dx, dR = (x1 - x2) / 2, (r1 - r2) / 2
         terms.append(2 * dR * dx / (dx * dx + 1e-6))
-    return sum(terms) / len(terms)     # (9.999 + 2.000 + 5.999) / 3 = 5.999
+    return sum(terms) / len(terms)  # (9.999 + 2.000 + 5.999) / 3 = 5.999
 
 
 def capture_grads(learner: Learner) -> list[dict[str, torch.Tensor]]:
@@ -69,8 +79,9 @@ def capture_grads(learner: Learner) -> list[dict[str, torch.Tensor]]:
     seen, real_step = [], learner.opt.step
 
     def step(*a, **k):
-        seen.append({n: p.grad.detach().clone() for n, p in learner.model.transformer.named_parameters()
-                     if p.requires_grad})
+        seen.append(
+            {n: p.grad.detach().clone() for n, p in learner.model.transformer.named_parameters() if p.requires_grad}
+        )
         return real_step(*a, **k)
 
     learner.opt.step = step
@@ -93,8 +104,10 @@ def with_nan(batch: pa.RecordBatch, column: str) -> pa.RecordBatch:
 
 def sd3_cfg(*extra):
     # 2 pairs x 2 branches x 2 steps = 8 rows in one update
-    return load_config("tiny-cpu", ["sampling.num_steps=2", "train.pairs_per_epoch=2", "train.updates_per_epoch=1",
-                                    "train.lr=1e-2", *extra])
+    return load_config(
+        "tiny-cpu",
+        ["sampling.num_steps=2", "train.pairs_per_epoch=2", "train.updates_per_epoch=1", "train.lr=1e-2", *extra],
+    )
 
 
 @pytest.fixture(scope="module")
@@ -137,7 +150,7 @@ def test_sd3_micro_batches_accumulate_to_the_full_batch_update(sd3_batch, optimi
     small = sd3_learner("train.micro_batch_rows=3", "train.grad_clip=1000")
     large = sd3_learner("train.micro_batch_rows=4096", "train.grad_clip=1000")
     assert small.weights().checksum == large.weights().checksum
-    if optimizer == "sgd":           # w - lr * g: the weights then show the gradient's size, not only its sign
+    if optimizer == "sgd":  # w - lr * g: the weights then show the gradient's size, not only its sign
         for ln in (small, large):
             ln.opt = torch.optim.SGD(ln.params, lr=ln.cfg.lr)
     calls = {"small": 0, "large": 0}
@@ -151,12 +164,12 @@ def test_sd3_micro_batches_accumulate_to_the_full_batch_update(sd3_batch, optimi
         ln.model.velocity = counted
     seen_small, seen_large = capture_grads(small), capture_grads(large)
     out_small, out_large = small.train_epoch(sd3_batch), large.train_epoch(sd3_batch)
-    assert calls == {"small": 3, "large": 1}                   # the accumulation path was taken
+    assert calls == {"small": 3, "large": 1}  # the accumulation path was taken
     assert out_small["learner/rows"] == out_large["learner/rows"] == 8
     gs, gl = seen_small[0], seen_large[0]
     assert gs.keys() == gl.keys() and len(gs) > 10
     norm = global_norm(gl)
-    assert norm > 1e-3                                         # a real gradient, not zeros on both sides
+    assert norm > 1e-3  # a real gradient, not zeros on both sides
     for n in gl:
         assert torch.allclose(gs[n], gl[n], rtol=1e-4, atol=1e-6 * norm), n
     assert out_small["learner/grad_norm"] == pytest.approx(out_large["learner/grad_norm"], rel=1e-5)
@@ -167,7 +180,7 @@ def test_sd3_micro_batches_accumulate_to_the_full_batch_update(sd3_batch, optimi
     # AdamW's first step moves each weight by lr * g / (|g| + eps) ~ lr = 1e-2, SGD's by lr * g. For AdamW the
     # few elements with |g| ~ eps = 1e-8 turn float rounding of g into ~1e-5 of the step, hence 1% of lr there.
     atol = 1e-4 if optimizer == "adamw" else 1e-8
-    assert moved > 100 * atol                                  # the update is far above the tolerance
+    assert moved > 100 * atol  # the update is far above the tolerance
     for n in wl:
         assert torch.allclose(ws[n], wl[n], rtol=0, atol=atol), n
 
@@ -180,10 +193,10 @@ def test_toy_grad_clip_caps_the_gradient_and_reports_the_raw_norm(clip):
     learner = Learner(model, cfg.train, Batching.of(cfg), lora=None, seed=0)
     seen = capture_grads(learner)
     out = learner.train_epoch(toy_batch(model))
-    g = toy_gradient()                                         # 5.999: above 1.5, below 100
-    expected = g * min(1.0, clip / abs(g))                     # clipped to norm 1.5, or untouched
+    g = toy_gradient()  # 5.999: above 1.5, below 100
+    expected = g * min(1.0, clip / abs(g))  # clipped to norm 1.5, or untouched
     assert seen[0]["b"].item() == pytest.approx(expected, rel=1e-5)
-    assert out["learner/grad_norm"] == pytest.approx(abs(g), rel=1e-5)    # the norm before clipping
+    assert out["learner/grad_norm"] == pytest.approx(abs(g), rel=1e-5)  # the norm before clipping
 
 
 def test_sd3_grad_clip_scales_the_global_norm_to_the_clip(sd3_batch):
@@ -196,8 +209,8 @@ def test_sd3_grad_clip_scales_the_global_norm_to_the_clip(sd3_batch):
     seen = capture_grads(clipped)
     out = clipped.train_epoch(sd3_batch)
     assert out["learner/grad_norm"] == pytest.approx(raw_norm, rel=1e-5)  # reported: the pre-clip norm
-    assert global_norm(seen[0]) == pytest.approx(clip, rel=1e-4)           # applied: exactly the clip
-    for n, g in seen_raw[0].items():                                       # same direction, a quarter the size
+    assert global_norm(seen[0]) == pytest.approx(clip, rel=1e-4)  # applied: exactly the clip
+    for n, g in seen_raw[0].items():  # same direction, a quarter the size
         assert torch.allclose(seen[0][n], g * (clip / raw_norm), rtol=1e-4, atol=1e-8 * raw_norm), n
 
 
@@ -208,7 +221,7 @@ def test_toy_nan_velocity_skips_the_update_and_keeps_the_weights():
     learner = Learner(model, cfg.train, Batching.of(cfg), lora=None, seed=0)
     out = learner.train_epoch(toy_batch(model, poison="v"))
     assert model.transformer.b.item() == 0.0 and learner.skipped_steps == 1 and out["learner/skipped_steps"] == 1
-    assert learner.version == 1 and math.isnan(out["learner/grad_norm"])     # the update's slot is used up
+    assert learner.version == 1 and math.isnan(out["learner/grad_norm"])  # the update's slot is used up
 
 
 @pytest.mark.parametrize("column", ["v", "d"])
@@ -219,7 +232,7 @@ def test_sd3_nan_in_batch_skips_the_update_and_keeps_the_weights(sd3_batch, colu
     after = learner.weights()
     assert out["learner/skipped_steps"] == 1 and learner.version == 1 and after.checksum == before.checksum
     assert all(torch.equal(after.tensors[n], before.tensors[n]) for n in before.tensors)
-    assert not learner.opt.state                                              # AdamW never stepped: no moments
+    assert not learner.opt.state  # AdamW never stepped: no moments
     # control: the same batch without the NaN trains; the count is cumulative
     out = learner.train_epoch(sd3_batch)
     assert out["updates"] == 1 and learner.version == 2 and out["learner/skipped_steps"] == 1
@@ -253,11 +266,11 @@ def base_velocity(ref: SD3Adapter, call: dict) -> torch.Tensor:
 
 def test_lora_kl_base_is_the_model_with_adapters_disabled(sd3_batch, monkeypatch):
     learner = sd3_learner("lora.enabled=true", "lora.rank=4", "lora.alpha=8", "train.kl_weight=0.5")
-    assert learner.lora and learner.base is None               # LoRA: no copy, the adapters are switched off
-    ref = SD3Adapter.tiny(seed=0)                              # the same start weights, no adapter at all
+    assert learner.lora and learner.base is None  # LoRA: no copy, the adapters are switched off
+    ref = SD3Adapter.tiny(seed=0)  # the same start weights, no adapter at all
     calls = spy_kl(learner, monkeypatch)
-    m1 = learner.train_epoch(sd3_batch)                        # lora_B starts at 0: policy == base
-    m2 = learner.train_epoch(sd3_batch)                        # after one update the adapters matter
+    m1 = learner.train_epoch(sd3_batch)  # lora_B starts at 0: policy == base
+    m2 = learner.train_epoch(sd3_batch)  # after one update the adapters matter
     assert learner.version == 2 and len(calls) == 2
     for c in calls:
         assert c["kl_weight"] == 0.5 and c["v_base"] is not None
@@ -265,9 +278,9 @@ def test_lora_kl_base_is_the_model_with_adapters_disabled(sd3_batch, monkeypatch
     first, second = calls
     assert torch.allclose(first["v_theta"], first["v_base"], rtol=0, atol=1e-6) and m1["learner/kl"] < 1e-10
     gap = (second["v_theta"] - second["v_base"]).abs().max().item()
-    assert gap > 1e-3                                           # the adapters change the policy ...
+    assert gap > 1e-3  # the adapters change the policy ...
     kl = (second["v_theta"] - second["v_base"]).pow(2).flatten(1).mean(1).mean().item()
-    assert m2["learner/kl"] == pytest.approx(kl, rel=1e-4)      # ... and the KL metric is their mean square gap
+    assert m2["learner/kl"] == pytest.approx(kl, rel=1e-4)  # ... and the KL metric is their mean square gap
     # after a base forward the adapters are on again
     c = second
     with torch.no_grad():
@@ -293,10 +306,10 @@ def test_full_weight_kl_base_stays_frozen_at_the_start_weights(sd3_batch, monkey
     m1 = learner.train_epoch(sd3_batch)
     m2 = learner.train_epoch(sd3_batch)
     assert learner.version == 2 and len(calls) == 2
-    assert checksum(named(learner.model.transformer)) != start          # the policy moved ...
-    assert checksum(named(learner.base)) == start                       # ... the base did not
+    assert checksum(named(learner.model.transformer)) != start  # the policy moved ...
+    assert checksum(named(learner.base)) == start  # ... the base did not
     assert all(p.grad is None for p in learner.base.parameters())
-    assert learner.model.transformer is not learner.base                # swapped back after each base forward
+    assert learner.model.transformer is not learner.base  # swapped back after each base forward
     for c in calls:
         assert torch.allclose(c["v_base"], base_velocity(ref, c), rtol=0, atol=1e-5)
     assert m1["learner/kl"] < 1e-10

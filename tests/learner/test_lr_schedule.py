@@ -7,9 +7,17 @@ from learner.learner import scheduled_lr
 
 
 def train(schedule: str, epochs: int = 5, updates: int = 1):
-    return load_config("tiny-cpu", [f"train.lr_schedule={schedule}", "train.lr=1e-4", "train.lr_final=1e-5",
-                                    f"train.epochs={epochs}", f"train.updates_per_epoch={updates}",
-                                    "train.pairs_per_epoch=4"]).train
+    return load_config(
+        "tiny-cpu",
+        [
+            f"train.lr_schedule={schedule}",
+            "train.lr=1e-4",
+            "train.lr_final=1e-5",
+            f"train.epochs={epochs}",
+            f"train.updates_per_epoch={updates}",
+            "train.pairs_per_epoch=4",
+        ],
+    ).train
 
 
 def test_constant_ignores_the_version_and_lr_final():
@@ -24,7 +32,7 @@ def test_linear_and_cosine_run_from_lr_to_lr_final_over_the_last_update():
     # 1e-5 + 9e-5 * (1 + cos(pi k / 4)) / 2: k = 1 -> 1e-5 + 9e-5 * 0.853553...
     expected = [1e-4, 1e-5 + 9e-5 * (1 + math.sqrt(0.5)) / 2, 5.5e-5, 1e-5 + 9e-5 * (1 - math.sqrt(0.5)) / 2, 1e-5]
     assert all(math.isclose(a, b, rel_tol=1e-12) for a, b in zip(cos, expected))
-    assert scheduled_lr(train("cosine"), 50) == scheduled_lr(train("linear"), 50) == 1e-5   # held after the end
+    assert scheduled_lr(train("cosine"), 50) == scheduled_lr(train("linear"), 50) == 1e-5  # held after the end
 
 
 def test_updates_per_epoch_count_toward_the_length():

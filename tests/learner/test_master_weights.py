@@ -11,9 +11,19 @@ from tests.learner.test_learner_internals import toy_batch
 
 
 def toy(dtype, lr):
-    cfg = load_config("tiny-cpu", ["sampling.num_steps=2", "train.pairs_per_epoch=3", "train.updates_per_epoch=1",
-                                   "lora.enabled=false", f"train.lr={lr}", "train.weight_decay=0",
-                                   "train.grad_clip=1000", "train.max_policy_lag=100"])
+    cfg = load_config(
+        "tiny-cpu",
+        [
+            "sampling.num_steps=2",
+            "train.pairs_per_epoch=3",
+            "train.updates_per_epoch=1",
+            "lora.enabled=false",
+            f"train.lr={lr}",
+            "train.weight_decay=0",
+            "train.grad_clip=1000",
+            "train.max_policy_lag=100",
+        ],
+    )
     model = GaussianFlow()
     with torch.no_grad():
         model.transformer.b.fill_(1.0)
@@ -29,9 +39,11 @@ def test_updates_below_a_bf16_ulp_accumulate_in_the_fp32_masters():
     for _ in range(10):
         learner.train_epoch(toy_batch(GaussianFlow()))
     master = float(learner.masters[0])
-    assert master == pytest.approx(1.0 - 10e-3, abs=1e-4)            # ten steps of -lr (the gradient's sign is fixed)
-    assert float(model.transformer.b.detach()) == float(torch.tensor(master).to(torch.bfloat16))   # the model: the master rounded
-    assert float(model.transformer.b.detach()) < 1.0                           # moved, where bf16 AdamW would not have
+    assert master == pytest.approx(1.0 - 10e-3, abs=1e-4)  # ten steps of -lr (the gradient's sign is fixed)
+    assert float(model.transformer.b.detach()) == float(
+        torch.tensor(master).to(torch.bfloat16)
+    )  # the model: the master rounded
+    assert float(model.transformer.b.detach()) < 1.0  # moved, where bf16 AdamW would not have
 
 
 def test_fp32_weights_need_no_masters():
@@ -46,8 +58,17 @@ def test_a_checkpoint_resumes_the_masters_exactly(tmp_path):
     from actors.sampler import Sampler
     from models.adapter import SD3Adapter
 
-    cfg = load_config("tiny-cpu", ["sampling.num_steps=2", "train.pairs_per_epoch=2", "train.updates_per_epoch=1",
-                                   "train.lr=1e-4", "train.max_policy_lag=100", "train.keep_checkpoints=0"])
+    cfg = load_config(
+        "tiny-cpu",
+        [
+            "sampling.num_steps=2",
+            "train.pairs_per_epoch=2",
+            "train.updates_per_epoch=1",
+            "train.lr=1e-4",
+            "train.max_policy_lag=100",
+            "train.keep_checkpoints=0",
+        ],
+    )
     sampler = Sampler(SD3Adapter.tiny(seed=0), cfg.sampling, cfg.lora)
     job, _ = sampler.sample(prompts=["a", "b"], prompt_ids=[0, 1], pair_ids=[0, 1], seeds=[5, 6])
     batch, _ = sampler.complete(job=job, rewards=np.array([[1.0, 0.0], [0.25, 0.75]]))
@@ -58,7 +79,7 @@ def test_a_checkpoint_resumes_the_masters_exactly(tmp_path):
     folder = learner.save(str(tmp_path), {"epoch": 2}, {"train": {"keep_checkpoints": 0}})
     resumed = make()
     assert resumed.load(folder) == {"epoch": 2}
-    assert all(torch.equal(a, b) for a, b in zip(resumed.masters, learner.masters))   # exact, not re-rounded
+    assert all(torch.equal(a, b) for a, b in zip(resumed.masters, learner.masters))  # exact, not re-rounded
     assert any(not torch.equal(m, p.detach().float()) for m, p in zip(learner.masters, learner.params))
     for one in (learner, resumed):
         one.train_epoch(batch)

@@ -26,21 +26,30 @@ from models.adapter import SD3Adapter
 # division by the gradient's size magnifies in near-zero components, and 1e-6 would not hold)
 WORLD, ROWS, UPDATES, MB = 2, 4, 2, 2
 ADAMW = {"lr": 1e-2, "betas": (0.9, 0.999), "weight_decay": 0.01, "eps": 1e-8}
-CLIP = 0.05                                # below the tiny model's gradient norm: the clip is exercised
+CLIP = 0.05  # below the tiny model's gradient norm: the clip is exercised
 
 
 def rows(update: int) -> dict[str, torch.Tensor]:
     """The update's fixed rows: latents x [R, 16, 16, 16], prompt tokens [R, 8, 64], pooled [R, 64], t [R], target."""
     g = torch.Generator().manual_seed(100 + update)
-    return {"x": torch.randn(ROWS, 16, 16, 16, generator=g), "tokens": torch.randn(ROWS, 8, 64, generator=g),
-            "pooled": torch.randn(ROWS, 64, generator=g), "t": 1000 * torch.rand(ROWS, generator=g),
-            "target": torch.randn(ROWS, 16, 16, 16, generator=g)}
+    return {
+        "x": torch.randn(ROWS, 16, 16, 16, generator=g),
+        "tokens": torch.randn(ROWS, 8, 64, generator=g),
+        "pooled": torch.randn(ROWS, 64, generator=g),
+        "t": 1000 * torch.rand(ROWS, generator=g),
+        "target": torch.randn(ROWS, 16, 16, 16, generator=g),
+    }
 
 
 def forward(transformer, r: dict[str, torch.Tensor], mb) -> torch.Tensor:
     """The transformer's output (the velocity) on rows ``mb`` of ``r``: [B, 16, 16, 16]."""
-    return transformer(hidden_states=r["x"][mb], encoder_hidden_states=r["tokens"][mb],
-                       pooled_projections=r["pooled"][mb], timestep=r["t"][mb], return_dict=False)[0]
+    return transformer(
+        hidden_states=r["x"][mb],
+        encoder_hidden_states=r["tokens"][mb],
+        pooled_projections=r["pooled"][mb],
+        timestep=r["t"][mb],
+        return_dict=False,
+    )[0]
 
 
 def train(transformer, opt, params, rank: int, world: int) -> list[float]:
@@ -80,7 +89,7 @@ def rank_main(rank: int, port: int, out: str) -> None:
     # M=1 -> M=2: the unsharded start loads into the shards, and the gathered state and AdamW moments round-trip
     load_full_state(transformer, start)
     assert all(torch.equal(t, start[k]) for k, t in full_state(transformer).items())
-    with torch.no_grad():                                      # and the forward computes with the loaded weights
+    with torch.no_grad():  # and the forward computes with the loaded weights
         assert torch.equal(forward(transformer, rows(0), slice(None)), forward(unsharded, rows(0), slice(None)))
     load_full_state(transformer, trained)
     fresh = torch.optim.AdamW(params, **ADAMW)
@@ -105,14 +114,14 @@ def test_two_sharded_ranks_make_the_updates_of_one_learner_on_the_same_rows(shar
     start = {k: v.clone() for k, v in one.state_dict().items()}
     opt = torch.optim.AdamW(list(one.parameters()), **ADAMW)
     norms = train(one, opt, list(one.parameters()), rank=0, world=1)
-    assert min(norms) > CLIP                                   # every update was clipped
+    assert min(norms) > CLIP  # every update was clipped
     # the norm before clipping is the one test of the gradient's scale (the sum over ranks, not FSDP2's default mean):
     # clipping and AdamW are blind to a uniform scale, so the weights alone would not catch a mean
-    for s, n in zip(states, sharded_norms):                    # every rank gathered the same full state
+    for s, n in zip(states, sharded_norms):  # every rank gathered the same full state
         assert n == pytest.approx(norms, rel=1e-5)
         assert set(s) == set(one.state_dict())
     want = one.state_dict()
-    assert max(float((want[k] - start[k]).abs().max()) for k in want) > 0.01    # the weights moved
+    assert max(float((want[k] - start[k]).abs().max()) for k in want) > 0.01  # the weights moved
     for k in want:
         torch.testing.assert_close(states[0][k], want[k], rtol=0, atol=1e-6)
         assert torch.equal(states[0][k], states[1][k])
@@ -124,12 +133,12 @@ def test_two_sharded_ranks_make_the_updates_of_one_learner_on_the_same_rows(shar
 
 def test_a_state_gathered_at_two_ranks_loads_into_one_unsharded_model(sharded):
     state = sharded[0][0]
-    one = SD3Adapter.tiny(seed=1).transformer                  # other weights, the same config
+    one = SD3Adapter.tiny(seed=1).transformer  # other weights, the same config
     load_full_state(one, state)
     assert all(torch.equal(t, state[k]) for k, t in one.state_dict().items())
     params = {n for n, _ in one.named_parameters()}
     other = SD3Adapter.tiny(seed=1).transformer
-    load_full_state(other, {k: v for k, v in state.items() if k in params}, strict=False)   # a checkpoint's params
+    load_full_state(other, {k: v for k, v in state.items() if k in params}, strict=False)  # a checkpoint's params
     assert all(torch.equal(t, state[k]) for k, t in other.named_parameters())
     with pytest.raises(ValueError, match="missing"):
         load_full_state(one, {k: v for k, v in state.items() if "proj_out" not in k})

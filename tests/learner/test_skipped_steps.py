@@ -15,8 +15,18 @@ PROMPTS = ["a red circle", "a blue square"]
 
 def cfg_():
     # 2 pairs x 2 branches x 2 steps = 8 rows in one update; a LoRA, as the presets train
-    return load_config("tiny-cpu", ["sampling.num_steps=2", "train.pairs_per_epoch=2", "train.updates_per_epoch=1",
-                                    "train.lr=1e-2", "lora.enabled=true", "lora.rank=4", "lora.alpha=8"])
+    return load_config(
+        "tiny-cpu",
+        [
+            "sampling.num_steps=2",
+            "train.pairs_per_epoch=2",
+            "train.updates_per_epoch=1",
+            "train.lr=1e-2",
+            "lora.enabled=true",
+            "lora.rank=4",
+            "lora.alpha=8",
+        ],
+    )
 
 
 @pytest.fixture(scope="module")
@@ -35,13 +45,13 @@ def learner_():
 def test_nan_gradient_is_skipped_counted_and_checkpointed(batch, tmp_path):
     learner = learner_()
     before = learner.weights()
-    hook = learner.params[0].register_hook(lambda g: torch.full_like(g, float("nan")))   # one NaN gradient
+    hook = learner.params[0].register_hook(lambda g: torch.full_like(g, float("nan")))  # one NaN gradient
     out = learner.train_epoch(batch)
     after = learner.weights()
     assert out["learner/skipped_steps"] == 1 and learner.skipped_steps == 1 and learner.version == 1
     assert all(torch.equal(after.tensors[n], before.tensors[n]) for n in before.tensors)
     hook.remove()
-    out = learner.train_epoch(batch)                                   # the run goes on and trains
+    out = learner.train_epoch(batch)  # the run goes on and trains
     assert out["learner/skipped_steps"] == 1 and learner.version == 2 and learner.weights().checksum != before.checksum
     folder = learner.save(str(tmp_path), state={"epoch": 2}, config=to_dict(cfg_()))
     restored = learner_()
@@ -53,7 +63,7 @@ def test_loss_scaling_is_exact_and_a_nan_halves_the_scale(batch):
     the gradients divided by 2^12 again, both exact in binary, so the update is bit for bit the unscaled one; a
     non-finite gradient skips the update and halves the scale, as the reference's scaler does."""
     plain, scaled = learner_(), learner_()
-    scaled.scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 12)
+    scaled.scaler = torch.amp.GradScaler("cpu", init_scale=2.0**12)
     plain.train_epoch(batch)
     out = scaled.train_epoch(batch)
     assert plain.weights().checksum == scaled.weights().checksum and out["learner/skipped_steps"] == 0
@@ -62,4 +72,4 @@ def test_loss_scaling_is_exact_and_a_nan_halves_the_scale(batch):
     out = scaled.train_epoch(batch)
     hook.remove()
     assert out["learner/skipped_steps"] == 1 and scaled.weights().checksum == before
-    assert scaled.scaler.get_scale() == 2.0 ** 11
+    assert scaled.scaler.get_scale() == 2.0**11

@@ -9,12 +9,12 @@ from learner.batch import to_arrow
 from learner.learner import Learner
 from tests.helpers import GaussianFlow
 
-TARGET = 1.5   # data mean is 0.5: the reward wants every sample 1.0 higher
-EPOCHS = 40    # the SPO trust region lets the policy move ~epsilon per epoch, so progress is steady, not fast
+TARGET = 1.5  # data mean is 0.5: the reward wants every sample 1.0 higher
+EPOCHS = 40  # the SPO trust region lets the policy move ~epsilon per epoch, so progress is steady, not fast
 
 
 def reward(x: torch.Tensor) -> np.ndarray:
-    return -((x.flatten(2) - TARGET) ** 2).mean(-1).numpy()          # [P, 2]
+    return -((x.flatten(2) - TARGET) ** 2).mean(-1).numpy()  # [P, 2]
 
 
 def expected_reward(model, seeds) -> float:
@@ -24,8 +24,17 @@ def expected_reward(model, seeds) -> float:
 
 def test_fdfo_updates_raise_the_expected_reward():
     torch.manual_seed(0)
-    cfg = load_config("tiny-cpu", ["train.pairs_per_epoch=64", "train.updates_per_epoch=2", "train.lr=0.05",
-                                   "train.micro_batch_rows=4096", "sampling.num_steps=10", "lora.enabled=false"])
+    cfg = load_config(
+        "tiny-cpu",
+        [
+            "train.pairs_per_epoch=64",
+            "train.updates_per_epoch=2",
+            "train.lr=0.05",
+            "train.micro_batch_rows=4096",
+            "sampling.num_steps=10",
+            "lora.enabled=false",
+        ],
+    )
     model = GaussianFlow(mu=0.5, s=0.3, shape=(4, 1, 1))
     learner = Learner(model, cfg.train, Batching.of(cfg), lora=None, seed=0)
     eval_seeds = list(range(10_000, 10_256))
@@ -40,16 +49,25 @@ def test_fdfo_updates_raise_the_expected_reward():
     after = expected_reward(model, eval_seeds)
     # before: E[-(x - 1.5)^2] = -(1.0^2 + 0.3^2) = -1.09; the optimum (b = -1) gives -0.09
     assert before < -1.0
-    assert after > before + 0.2, (before, after)          # measured: -1.00 -> -0.74
-    assert -0.6 < model.transformer.b.item() < -0.15      # moving toward the optimum offset -1 (measured -0.30)
+    assert after > before + 0.2, (before, after)  # measured: -1.00 -> -0.74
+    assert -0.6 < model.transformer.b.item() < -0.15  # moving toward the optimum offset -1 (measured -0.30)
     assert learner.version == 2 * EPOCHS
 
 
 def test_shuffled_rewards_do_not_learn():
     # Control: the same loop with the reward signal randomly permuted across pairs must not improve.
     torch.manual_seed(0)
-    cfg = load_config("tiny-cpu", ["train.pairs_per_epoch=64", "train.updates_per_epoch=2", "train.lr=0.05",
-                                   "train.micro_batch_rows=4096", "sampling.num_steps=10", "lora.enabled=false"])
+    cfg = load_config(
+        "tiny-cpu",
+        [
+            "train.pairs_per_epoch=64",
+            "train.updates_per_epoch=2",
+            "train.lr=0.05",
+            "train.micro_batch_rows=4096",
+            "sampling.num_steps=10",
+            "lora.enabled=false",
+        ],
+    )
     model = GaussianFlow(mu=0.5, s=0.3, shape=(4, 1, 1))
     learner = Learner(model, cfg.train, Batching.of(cfg), lora=None, seed=0)
     rng = np.random.default_rng(0)

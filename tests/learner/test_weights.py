@@ -53,8 +53,8 @@ def payload() -> dict[str, torch.Tensor]:
     g = torch.Generator().manual_seed(0)
     return {
         "a.weight": torch.randn(3, 5, generator=g),
-        "b.weight": torch.randn(7, generator=g).to(torch.bfloat16),      # 14 bytes: not a whole number of words
-        "c.step": torch.tensor(11),                                      # 0-dim
+        "b.weight": torch.randn(7, generator=g).to(torch.bfloat16),  # 14 bytes: not a whole number of words
+        "c.step": torch.tensor(11),  # 0-dim
         "d.mask": torch.tensor([True, False, True]),
         "e.empty": torch.empty(0, 4),
     }
@@ -71,16 +71,16 @@ def test_checksum_is_equal_iff_the_weights_are_bit_identical(scheme):
     digest = checksum(w)
     assert re.fullmatch("[0-9a-f]{32}", digest)
     assert checksum({n: t.clone() for n, t in w.items()}) == digest
-    transposed = {**w, "a.weight": w["a.weight"].T.contiguous().T}   # same values, non-contiguous strides
+    transposed = {**w, "a.weight": w["a.weight"].T.contiguous().T}  # same values, non-contiguous strides
     assert not transposed["a.weight"].is_contiguous() and checksum(transposed) == digest
     for name, t in w.items():
         for byte in range(t.numel() * t.element_size()):
             assert checksum({**w, name: flip_bit(t, byte, byte % 8)}) != digest, (name, byte)
-    assert checksum({**w, "a.weight": flip_bit(w["a.weight"], 59, 7)}) != digest       # a sign bit
+    assert checksum({**w, "a.weight": flip_bit(w["a.weight"], 59, 7)}) != digest  # a sign bit
     renamed = {("z.weight" if n == "a.weight" else n): t for n, t in w.items()}
     assert checksum(renamed) != digest
-    assert checksum({**w, "a.weight": w["a.weight"].reshape(5, 3)}) != digest         # same bytes, other shape
-    assert checksum({**w, "a.weight": w["a.weight"].view(torch.int32)}) != digest     # same bytes, other dtype
+    assert checksum({**w, "a.weight": w["a.weight"].reshape(5, 3)}) != digest  # same bytes, other shape
+    assert checksum({**w, "a.weight": w["a.weight"].view(torch.int32)}) != digest  # same bytes, other dtype
     assert checksum({**w, "e.empty": torch.empty(0, 3)}) != digest
     assert checksum({n: t for n, t in w.items() if n != "e.empty"}) != digest
 
@@ -94,7 +94,7 @@ def test_the_two_schemes_give_different_digests(monkeypatch):
 
 def test_checksum_hashes_cpu_tensors_in_place():
     """xxh3 is handed each tensor's own memory (no tobytes copy); Python allocates nothing payload-sized."""
-    tensors = {f"layer{i}.weight": torch.full((2**20,), float(i)) for i in range(8)}   # 32 MiB
+    tensors = {f"layer{i}.weight": torch.full((2**20,), float(i)) for i in range(8)}  # 32 MiB
     handed: list[int] = []
     xxh3_128 = xxhash.xxh3_128
 
@@ -136,12 +136,13 @@ def _splitmix64(x: np.ndarray) -> np.ndarray:
 
 def reference_fingerprint(raw: bytes) -> list[int]:
     raw += bytes(-len(raw) % 4)
-    w = np.frombuffer(raw, "<i4").astype(np.int64).view(np.uint64)   # signed words, sign-extended
+    w = np.frombuffer(raw, "<i4").astype(np.int64).view(np.uint64)  # signed words, sign-extended
     i = np.arange(len(w), dtype=np.uint64)
     lanes = []
     for position_stream, row_stream in ((0, 1 << 48), (2 << 48, 3 << 48)):
         k = (_splitmix64(i % _U(ROW_WORDS) + _U(position_stream)) | _U(1)) * (
-            _splitmix64(i // _U(ROW_WORDS) + _U(row_stream)) | _U(1))
+            _splitmix64(i // _U(ROW_WORDS) + _U(row_stream)) | _U(1)
+        )
         lanes.append(int((w * k).sum(dtype=np.uint64)))
     return [x - (1 << 64) if x >> 63 else x for x in lanes]
 
@@ -149,15 +150,15 @@ def reference_fingerprint(raw: bytes) -> list[int]:
 def test_word_fingerprint_matches_its_definition():
     # splitmix64's first output for seed 0, as published: the keys start from the reference generator
     assert weights_module._odd_keys(0, 1, torch.device("cpu")).item() == 0xE220A8397B1DCDAF - (1 << 64)
-    one = torch.tensor([1], dtype=torch.int32)                         # lane l = P_l[0] * R_l[0]: the first keys
+    one = torch.tensor([1], dtype=torch.int32)  # lane l = P_l[0] * R_l[0]: the first keys
     assert word_fingerprint(one).tolist() == reference_fingerprint(b"\x01\0\0\0")
-    tripled = [(3 * x + 2**63) % 2**64 - 2**63 for x in word_fingerprint(one).tolist()]   # linear, modulo 2^64
+    tripled = [(3 * x + 2**63) % 2**64 - 2**63 for x in word_fingerprint(one).tolist()]  # linear, modulo 2^64
     assert word_fingerprint(one * 3).tolist() == tripled
     g = torch.Generator().manual_seed(1)
     for t in (
         torch.randint(0, 256, (13,), dtype=torch.uint8, generator=g),  # 3 whole words and one padded word
         torch.randn(3, generator=g).to(torch.bfloat16),
-        torch.randn(2 * ROW_WORDS + 5, generator=g),                   # two full rows and a partial one
+        torch.randn(2 * ROW_WORDS + 5, generator=g),  # two full rows and a partial one
         torch.tensor(-1.5),
         torch.empty(0, 3),
     ):
@@ -169,21 +170,21 @@ def test_word_fingerprint_matches_its_definition():
 
 def test_word_fingerprint_sees_any_one_bit_flip_and_a_swap_of_two_words():
     g = torch.Generator().manual_seed(2)
-    t = torch.randint(-2**31, 2**31, (2 * ROW_WORDS + 3,), dtype=torch.int32, generator=g)
+    t = torch.randint(-(2**31), 2**31, (2 * ROW_WORDS + 3,), dtype=torch.int32, generator=g)
     want = word_fingerprint(t)
     n_bytes = t.numel() * 4
     for byte in [0, 1, 2, 3, 4 * ROW_WORDS - 1, 4 * ROW_WORDS, n_bytes // 2, n_bytes - 1]:
         for bit in range(8):
             got = word_fingerprint(flip_bit(t, byte, bit))
-            assert (got != want).all(), (byte, bit)          # both lanes change
-    for i, j in [(0, 1), (5, ROW_WORDS + 5), (7, 2 * ROW_WORDS + 2)]:   # in a row; same column, two rows; any
+            assert (got != want).all(), (byte, bit)  # both lanes change
+    for i, j in [(0, 1), (5, ROW_WORDS + 5), (7, 2 * ROW_WORDS + 2)]:  # in a row; same column, two rows; any
         swapped = t.clone()
         swapped[[i, j]] = t[[j, i]]
         assert (word_fingerprint(swapped) != want).all(), (i, j)
-    top_bits = torch.tensor([1, 1 - 2**31, 0], dtype=torch.int32)    # words that differ only in the top bit
+    top_bits = torch.tensor([1, 1 - 2**31, 0], dtype=torch.int32)  # words that differ only in the top bit
     assert (word_fingerprint(top_bits[[1, 0, 2]]) != word_fingerprint(top_bits)).all()
     rows = t[: 2 * ROW_WORDS].view(2, ROW_WORDS)
-    assert (word_fingerprint(rows.flip(0)) != word_fingerprint(rows)).all()   # two whole rows swapped
+    assert (word_fingerprint(rows.flip(0)) != word_fingerprint(rows)).all()  # two whole rows swapped
 
 
 def test_weights_pickle_as_out_of_band_buffers_and_load_from_read_only_memory():
@@ -192,20 +193,20 @@ def test_weights_pickle_as_out_of_band_buffers_and_load_from_read_only_memory():
     w = Weights(version=4, tensors=tensors, checksum=checksum(tensors))
     buffers = []
     data = pickle.dumps(w, protocol=5, buffer_callback=buffers.append)
-    assert len(data) < 4096                                            # the 64 KiB tensor is not in the stream
+    assert len(data) < 4096  # the 64 KiB tensor is not in the stream
     # one buffer (Ray pays per out-of-band buffer), every tensor at a 64-byte aligned offset, in order: a_weight
     # 60 bytes, b_weight 14, c_step 8, d_mask 3 take 64 each, e_empty 0, f_big 65,536
     assert [memoryview(b).nbytes for b in buffers] == [4 * 64 + 65_536]
     views = [memoryview(b).toreadonly() for b in buffers]
     with warnings.catch_warnings():
-        warnings.simplefilter("error")                                  # no "not writable" warning escapes
+        warnings.simplefilter("error")  # no "not writable" warning escapes
         got = pickle.loads(data, buffers=views)
     assert got.version == 4 and got.checksum == w.checksum
     layout = {n: (t.dtype, t.shape) for n, t in tensors.items()}
     assert {n: (t.dtype, t.shape) for n, t in got.tensors.items()} == layout
     base = np.frombuffer(views[0], np.uint8).__array_interface__["data"][0]
     offsets = {n: t.data_ptr() - base for n, t in got.tensors.items() if t.numel()}
-    assert offsets == {"a_weight": 0, "b_weight": 64, "c_step": 128, "d_mask": 192, "f_big": 256}   # views, not copies
+    assert offsets == {"a_weight": 0, "b_weight": 64, "c_step": 128, "d_mask": 192, "f_big": 256}  # views, not copies
     target = torch.nn.Module()
     for name, t in tensors.items():
         target.register_parameter(name, torch.nn.Parameter(torch.zeros_like(t), requires_grad=False))
@@ -225,11 +226,13 @@ def test_load_into_copies_every_tensor_and_returns_the_checksum():
 def test_unknown_names_are_refused_before_anything_is_copied():
     w = Weights.of(Net(seed=1), version=3)
     tensors = {**w.tensors, "lin.lora_A.weight": torch.zeros(4, 3)}
-    bad = Weights(3, tensors, checksum(tensors))              # a valid payload, just for another model
+    bad = Weights(3, tensors, checksum(tensors))  # a valid payload, just for another model
     target = Net(seed=2)
     before = params(target)
-    with pytest.raises(ValueError, match=re.escape(
-            "weights name parameters the model lacks (LoRA config differs?): ['lin.lora_A.weight']")):
+    with pytest.raises(
+        ValueError,
+        match=re.escape("weights name parameters the model lacks (LoRA config differs?): ['lin.lora_A.weight']"),
+    ):
         bad.load_into(target)
     assert same(params(target), before)
 
@@ -240,21 +243,28 @@ def test_lora_weights_into_a_model_without_the_adapter_are_refused():
     make_trainable(lora_model.transformer, cfg.lora)
     w = Weights.of(lora_model.transformer, version=1)
     assert w.tensors and all("lora_" in n for n in w.tensors)
-    with pytest.raises(ValueError, match=r"^weights name parameters the model lacks \(LoRA config differs\?\): "
-                                         r"\['[^']*lora_A[^']*', '[^']*', '[^']*'\]$"):
-        w.load_into(SD3Adapter.tiny(seed=0).transformer)       # full-weight model: no lora_ parameters
+    with pytest.raises(
+        ValueError,
+        match=r"^weights name parameters the model lacks \(LoRA config differs\?\): "
+        r"\['[^']*lora_A[^']*', '[^']*', '[^']*'\]$",
+    ):
+        w.load_into(SD3Adapter.tiny(seed=0).transformer)  # full-weight model: no lora_ parameters
 
 
 def test_a_corrupted_payload_fails_its_checksum_and_is_not_loaded():
     w = Weights.of(Net(seed=1), version=3)
-    w.tensors["lin.weight"][0, 0] += 1.0                      # bytes changed after the checksum was taken
+    w.tensors["lin.weight"][0, 0] += 1.0  # bytes changed after the checksum was taken
     target = Net(seed=2)
     before = params(target)
     got = checksum(w.tensors)
     assert got != w.checksum
-    with pytest.raises(RuntimeError, match=re.escape(
+    with pytest.raises(
+        RuntimeError,
+        match=re.escape(
             f"weights version 3 failed its checksum ({got} != {w.checksum}): the payload was corrupted in transit; "
-            "refusing to sample with it")):
+            "refusing to sample with it"
+        ),
+    ):
         w.load_into(target)
     assert same(params(target), before)
 
@@ -262,24 +272,35 @@ def test_a_corrupted_payload_fails_its_checksum_and_is_not_loaded():
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_a_dtype_narrowing_copy_is_refused_before_anything_is_copied(dtype):
     net = Net(seed=1)
-    with torch.no_grad():                                       # values exact in fp16 and bf16 (k / 8): only the
+    with torch.no_grad():  # values exact in fp16 and bf16 (k / 8): only the
         net.lin.weight.copy_(torch.arange(6.0).view(2, 3) / 8)  # dtype would tell the copies apart
         net.lin.bias.copy_(torch.tensor([0.5, -0.25]))
     w = Weights.of(net, version=7)
     target = Net(seed=2).to(dtype)
     before = {n: p.detach().clone() for n, p in target.named_parameters()}
-    with pytest.raises(RuntimeError, match=rf"^cannot load version 7: lin.weight is torch.float32 \(2, 3\) in the weights "
-                                           rf"but {dtype} \(2, 3\) in the model \(model.dtype or LoRA settings differ\)$"):
+    with pytest.raises(
+        RuntimeError,
+        match=rf"^cannot load version 7: lin.weight is torch.float32 \(2, 3\) in the weights "
+        rf"but {dtype} \(2, 3\) in the model \(model.dtype or LoRA settings differ\)$",
+    ):
         w.load_into(target)
-    assert same(params(target), before)                         # the model still holds what it held
+    assert same(params(target), before)  # the model still holds what it held
 
 
 # -- load_checkpoint ------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     """A full-weight tiny SD3 learner after one update, checkpointed: (config, folder, its weights)."""
-    cfg = load_config("tiny-cpu", ["lora.enabled=false", "sampling.num_steps=2", "train.pairs_per_epoch=1",
-                                   "train.updates_per_epoch=1", "train.lr=1e-2"])
+    cfg = load_config(
+        "tiny-cpu",
+        [
+            "lora.enabled=false",
+            "sampling.num_steps=2",
+            "train.pairs_per_epoch=1",
+            "train.updates_per_epoch=1",
+            "train.lr=1e-2",
+        ],
+    )
     sampler = Sampler(SD3Adapter.tiny(seed=0), cfg.sampling, cfg.lora)
     job, _ = sampler.sample(prompts=["a red circle"], prompt_ids=[0], pair_ids=[0], seeds=[3])
     batch, _ = sampler.complete(job=job, rewards=np.array([[1.0, 0.0]]))
@@ -299,7 +320,7 @@ def fresh_learner(cfg, lora: bool = False) -> Learner:
 def test_an_intact_checkpoint_restores_the_trained_weights(trained):
     cfg, folder, saved = trained
     learner = fresh_learner(cfg)
-    assert learner.weights().checksum != saved.checksum        # starts at the base weights
+    assert learner.weights().checksum != saved.checksum  # starts at the base weights
     assert load_checkpoint(folder, learner) == {"next_pair_id": 1}
     assert learner.version == 1 and learner.weights().checksum == saved.checksum
 
@@ -320,11 +341,13 @@ def copy_of(trained, tmp_path):
 def _refused(cfg, folder, names, lora=False):
     learner = fresh_learner(cfg, lora)
     base = learner.weights()
-    msg = (f"checkpoint {folder} does not match this model's trainable parameters (LoRA config?): "
-           f"{names if isinstance(names, list) else ''}")
+    msg = (
+        f"checkpoint {folder} does not match this model's trainable parameters (LoRA config?): "
+        f"{names if isinstance(names, list) else ''}"
+    )
     with pytest.raises(ValueError, match="^" + re.escape(msg)):
         load_checkpoint(folder, learner)
-    after = learner.weights()                                  # nothing was loaded: still the base, version 0
+    after = learner.weights()  # nothing was loaded: still the base, version 0
     assert learner.version == 0 and after.checksum == base.checksum
 
 
@@ -347,7 +370,7 @@ def test_a_checkpoint_with_an_extra_name_is_refused(copy_of):
 
 def test_a_full_weight_checkpoint_into_a_lora_learner_is_refused(trained):
     cfg, folder, _ = trained
-    _refused(cfg, folder, None, lora=True)                     # names differ entirely: lora_A/B vs base weights
+    _refused(cfg, folder, None, lora=True)  # names differ entirely: lora_A/B vs base weights
 
 
 def test_a_checkpoint_with_changed_bytes_fails_its_checksum(copy_of):
@@ -365,7 +388,7 @@ def test_a_packed_snapshot_moves_to_a_model_device_as_one_buffer():
     # device stands in for CUDA here: same code, no data)
     from torch.overrides import TorchFunctionMode
 
-    class Copies(TorchFunctionMode):                    # every tensor copy or move the snapshot makes
+    class Copies(TorchFunctionMode):  # every tensor copy or move the snapshot makes
         names = {"to", "copy_", "clone", "cuda", "_foreach_copy_", "empty_like", "contiguous"}
 
         def __init__(self):
@@ -381,15 +404,17 @@ def test_a_packed_snapshot_moves_to_a_model_device_as_one_buffer():
     assert len(w.tensors) > 1
     with Copies() as copies:
         moved = w._on(torch.device("meta"))
-    assert copies.calls == ["to"]                                        # one move: the packed buffer's
+    assert copies.calls == ["to"]  # one move: the packed buffer's
     assert list(moved) == list(w.tensors)
     assert {n: (t.device.type, t.dtype, t.shape) for n, t in moved.items()} == {
-        n: ("meta", t.dtype, t.shape) for n, t in w.tensors.items()}
+        n: ("meta", t.dtype, t.shape) for n, t in w.tensors.items()
+    }
     # one storage: every tensor a view of the one moved buffer (the packed size), at its packed offset
     assert len({t.untyped_storage()._cdata for t in moved.values()}) == 1
     assert {t.untyped_storage().nbytes() for t in moved.values()} == {w.packed.numel()}
     assert w.packed.numel() >= sum(t.nbytes for t in w.tensors.values())
     assert [t.storage_offset() * t.element_size() for t in moved.values()] == [
-        v.storage_offset() * v.element_size() for v in w.tensors.values()]
+        v.storage_offset() * v.element_size() for v in w.tensors.values()
+    ]
     assert len({t.storage_offset() for t in moved.values()}) == len(moved)
-    assert w._on(torch.device("cpu")) is w.tensors                   # a CPU model reads the snapshot in place
+    assert w._on(torch.device("cpu")) is w.tensors  # a CPU model reads the snapshot in place

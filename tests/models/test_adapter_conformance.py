@@ -36,34 +36,55 @@ STEPS = 3
 class Case:
     """An adapter under test: how to build it from a pipeline, its guidance, and how its pipeline is called."""
 
-    wrap: Callable                        # pipeline -> adapter
-    pipeline: Callable                    # () -> a fresh tiny pipeline (seed 0: the same weights every time)
-    guidance: float                       # the adapter's guidance_scale
-    pipeline_guidance: dict               # the pipeline's __call__ arguments that give the same guidance
-    cfg: bool = False                     # guidance is CFG (two halves: the pipeline batches them differently)
+    wrap: Callable  # pipeline -> adapter
+    pipeline: Callable  # () -> a fresh tiny pipeline (seed 0: the same weights every time)
+    guidance: float  # the adapter's guidance_scale
+    pipeline_guidance: dict  # the pipeline's __call__ arguments that give the same guidance
+    cfg: bool = False  # guidance is CFG (two halves: the pipeline batches them differently)
 
     def adapter(self):
         return self.wrap(self.pipeline())
 
-    def to_pipeline(self, model, x):      # our [B, C, h, w] -> the pipeline's latent layout
+    def to_pipeline(self, model, x):  # our [B, C, h, w] -> the pipeline's latent layout
         return model.pack(x) if isinstance(model, FluxAdapter) else x
 
-    def from_pipeline(self, model, z):    # the pipeline's latent layout -> our [B, C, h, w]
+    def from_pipeline(self, model, z):  # the pipeline's latent layout -> our [B, C, h, w]
         return model.unpack(z) if isinstance(model, FluxAdapter) else z
 
 
 CASES = {
-    "sd3": Case(lambda p: SD3Adapter(p, max_sequence_length=MAX_TOKENS), lambda: tiny_sd3_pipeline(seed=0), 1.0,
-                {"guidance_scale": 1.0}),
-    "sd3-cfg": Case(lambda p: SD3Adapter(p, max_sequence_length=MAX_TOKENS), lambda: tiny_sd3_pipeline(seed=0), 2.0,
-                    {"guidance_scale": 2.0}, cfg=True),
-    "flux-dev": Case(lambda p: FluxAdapter(p, height=32, width=32, max_sequence_length=MAX_TOKENS),
-                     lambda: tiny_flux_pipeline(seed=0), 3.5, {"guidance_scale": 3.5}),
-    "flux-schnell": Case(lambda p: FluxAdapter(p, height=32, width=32, max_sequence_length=MAX_TOKENS),
-                         lambda: tiny_flux_pipeline(seed=0, guidance_embeds=False), 1.0, {}),
-    "flux-schnell-cfg": Case(lambda p: FluxAdapter(p, height=32, width=32, max_sequence_length=MAX_TOKENS),
-                             lambda: tiny_flux_pipeline(seed=0, guidance_embeds=False), 2.0,
-                             {"true_cfg_scale": 2.0, "negative_prompt": [""] * len(PROMPTS)}, cfg=True),
+    "sd3": Case(
+        lambda p: SD3Adapter(p, max_sequence_length=MAX_TOKENS),
+        lambda: tiny_sd3_pipeline(seed=0),
+        1.0,
+        {"guidance_scale": 1.0},
+    ),
+    "sd3-cfg": Case(
+        lambda p: SD3Adapter(p, max_sequence_length=MAX_TOKENS),
+        lambda: tiny_sd3_pipeline(seed=0),
+        2.0,
+        {"guidance_scale": 2.0},
+        cfg=True,
+    ),
+    "flux-dev": Case(
+        lambda p: FluxAdapter(p, height=32, width=32, max_sequence_length=MAX_TOKENS),
+        lambda: tiny_flux_pipeline(seed=0),
+        3.5,
+        {"guidance_scale": 3.5},
+    ),
+    "flux-schnell": Case(
+        lambda p: FluxAdapter(p, height=32, width=32, max_sequence_length=MAX_TOKENS),
+        lambda: tiny_flux_pipeline(seed=0, guidance_embeds=False),
+        1.0,
+        {},
+    ),
+    "flux-schnell-cfg": Case(
+        lambda p: FluxAdapter(p, height=32, width=32, max_sequence_length=MAX_TOKENS),
+        lambda: tiny_flux_pipeline(seed=0, guidance_embeds=False),
+        2.0,
+        {"true_cfg_scale": 2.0, "negative_prompt": [""] * len(PROMPTS)},
+        cfg=True,
+    ),
 }
 EXACT = [name for name, case in CASES.items() if not case.cfg]
 
@@ -88,9 +109,11 @@ def run_pipeline(case: Case, model, x0: torch.Tensor, output_type: str, cond=Non
     on the given ``cond`` (``PromptEmbeds`` [B, ...]): its output, the transformer's calls (kwargs, output) and the
     latents after every step (in our layout)."""
     calls, states = [], [x0]
-    prompts = {"prompt": PROMPTS} if cond is None else {"prompt_embeds": cond.tokens, "pooled_prompt_embeds": cond.pooled}
+    prompts = (
+        {"prompt": PROMPTS} if cond is None else {"prompt_embeds": cond.tokens, "pooled_prompt_embeds": cond.pooled}
+    )
     guidance = dict(case.pipeline_guidance)
-    if "negative_prompt" in guidance:                       # one negative per row
+    if "negative_prompt" in guidance:  # one negative per row
         guidance["negative_prompt"] = [""] * len(x0)
 
     def hook(module, args, kwargs, out):
@@ -103,9 +126,18 @@ def run_pipeline(case: Case, model, x0: torch.Tensor, output_type: str, cond=Non
     handle = model.transformer.register_forward_hook(hook, with_kwargs=True)
     try:
         with torch.no_grad():
-            out = model.pipe(**prompts, latents=case.to_pipeline(model, x0.clone()), num_inference_steps=STEPS,
-                             height=32, width=32, max_sequence_length=MAX_TOKENS, output_type=output_type,
-                             callback_on_step_end=step_end, return_dict=False, **guidance)[0]
+            out = model.pipe(
+                **prompts,
+                latents=case.to_pipeline(model, x0.clone()),
+                num_inference_steps=STEPS,
+                height=32,
+                width=32,
+                max_sequence_length=MAX_TOKENS,
+                output_type=output_type,
+                callback_on_step_end=step_end,
+                return_dict=False,
+                **guidance,
+            )[0]
     finally:
         handle.remove()
     return {"out": out, "calls": calls, "states": states, "sigmas": model.pipe.scheduler.sigmas.clone()}
@@ -122,7 +154,7 @@ def pair(case):
 def reference(case, pair):
     """The pair and the pipeline's own run (prompts encoded by the pipeline) from the pair's start noise."""
     name, c, model = case
-    return pair, run_pipeline(c, model, pair.xs[:, 0, 0], "latent")      # x0 [P, C, h, w] (= eps at gamma 0)
+    return pair, run_pipeline(c, model, pair.xs[:, 0, 0], "latent")  # x0 [P, C, h, w] (= eps at gamma 0)
 
 
 @pytest.mark.parametrize("case", EXACT, indirect=True)
@@ -137,7 +169,7 @@ def test_sigmas_are_the_pipelines_schedule(case, reference):
         by_hand = [math.exp(mu) / (math.exp(mu) + 1 / t - 1) for t in (1.0, 2 / 3, 1 / 3)] + [0.0]
         assert ref["sigmas"].tolist() == pytest.approx(by_hand, abs=1e-6)
         assert by_hand[1:3] == pytest.approx([0.7615, 0.4438], abs=1e-4)
-    if name == "flux-schnell":                              # no dynamic shift, shift 1: the plain linspace
+    if name == "flux-schnell":  # no dynamic shift, shift 1: the plain linspace
         assert ref["sigmas"].tolist() == pytest.approx([1.0, 2 / 3, 1 / 3, 0.0], abs=1e-7)
 
 
@@ -147,7 +179,7 @@ def test_velocity_is_the_pipelines_transformer_call(case, reference):
     traj, ref = reference
     cond = model.encode_prompts(PROMPTS)
     sigmas = model.sigmas(STEPS)
-    assert len(ref["calls"]) == STEPS                       # one forward per step: no CFG batch, embedded guidance
+    assert len(ref["calls"]) == STEPS  # one forward per step: no CFG batch, embedded guidance
     for i, (kwargs, out) in enumerate(ref["calls"]):
         x_i = c.from_pipeline(model, kwargs["hidden_states"])
         assert torch.equal(x_i, ref["states"][i])
@@ -176,8 +208,8 @@ def test_gamma_zero_pair_lands_where_the_pipeline_does(case, pair):
     ref = run_pipeline(c, model, traj.xs[:, :, 0].flatten(0, 1), "latent", cond=model.encode_prompts(PROMPTS).repeat(2))
     final = c.from_pipeline(model, ref["out"]).view(P, 2, *model.latent_shape)
     states = torch.stack(ref["states"][:-1], 1).view(P, 2, N, *model.latent_shape)
-    assert torch.equal(traj.xs[:, 0], traj.xs[:, 1])        # no churn: both branches are the plain Euler sample
-    if c.cfg:                                               # the negative: encoded once here, per row there
+    assert torch.equal(traj.xs[:, 0], traj.xs[:, 1])  # no churn: both branches are the plain Euler sample
+    if c.cfg:  # the negative: encoded once here, per row there
         torch.testing.assert_close(traj.x_final, final, rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(traj.xs, states, rtol=1e-5, atol=1e-5)
     else:
@@ -188,18 +220,28 @@ def test_gamma_zero_pair_lands_where_the_pipeline_does(case, pair):
 def test_decode_is_the_pipelines_decode(case, reference):
     name, c, model = case
     traj, ref = reference
-    images = run_pipeline(c, model, traj.xs[:, 0, 0], "pt")["out"]     # [P, 3, 32, 32] in [0, 1]
+    images = run_pipeline(c, model, traj.xs[:, 0, 0], "pt")["out"]  # [P, 3, 32, 32] in [0, 1]
     ours = model.decode(c.from_pipeline(model, ref["out"]))
     assert ours.shape == (2, 3, 32, 32) and ours.dtype == torch.float32
     assert torch.equal(ours, images)
-    assert ours.std() > 0.01                                # a real picture's worth of variation, not a constant
+    assert ours.std() > 0.01  # a real picture's worth of variation, not a constant
 
 
 def lora_cfg(guidance: float, gradient_checkpointing: bool = False):
-    return load_config("tiny-cpu", ["lora.enabled=true", "lora.rank=4", "lora.alpha=8", "train.lr=3e-2",
-                                    "sampling.num_steps=2", "train.pairs_per_epoch=2", "train.updates_per_epoch=1",
-                                    f"sampling.guidance_scale={guidance}",
-                                    f"train.gradient_checkpointing={str(gradient_checkpointing).lower()}"])
+    return load_config(
+        "tiny-cpu",
+        [
+            "lora.enabled=true",
+            "lora.rank=4",
+            "lora.alpha=8",
+            "train.lr=3e-2",
+            "sampling.num_steps=2",
+            "train.pairs_per_epoch=2",
+            "train.updates_per_epoch=1",
+            f"sampling.guidance_scale={guidance}",
+            f"train.gradient_checkpointing={str(gradient_checkpointing).lower()}",
+        ],
+    )
 
 
 @pytest.fixture(scope="module")
@@ -223,7 +265,7 @@ def test_lora_checkpoint_loads_with_the_models_pipeline(case, trained):
     assert (folder / "pytorch_lora_weights.safetensors").is_file()
     pipe = c.pipeline()
     assert type(pipe) is learner.model.lora_pipeline_class
-    pipe.load_lora_weights(str(folder))                     # the model's own diffusers pipeline class reads it
+    pipe.load_lora_weights(str(folder))  # the model's own diffusers pipeline class reads it
     loaded, base = c.wrap(pipe), c.adapter()
     x = torch.randn(2, *model.latent_shape, generator=torch.Generator().manual_seed(0))
     cond = base.encode_prompts(PROMPTS)
@@ -232,7 +274,7 @@ def test_lora_checkpoint_loads_with_the_models_pipeline(case, trained):
         v_loaded = loaded.velocity(x, torch.tensor(0.5), cond, c.guidance)
         v_base = base.velocity(x, torch.tensor(0.5), cond, c.guidance)
     torch.testing.assert_close(v_loaded, v_trained, rtol=1e-5, atol=1e-6)
-    assert (v_trained - v_base).abs().max() > 1e-4          # the LoRA did change the model
+    assert (v_trained - v_base).abs().max() > 1e-4  # the LoRA did change the model
 
 
 @pytest.mark.parametrize("case", ["flux-dev"], indirect=True)
@@ -249,7 +291,9 @@ def test_gradient_checkpointing_changes_memory_not_the_update(case, trained):
     transformer, blocks = checkpointed.model.transformer, repeated_blocks(checkpointed.model.transformer)
     calls = {"transformer": 0} | {i: 0 for i in range(len(blocks))}
     hooks = [transformer.register_forward_pre_hook(lambda *_: calls.update(transformer=calls["transformer"] + 1))]
-    hooks += [b.register_forward_pre_hook(lambda *_, i=i: calls.update({i: calls[i] + 1})) for i, b in enumerate(blocks)]
+    hooks += [
+        b.register_forward_pre_hook(lambda *_, i=i: calls.update({i: calls[i] + 1})) for i, b in enumerate(blocks)
+    ]
     try:
         checkpointed.train_epoch(batch)
     finally:

@@ -65,8 +65,10 @@ def test_peft_lora_reproduces_its_velocities(peft_lora):
 
 def test_mismatched_rank_names_the_fix(peft_lora):
     folder, _ = peft_lora
-    msg = (f"lora.init_from='{folder}' was trained with lora.rank=4 but this run has lora.rank=8; set lora.rank=4 "
-           "(an override or the preset) to load it")
+    msg = (
+        f"lora.init_from='{folder}' was trained with lora.rank=4 but this run has lora.rank=8; set lora.rank=4 "
+        "(an override or the preset) to load it"
+    )
     with pytest.raises(ValueError, match=re.escape(msg)):
         make_trainable(SD3Adapter.tiny(seed=0).transformer, lora(folder, rank=8))
     msg = "was trained with lora.target_modules=[attn.add_k_proj,attn.add_q_proj,attn.add_v_proj,attn.to_add_out,"
@@ -76,8 +78,18 @@ def test_mismatched_rank_names_the_fix(peft_lora):
 
 def test_every_role_starts_from_the_same_weights(peft_lora, tmp_path):
     folder, v_saved = peft_lora
-    cfg = load_config("tiny-cpu", ["lora.enabled=true", "lora.rank=4", "lora.alpha=8", f"lora.init_from={folder}",
-                                   "sampling.num_steps=2", "train.pairs_per_epoch=2", "train.updates_per_epoch=1"])
+    cfg = load_config(
+        "tiny-cpu",
+        [
+            "lora.enabled=true",
+            "lora.rank=4",
+            "lora.alpha=8",
+            f"lora.init_from={folder}",
+            "sampling.num_steps=2",
+            "train.pairs_per_epoch=2",
+            "train.updates_per_epoch=1",
+        ],
+    )
     check_run(cfg)
     learner = Learner(SD3Adapter.tiny(seed=0), cfg.train, Batching.of(cfg), cfg.lora, seed=0)
     sampler = Sampler(SD3Adapter.tiny(seed=0), cfg.sampling, cfg.lora, precision=cfg.train.precision)
@@ -96,10 +108,13 @@ def test_bad_init_from_fails_before_anything_loads(tmp_path):
     with pytest.raises(FileNotFoundError, match=re.escape(msg)):
         check_init_from(str(tmp_path))
     check_init_from("nvidia/finite-difference-flow-optimization/fdfo-combined-reward-no-cfg/epoch-0000100")  # form only
-    (tmp_path / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 4, "lora_alpha": 8,
-                                                              "target_modules": list(LORA_TARGET_MODULES)}))
-    save_file({"base_model.model.transformer_blocks.0.attn.to_q.lora_A.weight": torch.zeros(4, 16)},
-              str(tmp_path / "adapter_model.safetensors"))
+    (tmp_path / "adapter_config.json").write_text(
+        json.dumps({"peft_type": "LORA", "r": 4, "lora_alpha": 8, "target_modules": list(LORA_TARGET_MODULES)})
+    )
+    save_file(
+        {"base_model.model.transformer_blocks.0.attn.to_q.lora_A.weight": torch.zeros(4, 16)},
+        str(tmp_path / "adapter_model.safetensors"),
+    )
     with pytest.raises(ValueError, match=r"does not fit this model's trainable parameters: \d+ missing"):
         make_trainable(SD3Adapter.tiny(seed=0).transformer, lora(tmp_path))
 
@@ -107,11 +122,29 @@ def test_bad_init_from_fails_before_anything_loads(tmp_path):
 def test_cli_generate_from_a_peft_lora(peft_lora, tmp_path):
     folder, _ = peft_lora
     preset = tmp_path / "tiny-lora.yaml"
-    preset.write_text("model: {kind: sd3_tiny}\nlora: {enabled: true, rank: 4, alpha: 8}\n"
-                      "sampling: {num_steps: 2}\ntrain: {pairs_per_epoch: 2, updates_per_epoch: 1}\n")
+    preset.write_text(
+        "model: {kind: sd3_tiny}\nlora: {enabled: true, rank: 4, alpha: 8}\n"
+        "sampling: {num_steps: 2}\ntrain: {pairs_per_epoch: 2, updates_per_epoch: 1}\n"
+    )
     out = tmp_path / "out"
-    assert main(["generate", "--config", str(preset), "--init-from", str(folder), "--prompt", PROMPTS[0],
-                 "--seed", "4", "--out", str(out)]) == 0
+    assert (
+        main(
+            [
+                "generate",
+                "--config",
+                str(preset),
+                "--init-from",
+                str(folder),
+                "--prompt",
+                PROMPTS[0],
+                "--seed",
+                "4",
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
     (png,) = out.iterdir()
     model = SD3Adapter.tiny(seed=0)
     make_trainable(model.transformer, lora(folder))
@@ -119,11 +152,14 @@ def test_cli_generate_from_a_peft_lora(peft_lora, tmp_path):
     assert np.array_equal(np.asarray(Image.open(png)), expected)
 
 
-@pytest.mark.parametrize("source,revision", [
-    ("https://huggingface.co/nvidia/finite-difference-flow-optimization/tree/v1/fdfo-x/epoch-0000100", "v1"),
-    ("hf:nvidia/finite-difference-flow-optimization/fdfo-x/epoch-0000100", "main"),
-    ("nvidia/finite-difference-flow-optimization/fdfo-x/epoch-0000100", "main"),
-])
+@pytest.mark.parametrize(
+    "source,revision",
+    [
+        ("https://huggingface.co/nvidia/finite-difference-flow-optimization/tree/v1/fdfo-x/epoch-0000100", "v1"),
+        ("hf:nvidia/finite-difference-flow-optimization/fdfo-x/epoch-0000100", "main"),
+        ("nvidia/finite-difference-flow-optimization/fdfo-x/epoch-0000100", "main"),
+    ],
+)
 def test_hub_folder_forms_download_only_their_subfolder(peft_lora, tmp_path, monkeypatch, source, revision):
     import shutil
 
@@ -132,12 +168,17 @@ def test_hub_folder_forms_download_only_their_subfolder(peft_lora, tmp_path, mon
     folder, _ = peft_lora
     calls = []
 
-    def snapshot_download(**kw):                        # the hub, offline: the release's layout under a cache root
+    def snapshot_download(**kw):  # the hub, offline: the release's layout under a cache root
         calls.append(kw)
         shutil.copytree(folder, tmp_path / "fdfo-x" / "epoch-0000100")
         return str(tmp_path)
 
     monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot_download)
     assert resolve_init_from(source) == tmp_path / "fdfo-x" / "epoch-0000100"
-    assert calls == [{"repo_id": "nvidia/finite-difference-flow-optimization", "revision": revision,
-                      "allow_patterns": ["fdfo-x/epoch-0000100/*"]}]
+    assert calls == [
+        {
+            "repo_id": "nvidia/finite-difference-flow-optimization",
+            "revision": revision,
+            "allow_patterns": ["fdfo-x/epoch-0000100/*"],
+        }
+    ]

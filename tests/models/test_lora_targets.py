@@ -15,10 +15,20 @@ BARE = tuple(t.removeprefix("attn.") for t in LORA_TARGET_MODULES)
 def transformer(num_layers: int, dual: tuple[int, ...]) -> SD3Transformer2DModel:
     """An SD3 transformer of ``num_layers`` blocks, ``dual`` of them with attn2, at toy width (2 heads x 8)."""
     torch.manual_seed(0)
-    return SD3Transformer2DModel(sample_size=8, patch_size=2, in_channels=4, out_channels=4, num_layers=num_layers,
-                                 attention_head_dim=8, num_attention_heads=2, joint_attention_dim=16,
-                                 caption_projection_dim=16, pooled_projection_dim=8, pos_embed_max_size=8,
-                                 dual_attention_layers=dual)
+    return SD3Transformer2DModel(
+        sample_size=8,
+        patch_size=2,
+        in_channels=4,
+        out_channels=4,
+        num_layers=num_layers,
+        attention_head_dim=8,
+        num_attention_heads=2,
+        joint_attention_dim=16,
+        caption_projection_dim=16,
+        pooled_projection_dim=8,
+        pos_embed_max_size=8,
+        dual_attention_layers=dual,
+    )
 
 
 def adapted(tr: torch.nn.Module) -> list[str]:
@@ -53,7 +63,7 @@ def test_sd35_medium_layout_gets_the_reference_module_count():
 
 
 def test_missing_dotted_targets_are_named():
-    tr = transformer(2, dual=())                       # no attn2 anywhere
+    tr = transformer(2, dual=())  # no attn2 anywhere
     msg = "LoRA target modules ['attn2.to_q', 'attn.to_qq'] are not in SD3Transformer2DModel; check lora.target_modules"
     with pytest.raises(ValueError, match=re.escape(msg)):
         add_lora(tr, target_modules=("attn.to_q", "attn2.to_q", "attn.to_out.0", "attn.to_qq"))

@@ -24,15 +24,23 @@ print("=" * 20, file=sys.stderr, flush=True)
 """
 
 
-@pytest.mark.parametrize("kind, module, adapter, pipeline", [("sd3", "adapter", "SD3Adapter", "StableDiffusion3Pipeline"),
-                                                            ("flux", "flux", "FluxAdapter", "FluxPipeline")])
+@pytest.mark.parametrize(
+    "kind, module, adapter, pipeline",
+    [("sd3", "adapter", "SD3Adapter", "StableDiffusion3Pipeline"), ("flux", "flux", "FluxAdapter", "FluxPipeline")],
+)
 def test_from_pretrained_is_quiet_in_a_log(tmp_path, kind, module, adapter, pipeline):
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     env.pop("HF_HUB_DISABLE_PROGRESS_BARS", None)
     code = CODE.format(kind=kind, module=module, adapter=adapter, pipeline=pipeline)
-    run = subprocess.run([sys.executable, "-c", code, str(tmp_path / "pipe")], cwd=ROOT, env=env, capture_output=True,
-                         text=True, timeout=300)
+    run = subprocess.run(
+        [sys.executable, "-c", code, str(tmp_path / "pipe")],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert run.returncode == 0, run.stderr[-3000:]
     raw, ours = run.stderr.split("=" * 20 + "\n")
-    assert "Loading pipeline components" in raw and "torch_dtype" in raw      # what the old call printed, here too
+    assert "Loading pipeline components" in raw and "torch_dtype" in raw  # what the old call printed, here too
     assert "Loading" not in ours and "it/s]" not in ours and "Warning" not in ours, ours[-2000:]

@@ -23,13 +23,31 @@ def test_sd35m_presets_are_the_reference(preset):
     check_run(cfg)
     m, lo, s, t = cfg.model, cfg.lora, cfg.sampling, cfg.train
     assert (m.kind, m.path, m.dtype, m.resolution, m.max_sequence_length) == (
-        "sd3", "stabilityai/stable-diffusion-3.5-medium", "bfloat16", 512, 128)
+        "sd3",
+        "stabilityai/stable-diffusion-3.5-medium",
+        "bfloat16",
+        512,
+        128,
+    )
     assert (lo.enabled, lo.rank, lo.alpha, lo.init, lo.target_modules, lo.init_from) == (
-        True, 32, 64.0, "gaussian", LORA_TARGET_MODULES, None)
+        True,
+        32,
+        64.0,
+        "gaussian",
+        LORA_TARGET_MODULES,
+        None,
+    )
     assert all(target.startswith("attn.") for target in lo.target_modules)
     assert (s.num_steps, s.gamma, s.record_dtype, t.precision) == (40, 0.0025, "float16", "fp16")
     assert (t.lr, t.betas, t.weight_decay, t.adam_eps, t.grad_clip, t.epsilon, t.kl_weight) == (
-        3e-5, (0.9, 0.999), 1e-4, 1e-8, 1.0, 0.03, 0.0)
+        3e-5,
+        (0.9, 0.999),
+        1e-4,
+        1e-8,
+        1.0,
+        0.03,
+        0.0,
+    )
     assert (t.pairs_per_epoch, t.updates_per_epoch, t.checkpoint_every, t.lr_schedule) == (432, 4, 20, "constant")
     guidance, weights = PRESETS[preset]
     assert s.guidance_scale == guidance
@@ -55,11 +73,29 @@ def test_the_flow_grpo_preset_is_flow_grpos_published_sd35m_pickscore_run():
     check_run(cfg)
     m, lo, s, t, g = cfg.model, cfg.lora, cfg.sampling, cfg.train, cfg.grpo
     assert (m.path, m.resolution, m.max_sequence_length, lo.rank, lo.alpha, lo.target_modules) == (
-        "stabilityai/stable-diffusion-3.5-medium", 512, 128, 32, 64.0, LORA_TARGET_MODULES)
-    assert (t.algorithm, s.num_steps, cfg.eval.num_steps, s.guidance_scale, t.precision) == ("flow_grpo", 10, 40, 4.5, "fp16")
+        "stabilityai/stable-diffusion-3.5-medium",
+        512,
+        128,
+        32,
+        64.0,
+        LORA_TARGET_MODULES,
+    )
+    assert (t.algorithm, s.num_steps, cfg.eval.num_steps, s.guidance_scale, t.precision) == (
+        "flow_grpo",
+        10,
+        40,
+        4.5,
+        "fp16",
+    )
     assert (t.lr, t.kl_weight, t.grad_clip, t.updates_per_epoch, t.timestep_fraction) == (3e-4, 0.01, 1.0, 2, 0.99)
     assert (g.group_size, g.noise_level, g.clip_range, g.adv_clip_max, g.global_std, g.sde_window) == (
-        24, 0.7, 1e-4, 5.0, True, 0)
+        24,
+        0.7,
+        1e-4,
+        5.0,
+        True,
+        0,
+    )
     assert {spec["name"]: spec["weight"] for spec in reward_specs(cfg.reward)} == {"pickscore": 1.0}
     # 48 groups x 24 images x 10 steps = 11,520 (image, step) rows; 99 % of them in two updates
     b = Batching.of(cfg)

@@ -3,6 +3,7 @@ field, each leaves the numbers as they were (compile and the SDPA backends to fl
 bit for bit on a CPU), and the learner's metrics read once per update are the values read per micro-batch."""
 
 import dataclasses
+import types
 
 import pytest
 import torch
@@ -50,8 +51,9 @@ def test_the_switches_are_config_fields_and_bad_values_name_the_key():
     assert str(e.value) == "config key 'model.compile' must be one of ('off', 'regional', 'full'), got 'fast'"
     with pytest.raises(ValueError) as e:
         load_config("tiny-cpu", ["model.attention=xformers"])
-    assert str(e.value) == ("config key 'model.attention' must be one of ('auto', 'flash', 'efficient', 'cudnn', "
-                            "'math'), got 'xformers'")
+    assert str(e.value) == (
+        "config key 'model.attention' must be one of ('auto', 'flash', 'efficient', 'cudnn', 'math'), got 'xformers'"
+    )
     with pytest.raises(ValueError) as e:
         load_config("tiny-cpu", ["sampling.noise_device=gpu"])
     assert str(e.value) == "config key 'sampling.noise_device' must be one of ('host', 'device'), got 'gpu'"
@@ -69,7 +71,7 @@ def test_build_model_applies_compile_and_attention_to_every_kind():
         assert not any(b._compiled_call_impl is not None for b in repeated_blocks(model.transformer))
     model = build_model(ModelConfig(kind="sd3_tiny"))
     assert model.attention == "auto" and model.transformer._compiled_call_impl is None
-    assert torch._dynamo.config.recompile_limit >= 64    # every block of a class shares one code object's limit
+    assert torch._dynamo.config.recompile_limit >= 64  # every block of a class shares one code object's limit
 
 
 def _velocity_after_weight_change(eager, compiled):
@@ -100,10 +102,10 @@ def test_regional_compile_by_inductor_with_lora_added_after_gives_the_eager_velo
     assert sorted(dict(compiled.transformer.named_parameters())) == sorted(dict(eager.transformer.named_parameters()))
     before = torch._dynamo.utils.counters["stats"]["unique_graphs"]
     (v, v_eager), (v2, v2_eager) = _velocity_after_weight_change(eager, compiled)
-    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == before + 1      # compiled once, LoRA in it
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == before + 1  # compiled once, LoRA in it
     torch.testing.assert_close(v, v_eager, atol=1e-5, rtol=1e-4)
     torch.testing.assert_close(v2, v2_eager, atol=1e-5, rtol=1e-4)
-    assert not torch.allclose(v2, v, atol=1e-4)                                      # the LoRA counts
+    assert not torch.allclose(v2, v, atol=1e-4)  # the LoRA counts
     torch._dynamo.reset()
 
 
@@ -166,8 +168,10 @@ def test_a_cuda_only_backend_on_cpu_fails_before_the_model_loads(monkeypatch):
     for mode in ("cudnn", "efficient"):
         with pytest.raises(ValueError) as e:
             build_model(ModelConfig(kind="sd3_tiny", attention=mode))
-        assert str(e.value) == (f"model.attention={mode!r} is a CUDA kernel but the model runs on cpu; set "
-                                "model.attention=auto (or flash or math, which a CPU has)")
+        assert str(e.value) == (
+            f"model.attention={mode!r} is a CUDA kernel but the model runs on cpu; set "
+            "model.attention=auto (or flash or math, which a CPU has)"
+        )
 
 
 def test_gradient_checkpointing_recomputes_under_the_forward_backend(monkeypatch):
@@ -183,20 +187,22 @@ def test_gradient_checkpointing_recomputes_under_the_forward_backend(monkeypatch
     model.enable_gradient_checkpointing()
     seen = _recording_sdpa(monkeypatch)
     checkpointed = grads()
-    assert len(seen) == 2 * 2 and set(seen) == {(False, True)}      # 2 blocks: forward, then recompute, both math
+    assert len(seen) == 2 * 2 and set(seen) == {(False, True)}  # 2 blocks: forward, then recompute, both math
     for n in plain:
         torch.testing.assert_close(checkpointed[n], plain[n], atol=1e-6, rtol=1e-5)
 
 
 def test_the_attention_context_names_the_setting_when_torch_has_no_kernel():
-    q = torch.randn(1, 1, 4, 8)                           # a CPU has no efficient kernel (build_model refuses it first)
+    q = torch.randn(1, 1, 4, 8)  # a CPU has no efficient kernel (build_model refuses it first)
     with pytest.raises(RuntimeError) as e:
         with attention("efficient"):
             F.scaled_dot_product_attention(q, q, q)
-    assert str(e.value) == ("model.attention='efficient': torch's EFFICIENT_ATTENTION kernel cannot run this attention "
-                            "call (No viable backend for scaled_dot_product_attention was found. This is likely due "
-                            "to turning off both the math kernel and the fused kernels.); set model.attention=auto to "
-                            "let torch choose")
+    assert str(e.value) == (
+        "model.attention='efficient': torch's EFFICIENT_ATTENTION kernel cannot run this attention "
+        "call (No viable backend for scaled_dot_product_attention was found. This is likely due "
+        "to turning off both the math kernel and the fused kernels.); set model.attention=auto to "
+        "let torch choose"
+    )
 
 
 @pytest.mark.parametrize("model", [GaussianFlow(shape=(1, 2, 2)), SD3Adapter.tiny()], ids=["gaussian", "tiny_sd3"])
@@ -208,8 +214,8 @@ def test_device_noise_on_cpu_is_host_noise_and_a_pair_depends_only_on_its_seed(m
         assert torch.equal(getattr(host, f), getattr(device, f))
     for noise_device in ("host", "device"):
         alone = sample_pairs(model, ["c"], [7], noise_device=noise_device, **common)
-        assert torch.equal(alone.xs[0, :, 0], host.xs[2, :, 0])      # the start states: the seed's noise alone
-        if isinstance(model, GaussianFlow):                          # an elementwise model: the whole trajectory
+        assert torch.equal(alone.xs[0, :, 0], host.xs[2, :, 0])  # the start states: the seed's noise alone
+        if isinstance(model, GaussianFlow):  # an elementwise model: the whole trajectory
             assert torch.equal(alone.xs[0], host.xs[2]) and torch.equal(alone.x_final[0], host.x_final[2])
     with pytest.raises(ValueError, match=r"sampling.noise_device must be one of \('host', 'device'\), got 'gpu'"):
         sample_pairs(model, ["a"], [5], noise_device="gpu", **common)
@@ -238,18 +244,27 @@ def test_learner_metrics_read_once_per_update_equal_reading_each_micro_batch():
     learner = Learner.__new__(Learner)
     learner.batching = dataclasses.make_dataclass("B", ["updates_per_epoch"])(3)
     g = torch.Generator().manual_seed(0)
-    metrics = [(share, {"loss": torch.randn((), generator=g), "log_rho_abs_max": torch.rand((), generator=g),
-                        "clip_frac": torch.rand((), generator=g)}) for share in (0.3, 0.45, 0.25)]
-    ep = {"sums": {}}
+    metrics = [
+        (
+            share,
+            {
+                "loss": torch.randn((), generator=g),
+                "log_rho_abs_max": torch.rand((), generator=g),
+                "clip_frac": torch.rand((), generator=g),
+            },
+        )
+        for share in (0.3, 0.45, 0.25)
+    ]
+    ep = types.SimpleNamespace(sums={})  # the slice of the learner's EpochState that metrics go to
     learner._add_metrics(ep, metrics)
     expected: dict = {}
-    for share, m in metrics:                                   # the per-micro-batch reading it replaced
+    for share, m in metrics:  # the per-micro-batch reading it replaced
         for k, val in m.items():
             if k == "log_rho_abs_max":
                 expected[k] = max(expected.get(k, 0.0), float(val))
             else:
                 expected[k] = expected.get(k, 0.0) + float(val) * share / 3
-    assert ep["sums"] == expected and list(ep["sums"]) == list(expected)
+    assert ep.sums == expected and list(ep.sums) == list(expected)
 
 
 def test_the_gpu_bench_takes_the_same_switches(tmp_path):
@@ -260,8 +275,19 @@ def test_the_gpu_bench_takes_the_same_switches(tmp_path):
     spec = importlib.util.spec_from_file_location("bench_gpu_throughput", path)
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
-    smoke = ["--smoke", "--steps", "1", "--iters", "1", "--warmup", "0", "--sampler-batch", "2",
-             "--learner-micro-batch", "2"]
+    smoke = [
+        "--smoke",
+        "--steps",
+        "1",
+        "--iters",
+        "1",
+        "--warmup",
+        "0",
+        "--sampler-batch",
+        "2",
+        "--learner-micro-batch",
+        "2",
+    ]
     torch._dynamo.reset()
     report = bench.main([*smoke, "--compile", "regional", "--compile-backend", "eager", "--sdpa", "math"])
     assert report["options"]["compile"] == "regional" and report["options"]["sdpa"] == "math"

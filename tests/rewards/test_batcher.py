@@ -57,7 +57,7 @@ def test_concurrent_callers_are_merged_into_fewer_batches():
     assert reward.calls == [8, 4]
     for k, out in enumerate(outs):
         np.testing.assert_array_equal(out.scores, [10 * k + 2, 10 * k + 1 + 1])  # mean pixel + len(prompt)
-        np.testing.assert_array_equal(out.info["per_sample"], 2 * out.scores)    # per-sample info is sliced
+        np.testing.assert_array_equal(out.info["per_sample"], 2 * out.scores)  # per-sample info is sliced
         assert out.info["const"] == 7 and out.info["reasons"] == [None, None]
     st = b.stats()
     assert (st["requests"], st["images"], st["batches"], st["backlog"]) == (6, 12, 2, 0)
@@ -94,8 +94,8 @@ def test_raising_scorer_fails_only_its_batch_with_the_reason():
     b = RewardBatcher(reward=reward, max_batch_size=2, max_wait_s=0.05)
 
     async def main():
-        bad = b.score(images=imgs([1, 2]), prompts=["boom", "x"])   # fills batch 1
-        good = b.score(images=imgs([5, 6]), prompts=["y", "zz"])    # batch 2
+        bad = b.score(images=imgs([1, 2]), prompts=["boom", "x"])  # fills batch 1
+        good = b.score(images=imgs([5, 6]), prompts=["y", "zz"])  # batch 2
         return await asyncio.gather(bad, good)
 
     bad, good = run(main())
@@ -113,9 +113,11 @@ def test_a_failing_request_does_not_fail_the_requests_batched_with_it():
     b = RewardBatcher(reward=reward, max_batch_size=8, max_wait_s=0.2)
 
     async def main():
-        return await asyncio.gather(b.score(images=imgs([1, 2]), prompts=["a", "b"]),
-                                    b.score(images=imgs([3, 4]), prompts=["boom", "c"]),
-                                    b.score(images=imgs([5, 6]), prompts=["dd", "e"]))
+        return await asyncio.gather(
+            b.score(images=imgs([1, 2]), prompts=["a", "b"]),
+            b.score(images=imgs([3, 4]), prompts=["boom", "c"]),
+            b.score(images=imgs([5, 6]), prompts=["dd", "e"]),
+        )
 
     first, bad, last = run(main())
     assert reward.calls == [6, 2, 2, 2]
@@ -135,12 +137,12 @@ def test_non_finite_score_is_nan_for_that_sample_only():
 
 
 def test_timeout_gives_nan_and_reason_and_the_loop_goes_on():
-    b = RewardBatcher(reward=MeanPixel(hang_on="slow"), max_batch_size=1, max_wait_s=0.0, timeout_s=0.2,
-                      max_threads=2)
+    b = RewardBatcher(reward=MeanPixel(hang_on="slow"), max_batch_size=1, max_wait_s=0.0, timeout_s=0.2, max_threads=2)
 
     async def main():
-        return await asyncio.gather(b.score(images=imgs([1]), prompts=["slow"]),
-                                    b.score(images=imgs([2]), prompts=["ok"]))
+        return await asyncio.gather(
+            b.score(images=imgs([1]), prompts=["slow"]), b.score(images=imgs([2]), prompts=["ok"])
+        )
 
     slow, ok = run(main())
     assert np.isnan(slow.scores[0]) and "timed out after 0.2s" in slow.info["reasons"][0]
@@ -167,8 +169,9 @@ def test_split_request_keeps_per_image_components():
         def score(self, images, prompts):
             return RewardOutput(scores=np.full(len(prompts), self.value))
 
-    reward = CombinedReward([{"key": "a", "reward": MeanPixel(), "weight": 1.0},
-                             {"key": "b", "reward": Const(4.0), "weight": 0.5}])
+    reward = CombinedReward(
+        [{"key": "a", "reward": MeanPixel(), "weight": 1.0}, {"key": "b", "reward": Const(4.0), "weight": 0.5}]
+    )
     b = RewardBatcher(reward=reward, max_batch_size=3, max_wait_s=0.01)
     out = run(b.score(images=imgs(range(5)), prompts=["a"] * 5))
     np.testing.assert_array_equal(out.info["components"]["a"], np.arange(5) + 1.0)
@@ -181,9 +184,11 @@ def test_images_of_different_sizes_are_not_mixed():
     b = RewardBatcher(reward=reward, max_batch_size=8, max_wait_s=0.05)
 
     async def main():
-        return await asyncio.gather(b.score(images=imgs([1], hw=(4, 4)), prompts=["a"]),
-                                    b.score(images=imgs([2], hw=(8, 8)), prompts=["a"]),
-                                    b.score(images=imgs([3], hw=(4, 4)), prompts=["a"]))
+        return await asyncio.gather(
+            b.score(images=imgs([1], hw=(4, 4)), prompts=["a"]),
+            b.score(images=imgs([2], hw=(8, 8)), prompts=["a"]),
+            b.score(images=imgs([3], hw=(4, 4)), prompts=["a"]),
+        )
 
     outs = run(main())
     assert sorted(reward.calls) == [1, 2]
@@ -221,8 +226,8 @@ def test_built_from_spec_with_plain_kwargs():
     images = textured(0)
     out = run(b.score(images=images, prompts=["a", "b"]))
     expected = -jpeg_kb(images, 90)
-    assert len(set(expected.tolist())) == 2                       # the two images really differ
-    assert not np.array_equal(expected, -jpeg_kb(images, 95))     # and the quality kwarg matters
+    assert len(set(expected.tolist())) == 2  # the two images really differ
+    assert not np.array_equal(expected, -jpeg_kb(images, 95))  # and the quality kwarg matters
     np.testing.assert_array_equal(out.scores, expected)
     np.testing.assert_array_equal(out.info["jpeg_kb"], -expected)
 
@@ -235,8 +240,11 @@ def test_works_as_a_ray_async_actor(ray_local):
     batches = [textured(1), textured(2) // 4]  # the second call's images are smoother: smaller files
     actor = None
     try:
-        actor = ray.remote(RewardBatcher).options(name="reward_test_0").remote(
-            reward_spec={"name": "jpeg_compressibility"}, max_batch_size=4, max_wait_s=0.5)
+        actor = (
+            ray.remote(RewardBatcher)
+            .options(name="reward_test_0")
+            .remote(reward_spec={"name": "jpeg_compressibility"}, max_batch_size=4, max_wait_s=0.5)
+        )
         refs = [actor.score.remote(images=x, prompts=["a", "b"]) for x in batches]
         outs = ray.get(refs, timeout=120)
         stats = ray.get(actor.stats.remote())

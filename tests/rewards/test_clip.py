@@ -7,7 +7,7 @@ import pytest
 import torch
 from PIL import Image
 
-from rewards.clip import HPSv2, Aesthetic, openclip_to_hf
+from rewards.clip import Aesthetic, HPSv2, openclip_to_hf
 from tests.fixtures.tiny_rewards import tiny_aesthetic, tiny_clip, tiny_clipscore, tiny_hpsv2, tiny_pickscore
 
 IMGS = np.random.default_rng(0).integers(0, 256, (3, 40, 56, 3), dtype=np.uint8)
@@ -82,12 +82,16 @@ def test_aesthetic_is_the_mlp_on_the_normalised_image_embedding(tmp_path):
 
 def hf_to_openclip(sd: dict, n_text: int, n_vision: int) -> dict:
     """The inverse renaming, written independently, to produce an OpenCLIP-layout checkpoint for the test."""
-    out = {"token_embedding.weight": sd["text_model.embeddings.token_embedding.weight"],
-           "positional_embedding": sd["text_model.embeddings.position_embedding.weight"],
-           "text_projection": sd["text_projection.weight"].T, "visual.proj": sd["visual_projection.weight"].T,
-           "logit_scale": sd["logit_scale"], "visual.class_embedding": sd["vision_model.embeddings.class_embedding"],
-           "visual.conv1.weight": sd["vision_model.embeddings.patch_embedding.weight"],
-           "visual.positional_embedding": sd["vision_model.embeddings.position_embedding.weight"]}
+    out = {
+        "token_embedding.weight": sd["text_model.embeddings.token_embedding.weight"],
+        "positional_embedding": sd["text_model.embeddings.position_embedding.weight"],
+        "text_projection": sd["text_projection.weight"].T,
+        "visual.proj": sd["visual_projection.weight"].T,
+        "logit_scale": sd["logit_scale"],
+        "visual.class_embedding": sd["vision_model.embeddings.class_embedding"],
+        "visual.conv1.weight": sd["vision_model.embeddings.patch_embedding.weight"],
+        "visual.positional_embedding": sd["vision_model.embeddings.position_embedding.weight"],
+    }
     for k in ("weight", "bias"):
         out[f"ln_final.{k}"] = sd[f"text_model.final_layer_norm.{k}"]
         out[f"visual.ln_pre.{k}"] = sd[f"vision_model.pre_layrnorm.{k}"]
@@ -109,8 +113,13 @@ def test_hpsv2_loads_an_openclip_checkpoint(tmp_path):
     ckpt = hf_to_openclip(model.state_dict(), 2, 2)
     torch.save({"state_dict": {f"module.{k}": v for k, v in ckpt.items()}}, tmp_path / "HPS_tiny.pt")
     ref = HPSv2(model=model, processor=processor, device="cpu", dtype="float32").score(IMGS, PROMPTS).scores
-    loaded = HPSv2(checkpoint=str(tmp_path / "HPS_tiny.pt"), base=str(tmp_path / "base"), processor=processor,
-                   device="cpu", dtype="float32")
+    loaded = HPSv2(
+        checkpoint=str(tmp_path / "HPS_tiny.pt"),
+        base=str(tmp_path / "base"),
+        processor=processor,
+        device="cpu",
+        dtype="float32",
+    )
     np.testing.assert_allclose(loaded.score(IMGS, PROMPTS).scores, ref, atol=1e-6)
     assert len(openclip_to_hf(ckpt, 2, 2)) == len([k for k in model.state_dict() if "position_ids" not in k])
 
@@ -130,8 +139,17 @@ def test_openclip_converter_covers_every_key_of_the_published_layout():
     from tests.fixtures.published_keys import openclip_keys
 
     model, _ = tiny_clip(seed=0)
-    keys = openclip_keys(width=32, mlp=64, layers_text=2, layers_vision=2, vocab=model.config.text_config.vocab_size,
-                         context=77, image_size=32, patch=8, embed_dim=16)
+    keys = openclip_keys(
+        width=32,
+        mlp=64,
+        layers_text=2,
+        layers_vision=2,
+        vocab=model.config.text_config.vocab_size,
+        context=77,
+        image_size=32,
+        patch=8,
+        embed_dim=16,
+    )
     g = torch.Generator().manual_seed(0)
     sd = {k: torch.randn(shape, generator=g) for k, shape in keys.items()}
 
@@ -146,9 +164,9 @@ def test_openclip_converter_covers_every_key_of_the_published_layout():
 
     src = Recording(sd)
     out = openclip_to_hf(src, 2, 2)
-    assert set(sd) - src.used == set()                                     # no published key left unused
+    assert set(sd) - src.used == set()  # no published key left unused
     target = {k: v.shape for k, v in model.state_dict().items() if not k.endswith("position_ids")}
-    assert set(out) == set(target)                                         # no target parameter left unset
+    assert set(out) == set(target)  # no target parameter left unset
     assert {k: tuple(v.shape) for k, v in out.items()} == {k: tuple(s) for k, s in target.items()}
     q = out["vision_model.encoder.layers.1.self_attn.q_proj.weight"]
     v = out["vision_model.encoder.layers.1.self_attn.v_proj.bias"]
@@ -157,5 +175,6 @@ def test_openclip_converter_covers_every_key_of_the_published_layout():
     assert torch.equal(out["text_projection.weight"], sd["text_projection"].T)
     assert torch.equal(out["visual_projection.weight"], sd["visual.proj"].T)
     model.load_state_dict(out, strict=False)
-    assert torch.equal(model.text_model.encoder.layers[0].mlp.fc2.weight,
-                       sd["transformer.resblocks.0.mlp.c_proj.weight"])
+    assert torch.equal(
+        model.text_model.encoder.layers[0].mlp.fc2.weight, sd["transformer.resblocks.0.mlp.c_proj.weight"]
+    )

@@ -30,8 +30,12 @@ PROMPTS = ["a", "b", "c"]
 
 
 def test_weighted_sum_equals_hand_computation_and_keeps_components():
-    r = CombinedReward(specs=[{"reward": Const([20.0, 21.0, 22.5]), "weight": 1.0, "key": "pickscore"},
-                              {"reward": Const([80.0, 10.0, 50.0]), "weight": 0.1, "key": "vlm_judge"}])
+    r = CombinedReward(
+        specs=[
+            {"reward": Const([20.0, 21.0, 22.5]), "weight": 1.0, "key": "pickscore"},
+            {"reward": Const([80.0, 10.0, 50.0]), "weight": 0.1, "key": "vlm_judge"},
+        ]
+    )
     out = r.score(IMGS, PROMPTS)
     np.testing.assert_allclose(out.scores, [20.0 + 8.0, 21.0 + 1.0, 22.5 + 5.0])
     np.testing.assert_array_equal(out.info["components"]["pickscore"], [20.0, 21.0, 22.5])
@@ -41,8 +45,12 @@ def test_weighted_sum_equals_hand_computation_and_keeps_components():
 
 
 def test_nan_component_drops_only_its_samples_with_reason():
-    r = CombinedReward(specs=[{"reward": Const([1.0, np.nan, np.inf]), "weight": 2.0, "key": "a"},
-                              {"reward": Const([1.0, 1.0, 1.0]), "weight": 1.0, "key": "b"}])
+    r = CombinedReward(
+        specs=[
+            {"reward": Const([1.0, np.nan, np.inf]), "weight": 2.0, "key": "a"},
+            {"reward": Const([1.0, 1.0, 1.0]), "weight": 1.0, "key": "b"},
+        ]
+    )
     out = r.score(IMGS, PROMPTS)
     assert out.scores[0] == 3.0 and np.isnan(out.scores[1:]).all()
     assert out.info["reasons"][0] is None
@@ -52,8 +60,9 @@ def test_nan_component_drops_only_its_samples_with_reason():
 
 
 def test_raising_component_makes_the_call_nan_with_the_error_text():
-    r = CombinedReward(specs=[{"reward": Raises(), "weight": 0.1},
-                              {"reward": Const([5.0, 6.0, 7.0]), "weight": 1.0, "key": "ok"}])
+    r = CombinedReward(
+        specs=[{"reward": Raises(), "weight": 0.1}, {"reward": Const([5.0, 6.0, 7.0]), "weight": 1.0, "key": "ok"}]
+    )
     out = r.score(IMGS, PROMPTS)
     assert np.isnan(out.scores).all()
     assert out.info["errors"] == {"raises": "RuntimeError: GPU fell off"}
@@ -62,9 +71,15 @@ def test_raising_component_makes_the_call_nan_with_the_error_text():
 
 
 def test_registered_scorers_by_name_and_weighted_sum_via_registry():
-    r = build_reward({"name": "weighted_sum", "specs": [
-        {"name": "jpeg_compressibility", "weight": 0.5},
-        {"name": "jpeg_compressibility", "weight": 2.0, "key": "jpeg_q50", "quality": 50}]})
+    r = build_reward(
+        {
+            "name": "weighted_sum",
+            "specs": [
+                {"name": "jpeg_compressibility", "weight": 0.5},
+                {"name": "jpeg_compressibility", "weight": 2.0, "key": "jpeg_q50", "quality": 50},
+            ],
+        }
+    )
     img = np.random.default_rng(0).integers(0, 256, (2, 16, 16, 3), dtype=np.uint8)
     out = r.score(img, ["x", "y"])
     c = out.info["components"]
@@ -84,9 +99,13 @@ def test_combined_preset_with_tiny_models_equals_hand_sum(tmp_path):
 
     model, processor = tiny_clip(0)
     vlm = build_tiny_vlm(tmp_path / "vlm", seed=0)
-    r = build_preset("combined", overrides={"pickscore": {"model": model, "processor": processor, "device": "cpu",
-                                                           "dtype": "float32"},
-                                            "vlm_judge": {"model": vlm, "dtype": "float32", "image_size": 64}})
+    r = build_preset(
+        "combined",
+        overrides={
+            "pickscore": {"model": model, "processor": processor, "device": "cpu", "dtype": "float32"},
+            "vlm_judge": {"model": vlm, "dtype": "float32", "image_size": 64},
+        },
+    )
     img = np.random.default_rng(1).integers(0, 256, (2, 32, 32, 3), dtype=np.uint8)
     out = r.score(img, ["a cat", "a dog"])
     c = out.info["components"]
@@ -94,18 +113,28 @@ def test_combined_preset_with_tiny_models_equals_hand_sum(tmp_path):
     assert ((c["vlm_judge"] > 0) & (c["vlm_judge"] < 100)).all()
 
 
-@pytest.mark.parametrize("specs, match", [
-    ([{"name": "no_such_scorer", "weight": 1.0}], "unknown reward 'no_such_scorer'; known rewards: .*pickscore"),
-    ([{"name": "jpeg_compressibility"}], "has no 'weight'; add e.g. 'weight': 1.0"),
-    ([{"name": "jpeg_compressibility", "weight": float("nan")}], "finite number"),
-    ([{"name": "jpeg_compressibility", "weight": 1}, {"name": "jpeg_compressibility", "weight": 1}],
-     "appears twice; give one of them a distinct 'key'"),
-    ([{"name": "vlm_judge", "weight": 1.0, "question": "Is this good?"}], r"must contain the placeholder \{prompt\}"),
-    ([{"name": "pickscore", "weight": 1.0, "model": "/nonexistent/PickScore_v1"}], "does not exist"),
-    ([{"name": "aesthetic", "weight": 1.0, "head": "/nonexistent/head.pth", "model": "/nonexistent/clip"}],
-     "does not exist"),
-    ([], "at least one spec"),
-])
+@pytest.mark.parametrize(
+    "specs, match",
+    [
+        ([{"name": "no_such_scorer", "weight": 1.0}], "unknown reward 'no_such_scorer'; known rewards: .*pickscore"),
+        ([{"name": "jpeg_compressibility"}], "has no 'weight'; add e.g. 'weight': 1.0"),
+        ([{"name": "jpeg_compressibility", "weight": float("nan")}], "finite number"),
+        (
+            [{"name": "jpeg_compressibility", "weight": 1}, {"name": "jpeg_compressibility", "weight": 1}],
+            "appears twice; give one of them a distinct 'key'",
+        ),
+        (
+            [{"name": "vlm_judge", "weight": 1.0, "question": "Is this good?"}],
+            r"must contain the placeholder \{prompt\}",
+        ),
+        ([{"name": "pickscore", "weight": 1.0, "model": "/nonexistent/PickScore_v1"}], "does not exist"),
+        (
+            [{"name": "aesthetic", "weight": 1.0, "head": "/nonexistent/head.pth", "model": "/nonexistent/clip"}],
+            "does not exist",
+        ),
+        ([], "at least one spec"),
+    ],
+)
 def test_bad_config_fails_at_construction_naming_the_fix(specs, match):
     with pytest.raises((ValueError, FileNotFoundError), match=match):
         CombinedReward(specs=specs)
@@ -123,5 +152,10 @@ def test_preset_by_config_through_the_registry():
         build_reward({"name": "weighted_sum", "preset": "pickscore", "specs": [{"name": "ocr", "weight": 1}]})
     # The preset's scorer is built with the override: a missing weights path fails naming the fix.
     with pytest.raises(FileNotFoundError, match="does not exist"):
-        build_reward({"name": "weighted_sum", "preset": "pickscore",
-                      "overrides": {"pickscore": {"model": "/nonexistent/PickScore_v1"}}})
+        build_reward(
+            {
+                "name": "weighted_sum",
+                "preset": "pickscore",
+                "overrides": {"pickscore": {"model": "/nonexistent/PickScore_v1"}},
+            }
+        )

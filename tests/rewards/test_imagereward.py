@@ -61,8 +61,16 @@ def test_head_by_hand(reward):
     assert tok["input_ids"].shape == (3, 35)
     with torch.no_grad():
         img = m.vision_model(pixel_values=pixels).last_hidden_state
-        h = m.text_encoder(input_ids=tok["input_ids"], attention_mask=tok["attention_mask"],
-                           encoder_hidden_states=img, is_decoder=False).last_hidden_state[:, 0].numpy()
+        h = (
+            m.text_encoder(
+                input_ids=tok["input_ids"],
+                attention_mask=tok["attention_mask"],
+                encoder_hidden_states=img,
+                is_decoder=False,
+            )
+            .last_hidden_state[:, 0]
+            .numpy()
+        )
     linears = [l for l in m.mlp if isinstance(l, torch.nn.Linear)]
     x = h.astype(np.float64)
     for lin in linears:
@@ -75,8 +83,14 @@ def test_head_by_hand(reward):
 
 def to_original(sd: dict) -> dict:
     """This module's keys back to the authors' names (written independently of original_to_hf)."""
-    vit = {"layer_norm1": "norm1", "self_attn.qkv": "attn.qkv", "self_attn.projection": "attn.proj",
-           "layer_norm2": "norm2", "mlp.fc1": "mlp.fc1", "mlp.fc2": "mlp.fc2"}
+    vit = {
+        "layer_norm1": "norm1",
+        "self_attn.qkv": "attn.qkv",
+        "self_attn.projection": "attn.proj",
+        "layer_norm2": "norm2",
+        "mlp.fc1": "mlp.fc1",
+        "mlp.fc2": "mlp.fc2",
+    }
     out = {"blip.text_decoder.cls.predictions.bias": torch.zeros(3)}  # a BLIP head ImageReward does not use
     for k, v in sd.items():
         if k.startswith("vision_model.encoder.layers."):
@@ -94,7 +108,7 @@ def to_original(sd: dict) -> dict:
         elif k.startswith("text_encoder."):
             out["blip." + k] = v
         elif k.startswith("mlp."):
-            out["mlp.layers." + k.removeprefix("mlp.")] = v            # the authors' MLP keeps its Sequential in .layers
+            out["mlp.layers." + k.removeprefix("mlp.")] = v  # the authors' MLP keeps its Sequential in .layers
         else:
             out[k] = v
     return {k: v.clone() for k, v in out.items()}
@@ -102,8 +116,9 @@ def to_original(sd: dict) -> dict:
 
 def test_convert_authors_checkpoint_roundtrip(reward, tmp_path):
     torch.save({"state_dict": to_original(reward.model.state_dict())}, tmp_path / "ImageReward.pt")
-    out_dir = convert_imagereward_checkpoint(str(tmp_path / "ImageReward.pt"), str(tmp_path / "hf"),
-                                             config=tiny_imagereward_config(len(reward.tokenizer)))
+    out_dir = convert_imagereward_checkpoint(
+        str(tmp_path / "ImageReward.pt"), str(tmp_path / "hf"), config=tiny_imagereward_config(len(reward.tokenizer))
+    )
     loaded = ImageReward(model=out_dir, tokenizer=reward.tokenizer, device="cpu", dtype="float32")
     np.testing.assert_allclose(loaded.score(IMGS, PROMPTS).scores, reward.score(IMGS, PROMPTS).scores, atol=1e-6)
 
@@ -123,22 +138,45 @@ def test_converter_covers_every_key_of_the_published_layout(tmp_path):
     from tests.fixtures.published_keys import imagereward_keys
 
     cfg = tiny_imagereward_config(99)
-    keys = imagereward_keys(vision_width=32, vision_mlp=64, vision_layers=2, image_size=32, patch=8, text_width=32,
-                            text_mlp=64, text_layers=2, vocab=99, max_positions=64, encoder_width=32)
+    keys = imagereward_keys(
+        vision_width=32,
+        vision_mlp=64,
+        vision_layers=2,
+        image_size=32,
+        patch=8,
+        text_width=32,
+        text_mlp=64,
+        text_layers=2,
+        vocab=99,
+        max_positions=64,
+        encoder_width=32,
+    )
     g = torch.Generator().manual_seed(0)
     sd = {k: torch.randn(shape, generator=g) for k, shape in keys.items()}
     out = original_to_hf(sd)
     target = {k: tuple(v.shape) for k, v in _build_modules(cfg).state_dict().items()}
-    assert {k: tuple(v.shape) for k, v in out.items()} == target            # all set, nothing extra, shapes equal
-    dropped = {k for k in sd if k.startswith(("blip.vision_proj", "blip.text_proj", "blip.itm_head", "blip.visual_encoder_m",
-                                              "blip.text_decoder")) or k.endswith("position_ids")}
-    assert len(dropped) == 6 and sum(1 for k in sd if k not in dropped) == len(target)   # every other key used once
+    assert {k: tuple(v.shape) for k, v in out.items()} == target  # all set, nothing extra, shapes equal
+    dropped = {
+        k
+        for k in sd
+        if k.startswith(
+            ("blip.vision_proj", "blip.text_proj", "blip.itm_head", "blip.visual_encoder_m", "blip.text_decoder")
+        )
+        or k.endswith("position_ids")
+    }
+    assert len(dropped) == 6 and sum(1 for k in sd if k not in dropped) == len(target)  # every other key used once
     assert torch.equal(out["mlp.7.weight"], sd["mlp.layers.7.weight"])
-    assert torch.equal(out["vision_model.encoder.layers.1.self_attn.qkv.weight"], sd["blip.visual_encoder.blocks.1.attn.qkv.weight"])
-    assert torch.equal(out["text_encoder.encoder.layer.0.crossattention.self.key.weight"],
-                       sd["blip.text_encoder.encoder.layer.0.crossattention.self.key.weight"])
+    assert torch.equal(
+        out["vision_model.encoder.layers.1.self_attn.qkv.weight"], sd["blip.visual_encoder.blocks.1.attn.qkv.weight"]
+    )
+    assert torch.equal(
+        out["text_encoder.encoder.layer.0.crossattention.self.key.weight"],
+        sd["blip.text_encoder.encoder.layer.0.crossattention.self.key.weight"],
+    )
     # and the whole published file converts and loads (the authors' .pt, read with weights_only=True)
     torch.save(sd, tmp_path / "ImageReward.pt")
     convert_imagereward_checkpoint(str(tmp_path / "ImageReward.pt"), str(tmp_path / "hf"), config=cfg)
-    reward = ImageReward(model=str(tmp_path / "hf"), tokenizer=tiny_imagereward(0).tokenizer, device="cpu", dtype="float32")
+    reward = ImageReward(
+        model=str(tmp_path / "hf"), tokenizer=tiny_imagereward(0).tokenizer, device="cpu", dtype="float32"
+    )
     assert torch.equal(reward.model.mlp[0].weight, sd["mlp.layers.0.weight"])

@@ -27,7 +27,7 @@ def test_pil_bicubic_is_pils_resize_of_the_uint8_image():
     ours = prepare_image(img, 32, "pil_bicubic")
     assert isinstance(ours, Image.Image)
     assert np.array_equal(np.asarray(ours), np.asarray(Image.fromarray(img).resize((32, 32), Image.BICUBIC)))
-    assert np.array_equal(np.asarray(prepare_image(img, None)), img)          # None: the processor resizes
+    assert np.array_equal(np.asarray(prepare_image(img, None)), img)  # None: the processor resizes
 
 
 def test_float_bilinear_in_closed_form():
@@ -48,8 +48,10 @@ def test_float_bilinear_in_closed_form():
 def test_unknown_resize_mode_fails_at_construction():
     with pytest.raises(ValueError) as e:
         VLMJudge.check_settings(resize="bicubic")
-    assert str(e.value) == ("judge resize='bicubic' is not one of ('pil_bicubic', 'float_bilinear'); 'float_bilinear' "
-                            "is the reference's training reward, 'pil_bicubic' uint8 + PIL bicubic")
+    assert str(e.value) == (
+        "judge resize='bicubic' is not one of ('pil_bicubic', 'float_bilinear'); 'float_bilinear' "
+        "is the reference's training reward, 'pil_bicubic' uint8 + PIL bicubic"
+    )
 
 
 class FakeProcessor:
@@ -69,6 +71,7 @@ class FakeProcessor:
         class Inputs(dict):
             def to(self, device):
                 return self
+
         return Inputs(n=torch.zeros(len(text)))
 
 
@@ -77,7 +80,7 @@ class FakeModel:
         import torch
 
         logits = torch.zeros(len(n), 1, 10)
-        logits[:, -1, 1] = 2.0                       # logit(Yes) - logit(No) = 2
+        logits[:, -1, 1] = 2.0  # logit(Yes) - logit(No) = 2
         return type("Out", (), {"logits": logits})()
 
 
@@ -100,7 +103,7 @@ def test_transformers_backend_hands_floats_to_the_processor_unrescaled_and_unres
     assert call["images_kwargs"] == {"do_rescale": False, "do_resize": False}
     for sent, img in zip(call["images"], imgs):
         np.testing.assert_array_equal(sent[0], prepare_image(img, 6, "float_bilinear"))
-    pil = VLMJudge(model="m", image_size=6)                               # the default: PIL images, no kwargs
+    pil = VLMJudge(model="m", image_size=6)  # the default: PIL images, no kwargs
     pil.score(imgs, ["a", "b"])
     call = pil.backend.processor.calls[0]
     assert "images_kwargs" not in call and isinstance(call["images"][0][0], Image.Image)
@@ -136,8 +139,13 @@ def test_server_backend_sends_the_float_image_rounded_to_uint8():
     try:
         step = np.zeros((1, 2, 2, 3), np.uint8)
         step[0, :, 1] = 255
-        judge = VLMJudge(model="m", backend="server", url=f"http://127.0.0.1:{httpd.server_address[1]}",
-                         image_size=4, resize="float_bilinear")
+        judge = VLMJudge(
+            model="m",
+            backend="server",
+            url=f"http://127.0.0.1:{httpd.server_address[1]}",
+            image_size=4,
+            resize="float_bilinear",
+        )
         assert judge.score(step, ["a"]).info["reasons"] == [None]
     finally:
         httpd.shutdown()

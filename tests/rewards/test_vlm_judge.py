@@ -13,8 +13,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tests.fixtures.tiny_vlm import build_tiny_vlm
 from rewards.vlm_judge import DEFAULT_QUESTION, VLMJudge, check_question_template, judge_score
+from tests.fixtures.tiny_vlm import build_tiny_vlm
 from tests.helpers import JsonHandler
 
 IMGS = np.random.default_rng(0).integers(0, 256, (3, 40, 40, 3), dtype=np.uint8)
@@ -27,12 +27,15 @@ def test_judge_score_formula():
     assert judge_score(np.array([1.0]), scale=1.0)[0] == pytest.approx(1 / (1 + np.exp(-1)))
 
 
-@pytest.mark.parametrize("template, match", [
-    ("Is this a good image?", r"must contain the placeholder \{prompt\}"),
-    ("Caption {caption}: yes?", r"found \['caption'\]"),
-    ("{prompt} and {other}", r"and no other"),
-    ("JSON {prompt} {", "write literal braces as"),
-])
+@pytest.mark.parametrize(
+    "template, match",
+    [
+        ("Is this a good image?", r"must contain the placeholder \{prompt\}"),
+        ("Caption {caption}: yes?", r"found \['caption'\]"),
+        ("{prompt} and {other}", r"and no other"),
+        ("JSON {prompt} {", "write literal braces as"),
+    ],
+)
 def test_malformed_template_fails_at_construction(template, match):
     with pytest.raises(ValueError, match=match):
         VLMJudge(model="/never/loaded", question=template)
@@ -57,8 +60,10 @@ def tiny_vlm(tmp_path_factory) -> str:
 def test_tiny_vlm_is_deterministic_in_its_seed(tiny_vlm, tmp_path):
     again = build_tiny_vlm(tmp_path / "again", seed=0)
     for name in ("model.safetensors", "tokenizer.json", "config.json", "chat_template.jinja"):
-        assert hashlib.md5((Path(tiny_vlm) / name).read_bytes()).digest() == \
-            hashlib.md5((Path(again) / name).read_bytes()).digest(), name
+        assert (
+            hashlib.md5((Path(tiny_vlm) / name).read_bytes()).digest()
+            == hashlib.md5((Path(again) / name).read_bytes()).digest()
+        ), name
     other = build_tiny_vlm(tmp_path / "other", seed=1)
     assert (Path(other) / "model.safetensors").read_bytes() != (Path(tiny_vlm) / "model.safetensors").read_bytes()
 
@@ -118,7 +123,7 @@ def test_server_client_parses_logprobs_retries_and_fails_per_sample(stub_url):
     out = judge.score(IMGS, ["flaky", "bad", "fine"])
     expected = 100 / (1 + np.exp(-(-0.2 - -1.8)))
     assert out.scores[0] == pytest.approx(expected) and out.scores[2] == pytest.approx(expected)  # 503 retried
-    assert np.isnan(out.scores[1]) and "HTTP 400" in out.info["reasons"][1]                       # 4xx: no retry
+    assert np.isnan(out.scores[1]) and "HTTP 400" in out.info["reasons"][1]  # 4xx: no retry
     assert out.info["reasons"][0] is None and out.info["reasons"][2] is None
 
 

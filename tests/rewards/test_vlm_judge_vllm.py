@@ -17,8 +17,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tests.fixtures.tiny_vlm import build_tiny_vlm
 from rewards.vlm_judge import VLMJudge
+from tests.fixtures.tiny_vlm import build_tiny_vlm
 from tests.fixtures.vllm_server import CPU_ENV, DEFAULT_VENV, VLLMServer
 
 VENV = Path(DEFAULT_VENV)  # ~/.cache/fdfo/vllm-venv unless FDFO_VLLM_VENV says otherwise
@@ -33,8 +33,11 @@ def vllm_absent_reason() -> str | None:
     python = VENV / "bin" / "python"
     if not python.exists():
         return f"vLLM absent: no vLLM venv at {VENV} (no {python}); run `bash .ci/vllm_env.sh` (CI does) to create it"
-    found = subprocess.run([str(python), "-c", "import importlib.util as u, sys; sys.exit(u.find_spec('vllm') is None)"],
-                           capture_output=True, timeout=60)
+    found = subprocess.run(
+        [str(python), "-c", "import importlib.util as u, sys; sys.exit(u.find_spec('vllm') is None)"],
+        capture_output=True,
+        timeout=60,
+    )
     if found.returncode != 0:
         return f"vLLM absent: the venv at {VENV} has no `vllm` package; rerun `bash .ci/vllm_env.sh`"
     return None
@@ -103,8 +106,7 @@ def test_server_judge_equals_transformers_judge(server, model_dir, hf_scores):
 @with_vllm
 def test_top_logprobs_path_equals_token_ids_path(server, model_dir, hf_scores):
     """The server's top_logprobs request gives the token-ids path's scores (the module's vLLM server)."""
-    judge = VLMJudge(model=model_dir, backend="server", url=server.url, logprob_request="top_logprobs",
-                     top_logprobs=-1)
+    judge = VLMJudge(model=model_dir, backend="server", url=server.url, logprob_request="top_logprobs", top_logprobs=-1)
     out = judge.score(make_images(), PROMPTS)
     assert out.info["reasons"] == [None] * 4 and out.info["floored"] == 0
     np.testing.assert_allclose(out.scores, hf_scores.scores, atol=TOL, rtol=0)
@@ -124,6 +126,7 @@ def test_formula_by_hand_on_one_example(server, model_dir, hf_judge, hf_scores):
     text = proc.apply_chat_template(conv, add_generation_prompt=True, tokenize=False)
     assert text.endswith("Assistant:") and question in text
     from PIL import Image
+
     img = Image.fromarray(make_images()[2]).resize((504, 504), Image.BICUBIC)
     with torch.no_grad():
         logits = model(**proc(text=[text], images=[[img]], return_tensors="pt")).logits[0, -1].double()
@@ -132,12 +135,29 @@ def test_formula_by_hand_on_one_example(server, model_dir, hf_judge, hf_scores):
 
     # The server's log-softmax values: log p(Yes) - log p(No) is the same logit difference.
     from rewards.vlm_judge import png_data_url
-    body = {"model": model_dir, "max_tokens": 1, "temperature": 0, "logprobs": True,
-            "logprob_token_ids": [yes[0], no[0]], "return_tokens_as_token_ids": True,
-            "messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": png_data_url(img)}},
-                                                      {"type": "text", "text": question}]}]}
-    req = urllib.request.Request(server.url + "/v1/chat/completions", data=json.dumps(body).encode(),
-                                 headers={"Content-Type": "application/json"})
+
+    body = {
+        "model": model_dir,
+        "max_tokens": 1,
+        "temperature": 0,
+        "logprobs": True,
+        "logprob_token_ids": [yes[0], no[0]],
+        "return_tokens_as_token_ids": True,
+        "messages": [
+            {
+                "role": "user",
+                "content": [
+                    {"type": "image_url", "image_url": {"url": png_data_url(img)}},
+                    {"type": "text", "text": question},
+                ],
+            }
+        ],
+    }
+    req = urllib.request.Request(
+        server.url + "/v1/chat/completions",
+        data=json.dumps(body).encode(),
+        headers={"Content-Type": "application/json"},
+    )
     with urllib.request.urlopen(req, timeout=60) as r:
         top = json.loads(r.read())["choices"][0]["logprobs"]["content"][0]["top_logprobs"]
     lp = {e["token"]: e["logprob"] for e in top}
@@ -168,13 +188,20 @@ def test_inprocess_vllm_engine_equals_transformers(model_dir, hf_scores, tmp_pat
     """backend='vllm' (what a Ray reward actor with a vLLM runtime_env runs), executed in the vLLM venv."""
     script = tmp_path / "engine_judge.py"
     np.save(tmp_path / "images.npy", make_images())
-    script.write_text(ENGINE_SCRIPT.format(repo=str(REPO), model=model_dir, images=str(tmp_path / "images.npy"),
-                                           prompts=PROMPTS))
-    proc = subprocess.run([str(VENV / "bin" / "python"), str(script)], capture_output=True, text=True,
-                          timeout=600, env={**os.environ, **CPU_ENV}, cwd=str(REPO))
+    script.write_text(
+        ENGINE_SCRIPT.format(repo=str(REPO), model=model_dir, images=str(tmp_path / "images.npy"), prompts=PROMPTS)
+    )
+    proc = subprocess.run(
+        [str(VENV / "bin" / "python"), str(script)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={**os.environ, **CPU_ENV},
+        cwd=str(REPO),
+    )
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("SCORES ")]
     assert proc.returncode == 0 and lines, f"engine judge failed:\n{proc.stderr[-3000:]}"
-    scores = np.array(json.loads(lines[-1][len("SCORES "):]))
+    scores = np.array(json.loads(lines[-1][len("SCORES ") :]))
     np.testing.assert_allclose(scores, hf_scores.scores, atol=TOL, rtol=0)
 
 
@@ -188,16 +215,30 @@ def test_ray_reward_actor_with_vllm_runtime_env_equals_transformers(model_dir, h
 
     actor = None
     try:
-        actor = ray.remote(RewardBatcher).options(
-            name="reward/vlm_judge/0",
-            runtime_env={"py_executable": str(VENV / "bin" / "python"), "env_vars": CPU_ENV},
-        ).remote(reward_spec={"name": "vlm_judge", "backend": "vllm", "model": model_dir, "image_size": 504,
-                              "engine_kwargs": {"enforce_eager": True, "dtype": "float32", "max_model_len": 512}},
-                 max_batch_size=8, max_wait_s=0.2)
+        actor = (
+            ray.remote(RewardBatcher)
+            .options(
+                name="reward/vlm_judge/0",
+                runtime_env={"py_executable": str(VENV / "bin" / "python"), "env_vars": CPU_ENV},
+            )
+            .remote(
+                reward_spec={
+                    "name": "vlm_judge",
+                    "backend": "vllm",
+                    "model": model_dir,
+                    "image_size": 504,
+                    "engine_kwargs": {"enforce_eager": True, "dtype": "float32", "max_model_len": 512},
+                },
+                max_batch_size=8,
+                max_wait_s=0.2,
+            )
+        )
         images = make_images()
         # Two samplers' requests, sent together: merged into one engine batch.
-        refs = [actor.score.remote(images=images[:2], prompts=PROMPTS[:2]),
-                actor.score.remote(images=images[2:], prompts=PROMPTS[2:])]
+        refs = [
+            actor.score.remote(images=images[:2], prompts=PROMPTS[:2]),
+            actor.score.remote(images=images[2:], prompts=PROMPTS[2:]),
+        ]
         outs = ray.get(refs, timeout=600)
         stats = ray.get(actor.stats.remote())
     finally:

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from tasks.shapes.model import WEIGHTS_DIR, load_shapes_adapter, load_shapes_transformer, load_shapes_vae, sample_images
 from rewards import build_reward, to_uint8
+from tasks.shapes.model import WEIGHTS_DIR, load_shapes_adapter, load_shapes_transformer, load_shapes_vae, sample_images
 from tasks.shapes.world import heldout_prompts, train_prompts
 
 # Judge scores of the shipped checkpoint: 10 Euler steps, 128 prompts drawn with rng 1234, noise seed 1234,
@@ -30,12 +30,22 @@ def model():
 
 def test_checkpoint_files_are_small_safetensors_and_json():
     files = sorted(p.name for p in WEIGHTS_DIR.iterdir())
-    assert files == ["shapes_base.json", "shapes_base.safetensors", "shapes_base_scheduler.json",
-                     "shapes_vae.json", "shapes_vae.safetensors"]
+    assert files == [
+        "shapes_base.json",
+        "shapes_base.safetensors",
+        "shapes_base_scheduler.json",
+        "shapes_vae.json",
+        "shapes_vae.safetensors",
+    ]
     assert sum((WEIGHTS_DIR / f).stat().st_size for f in files) < 8_000_000
     config = json.loads((WEIGHTS_DIR / "shapes_base.json").read_text())
     assert config["_class_name"] == "SD3Transformer2DModel"
-    assert (config["in_channels"], config["sample_size"], config["patch_size"], config["joint_attention_dim"]) == (4, 8, 1, 384)
+    assert (config["in_channels"], config["sample_size"], config["patch_size"], config["joint_attention_dim"]) == (
+        4,
+        8,
+        1,
+        384,
+    )
     vae = json.loads((WEIGHTS_DIR / "shapes_vae.json").read_text())
     assert vae["_class_name"] == "AutoencoderKL" and vae["latent_channels"] == 4 and "_use_default_values" not in vae
     assert json.loads((WEIGHTS_DIR / "shapes_base_scheduler.json").read_text())["shift"] == 1.0
@@ -80,8 +90,13 @@ def test_loads_the_plain_diffusers_way(model):
     ours = load_shapes_transformer()
     cond = model.encode_prompts(["a yellow square left of a red circle"])
     x = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0))
-    kw = dict(hidden_states=x, encoder_hidden_states=cond.tokens, pooled_projections=cond.pooled,
-              timestep=torch.tensor([700.0]), return_dict=False)
+    kw = dict(
+        hidden_states=x,
+        encoder_hidden_states=cond.tokens,
+        pooled_projections=cond.pooled,
+        timestep=torch.tensor([700.0]),
+        return_dict=False,
+    )
     plain_vae = AutoencoderKL.from_config(json.loads((WEIGHTS_DIR / "shapes_vae.json").read_text()))
     plain_vae.load_state_dict(load_file(WEIGHTS_DIR / "shapes_vae.safetensors"))
     assert plain_vae.config.scaling_factor == load_shapes_vae().config.scaling_factor != 0.18215  # not the default

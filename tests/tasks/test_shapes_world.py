@@ -171,9 +171,11 @@ def test_clean_term_is_one_on_renders_and_falls_with_noise_and_muddy_colours():
     # one off-palette grey pixel at distance d from every background->colour segment costs 1 - exp(-(d/30)^2)
     grey = np.full((1, 32, 32, 3), world.BACKGROUND, np.uint8)
     grey[0, 0, 0] = (128, 128, 128)
-    d = min(np.linalg.norm(np.float32([128] * 3) - world.BACKGROUND - t * c)
-            for c in (np.float32(v) - world.BACKGROUND for v in world.PALETTE.values())
-            for t in np.linspace(0, 1, 20001))
+    d = min(
+        np.linalg.norm(np.float32([128] * 3) - world.BACKGROUND - t * c)
+        for c in (np.float32(v) - world.BACKGROUND for v in world.PALETTE.values())
+        for t in np.linspace(0, 1, 20001)
+    )
     expected = 1 - (1 - np.exp(-((d / world.CLEAN_SCALE) ** 2))) / 1024
     assert clean.score(grey, ["a red circle"]).scores[0] == pytest.approx(expected, abs=1e-5)
     noisy = np.clip(images.astype(np.float32) + rng.normal(0, 30, images.shape), 0, 255).astype(np.uint8)
@@ -185,8 +187,10 @@ def test_soft_judge_follows_the_judge_and_moves_continuously():
     text = "a red square left of a blue circle"
     image = render(parse(text), np.random.default_rng(7))
     right = soft.score(image[None], [text]).scores[0]
-    wrong = soft.score(np.stack([image] * 3), [text.replace("left of", "right of"), text.replace("square", "triangle"),
-                                               text.replace("a red", "two red")]).scores
+    wrong = soft.score(
+        np.stack([image] * 3),
+        [text.replace("left of", "right of"), text.replace("square", "triangle"), text.replace("a red", "two red")],
+    ).scores
     assert right > 0.8 and np.all(wrong < right)
     # the relation clause is a logistic of the centroid gap: shifting the red square right lowers it smoothly
     scene = Scene((Group(1, "red", "square"), Group(1, "blue", "circle")), "left of")
