@@ -58,9 +58,12 @@ SLOW_FIXTURES = {
 
 @pytest.hookimpl(tryfirst=True)  # before -m "not slow" deselects by mark
 def pytest_collection_modifyitems(config, items):
-    """Tests that take a slow fixture are marked slow; a test marked slow by hand must say why it needs the time."""
+    """Tests that take a slow fixture are marked slow, except unit tests of a runtime part on stand-in actors (marked
+    ``ray_unit``: about a second each once the instance is up); a test marked slow by hand must say why."""
     for item in items:
-        if any(name in SLOW_FIXTURES for name in getattr(item, "fixturenames", ())):
+        if item.get_closest_marker("ray_unit") is None and any(
+            name in SLOW_FIXTURES for name in getattr(item, "fixturenames", ())
+        ):
             item.add_marker(pytest.mark.slow)
             item.user_properties.append(("slow_because", "fixture"))
     unjustified = sorted(

@@ -6,6 +6,8 @@ import pytest
 
 from cluster.config import load_config
 
+pytestmark = pytest.mark.ray_unit  # stand-in actors on the session's Ray instance: the fast tier
+
 
 @pytest.fixture
 def group(ray_local):

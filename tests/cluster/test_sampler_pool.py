@@ -5,6 +5,8 @@ import pytest
 
 from cluster.config import load_config
 
+pytestmark = pytest.mark.ray_unit  # stand-in actors on the session's Ray instance: the fast tier
+
 
 class FakeBook:
     """What the pool asks of the books: the epoch (for fault records) and drops by reason."""
