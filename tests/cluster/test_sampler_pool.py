@@ -128,12 +128,13 @@ def test_calls_are_queued_two_deep_and_finished(stubs):
     spawn, made, _ = stubs
     pool = make_pool(spawn)
     join_all(pool, add=2)
-    assert [i for i, _ in pool.with_room()] == [0, 1]
+    # samplers join in the order their first loads answer (either may be first): compare as sets of indices
+    assert sorted(i for i, _ in pool.with_room()) == [0, 1]
     for report, sampler, pairs in (("r1", 0, [0, 1]), ("r2", 0, [2]), ("r3", 1, [3, 4, 5])):
         pool.track(Job(sampler, pairs, f"job-{report}", None, None, report))
     assert [i for i, _ in pool.with_room()] == [1] and pool.pairs_in_flight() == 6
     assert pool.finish("r1").pair_ids == [0, 1] and pool.members.busy == {0: 1, 1: 1}
-    assert [i for i, _ in pool.with_room()] == [0, 1] and pool.pending()[:2] == ["r2", "r3"]
+    assert sorted(i for i, _ in pool.with_room()) == [0, 1] and pool.pending()[:2] == ["r2", "r3"]
 
 
 def test_a_lost_sampler_drops_its_calls_and_is_replaced_up_to_the_minimum(stubs):
