@@ -64,13 +64,19 @@ def containers(job):
 
 
 def run_train_job(tmp_path, args, env):
-    """train-job.sh with a stub `python` that records the argv of `fdfo train` (and plays judge_url.py)."""
+    """train-job.sh with a stub `python` that records the argv of `fdfo train` as `ps` would show it, with each
+    @FILE argument replaced by the file's lines as `fdfo train` reads them (argparse's fromfile_prefix_chars), and plays
+    judge_url.py (the URL given with --url, else the `judge` node's 192.0.2.7; its own argv in ``judge_args``)."""
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir(exist_ok=True)
     stub = bin_dir / "python"
     stub.write_text(
-        '#!/bin/sh\nif [ "$1" = cluster/deploy/judge_url.py ]; then echo http://192.0.2.7:8000; exit 0; fi\n'
-        'printf "%s\\0" "$@" > "$ARGV_OUT"\n'
+        "#!/bin/sh\n"
+        'case "$1" in */cluster/deploy/judge_url.py) shift; printf "%s\\n" "$@" > "$ARGV_OUT.judge";\n'
+        '  if [ "$1" = --url ]; then echo "$2"; else echo http://192.0.2.7:8000; fi; exit 0;; esac\n'
+        'printf "%s\\0" "$@" > "$ARGV_OUT.ps"\n'
+        'for a in "$@"; do case "$a" in @*) cat "${a#@}" | tr "\\n" "\\0" >> "$ARGV_OUT";; *) printf "%s\\0" "$a" >> "$ARGV_OUT";;\n'
+        "  esac; done\n"
     )
     stub.chmod(0o755)
     out = tmp_path / "argv"
@@ -149,7 +155,8 @@ def test_rayjob_roles_token_dashboard_and_autoscaling():
 def test_rayjob_entrypoint_builds_a_valid_run_with_roles_judge_and_storage(tmp_path):
     job = rayjob()
     words = shlex.split(job["spec"]["entrypoint"])  # as the submitter's shell splits it
-    assert words[:2] == ["bash", "cluster/deploy/train-job.sh"]
+    assert words[:2] == ["bash", "/app/cluster/deploy/train-job.sh"]  # the image's /app: no working_dir upload
+    words[1] = str(DEPLOY / "train-job.sh")
     head = job["spec"]["rayClusterSpec"]["headGroupSpec"]["template"]["spec"]["containers"][0]
     env = {e["name"]: e for e in head["env"]}
     assert env["FDFO_JUDGE_API_KEY"]["valueFrom"]["secretKeyRef"] == {"name": "fdfo-judge-key", "key": "api_key"}
@@ -185,7 +192,7 @@ def test_judge_manifests_validate_as_kubernetes_objects_and_match_the_job():
     import kubernetes_validate
 
     docs = judge_docs()
-    assert set(docs) == {"Deployment", "Service", "NetworkPolicy"}
+    assert set(docs) == {"Deployment", "PersistentVolumeClaim", "Service", "NetworkPolicy"}
     for doc in docs.values():
         kubernetes_validate.validate(doc, K8S_VERSION, strict=True)  # raises on any error or unknown field
     broken = copy.deepcopy(docs["Service"])
@@ -263,7 +270,8 @@ def test_launcher_roles_token_judge_and_dashboard():
     assert judge["resources"]["GPU"] == 0 and judge["min_workers"] == judge["max_workers"] == 1
     serve = judge["worker_setup_commands"][0]
     assert "--model Qwen/Qwen2.5-VL-7B-Instruct" in serve and "--port 8000" in serve
-    assert '--host "$(hostname -I' in serve and "cat ~/.fdfo/judge_api_key" in serve
+    # judge-serve.sh reads the file-mounted key itself (refusing a missing or empty one) and supervises the server
+    assert '--host "$(hostname -I' in serve and "/app/cluster/deploy/judge-serve.sh --supervise" in serve
     assert cfg["file_mounts"]["~/.fdfo/judge_api_key"] == "~/.fdfo/judge_api_key"
 
 
@@ -276,7 +284,7 @@ def test_launcher_job_command_builds_a_valid_run(tmp_path):
         if not line.endswith("\\"):
             break
     words = shlex.split(" ".join(lines))
-    assert words[:2] == ["bash", "cluster/deploy/train-job.sh"]
+    assert words[:2] == ["bash", "cluster/deploy/train-job.sh"]  # in the uploaded working dir
     key_file = tmp_path / ".fdfo" / "judge_api_key"
     key_file.parent.mkdir()
     key_file.write_text("file-key\n")

