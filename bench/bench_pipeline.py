@@ -55,7 +55,7 @@ def main() -> None:
     rows = {}
     for name, extra, fn in (
         ("in_process", ["runtime.local=true"], run_local),
-        ("ray_pipeline", [f"runtime.num_samplers={args.samplers}"], run_ray),
+        ("ray_pipeline", [f"runtime.sampler.count={args.samplers}"], run_ray),
     ):
         cfg = load_config(args.config, common + extra + [f"name=bench-{name}"])
         t0 = time.perf_counter()

@@ -37,8 +37,8 @@ os.environ.setdefault("RAY_AUTH_MODE", "token")
 MODES = {
     "in_process": ["runtime.local=true"],
     "in_process_1t": ["runtime.local=true", "runtime.torch_threads=1"],
-    "ray_overlap": ["runtime.overlap=true", "runtime.num_samplers=1", "runtime.learner_num_cpus=1"],
-    "ray_lockstep": ["runtime.overlap=false", "runtime.num_samplers=2", "runtime.learner_num_cpus=2"],
+    "ray_overlap": ["runtime.overlap=true", "runtime.sampler.count=1", "runtime.learner.num_cpus=1"],
+    "ray_lockstep": ["runtime.overlap=false", "runtime.sampler.count=2", "runtime.learner.num_cpus=2"],
 }
 SMOKE = ["train.pairs_per_epoch=8", "sampling.pairs_per_call=4", "eval.num_prompts=4", "eval.seeds_per_prompt=1"]
 

@@ -1,8 +1,10 @@
-"""The configuration reference, read from the config's own field documentation (``cluster/config.py``).
+"""The configuration reference, read from the config's own field documentation (``cluster/config.py`` and
+``cluster/runtime_config.py``).
 
 Usage::
 
     fdfo config --explain train            # one section (or train.lr: one key; no argument: every section)
+    fdfo config --explain runtime.sampler  # a block within a section (the sampler pool's keys)
     python -m cluster.config_docs docs/configuration.md    # rewrite the docs page (tests/test_docs.py checks it)
 
 Each field of a config section is documented by the string on the line(s) below it (an attribute docstring, as
@@ -24,7 +26,7 @@ from typing import Any, Literal
 
 import yaml
 
-from cluster.config import RunConfig
+from cluster.config import RENAMED, RunConfig
 
 TOP = "run"  # the name ``--explain`` gives RunConfig's own scalar keys (name, seed, output_dir, ...)
 PAGE = Path(__file__).resolve().parent.parent / "docs" / "configuration.md"
@@ -56,11 +58,19 @@ def field_docs(cls: type) -> dict[str, str]:
 
 
 def sections() -> dict[str, type]:
-    """Section name -> its dataclass: ``run`` (RunConfig's scalar keys) and every nested section, in file order."""
-    nested = {
-        f.name: f.type for f in dataclasses.fields(RunConfig) if dataclasses.is_dataclass(_hints(RunConfig)[f.name])
-    }
-    return {TOP: RunConfig, **{name: _hints(RunConfig)[name] for name in nested}}
+    """Section name -> its dataclass: ``run`` (RunConfig's scalar keys) and every nested section, in file order,
+    each followed by the blocks within it (``runtime``, then ``runtime.sampler``, ...)."""
+    return {TOP: RunConfig, **_nested(RunConfig, "")}
+
+
+def _nested(cls: type, prefix: str) -> dict[str, type]:
+    found = {}
+    for f in dataclasses.fields(cls):
+        tp = _hints(cls)[f.name]
+        if dataclasses.is_dataclass(tp):
+            found[prefix + f.name] = tp
+            found.update(_nested(tp, prefix + f.name + "."))
+    return found
 
 
 def section_doc(name: str) -> tuple[str, list[FieldDoc]]:
@@ -77,7 +87,7 @@ def section_doc(name: str) -> tuple[str, list[FieldDoc]]:
         if f.name not in docs:
             raise ValueError(
                 f"config field {prefix + f.name} has no documentation: add a docstring on the line(s) "
-                f"below it in cluster/config.py"
+                f"below it in {Path(inspect.getsourcefile(cls)).relative_to(PAGE.parent.parent)}"
             )
         default = f.default_factory() if f.default is dataclasses.MISSING else f.default
         rows.append(FieldDoc(prefix + f.name, type_name(hints[f.name]), yaml_value(default), docs[f.name]))
@@ -85,20 +95,33 @@ def section_doc(name: str) -> tuple[str, list[FieldDoc]]:
 
 
 def explain(target: str | None = None) -> str:
-    """``fdfo config --explain [target]``: every section, one section (``train``) or one key (``train.lr``) as text."""
+    """``fdfo config --explain [target]``: every section, one section (``train``; ``runtime`` with its blocks
+    ``runtime.sampler``, ...), one block (``runtime.sampler``) or one key (``train.lr``) as text."""
+    known = sections()
+    if target in RENAMED:
+        raise ValueError(f"{target} was renamed: use {RENAMED[target]}")
     if target is None:
-        return "\n\n".join(explain(name) for name in sections())
-    section, _, key = target.partition(".")
-    if section not in sections() and target in {r.key for r in section_doc(TOP)[1]}:
-        section, key = TOP, target
+        return "\n\n".join(explain(name) for name in known if "." not in name)
+    if target in known:
+        within = [name for name in known if name.startswith(target + ".")]
+        return "\n\n".join([_explain(target, ""), *(_explain(name, "") for name in within)])
+    elif "." in target:  # a key: of the section its dotted prefix names (runtime.sampler.count: runtime.sampler)
+        section, key = target.rpartition(".")[0], target
+    else:  # a top-level key (seed), else an unknown section named in the error
+        section, key = (TOP, target) if target in {r.key for r in section_doc(TOP)[1]} else (target, "")
+    return _explain(section, key)
+
+
+def _explain(section: str, key: str) -> str:
+    """One section's text, or (``key``: a dotted key) one key's."""
     summary, rows = section_doc(section)
     if key:
-        rows = [r for r in rows if r.key == target]
+        rows = [r for r in rows if r.key == key]
         if not rows:
             raise ValueError(
-                f"no config key {target!r}; keys of {section}: {', '.join(r.key for r in section_doc(section)[1])}"
+                f"no config key {key!r}; keys of {section}: {', '.join(r.key for r in section_doc(section)[1])}"
             )
-    lines = [f"{section}: {summary}"] if not key else []
+    lines = textwrap.wrap(f"{section}: {summary}", width=120, break_on_hyphens=False) if not key else []
     for r in rows:
         lines += ["", f"{r.key} = {r.default}    ({r.type})"]
         lines += textwrap.wrap(
@@ -117,11 +140,12 @@ def markdown() -> str:
     out = [
         "# Configuration reference",
         "",
-        f"<!-- generated by `{REGENERATE}` from cluster/config.py: edit the field documentation there -->",
+        f"<!-- generated by `{REGENERATE}` from cluster/config.py and cluster/runtime_config.py: edit the field "
+        "documentation there -->",
         "",
         "Every run is one typed config tree: a YAML preset (`cluster/configs/`, listed by `fdfo presets`) filled in "
         "with `section.key=value` overrides on the command line (`fdfo train --config tiny-cpu train.lr=3e-3 "
-        "runtime.num_samplers=2`; values are read as YAML). Unknown keys, wrong types, bad batch arithmetic "
+        "runtime.sampler.count=2`; values are read as YAML). Unknown keys, wrong types, bad batch arithmetic "
         "(`2 x pairs_per_epoch x num_steps` rows must split evenly into `updates_per_epoch` updates) and bad reward "
         "specs fail before any Ray resource is taken, with the fix named in the message. A run's config is written to "
         "`runs/<name>/config.json` and into every checkpoint (secrets redacted), and `--resume` continues the run "
@@ -147,6 +171,17 @@ def markdown() -> str:
         for r in rows:
             out.append(f"- **`{r.key}`** ({r.type}; default `{r.default}`): {r.doc}")
         out.append("")
+    out += [
+        "## Renamed keys",
+        "",
+        "A preset or override that sets an old key is refused with its new name (`runtime.sampler_num_gpus was "
+        "renamed: use runtime.sampler.num_gpus`); a checkpoint's saved config is read with each moved.",
+        "",
+        "| old key | new key |",
+        "| --- | --- |",
+        *(f"| `{old}` | `{new}` |" for old, new in RENAMED.items()),
+        "",
+    ]
     return "\n".join(out)
 
 

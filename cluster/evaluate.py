@@ -32,7 +32,8 @@ from models.lora import make_trainable
 def checkpoint_config(checkpoint: str | Path, overrides: list[str] = ()) -> tuple[Path, RunConfig]:
     """A checkpoint folder (or a run folder / its ``checkpoints/latest``) -> (the checkpoint folder, its run config
     with ``overrides`` applied). Overrides of ``model.*`` and ``lora.*`` are refused: they describe its weights."""
-    from cluster.config import _build, upgraded, with_overrides
+    from cluster.config import upgraded, with_overrides
+    from cluster.config_build import build
     from learner.checkpoint import latest_checkpoint
 
     fixed = [o for o in overrides if o.split("=", 1)[0].split(".")[0] in ("model", "lora")]
@@ -49,7 +50,7 @@ def checkpoint_config(checkpoint: str | Path, overrides: list[str] = ()) -> tupl
             raise FileNotFoundError(f"no checkpoint under {run_dir}/checkpoints")
     if not (folder / "state.json").exists():
         raise FileNotFoundError(f"{folder} is not an fdfo checkpoint folder (no state.json)")
-    cfg = _build(RunConfig, upgraded(json.loads((folder / "state.json").read_text())["config"]))
+    cfg = build(RunConfig, upgraded(json.loads((folder / "state.json").read_text())["config"]))
     # the checkpoint's weights supersede the run's starting point: its source is not loaded again (nor needed)
     cfg = dataclasses.replace(cfg, lora=dataclasses.replace(cfg.lora, init_from=None))
     return folder, with_overrides(cfg, list(overrides))

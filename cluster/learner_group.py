@@ -1,4 +1,4 @@
-"""The learner group: ``runtime.num_learners`` Learner ranks as Ray actors, the calls sent to every rank, save and load,
+"""The learner group: ``runtime.learner.count`` Learner ranks as Ray actors, the calls sent to every rank, save and load,
 and a restart from the last checkpoint when a rank dies.
 
 Usage::
@@ -36,9 +36,9 @@ def learner_actor(cfg: RunConfig, index: int = 0, rank: int = 0):
         ray.remote(Learner)
         .options(
             name=name,
-            num_cpus=rt.learner_num_cpus,
-            num_gpus=rt.learner_num_gpus,
-            resources=dict(rt.learner_resources),
+            num_cpus=rt.learner.num_cpus,
+            num_gpus=rt.learner.num_gpus,
+            resources=dict(rt.learner.resources),
             scheduling_strategy="SPREAD",
             max_restarts=0,
         )
@@ -48,9 +48,9 @@ def learner_actor(cfg: RunConfig, index: int = 0, rank: int = 0):
             batching=Batching.of(cfg),
             lora=cfg.lora,
             seed=cfg.seed,
-            threads=actor_threads(rt, rt.learner_num_cpus),
+            threads=actor_threads(rt, rt.learner.num_cpus),
             rank=rank,
-            world_size=rt.num_learners,
+            world_size=rt.learner.count,
             grpo=grpo_of(cfg),
             sharding=learner_sharding(cfg),
             reuse_snapshots=True,
@@ -58,16 +58,17 @@ def learner_actor(cfg: RunConfig, index: int = 0, rank: int = 0):
     )
 
 
-def form_group(cfg: RunConfig, index: int = 0) -> list:
-    """``runtime.num_learners`` learner ranks, joined into one gradient group when there are several (NCCL on GPUs,
-    gloo on CPUs: the backend each rank picks from its own device); rank 0 publishes and checkpoints."""
-    ranks = [learner_actor(cfg, index, r) for r in range(cfg.runtime.num_learners)]
+def form_group(cfg: RunConfig, index: int = 0, actor: Callable = learner_actor) -> list:
+    """``runtime.learner.count`` learner ranks, joined into one gradient group when there are several (NCCL on GPUs,
+    gloo on CPUs: the backend each rank picks from its own device); rank 0 publishes and checkpoints. actor:
+    ``(cfg, index, rank) -> rank actor`` (``learner_actor``; hybrid workers: ``cluster.hybrid.worker_actor``)."""
+    ranks = [actor(cfg, index, r) for r in range(cfg.runtime.learner.count)]
     if len(ranks) > 1:
         backends = ray.get([r.weight_backend.remote() for r in ranks])
         if len(set(backends)) > 1:
             raise RuntimeError(
                 f"learner ranks disagree on the backend ({backends}): give every rank a GPU "
-                "(runtime.learner_num_gpus) or none"
+                "(runtime.learner.num_gpus) or none"
             )
         nodes = ray.get([r.node_id.remote() for r in ranks])
         addr, port = ray.get(ranks[0].learner_group_address.remote(peers_on_this_node=len(set(nodes)) == 1))

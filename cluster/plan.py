@@ -159,12 +159,12 @@ def gradient_bytes(cfg: RunConfig) -> int:
 
 def reward_gpus(cfg: RunConfig) -> tuple[int, str]:
     """GPUs the preset's reward pool holds: its actors' GPUs, plus one per served VLM judge (backend server)."""
-    rt = cfg.runtime
-    actors = math.ceil(rt.num_reward_actors * rt.reward_num_gpus)
+    pool = cfg.runtime.reward
+    actors = math.ceil(pool.count * pool.num_gpus)
     judges = {
         c.get("url") for c in cfg.reward.components if c.get("name") == "vlm_judge" and c.get("backend") == "server"
     }
-    what = f"{rt.num_reward_actors} reward actor(s) x {rt.reward_num_gpus:g} GPU"
+    what = f"{pool.count} reward actor(s) x {pool.num_gpus:g} GPU"
     return actors + len(judges), what + (f" + {len(judges)} VLM judge server(s)" if judges else "")
 
 
@@ -207,11 +207,11 @@ def best_split(w: Workload, gpus: int, overlap: bool) -> tuple[int, int]:
 def sampler_room(rt, resources: dict[str, float], learners: int, rewards: int) -> tuple[int, str]:
     """How many samplers of ``rt``'s ask fit in ``resources`` (``ray.cluster_resources()``) beside ``learners``
     learner ranks and ``rewards`` reward actors: (count, the unit's arithmetic). The unit is a GPU when
-    ``runtime.sampler_num_gpus`` > 0, else a CPU."""
-    key, per = ("GPU", rt.sampler_num_gpus) if rt.sampler_num_gpus > 0 else ("CPU", rt.sampler_num_cpus)
+    ``runtime.sampler.num_gpus`` > 0, else a CPU."""
+    key, per = ("GPU", rt.sampler.num_gpus) if rt.sampler.num_gpus > 0 else ("CPU", rt.sampler.num_cpus)
     other = {
-        "GPU": learners * rt.learner_num_gpus + rewards * rt.reward_num_gpus,
-        "CPU": learners * rt.learner_num_cpus + rewards * rt.reward_num_cpus,
+        "GPU": learners * rt.learner.num_gpus + rewards * rt.reward.num_gpus,
+        "CPU": learners * rt.learner.num_cpus + rewards * rt.reward.num_cpus,
     }[key]
     have = resources.get(key, 0.0)
     room = max(0, math.floor((have - other) / per + 1e-9)) if per > 0 else 0
@@ -222,33 +222,34 @@ def sampler_room(rt, resources: dict[str, float], learners: int, rewards: int) -
 
 
 def auto_samplers(cfg: RunConfig, resources: dict[str, float], rates: Rates) -> tuple[int, int, str]:
-    """``runtime.num_samplers: auto``: (samplers to start, the pool's ceiling, the arithmetic in one line) on a
-    cluster with ``resources``, beside ``runtime.num_learners`` ranks and the reward pool at its ceiling.
+    """``runtime.sampler.count: auto``: (samplers to start, the pool's ceiling, the arithmetic in one line) on a
+    cluster with ``resources``, beside ``runtime.learner.count`` ranks and the reward pool at its ceiling.
 
     Room R = the samplers that fit (``sampler_room``). Lock-step: the learner waits for the whole epoch's sampling,
     so every sampler shortens the epoch and all R start. Overlap: the epoch is the slower role's time, so samplers
     beyond the balance a / S = train(L) (module docstring, at ``rates``) would idle: S = ceil(a / train(L)) start,
     and the pool may grow to R when the learner waits for data (the rates are estimates). Always at least 1;
-    ``runtime.max_samplers`` caps both."""
+    ``runtime.sampler.max_count`` caps both."""
     rt = cfg.runtime
-    rewards = rt.max_reward_actors or rt.num_reward_actors
-    room, why = sampler_room(rt, resources, rt.num_learners, rewards)
-    ceiling = max(1, room if rt.max_samplers is None else min(room, rt.max_samplers))
+    rewards = rt.reward.max_count or rt.reward.count
+    learners = rt.learner.count
+    room, why = sampler_room(rt, resources, learners, rewards)
+    ceiling = max(1, room if rt.sampler.max_count is None else min(room, rt.sampler.max_count))
     if not rt.overlap:
         return ceiling, ceiling, f"lock-step: all that fit ({why})"
     try:
-        grad = gradient_bytes(cfg) if rt.num_learners > 1 else 0.0
+        grad = gradient_bytes(cfg) if learners > 1 else 0.0
     except ValueError:
         grad = 0.0  # not SD3.5-M: the all-reduce is not modelled (k = 0)
     w = workload(cfg, rates, grad, DEFAULT_BANDWIDTH_GBPS)
-    balance = math.ceil(w.a / w.train_s(rt.num_learners) - 1e-9)
+    balance = math.ceil(w.a / w.train_s(learners) - 1e-9)
     start = max(1, min(balance, ceiling))
     return (
         start,
         ceiling,
         (
-            f"overlap: a / train(L) = {w.a:.1f} / {w.train_s(rt.num_learners):.1f} s -> {balance} keep "
-            f"{rt.num_learners} learner rank(s) busy ({rates.source}); room for {room} ({why})"
+            f"overlap: a / train(L) = {w.a:.1f} / {w.train_s(learners):.1f} s -> {balance} keep "
+            f"{learners} learner rank(s) busy ({rates.source}); room for {room} ({why})"
         ),
     )
 
@@ -264,11 +265,11 @@ def split_row(w: Workload, gpus: int, rewards: int, overlap: bool) -> dict:
     epoch = w.epoch_s(samplers, learners, overlap)
     overrides = [
         f"runtime.overlap={str(overlap).lower()}",
-        f"runtime.num_samplers={samplers}",
-        f"runtime.max_samplers={samplers}",
-        f"runtime.num_learners={learners}",
-        "runtime.sampler_num_gpus=1",
-        "runtime.learner_num_gpus=1",
+        f"runtime.sampler.count={samplers}",
+        f"runtime.sampler.max_count={samplers}",
+        f"runtime.learner.count={learners}",
+        "runtime.sampler.num_gpus=1",
+        "runtime.learner.num_gpus=1",
     ]
     return {
         "gpus": gpus,

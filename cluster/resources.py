@@ -54,30 +54,30 @@ def connect(runtime_cfg, num_cpus_needed: float) -> bool:
     return True
 
 
-ROLE_KEYS = {
-    "learner": ("learner_num_cpus", "learner_num_gpus"),
-    "reward": ("reward_num_cpus", "reward_num_gpus"),
-    "sampler": ("sampler_num_cpus", "sampler_num_gpus"),
-}
+ROLES = ("learner", "reward", "sampler")  # the blocks runtime.learner, runtime.reward, runtime.sampler
+
+
+def role_block(rt, role: str):
+    """The config block of ``role``: ``runtime.learner``, ``runtime.reward`` or ``runtime.sampler``."""
+    return {"learner": rt.learner, "reward": rt.reward, "sampler": rt.sampler}[role]
 
 
 def role_ask(rt, role: str) -> dict[str, float]:
     """What one actor of ``role`` asks of a node: CPU, GPU and the role's custom resources
-    (``runtime.<role>_resources``, which is how roles land on their own node types)."""
-    cpu_key, gpu_key = ROLE_KEYS[role]
-    custom = getattr(rt, f"{role}_resources")
-    for k, v in custom.items():
+    (``runtime.<role>.resources``, which is how roles land on their own node types)."""
+    block = role_block(rt, role)
+    for k, v in block.resources.items():
         if k in ("CPU", "GPU", "memory", "object_store_memory") or not isinstance(v, (int, float)) or v < 0:
             raise ValueError(
-                f"runtime.{role}_resources: {k}: {v!r} is not a custom resource amount; give names of "
+                f"runtime.{role}.resources: {k}: {v!r} is not a custom resource amount; give names of "
                 f"resources the nodes advertise (ray start --resources) with amounts >= 0, and CPUs/GPUs "
-                f"as runtime.{cpu_key} / runtime.{gpu_key}"
+                f"as runtime.{role}.num_cpus / runtime.{role}.num_gpus"
             )
-    return {"CPU": getattr(rt, cpu_key), "GPU": getattr(rt, gpu_key), **{k: float(v) for k, v in custom.items()}}
+    return {"CPU": block.num_cpus, "GPU": block.num_gpus, **{k: float(v) for k, v in block.resources.items()}}
 
 
 def role_counts(rt) -> dict[str, int]:
-    return {"learner": rt.num_learners, "reward": rt.num_reward_actors, "sampler": rt.num_samplers}
+    return {role: role_block(rt, role).count for role in ROLES}
 
 
 def resource_shortfall(rt, nodes: list[dict]) -> str | None:
@@ -88,11 +88,11 @@ def resource_shortfall(rt, nodes: list[dict]) -> str | None:
     have = {k: sum(n.get(k, 0.0) for n in nodes) for k in ("CPU", "GPU")}
     largest = {k: max((n.get(k, 0.0) for n in nodes), default=0.0) for k in ("CPU", "GPU")}
     shown = lambda r: f"{{CPU: {r['CPU']:g}, GPU: {r['GPU']:g}}}"  # noqa: E731
-    for role, (cpu_key, gpu_key) in ROLE_KEYS.items():
-        ask = {"CPU": getattr(rt, cpu_key), "GPU": getattr(rt, gpu_key)}
+    each = {r: {"CPU": role_block(rt, r).num_cpus, "GPU": role_block(rt, r).num_gpus} for r in ROLES}
+    for role, ask in each.items():
         short = [k for k in ask if ask[k] > largest[k]]
         if short:
-            keys = " / ".join(f"runtime.{cpu_key if k == 'CPU' else gpu_key}" for k in short)
+            keys = " / ".join(f"runtime.{role}.num_{k.lower()}s" for k in short)
             return (
                 f"the {role} actor asks for {shown(ask)} but the largest node of this cluster has {shown(largest)} "
                 f"({len(nodes)} nodes, {shown(have)} in all): lower {keys} or add a node that large"
@@ -100,16 +100,13 @@ def resource_shortfall(rt, nodes: list[dict]) -> str | None:
     short = custom_shortfall(rt, nodes)
     if short:
         return short
-    need = {k: sum(count[r] * getattr(rt, ROLE_KEYS[r][k == "GPU"]) for r in count) for k in ("CPU", "GPU")}
+    need = {k: sum(count[r] * each[r][k] for r in count) for k in ("CPU", "GPU")}
     short = [k for k in need if need[k] > have[k]]
     if short:
-        parts = ", ".join(
-            f"{count[r]} {r} x {shown({'CPU': getattr(rt, ROLE_KEYS[r][0]), 'GPU': getattr(rt, ROLE_KEYS[r][1])})}"
-            for r in count
-        )
+        parts = ", ".join(f"{count[r]} {r} x {shown(each[r])}" for r in count)
         return (
             f"the run's actors ask for {shown(need)} in all ({parts}) but this cluster has {shown(have)}: lower "
-            f"runtime.num_samplers / runtime.num_reward_actors or the per-actor asks, or add nodes"
+            f"runtime.sampler.count / runtime.reward.count or the per-actor asks, or add nodes"
         )
     return None
 
@@ -117,24 +114,24 @@ def resource_shortfall(rt, nodes: list[dict]) -> str | None:
 def custom_shortfall(rt, nodes: list[dict]) -> str | None:
     """The custom-resource part of ``resource_shortfall``: every role's whole ask on one node, the totals per name."""
     count, totals = role_counts(rt), {}
-    for role in ROLE_KEYS:
+    for role in ROLES:
         ask = role_ask(rt, role)
         custom = {k: v for k, v in ask.items() if k not in ("CPU", "GPU")}
         for k, v in custom.items():
             totals[k] = totals.get(k, 0.0) + count[role] * v
         if custom and not any(all(n.get(k, 0.0) >= v for k, v in ask.items()) for n in nodes):
             return (
-                f"the {role} actor asks for {ask} (runtime.{role}_resources and its CPUs/GPUs) but no node of this "
+                f"the {role} actor asks for {ask} (runtime.{role}.resources and its CPUs/GPUs) but no node of this "
                 f"cluster has all of that: start nodes of that type (ray start --resources="
                 f"'{json.dumps({k: int(v) if float(v).is_integer() else v for k, v in custom.items()})}' with the "
-                f"CPUs/GPUs), or change runtime.{role}_resources"
+                f"CPUs/GPUs), or change runtime.{role}.resources"
             )
     for k, v in totals.items():
         have = sum(n.get(k, 0.0) for n in nodes)
         if v > have:
             return (
                 f"the run's actors ask for {v:g} of custom resource {k!r} in all but this cluster has {have:g}: "
-                f"add nodes that advertise it, or lower runtime.num_samplers / runtime.num_reward_actors"
+                f"add nodes that advertise it, or lower runtime.sampler.count / runtime.reward.count"
             )
     return None
 

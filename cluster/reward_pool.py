@@ -1,5 +1,5 @@
 """The reward pool: one ``score(images, prompts) -> ref`` whether the scorers run as plain reward actors or as the
-elastic Serve deployment (``runtime.reward_serve``), and its own loss handling.
+elastic Serve deployment (``runtime.reward.backend``), and its own loss handling.
 
 Usage::
 
@@ -32,17 +32,17 @@ def reward_actor(cfg: RunConfig, index: int):
         ray.remote(RewardBatcher)
         .options(
             name=f"fdfo/reward/{index}",
-            num_cpus=rt.reward_num_cpus,
-            num_gpus=rt.reward_num_gpus,
-            resources=dict(rt.reward_resources),
+            num_cpus=rt.reward.num_cpus,
+            num_gpus=rt.reward.num_gpus,
+            resources=dict(rt.reward.resources),
             max_restarts=0,
         )
         .remote(
             reward_spec={"name": "weighted_sum", "specs": reward_specs(cfg.reward)},
-            max_batch_size=rt.reward_max_batch,
-            max_wait_s=rt.reward_max_wait_s,
-            timeout_s=rt.reward_timeout_s,
-            torch_threads=actor_threads(rt, rt.reward_num_cpus),
+            max_batch_size=rt.reward.max_batch,
+            max_wait_s=rt.reward.max_wait_s,
+            timeout_s=rt.reward.timeout_s,
+            torch_threads=actor_threads(rt, rt.reward.num_cpus),
         )
     )
 
@@ -54,7 +54,7 @@ def score_seconds(out) -> float:
 
 
 class RewardPool:
-    """``runtime.num_reward_actors`` reward actors (a request goes to one by its ``route``), or the Serve deployment
+    """``runtime.reward.count`` reward actors (a request goes to one by its ``route``), or the Serve deployment
     (Serve balances and replaces its replicas itself). A reward actor that dies is replaced by
     ``fdfo/reward/<next index>`` and recorded in ``faults`` (with ``book.epoch``)."""
 
@@ -63,12 +63,12 @@ class RewardPool:
     ):
         self.cfg, self.book, self.faults, self.spawn = cfg, book, faults, spawn  # spawn(cfg, index) -> a reward actor
         rt = cfg.runtime
-        self.actors = [] if uses_serve(rt) else [spawn(cfg, i) for i in range(rt.num_reward_actors)]
+        self.actors = [] if uses_serve(rt) else [spawn(cfg, i) for i in range(rt.reward.count)]
         self.next_index = len(self.actors)  # names of replacements continue from here
         self.service: RewardService | None = None
         try:
             if uses_serve(rt):
-                self.service = RewardService(cfg, threads=actor_threads(rt, rt.reward_num_cpus))
+                self.service = RewardService(cfg, threads=actor_threads(rt, rt.reward.num_cpus))
         except BaseException:
             self.kill()
             raise

@@ -73,14 +73,14 @@ def run_ray(cfg: RunConfig, resume: bool = False) -> dict:
     rt = cfg.runtime
     rates = check_sampler_count(rt)
     check_reward_pool(rt)
-    if rt.num_learners < 1:
-        raise ValueError(f"runtime.num_learners must be >= 1, got {rt.num_learners}")
-    max_rewards = rt.max_reward_actors or rt.num_reward_actors
-    samplers = 1 if rt.num_samplers == "auto" else (rt.max_samplers or rt.num_samplers)
+    if rt.learner.count < 1:
+        raise ValueError(f"runtime.learner.count must be >= 1, got {rt.learner.count}")
+    max_rewards = rt.reward.max_count or rt.reward.count
+    samplers = 1 if rt.sampler.count == "auto" else (rt.sampler.max_count or rt.sampler.count)
     started = connect(
-        rt, samplers * rt.sampler_num_cpus + max_rewards * rt.reward_num_cpus + rt.num_learners * rt.learner_num_cpus
+        rt, samplers * rt.sampler.num_cpus + max_rewards * rt.reward.num_cpus + rt.learner.count * rt.learner.num_cpus
     )
-    if rt.num_samplers == "auto":
+    if rt.sampler.count == "auto":
         cfg = with_auto_samplers(cfg, ray.cluster_resources(), rates)
         rt = cfg.runtime
     await_resources(rt, can_scale=not started)
@@ -172,7 +172,7 @@ class RayRun:
             self.learner_ref: ray.ObjectRef | None = None  # rank 0's call in flight (begin_epoch or update)
             self.waited_for_data = 0.0
             self.target = cfg.train.epochs * self.book.batching.pairs_per_epoch
-            for _ in range(self.rt.num_samplers):
+            for _ in range(self.rt.sampler.count):
                 self.samplers.add()
             self.threads = {
                 "learner": ray.get(self.learners.lead.torch_threads.remote()),

@@ -67,9 +67,9 @@ def sampler_actor(cfg: RunConfig, index: int):
         ray.remote(concurrency_groups={"pack": 1})(Sampler)
         .options(
             name=f"fdfo/sampler/{index}",
-            num_cpus=rt.sampler_num_cpus,
-            num_gpus=rt.sampler_num_gpus,
-            resources=dict(rt.sampler_resources),
+            num_cpus=rt.sampler.num_cpus,
+            num_gpus=rt.sampler.num_gpus,
+            resources=dict(rt.sampler.resources),
             scheduling_strategy="SPREAD",
             max_restarts=0,
         )
@@ -79,40 +79,42 @@ def sampler_actor(cfg: RunConfig, index: int):
             lora=cfg.lora,
             index=index,
             precision=cfg.train.precision,
-            threads=actor_threads(rt, rt.sampler_num_cpus),
+            threads=actor_threads(rt, rt.sampler.num_cpus),
             grpo=grpo_of(cfg),
         )
     )
 
 
 def check_sampler_count(rt) -> Rates | None:
-    """The sampler pool's bounds, checked before anything starts; for ``num_samplers: auto`` the per-role rates it
-    will be resolved with (``runtime.throughput``'s, else the reference's)."""
-    if rt.num_samplers == "auto":
-        if rt.max_samplers is not None and rt.max_samplers < 1:
-            raise ValueError(f"runtime.max_samplers must be >= 1, got {rt.max_samplers}")
+    """The sampler pool's bounds, checked before anything starts; for ``runtime.sampler.count: auto`` the per-role
+    rates it will be resolved with (``runtime.throughput``'s, else the reference's)."""
+    pool = rt.sampler
+    if pool.count == "auto":
+        if pool.max_count is not None and pool.max_count < 1:
+            raise ValueError(f"runtime.sampler.max_count must be >= 1, got {pool.max_count}")
         return load_rates(rt.throughput)
     if rt.throughput is not None:
         raise ValueError(
-            f"runtime.throughput ({rt.throughput}) is read only by runtime.num_samplers=auto, but "
-            f"num_samplers is {rt.num_samplers}: set num_samplers=auto or drop runtime.throughput"
+            f"runtime.throughput ({rt.throughput}) is read only by runtime.sampler.count=auto, but "
+            f"runtime.sampler.count is {pool.count}: set runtime.sampler.count=auto or drop runtime.throughput"
         )
-    max_samplers = rt.max_samplers or rt.num_samplers
-    if not 1 <= rt.num_samplers <= max_samplers:
-        raise ValueError(f"need 1 <= runtime.num_samplers ({rt.num_samplers}) <= runtime.max_samplers ({max_samplers})")
+    ceiling = pool.max_count or pool.count
+    if not 1 <= pool.count <= ceiling:
+        raise ValueError(f"need 1 <= runtime.sampler.count ({pool.count}) <= runtime.sampler.max_count ({ceiling})")
     return None
 
 
 def with_auto_samplers(cfg: RunConfig, resources: dict, rates: Rates) -> RunConfig:
-    """``cfg`` with ``runtime.num_samplers: auto`` resolved on the cluster as it is now (``auto_samplers``); logged."""
+    """``cfg`` with ``runtime.sampler.count: auto`` resolved on the cluster as it is now (``auto_samplers``); logged."""
     start, ceiling, why = auto_samplers(cfg, resources, rates)
-    log.info("runtime.num_samplers=auto: %d sampler(s) at start, up to %d: %s", start, ceiling, why)
-    return dataclasses.replace(cfg, runtime=dataclasses.replace(cfg.runtime, num_samplers=start, max_samplers=ceiling))
+    log.info("runtime.sampler.count=auto: %d sampler(s) at start, up to %d: %s", start, ceiling, why)
+    pool = dataclasses.replace(cfg.runtime.sampler, count=start, max_count=ceiling)
+    return dataclasses.replace(cfg, runtime=dataclasses.replace(cfg.runtime, sampler=pool))
 
 
 class SamplerPool:
-    """The sampler actors and their calls in flight. Between ``runtime.num_samplers`` (a lost one is replaced up to
-    it) and ``runtime.max_samplers`` (``autoscale`` grows the pool up to it). ``book`` counts the pairs lost with a
+    """The sampler actors and their calls in flight. Between ``runtime.sampler.count`` (a lost one is replaced up
+    to it) and ``runtime.sampler.max_count`` (``autoscale`` grows the pool up to it). ``book`` counts the pairs lost with a
     sampler, ``published`` (``Published``) is what a new sampler must prove it loaded, ``sync`` (``WeightSync``)
     brings samplers to a version and re-forms its group when the members change; ``faults`` gets one record a loss.
     Args: cfg, book, published, sync, faults as above; spawn: ``(cfg, index) -> actor`` (``sampler_actor``)."""
@@ -128,8 +130,8 @@ class SamplerPool:
     ):
         self.cfg, self.book, self.published, self.sync, self.faults = cfg, book, published, sync, faults
         self.spawn = spawn  # (cfg, index) -> a sampler actor (a test gives stand-ins)
-        self.minimum = cfg.runtime.num_samplers
-        self.maximum = cfg.runtime.max_samplers or cfg.runtime.num_samplers
+        self.minimum = cfg.runtime.sampler.count
+        self.maximum = cfg.runtime.sampler.max_count or cfg.runtime.sampler.count
         self.members = Pool()
         self.jobs: dict[ray.ObjectRef, Job] = {}  # by the ref of the call's report
 

@@ -8,11 +8,11 @@ Usage::
     pool.stop()                                     # the application deleted with its replicas
 
 Each replica is the same ``RewardBatcher`` a reward actor is (its own batching in front of the scorer), so the
-two backends score identically. Serve's autoscaler keeps between ``runtime.num_reward_actors`` and
-``runtime.max_reward_actors`` replicas, aiming at ``runtime.reward_target_ongoing`` requests in flight per replica
+two backends score identically. Serve's autoscaler keeps between ``runtime.reward.count`` and
+``runtime.reward.max_count`` replicas, aiming at ``runtime.reward.target_ongoing`` requests in flight per replica
 (a request is one sampler call's images); a replica that dies is replaced by Serve's controller, and the requests
-it held fail their pairs (``actor_lost``, counted by the runtime). Selected by ``runtime.reward_backend`` ("auto":
-Serve when ``max_reward_actors`` exceeds ``num_reward_actors``, plain actors for a fixed pool).
+it held fail their pairs (``actor_lost``, counted by the runtime). Selected by ``runtime.reward.backend`` ("auto":
+Serve when ``max_count`` exceeds ``count``, plain actors for a fixed pool).
 """
 
 from __future__ import annotations
@@ -29,23 +29,23 @@ log = logging.getLogger("fdfo")
 
 
 def uses_serve(rt) -> bool:
-    """Whether the reward pool is a Serve deployment (``runtime.reward_backend``; "auto": when it may grow)."""
-    if rt.reward_backend == "auto":
-        return (rt.max_reward_actors or rt.num_reward_actors) > rt.num_reward_actors
-    return rt.reward_backend == "serve"
+    """Whether the reward pool is a Serve deployment (``runtime.reward.backend``; "auto": when it may grow)."""
+    pool = rt.reward
+    if pool.backend == "auto":
+        return (pool.max_count or pool.count) > pool.count
+    return pool.backend == "serve"
 
 
 def check_reward_pool(rt) -> None:
     """The pool's bounds, before any resource is taken."""
-    top = rt.max_reward_actors or rt.num_reward_actors
-    if not 1 <= rt.num_reward_actors <= top:
+    pool = rt.reward
+    top = pool.max_count or pool.count
+    if not 1 <= pool.count <= top:
+        raise ValueError(f"need 1 <= runtime.reward.count ({pool.count}) <= runtime.reward.max_count ({top})")
+    if top > pool.count and pool.backend == "actors":
         raise ValueError(
-            f"need 1 <= runtime.num_reward_actors ({rt.num_reward_actors}) <= runtime.max_reward_actors ({top})"
-        )
-    if top > rt.num_reward_actors and rt.reward_backend == "actors":
-        raise ValueError(
-            f"runtime.max_reward_actors={top} > runtime.num_reward_actors={rt.num_reward_actors} needs an "
-            "elastic pool: set runtime.reward_backend=serve (or auto), or max_reward_actors to the pool size"
+            f"runtime.reward.max_count={top} > runtime.reward.count={pool.count} needs an "
+            "elastic pool: set runtime.reward.backend=serve (or auto), or max_count to the pool size"
         )
 
 
@@ -55,24 +55,24 @@ class RewardService:
     def __init__(self, cfg: RunConfig, threads: int):
         from ray import serve
 
-        rt = cfg.runtime
+        pool = cfg.runtime.reward
         self.app = f"fdfo-{cfg.name}"
         serve.start(proxy_location="Disabled")  # handles only: no HTTP server is opened
         options = {
             "autoscaling_config": {
-                "min_replicas": rt.num_reward_actors,
-                "max_replicas": rt.max_reward_actors or rt.num_reward_actors,
-                "target_ongoing_requests": rt.reward_target_ongoing,
-                "upscale_delay_s": rt.reward_upscale_delay_s,
-                "downscale_delay_s": rt.reward_downscale_delay_s,
-                "look_back_period_s": rt.reward_look_back_s,
+                "min_replicas": pool.count,
+                "max_replicas": pool.max_count or pool.count,
+                "target_ongoing_requests": pool.target_ongoing,
+                "upscale_delay_s": pool.upscale_delay_s,
+                "downscale_delay_s": pool.downscale_delay_s,
+                "look_back_period_s": pool.look_back_s,
             },
             # requests queue inside each replica's batcher, not in the handle: the driver is never held up
             "max_ongoing_requests": 1024,
             "ray_actor_options": {
-                "num_cpus": rt.reward_num_cpus,
-                "num_gpus": rt.reward_num_gpus,
-                "resources": dict(rt.reward_resources),
+                "num_cpus": pool.num_cpus,
+                "num_gpus": pool.num_gpus,
+                "resources": dict(pool.resources),
             },
         }
         app = (
@@ -80,9 +80,9 @@ class RewardService:
             .options(**options)
             .bind(
                 reward_spec={"name": "weighted_sum", "specs": reward_specs(cfg.reward)},
-                max_batch_size=rt.reward_max_batch,
-                max_wait_s=rt.reward_max_wait_s,
-                timeout_s=rt.reward_timeout_s,
+                max_batch_size=pool.max_batch,
+                max_wait_s=pool.max_wait_s,
+                timeout_s=pool.timeout_s,
                 torch_threads=threads,
             )
         )
@@ -90,8 +90,8 @@ class RewardService:
         log.info(
             "reward pool: Serve application %s, %d-%d replicas",
             self.app,
-            rt.num_reward_actors,
-            rt.max_reward_actors or rt.num_reward_actors,
+            pool.count,
+            pool.max_count or pool.count,
         )
 
     def score(self, images, prompts: list[str]) -> ray.ObjectRef:

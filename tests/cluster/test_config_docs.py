@@ -1,4 +1,5 @@
-"""``fdfo config --explain``: the config's field documentation, read from cluster/config.py, printed by section."""
+"""``fdfo config --explain``: the config's field documentation, read from cluster/config.py and
+cluster/runtime_config.py, printed by section."""
 
 import dataclasses
 import re
@@ -12,7 +13,7 @@ from cluster.cli import cli
 from cluster.config import RunConfig
 from cluster.config_docs import explain, field_docs, section_doc, sections, type_name, yaml_value
 
-CONFIG_PY = Path(__file__).resolve().parents[2] / "cluster" / "config.py"
+CLUSTER = Path(__file__).resolve().parents[2] / "cluster"
 
 
 def test_explain_prints_a_section_exactly(capsys):
@@ -42,22 +43,39 @@ def test_explain_names_what_exists_when_asked_for_what_does_not(capsys):
     assert cli(["config", "--explain", "trian"]) == 1
     assert (
         "fdfo: error: no config section 'trian'; sections: run, model, lora, sampling, reward, prompts, train, grpo, "
-        "runtime, eval\n"
+        "runtime, runtime.sampler, runtime.reward, runtime.learner, eval\n"
     ) in capsys.readouterr().err
     assert cli(["config", "--explain", "grpo.group"]) == 1
     assert "no config key 'grpo.group'; keys of grpo: grpo.group_size, grpo.noise_level," in capsys.readouterr().err
+    assert cli(["config", "--explain", "runtime.sampler.gpus"]) == 1
+    assert (
+        "no config key 'runtime.sampler.gpus'; keys of runtime.sampler: runtime.sampler.count, "
+        "runtime.sampler.max_count, runtime.sampler.num_cpus, runtime.sampler.num_gpus, runtime.sampler.resources\n"
+    ) in capsys.readouterr().err
+    assert cli(["config", "--explain", "runtime.num_learners"]) == 1
+    assert "fdfo: error: runtime.num_learners was renamed: use runtime.learner.count\n" in capsys.readouterr().err
+
+
+def test_explain_a_role_block_and_its_key(capsys):
+    """``runtime.sampler`` is a block of its own; ``--explain runtime`` prints the section, then each block."""
+    assert cli(["config", "--explain", "runtime.learner.num_gpus"]) == 0
+    assert capsys.readouterr().out == "runtime.learner.num_gpus = 0.0    (float)\n    GPUs per learner rank\n"
+    text = explain("runtime")
+    heads = [line.split(":")[0] for line in text.splitlines() if line.startswith("runtime") and " = " not in line]
+    assert heads == ["runtime", "runtime.sampler", "runtime.reward", "runtime.learner"]
+    assert text.index("runtime.storage_path = ") < text.index("runtime.sampler.count = ")
 
 
 def test_every_key_of_every_section_is_explained_once():
     """The whole explanation covers each leaf key of the tree exactly once (no section or field forgotten)."""
 
-    def leaves():
-        for f in dataclasses.fields(RunConfig):
+    def leaves(cls=RunConfig, prefix=""):
+        for f in dataclasses.fields(cls):
             section = f.default_factory if f.default_factory is not dataclasses.MISSING else None
             if dataclasses.is_dataclass(section):
-                yield from (f"{f.name}.{g.name}" for g in dataclasses.fields(section))
+                yield from leaves(section, f"{prefix}{f.name}.")
             else:
-                yield f.name
+                yield prefix + f.name
 
     text = explain()
     shown = re.findall(r"^(\S+) = ", text, flags=re.M)
@@ -73,6 +91,9 @@ def test_every_key_of_every_section_is_explained_once():
         "train",
         "grpo",
         "runtime",
+        "runtime.sampler",
+        "runtime.reward",
+        "runtime.learner",
         "eval",
     ]
 
@@ -80,12 +101,13 @@ def test_every_key_of_every_section_is_explained_once():
 def test_field_docs_sit_on_their_own_lines():
     """No config field carries an end-of-line comment any more: its documentation is the string below it."""
     in_section, offenders = False, []
-    for n, line in enumerate(CONFIG_PY.read_text().splitlines(), 1):
-        if line.startswith("class "):
-            in_section = re.match(r"class \w+(Config|Settings)\b", line) is not None
-        if in_section and re.match(r"    \w+: .*#", line):
-            offenders.append(f"config.py:{n}: {line.strip()}")
-        assert len(line) <= 120 or not in_section, f"config.py:{n} is {len(line)} columns"
+    for path in (CLUSTER / "config.py", CLUSTER / "runtime_config.py"):
+        for n, line in enumerate(path.read_text().splitlines(), 1):
+            if line.startswith("class "):
+                in_section = re.match(r"class \w+(Config|Settings)\b", line) is not None
+            if in_section and re.match(r"    \w+: .*#", line):
+                offenders.append(f"{path.name}:{n}: {line.strip()}")
+            assert len(line) <= 120 or not in_section, f"{path.name}:{n} is {len(line)} columns"
     assert offenders == []
 
 
@@ -101,7 +123,7 @@ def test_a_field_without_documentation_is_named(monkeypatch):
     with pytest.raises(
         ValueError,
         match=r"^config field extra.bare has no documentation: add a docstring on the "
-        r"line\(s\) below it in cluster/config.py$",
+        r"line\(s\) below it in tests/cluster/test_config_docs.py$",  # the file the section's class is in
     ):
         section_doc("extra")
 

@@ -79,18 +79,18 @@ def test_a_run_that_fits_asks_nothing_more():
 
 
 def test_an_actor_no_node_can_hold_is_named_with_the_override():
-    msg = runtime.resource_shortfall(rt("runtime.sampler_num_gpus=1"), [{"CPU": 8.0}, {"CPU": 4.0}])
+    msg = runtime.resource_shortfall(rt("runtime.sampler.num_gpus=1"), [{"CPU": 8.0}, {"CPU": 4.0}])
     assert msg == (
         "the sampler actor asks for {CPU: 1, GPU: 1} but the largest node of this cluster has {CPU: 8, GPU: 0} "
-        "(2 nodes, {CPU: 12, GPU: 0} in all): lower runtime.sampler_num_gpus or add a node that large"
+        "(2 nodes, {CPU: 12, GPU: 0} in all): lower runtime.sampler.num_gpus or add a node that large"
     )
     msg = runtime.resource_shortfall(
-        rt("runtime.learner_num_cpus=16", "runtime.learner_num_gpus=2"), [{"CPU": 8.0, "GPU": 1.0}]
+        rt("runtime.learner.num_cpus=16", "runtime.learner.num_gpus=2"), [{"CPU": 8.0, "GPU": 1.0}]
     )
     assert msg.startswith(
         "the learner actor asks for {CPU: 16, GPU: 2} but the largest node of this cluster has "
-        "{CPU: 8, GPU: 1} (1 nodes, {CPU: 8, GPU: 1} in all): lower runtime.learner_num_cpus / "
-        "runtime.learner_num_gpus"
+        "{CPU: 8, GPU: 1} (1 nodes, {CPU: 8, GPU: 1} in all): lower runtime.learner.num_cpus / "
+        "runtime.learner.num_gpus"
     )
 
 
@@ -100,7 +100,7 @@ def test_a_pool_larger_than_the_cluster_is_named():
     assert msg == (
         "the run's actors ask for {CPU: 2.5, GPU: 0} in all (1 learner x {CPU: 1, GPU: 0}, 1 reward x "
         "{CPU: 0.5, GPU: 0}, 1 sampler x {CPU: 1, GPU: 0}) but this cluster has {CPU: 2, GPU: 0}: lower "
-        "runtime.num_samplers / runtime.num_reward_actors or the per-actor asks, or add nodes"
+        "runtime.sampler.count / runtime.reward.count or the per-actor asks, or add nodes"
     )
 
 
@@ -132,27 +132,27 @@ def test_a_cluster_that_may_scale_is_asked_and_waited_for(monkeypatch):
 
 
 def test_roles_on_their_own_node_types_are_checked_by_custom_resource():
-    roles = ["runtime.sampler_resources={sampler: 1}", "runtime.learner_resources={learner: 1}"]
+    roles = ["runtime.sampler.resources={sampler: 1}", "runtime.learner.resources={learner: 1}"]
     gpu_node, sampler_node = {"CPU": 8.0, "GPU": 1.0, "learner": 1.0}, {"CPU": 4.0, "sampler": 2.0}
-    assert runtime.resource_shortfall(rt(*roles, "runtime.num_samplers=2"), [gpu_node, sampler_node]) is None
+    assert runtime.resource_shortfall(rt(*roles, "runtime.sampler.count=2"), [gpu_node, sampler_node]) is None
     # the sampler's CPU and its node type exist, but never on one node
-    msg = runtime.resource_shortfall(rt(*roles, "runtime.sampler_num_cpus=6"), [gpu_node, sampler_node])
+    msg = runtime.resource_shortfall(rt(*roles, "runtime.sampler.num_cpus=6"), [gpu_node, sampler_node])
     assert msg == (
-        "the sampler actor asks for {'CPU': 6.0, 'GPU': 0.0, 'sampler': 1.0} (runtime.sampler_resources and "
+        "the sampler actor asks for {'CPU': 6.0, 'GPU': 0.0, 'sampler': 1.0} (runtime.sampler.resources and "
         "its CPUs/GPUs) but no node of this cluster has all of that: start nodes of that type (ray start "
-        "--resources='{\"sampler\": 1}' with the CPUs/GPUs), or change runtime.sampler_resources"
+        "--resources='{\"sampler\": 1}' with the CPUs/GPUs), or change runtime.sampler.resources"
     )
-    msg = runtime.resource_shortfall(rt(*roles, "runtime.num_samplers=3"), [gpu_node, sampler_node])
+    msg = runtime.resource_shortfall(rt(*roles, "runtime.sampler.count=3"), [gpu_node, sampler_node])
     assert msg == (
         "the run's actors ask for 3 of custom resource 'sampler' in all but this cluster has 2: add nodes "
-        "that advertise it, or lower runtime.num_samplers / runtime.num_reward_actors"
+        "that advertise it, or lower runtime.sampler.count / runtime.reward.count"
     )
     with pytest.raises(
         ValueError,
-        match=r"^runtime.reward_resources: GPU: 1 is not a custom resource amount; .* "
-        r"as runtime.reward_num_cpus / runtime.reward_num_gpus$",
+        match=r"^runtime.reward.resources: GPU: 1 is not a custom resource amount; .* "
+        r"as runtime.reward.num_cpus / runtime.reward.num_gpus$",
     ):
-        runtime.resource_shortfall(rt("runtime.reward_resources={GPU: 1}"), [gpu_node])
+        runtime.resource_shortfall(rt("runtime.reward.resources={GPU: 1}"), [gpu_node])
 
 
 def test_a_cluster_that_may_scale_is_asked_for_each_role_with_its_node_type(monkeypatch):
@@ -163,7 +163,7 @@ def test_a_cluster_that_may_scale_is_asked_for_each_role_with_its_node_type(monk
     monkeypatch.setattr(runtime.ray, "nodes", lambda: [{"Alive": True, "Resources": {"CPU": 4.0}}])
     with pytest.raises(RuntimeError, match="waited runtime.resource_wait_s"):
         runtime.await_resources(
-            rt("runtime.sampler_resources={sampler: 1}", "runtime.resource_wait_s=0"), can_scale=True
+            rt("runtime.sampler.resources={sampler: 1}", "runtime.resource_wait_s=0"), can_scale=True
         )
     assert asked == [[{"CPU": 1.0}, {"CPU": 0.5}, {"CPU": 1.0, "sampler": 1.0}]]
 

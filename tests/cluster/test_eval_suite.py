@@ -115,7 +115,7 @@ def test_ray_pool_images_equal_in_process_images_with_checkpoint_weights(tmp_pat
     from learner.weights import Weights
     from models.lora import make_trainable
 
-    cfg = load_config("tiny-cpu", prompt_files(tmp_path, n_pick=20) + ["eval.num_steps=2", "runtime.num_samplers=2"])
+    cfg = load_config("tiny-cpu", prompt_files(tmp_path, n_pick=20) + ["eval.num_steps=2", "runtime.sampler.count=2"])
     model = build_model(cfg.model)
     make_trainable(model.transformer, cfg.lora)
     with torch.no_grad():  # a "trained" policy: weights the base does not have
@@ -159,16 +159,16 @@ def test_a_bad_setup_fails_before_anything_loads(tmp_path, monkeypatch):
 
 
 def test_auto_samplers_go_to_the_ray_pool_from_the_command(tmp_path, monkeypatch):
-    """`fdfo eval --suite quick --config tiny-cpu runtime.num_samplers=auto`: auto is not a count to compare with 1
+    """`fdfo eval --suite quick --config tiny-cpu runtime.sampler.count=auto`: auto is not a count to compare with 1
     (it was: TypeError '<=' between str and int); it means sampler actors, as many as fit, so the suite runs off-process."""
     import cluster.eval_suite as eval_suite
 
     monkeypatch.chdir(tmp_path)  # no prompts/ folder: the command reaches the plan
     with pytest.raises(FileNotFoundError, match="^prompt set 'pickscore_train': no file at"):
-        main(["eval", "--suite", "quick", "--config", "tiny-cpu", "runtime.num_samplers=auto"])
+        main(["eval", "--suite", "quick", "--config", "tiny-cpu", "runtime.sampler.count=auto"])
     calls = []
     monkeypatch.setattr(eval_suite, "run_suite", lambda cfg, suite, out, **kw: calls.append((cfg, kw)) or {})
     for samplers, local in (("auto", False), ("1", True), ("0", True), ("2", False)):
-        main(["eval", "--suite", "quick", "--config", "tiny-cpu", f"runtime.num_samplers={samplers}"])
+        main(["eval", "--suite", "quick", "--config", "tiny-cpu", f"runtime.sampler.count={samplers}"])
         cfg, kw = calls.pop()
-        assert (str(cfg.runtime.num_samplers), kw["local"], kw["weights"]) == (samplers, local, None)
+        assert (str(cfg.runtime.sampler.count), kw["local"], kw["weights"]) == (samplers, local, None)

@@ -1,4 +1,4 @@
-"""A sharded learner group (runtime.learner_sharding=fsdp): two Learner ranks, each a Ray actor (FSDP2 needs a process
+"""A sharded learner group (runtime.learner.sharding=fsdp): two Learner ranks, each a Ray actor (FSDP2 needs a process
 per rank), take the update one unsharded Learner takes on the same rows, rank 0 publishes without a collective, an
 uneven split pads instead of hanging, and checkpoints have one learner's layout: M=2 resumes at M=1 and back."""
 
@@ -28,7 +28,7 @@ def cfg(*extra):
             "train.updates_per_epoch=2",
             "train.micro_batch_rows=5",
             "train.lr=1e-2",
-            "runtime.num_learners=2",
+            "runtime.learner.count=2",
             *extra,
         ],
     )
@@ -232,18 +232,18 @@ def test_bf16_sharded_ranks_train_fp32_masters_and_resume_at_one_rank_bit_for_bi
     "overrides, message",
     [
         (
-            ["runtime.learner_sharding=fsdp", "lora.enabled=true"],
+            ["runtime.learner.sharding=fsdp", "lora.enabled=true"],
             (
-                "runtime.learner_sharding = fsdp shards full fine-tuning, but lora.enabled is true (LoRA factors are small: "
-                "every rank holds them); set runtime.learner_sharding=auto (or replicate), or lora.enabled=false"
+                "runtime.learner.sharding = fsdp shards full fine-tuning, but lora.enabled is true (LoRA factors are small: "
+                "every rank holds them); set runtime.learner.sharding=auto (or replicate), or lora.enabled=false"
             ),
         ),
         (
             ["train.precision=fp16"],  # auto resolves to fsdp: full fine-tuning, 2 ranks
             (
-                "runtime.learner_sharding resolves to fsdp (2 learner ranks, full fine-tuning) but train.precision is fp16: "
+                "runtime.learner.sharding resolves to fsdp (2 learner ranks, full fine-tuning) but train.precision is fp16: "
                 "the GradScaler's inf check reads only each rank's gradient shard, so the ranks could disagree on skipping a "
-                "step; use train.precision=bf16 (or runtime.learner_sharding=replicate to keep fp16)"
+                "step; use train.precision=bf16 (or runtime.learner.sharding=replicate to keep fp16)"
             ),
         ),
     ],
@@ -256,7 +256,7 @@ def test_sharding_config_errors_name_the_fix(overrides, message):
 def test_learner_sharding_resolves_auto():
     assert learner_sharding(cfg()) == "fsdp"
     assert learner_sharding(cfg("lora.enabled=true")) == "replicate"
-    assert learner_sharding(cfg("runtime.num_learners=1")) == "replicate"
-    assert learner_sharding(cfg("runtime.learner_sharding=fsdp", "runtime.num_learners=1")) == "replicate"
-    assert learner_sharding(cfg("runtime.learner_sharding=replicate")) == "replicate"
-    assert learner_sharding(cfg("train.precision=fp16", "runtime.learner_sharding=replicate")) == "replicate"
+    assert learner_sharding(cfg("runtime.learner.count=1")) == "replicate"
+    assert learner_sharding(cfg("runtime.learner.sharding=fsdp", "runtime.learner.count=1")) == "replicate"
+    assert learner_sharding(cfg("runtime.learner.sharding=replicate")) == "replicate"
+    assert learner_sharding(cfg("train.precision=fp16", "runtime.learner.sharding=replicate")) == "replicate"

@@ -135,9 +135,9 @@ def test_prometheus_scrapes_a_run_and_answers_every_panel(ray_local, tmp_path):
             "train.updates_per_epoch=2",
             "sampling.pairs_per_call=4",
             "sampling.num_steps=4",
-            "runtime.num_samplers=2",
-            "runtime.sampler_num_cpus=1",
-            "runtime.learner_num_cpus=1",
+            "runtime.sampler.count=2",
+            "runtime.sampler.num_cpus=1",
+            "runtime.learner.num_cpus=1",
         ],
     )
     out = run_ray(cfg)

@@ -44,11 +44,11 @@ def group(ray_local):
     formed = []
 
     def form(cfg, index):
-        formed.append([StubRank.remote(index, r) for r in range(cfg.runtime.num_learners)])
+        formed.append([StubRank.remote(index, r) for r in range(cfg.runtime.learner.count)])
         return formed[-1]
 
     learners = LearnerGroup(
-        load_config("tiny-cpu", ["runtime.num_learners=2", "runtime.learner_sharding=replicate"]), form=form
+        load_config("tiny-cpu", ["runtime.learner.count=2", "runtime.learner.sharding=replicate"]), form=form
     )
     yield learners, formed
     for ranks in formed:
@@ -128,7 +128,7 @@ def test_a_sharded_group_saves_on_every_rank(ray_local):
             return self.saves
 
     ranks = [Rank.remote(), Rank.remote()]
-    cfg = load_config("tiny-cpu", ["runtime.num_learners=2", "lora.enabled=false", "runtime.learner_sharding=auto"])
+    cfg = load_config("tiny-cpu", ["runtime.learner.count=2", "lora.enabled=false", "runtime.learner.sharding=auto"])
     try:
         learners = LearnerGroup(cfg, form=lambda cfg, index: ranks)
         assert learners.save("/runs/b", {"epoch": 3}, {}) == "/runs/b/v3"

@@ -26,7 +26,7 @@ RAY_ONLY = {
 def short_run(tmp_path, mode: str) -> dict:
     # "lockstep" is the preset's Ray runtime (two samplers, then the learner on two threads); "ray" overlaps one
     # sampler with the learner
-    overlap = ["runtime.overlap=true", "runtime.num_samplers=1", "runtime.learner_num_cpus=1"] if mode == "ray" else []
+    overlap = ["runtime.overlap=true", "runtime.sampler.count=1", "runtime.learner.num_cpus=1"] if mode == "ray" else []
     cfg = load_config("shapes", SHORT + [f"output_dir={tmp_path}", f"name={mode}"] + overlap)
     if mode == "local":
         from cluster.driver import run_local as run

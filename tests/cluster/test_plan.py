@@ -111,7 +111,7 @@ def test_plan_rows_on_the_combined_preset():
     assert eight["images_per_gpu_s"] == pytest.approx(864 / (eight["epoch_s"] * 8))
     assert eight["efficiency"] == pytest.approx(4 * 864 / (8 * eight["epoch_s"]))
     assert eight["colocated_epoch_s"] == pytest.approx(a / 6 + (b - k) / 6 + k)
-    assert "runtime.num_samplers=2" in eight["overrides"] and "runtime.num_learners=4" in eight["overrides"]
+    assert "runtime.sampler.count=2" in eight["overrides"] and "runtime.learner.count=4" in eight["overrides"]
 
 
 def test_too_few_gpus_is_an_error_that_names_the_need():
@@ -167,13 +167,16 @@ def test_cli_plan(capsys):
     assert main(["plan", "--gpus", "8"]) == 0
     out = capsys.readouterr().out
     assert "sd35m-combined, lock-step" in out
-    assert "8 GPUs: runtime.overlap=false runtime.num_samplers=2 runtime.max_samplers=2 runtime.num_learners=4" in out
+    assert (
+        "8 GPUs: runtime.overlap=false runtime.sampler.count=2 runtime.sampler.max_count=2 runtime.learner.count=4"
+        in out
+    )
 
 
 def test_auto_samplers_lockstep_takes_every_sampler_that_fits():
     # sd35m-combined: 1 GPU per sampler, per learner rank and per reward actor; 2 learner ranks, reward pool of 2
     cfg = load_config(
-        "sd35m-combined", ["runtime.num_samplers=auto", "runtime.num_learners=2", "runtime.max_reward_actors=2"]
+        "sd35m-combined", ["runtime.sampler.count=auto", "runtime.learner.count=2", "runtime.reward.max_count=2"]
     )
     assert sampler_room(cfg.runtime, {"GPU": 8.0, "CPU": 64.0}, learners=2, rewards=2) == (
         4,
@@ -181,14 +184,16 @@ def test_auto_samplers_lockstep_takes_every_sampler_that_fits():
     )
     start, ceiling, why = auto_samplers(cfg, {"GPU": 8.0, "CPU": 64.0}, default_rates())
     assert (start, ceiling) == (4, 4) and why.startswith("lock-step: all that fit (8 GPUs - 4")
-    # runtime.max_samplers caps it; a cluster with no room still gets one sampler (the resource check then says why)
-    capped = load_config("sd35m-combined", ["runtime.num_samplers=auto", "runtime.max_samplers=3"])
+    # runtime.sampler.max_count caps it; a cluster with no room still gets one sampler (the resource check then says why)
+    capped = load_config("sd35m-combined", ["runtime.sampler.count=auto", "runtime.sampler.max_count=3"])
     assert auto_samplers(capped, {"GPU": 16.0}, default_rates())[:2] == (3, 3)
     assert auto_samplers(capped, {"GPU": 2.0}, default_rates())[:2] == (1, 1)
 
 
 def test_auto_samplers_overlap_starts_enough_to_keep_the_learner_busy():
-    cfg = load_config("sd35m-combined", ["runtime.num_samplers=auto", "runtime.overlap=true", "runtime.num_learners=2"])
+    cfg = load_config(
+        "sd35m-combined", ["runtime.sampler.count=auto", "runtime.overlap=true", "runtime.learner.count=2"]
+    )
     # a = 864 / 0.6 = 1,440 s; train(2) = (864 / 2.0 - k) / 2 + k with k = 4 x 2 x 75,104,256 B / 25 GB/s = 24 ms
     k = 4 * 2 * 75_104_256 / 25e9
     train = (432.0 - k) / 2 + k
@@ -198,7 +203,7 @@ def test_auto_samplers_overlap_starts_enough_to_keep_the_learner_busy():
     assert (start, ceiling) == (7, 13) and "-> 7 keep 2 learner rank(s) busy" in why
     assert auto_samplers(cfg, {"GPU": 6.0}, Rates(0.6, 2.0))[:2] == (3, 3)  # room for 3 only
     # CPU actors (no GPU asked): the unit is a CPU; tiny-cpu: 1 CPU per sampler and learner, 0.5 per reward actor
-    tiny = load_config("tiny-cpu", ["runtime.num_samplers=auto"])
+    tiny = load_config("tiny-cpu", ["runtime.sampler.count=auto"])
     assert sampler_room(tiny.runtime, {"CPU": 8.0}, learners=1, rewards=1) == (
         6,
         "8 CPUs - 1.5 for 1 learner rank(s) and 1 reward actor(s) = 6.5, / 1 per sampler = 6",

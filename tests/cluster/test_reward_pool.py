@@ -36,7 +36,7 @@ def rewards(ray_local):
         made.append(StubReward.remote(index))
         return made[-1]
 
-    pool = RewardPool(load_config("tiny-cpu", ["runtime.num_reward_actors=2"]), FakeBook(), faults=[], spawn=spawn)
+    pool = RewardPool(load_config("tiny-cpu", ["runtime.reward.count=2"]), FakeBook(), faults=[], spawn=spawn)
     yield pool, made
     for actor in made:
         ray.kill(actor)

@@ -21,9 +21,9 @@ BASE = [
     "train.updates_per_epoch=2",
     "sampling.pairs_per_call=4",
     "sampling.num_steps=4",
-    "runtime.num_samplers=2",
-    "runtime.sampler_num_cpus=1",
-    "runtime.learner_num_cpus=1",
+    "runtime.sampler.count=2",
+    "runtime.sampler.num_cpus=1",
+    "runtime.learner.num_cpus=1",
 ]
 
 
@@ -230,7 +230,7 @@ def test_a_learner_group_trains_and_survives_losing_a_rank(ray_local, tmp_path):
     # killed mid-run: the group restarts from the last checkpoint (rank 0 alone cannot step) and the run completes
     out = run_and_kill(
         tmp_path,
-        ["runtime.num_learners=2", "train.epochs=6", "train.checkpoint_every=4", "runtime.num_samplers=1"],
+        ["runtime.learner.count=2", "train.epochs=6", "train.checkpoint_every=4", "runtime.sampler.count=1"],
         "fdfo/learner/rank1",
         3,
     )
@@ -251,7 +251,7 @@ def test_resume_continues_counters_and_weights(ray_local, tmp_path, monkeypatch,
 
     from tests.helpers import stop_after_epoch
 
-    lock = ["runtime.overlap=false", "runtime.num_samplers=1", "train.checkpoint_every=4"]
+    lock = ["runtime.overlap=false", "runtime.sampler.count=1", "train.checkpoint_every=4"]
     _, whole = run(tmp_path / "whole", lock)
     stop_after_epoch(monkeypatch, 2, stop)  # a crash, or Ctrl-C / `ray job stop` (a checkpoint as it stops)
     with pytest.raises(stop):
@@ -281,13 +281,13 @@ def test_resume_continues_counters_and_weights(ray_local, tmp_path, monkeypatch,
 
 def test_sampler_pool_grows_when_the_learner_waits_for_data(ray_local, tmp_path):
     # one pair per sampler call (a Ray round trip each) and one update per epoch on a single micro-batch: the
-    # learner idles waiting for pairs, so the driver asks Ray for a second sampler (up to runtime.max_samplers),
+    # learner idles waiting for pairs, so the driver asks Ray for a second sampler (up to runtime.sampler.max_count),
     # which loads the current weights before it samples
     _, out = run(
         tmp_path,
         [
-            "runtime.num_samplers=1",
-            "runtime.max_samplers=2",
+            "runtime.sampler.count=1",
+            "runtime.sampler.max_count=2",
             "sampling.num_steps=20",
             "sampling.pairs_per_call=1",
             "train.updates_per_epoch=1",
@@ -303,13 +303,14 @@ def test_sampler_pool_grows_when_the_learner_waits_for_data(ray_local, tmp_path)
 
 
 def test_auto_sampler_count_is_resolved_on_the_cluster(ray_local, tmp_path, caplog):
-    # lock-step, 8 CPUs: room for (8 - 1 learner CPU - 0.5 reward CPU) / 1 = 6 samplers, capped by max_samplers = 2
+    # lock-step, 8 CPUs: room for (8 - 1 learner CPU - 0.5 reward CPU) / 1 = 6 samplers, capped by max_count = 2
     with caplog.at_level("INFO", logger="fdfo"):
         _, out = run(
-            tmp_path, ["runtime.num_samplers=auto", "runtime.max_samplers=2", "runtime.overlap=false", "train.epochs=2"]
+            tmp_path,
+            ["runtime.sampler.count=auto", "runtime.sampler.max_count=2", "runtime.overlap=false", "train.epochs=2"],
         )
     assert (
-        "runtime.num_samplers=auto: 2 sampler(s) at start, up to 2: lock-step: all that fit (8 CPUs - 1.5"
+        "runtime.sampler.count=auto: 2 sampler(s) at start, up to 2: lock-step: all that fit (8 CPUs - 1.5"
         in caplog.text
     )
     assert [s["sampler"] for s in out["samplers"]] == [0, 1]
@@ -319,6 +320,6 @@ def test_auto_sampler_count_is_resolved_on_the_cluster(ray_local, tmp_path, capl
         run(tmp_path, ["runtime.throughput=bench/results/gpu_throughput.json"])
     assert str(e.value) == (
         "runtime.throughput (bench/results/gpu_throughput.json) is read only by "
-        "runtime.num_samplers=auto, but num_samplers is 2: set num_samplers=auto or drop "
+        "runtime.sampler.count=auto, but runtime.sampler.count is 2: set runtime.sampler.count=auto or drop "
         "runtime.throughput"
     )

@@ -58,7 +58,7 @@ def make_pool(spawn, minimum=2, maximum=None, book=None):
     from cluster.sampler_pool import SamplerPool
     from cluster.weight_sync import Published, WeightSync
 
-    over = [f"runtime.num_samplers={minimum}"] + ([f"runtime.max_samplers={maximum}"] if maximum else [])
+    over = [f"runtime.sampler.count={minimum}"] + ([f"runtime.sampler.max_count={maximum}"] if maximum else [])
     published = Published(3, "c3", weights_ref=ray.put({"version": 3, "checksum": "c3"}))
     sync = WeightSync(learner=None, collective=False)
     sync.members_changed = False

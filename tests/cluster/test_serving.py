@@ -8,13 +8,13 @@ import pytest
 from cluster.config import load_config
 
 ELASTIC = [
-    "runtime.num_reward_actors=1",
-    "runtime.max_reward_actors=2",
-    "runtime.reward_target_ongoing=1",
-    "runtime.reward_upscale_delay_s=0.5",
-    "runtime.reward_downscale_delay_s=2",
-    "runtime.reward_look_back_s=1",
-    "runtime.reward_num_cpus=0.5",
+    "runtime.reward.count=1",
+    "runtime.reward.max_count=2",
+    "runtime.reward.target_ongoing=1",
+    "runtime.reward.upscale_delay_s=0.5",
+    "runtime.reward.downscale_delay_s=2",
+    "runtime.reward.look_back_s=1",
+    "runtime.reward.num_cpus=0.5",
 ]
 
 
@@ -24,19 +24,17 @@ def test_pool_bounds_are_checked_before_anything_starts():
     rt = lambda *o: load_config("tiny-cpu", list(o)).runtime  # noqa: E731
     assert (
         not uses_serve(rt())
-        and uses_serve(rt("runtime.max_reward_actors=3"))
-        and uses_serve(rt("runtime.reward_backend=serve"))
+        and uses_serve(rt("runtime.reward.max_count=3"))
+        and uses_serve(rt("runtime.reward.backend=serve"))
     )
-    with pytest.raises(
-        ValueError, match=r"^need 1 <= runtime.num_reward_actors \(3\) <= runtime.max_reward_actors \(2\)$"
-    ):
-        check_reward_pool(rt("runtime.num_reward_actors=3", "runtime.max_reward_actors=2"))
+    with pytest.raises(ValueError, match=r"^need 1 <= runtime.reward.count \(3\) <= runtime.reward.max_count \(2\)$"):
+        check_reward_pool(rt("runtime.reward.count=3", "runtime.reward.max_count=2"))
     with pytest.raises(
         ValueError,
-        match=r"^runtime.max_reward_actors=2 > runtime.num_reward_actors=1 needs an elastic "
-        r"pool: set runtime.reward_backend=serve",
+        match=r"^runtime.reward.max_count=2 > runtime.reward.count=1 needs an elastic "
+        r"pool: set runtime.reward.backend=serve",
     ):
-        check_reward_pool(rt("runtime.max_reward_actors=2", "runtime.reward_backend=actors"))
+        check_reward_pool(rt("runtime.reward.max_count=2", "runtime.reward.backend=actors"))
 
 
 def until(cond, timeout_s: float, what: str):
@@ -52,7 +50,7 @@ def scorer_pids(out) -> set[int]:
 
 
 def test_reward_pool_grows_under_load_and_shrinks_when_idle(ray_local):
-    # one replica at rest; requests kept in flight (more than reward_target_ongoing=1 per replica) bring a second,
+    # one replica at rest; requests kept in flight (more than target_ongoing=1 per replica) bring a second,
     # which answers too (each answer tagged with the pid of the replica that scored it) and scores like the run's
     # scorer in this process; idle again, the pool goes back to its minimum
     import asyncio
@@ -89,7 +87,7 @@ def test_reward_pool_grows_under_load_and_shrinks_when_idle(ray_local):
         assert len(pids) == 2 and os.getpid() not in pids, pids  # two replicas answered, neither this one
         local = RewardBatcher(
             reward_spec={"name": "weighted_sum", "specs": reward_specs(cfg.reward)},
-            max_batch_size=cfg.runtime.reward_max_batch,
+            max_batch_size=cfg.runtime.reward.max_batch,
         )
         expected = asyncio.run(local.score(images=pixels, prompts=prompts))
         assert scorer_pids(expected) == {os.getpid()}

@@ -227,9 +227,9 @@ def test_ray_learner_resumes_from_the_bucket_and_writes_there(ray_local, s3_endp
         "train.checkpoint_every=2",
         "train.pairs_per_epoch=8",
         "sampling.pairs_per_call=8",
-        "runtime.num_samplers=1",
-        "runtime.sampler_num_cpus=1",
-        "runtime.learner_num_cpus=1",
+        "runtime.sampler.count=1",
+        "runtime.sampler.num_cpus=1",
+        "runtime.learner.num_cpus=1",
     ]
     assert main(["train", "--config", "tiny-cpu", "--local", *common, "train.epochs=1"]) == 0
     shutil.rmtree(tmp_path / "ray-s3")

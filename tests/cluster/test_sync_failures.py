@@ -61,8 +61,8 @@ def weight_sync(ray_local):
         [
             "lora.enabled=false",
             "runtime.weight_sync=collective",
-            "runtime.sampler_num_cpus=1",
-            "runtime.learner_num_cpus=1",
+            "runtime.sampler.num_cpus=1",
+            "runtime.learner.num_cpus=1",
         ],
     )
     learner = learner_actor(cfg)

@@ -1,4 +1,4 @@
-"""A learner group (runtime.num_learners): M ranks in one gloo group take the update one learner takes on the same
+"""A learner group (runtime.learner.count): M ranks in one gloo group take the update one learner takes on the same
 rows. Two ranks run in threads of this process (each its own standalone group object), against one learner."""
 
 import threading

@@ -96,7 +96,7 @@ def test_flux_dev_preset():
         432,
         4,
     )
-    assert cfg.runtime.learner_num_gpus == 1 and cfg.runtime.sampler_num_gpus == 1
+    assert cfg.runtime.learner.num_gpus == 1 and cfg.runtime.sampler.num_gpus == 1
 
 
 def test_sd35_large_preset_is_sd35m_combined_but_the_model_and_memory():
