@@ -197,6 +197,10 @@ class TrainConfig:
     trained again"""
     keep_checkpoints: int = 3
     """checkpoints kept under checkpoints/ (the oldest go; 0 = keep all)"""
+    staleness_correction: bool = False
+    """fdfo, overlapped: anchor the trust region at the learner's policy when the epoch's update starts (a no-grad forward
+    per stale row of updates 2..) and weigh each row by its behaviour policy's ratio, truncated at 2; lag-0 rows are
+    today's loss bit for bit, off = the reference exactly (docs/algorithms.md)"""
 
 
 @dataclass(frozen=True)
