@@ -198,9 +198,9 @@ class TrainConfig:
     keep_checkpoints: int = 3
     """checkpoints kept under checkpoints/ (the oldest go; 0 = keep all)"""
     staleness_correction: bool = False
-    """fdfo, overlapped: anchor the trust region at the learner's policy when the epoch's update starts (a no-grad forward
-    per stale row of updates 2..) and weigh each row by its behaviour policy's ratio, truncated at 2; lag-0 rows are
-    today's loss bit for bit, off = the reference exactly (docs/algorithms.md)"""
+    """fdfo, overlapped: anchor the trust region at the learner's policy when the epoch's update starts (a no-grad
+    forward per stale row of updates 2..) and weigh each row by its behaviour policy's ratio, truncated at 2; lag-0
+    rows are today's loss bit for bit, off = the reference exactly (docs/algorithms.md)"""
 
 
 @dataclass(frozen=True)
@@ -231,7 +231,7 @@ class EvalConfig:
     """end the run when hacking is detected (final checkpoint and report still written)"""
     suite_prompts: dict | None = None
     """`fdfo eval --suite`: prompt source per set, {pickscore_train: FILE, hpdv2: FILE or hub:zhwang/HPDv2}; None =
-    cluster/eval_suite.py's defaults"""
+    cluster/eval_prompts.py's defaults"""
     suite_scorers: dict | None = None
     """`fdfo eval --suite`: settings per scorer (pickscore, hpsv2, clip_h14, clip_l14, dreamsim, vlm), e.g. {vlm:
     {backend: server, url: ...}}; None = the reference's models (vlm: the run's vlm_judge component if any)"""
