@@ -114,6 +114,10 @@ def check_run(cfg) -> None:
         raise type(e)(f"{where}: {e}") from None
     for i, spec in enumerate(cfg.eval.metrics):
         check_spec(spec, f"eval.metrics[{i}]")
+    if cfg.train.staleness_correction and cfg.train.algorithm != "fdfo":
+        from learner.loss import STALENESS_FDFO_ONLY
+
+        raise ValueError(STALENESS_FDFO_ONLY.format(algorithm=cfg.train.algorithm))
     m = cfg.model
     if m.kind == "shapes" and m.path and not Path(m.path).is_dir():
         raise FileNotFoundError(

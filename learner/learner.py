@@ -42,7 +42,7 @@ import torch
 from learner.batch import GroupBatch, TrainBatch, from_arrow
 from learner.collective import LearnerGroupBroken
 from learner.flow_grpo import check_descending, group_advantages, grpo_loss, sde_step
-from learner.loss import fdfo_loss
+from learner.loss import STALENESS_FDFO_ONLY, fdfo_loss
 from learner.sharded import (
     clip_grad_norm,
     full_optimizer_state,
@@ -97,6 +97,9 @@ class EpochState:
     lag_sum: float = 0.0  # policy lag summed over the rows trained
     lag_max: int = 0
     seconds: float = 0.0  # the steps' own time (``perf/update_s``), without snapshots
+    start_version: int = 0  # the learner's version when the epoch's update started (the staleness correction's anchor)
+    prox: torch.Tensor | None = None  # staleness correction: v_prox of stale rows of updates 2.. [S, *latent]
+    prox_at: torch.Tensor | None = None  # [kept rows x steps]: each row's index into ``prox``, -1 where none
 
 
 class Learner:
@@ -128,6 +131,8 @@ class Learner:
         call returns; a caller that keeps snapshots' tensors leaves it off."""
         if sharding not in ("replicate", "fsdp"):
             raise ValueError(f"sharding must be 'replicate' or 'fsdp', got {sharding!r}")
+        if train.staleness_correction and train.algorithm != "fdfo":
+            raise ValueError(STALENESS_FDFO_ONLY.format(algorithm=train.algorithm))
         if (grpo is not None) != (train.algorithm == "flow_grpo"):
             raise ValueError(
                 f"train.algorithm = {train.algorithm!r} but grpo settings were {'' if grpo else 'not '}given: "
@@ -254,10 +259,60 @@ class Learner:
         self.prompts.prefetch([tb.prompt[j] for j in keep.tolist()])  # new prompts: one encoder window
         g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.version)
         updates = self.batching.plan(len(keep) * tb.x.shape[1], g)  # row indices of each update
-        self._epoch = EpochState(
-            tb, keep, w, updates, rows=sum(len(r) for r in updates), seconds=time.perf_counter() - t0
-        )
+        self._epoch = EpochState(tb, keep, w, updates, rows=sum(len(r) for r in updates), start_version=self.version)
+        if self.cfg.staleness_correction and len(updates) > 1:
+            self._anchor_later_updates(self._epoch)
+        self._epoch.seconds = time.perf_counter() - t0
         return out | {"updates": len(updates)}
+
+    def _anchor_later_updates(self, ep: EpochState) -> None:
+        """The staleness correction's anchor for this rank's rows of the epoch's updates 2.. that were sampled before
+        the epoch's weights: their velocity under those weights, no gradient (one forward per such row, before the
+        first step moves the weights). The first update's rows take it from their own forward (the same weights), and
+        rows sampled with the epoch's weights need none (their v is it). Sharded (fsdp), every rank runs as many
+        forwards as the busiest (forwards are collectives)."""
+        N = ep.tb.x.shape[1]
+
+        def stale_share(rank: int) -> torch.Tensor:  # a rank's rows of updates 2.. (_accumulate's split), stale ones
+            rows = torch.cat([torch.tensor_split(u, self.world_size)[rank] for u in ep.updates[1:]])
+            return rows[ep.tb.policy_version[ep.keep[rows // N]] < ep.start_version]
+
+        chunks = [
+            [mb for mb in torch.split(stale_share(rank), self.batching.micro_batch_rows) if len(mb)]
+            for rank in range(self.world_size)
+        ]
+        mine = chunks[self.rank]
+        pad = max(map(len, chunks)) - len(mine) if self.sharding == "fsdp" else 0
+        prox = []
+        with torch.no_grad(), autocast(self.model.device, self.cfg.precision):
+            for i, mb in enumerate(mine + [ep.updates[-1][:1]] * pad):
+                x, _, sigma, _, _, cond, _ = self._rows(ep.tb, ep.keep, mb)
+                v_prox = self.model.velocity(x, sigma, cond, ep.w)
+                if i < len(mine):
+                    prox.append(v_prox.cpu())
+        if prox:
+            rows = torch.cat(mine)
+            ep.prox = torch.cat(prox)
+            ep.prox_at = torch.full((len(ep.keep) * N,), -1, dtype=torch.long)
+            ep.prox_at[rows] = torch.arange(len(rows))
+
+    def _v_prox(self, ep: EpochState, mb: torch.Tensor, v: torch.Tensor, v_theta: torch.Tensor) -> torch.Tensor:
+        """The anchor of micro-batch ``mb`` [B, *latent]: v where the row was sampled with the weights the epoch's
+        update started from, else the velocity under those weights: this forward's own (detached) in the first
+        update, the one ``_anchor_later_updates`` computed in the later ones."""
+        v_prox = v.float().clone()
+        stale = torch.nonzero(ep.tb.policy_version[ep.keep[mb // ep.tb.x.shape[1]]] < ep.start_version).squeeze(1)
+        if len(stale) == 0:
+            return v_prox
+        at = stale.to(v.device)
+        if not ep.grad_norms:  # the first update: the weights are still the epoch's
+            v_prox[at] = v_theta.detach()[at].float()
+        else:
+            where = ep.prox_at[mb[stale]] if ep.prox_at is not None else torch.tensor([-1])
+            if bool(where.lt(0).any()):
+                raise RuntimeError("staleness correction: a stale row of a later update has no anchor; this is a bug")
+            v_prox[at] = to_device(ep.prox[where], v.device).float()
+        return v_prox
 
     def update(self, publish: bool = False) -> tuple[dict, Weights | None]:
         """The epoch's next optimizer step. Returns (metrics, the new ``Weights`` if ``publish`` else None); the
@@ -351,7 +406,8 @@ class Learner:
         with autocast(self.model.device, self.cfg.precision):
             v_theta = self.model.velocity(x, sigma, cond, ep.w)
             v_base = self._base_velocity(x, sigma, cond, ep.w) if self.cfg.kl_weight > 0 else None
-        loss, m = fdfo_loss(v_theta, v, d, dR, self.cfg.epsilon, v_base, self.cfg.kl_weight)
+        v_prox = self._v_prox(ep, mb, v, v_theta) if self.cfg.staleness_correction else None
+        loss, m = fdfo_loss(v_theta, v, d, dR, self.cfg.epsilon, v_base, self.cfg.kl_weight, v_prox)
         return loss, m, lag
 
     def _grpo_loss(self, ep: EpochState, mb: torch.Tensor) -> tuple[torch.Tensor, dict, torch.Tensor]:
