@@ -48,14 +48,24 @@ class _Pending:
 
 class Sampler:
     def __init__(
-        self, model, sampling, lora=None, index: int = 0, precision: str = "bf16", threads: int | None = None, grpo=None
+        self,
+        model,
+        sampling,
+        lora=None,
+        index: int = 0,
+        precision: str = "bf16",
+        threads: int | None = None,
+        grpo=None,
+        mark_trainable: bool = True,
     ):
         """model: a FlowModel, or a zero-argument callable that builds one (so a Ray actor loads it on its own
         device); sampling: ``SamplingConfig``; lora: ``LoraSettings`` (None or disabled = full weights; its
         ``init_from`` sets the starting weights); precision: the learner's ``train.precision`` (velocities are
         recorded under the autocast the learner trains under; default = the config's default); threads:
         torch intra-op threads of this process (None = leave as is; a Ray actor gets ``runtime.torch_threads``);
-        grpo: ``GrpoConfig`` to sample Flow-GRPO groups (``cluster.config.grpo_of``), None for FDFO pairs."""
+        grpo: ``GrpoConfig`` to sample Flow-GRPO groups (``cluster.config.grpo_of``), None for FDFO pairs;
+        mark_trainable: False when ``model`` is a Learner's (a hybrid worker's one copy, cluster/hybrid.py): its
+        trainable set is marked already (a LoRA is not added twice) and the worker sets its train/eval mode."""
         if threads:
             torch.set_num_threads(threads)
         if not hasattr(model, "velocity"):
@@ -66,8 +76,9 @@ class Sampler:
         self.precision = precision
         self.grpo = grpo
         self.images_per_unit = 2 if grpo is None else grpo.group_size
-        make_trainable(model.transformer, lora)  # marks the set the learner broadcasts
-        model.transformer.eval()
+        if mark_trainable:
+            make_trainable(model.transformer, lora)  # marks the set the learner broadcasts
+            model.transformer.eval()
         params = trainable(model.transformer)  # what the learner trains and broadcasts
         self.version, self.checksum = 0, checksum(params)
         self._broadcast_names = sorted(params)
@@ -79,6 +90,12 @@ class Sampler:
         """Load a broadcast version; returns {version, checksum} as proof of what this sampler now holds."""
         self.checksum = weights.load_into(self.model.transformer)
         self.version = weights.version
+        return {"version": self.version, "checksum": self.checksum, "sampler": self.index}
+
+    def holds(self, version: int, checksum: str) -> dict:
+        """The model's weights were changed in place to ``version`` (``checksum`` of this process's own tensors): a
+        hybrid worker's learner stepped them. Returns the proof ``set_weights`` would."""
+        self.version, self.checksum = version, checksum
         return {"version": self.version, "checksum": self.checksum, "sampler": self.index}
 
     def sample(

@@ -269,11 +269,44 @@ def learner_sharding(cfg: RunConfig) -> str:
     """``runtime.learner.sharding`` resolved: "fsdp" or "replicate" (what every learner rank is built with). One
     learner has nothing to shard; auto shards full fine-tuning and replicates LoRA (its factors are small)."""
     group = cfg.runtime.learner
-    if group.count < 2:
+    if group.count < 2 or cfg.runtime.placement == "hybrid":  # a hybrid worker samples with its whole copy
         return "replicate"
     if group.sharding == "auto":
         return "replicate" if cfg.lora.enabled else "fsdp"
     return group.sharding
+
+
+def _check_placement(cfg: RunConfig) -> None:
+    """``runtime.placement: hybrid`` against the settings it cannot honour, refused with the fix named."""
+    rt, why = cfg.runtime, "runtime.placement = hybrid"
+    if rt.placement != "hybrid":
+        return
+    if rt.overlap:
+        raise ValueError(
+            f"{why} runs lock-step: a worker's GPU either samples or trains, so overlap would only interleave its "
+            "sample calls between its own optimizer steps (no idle time removed, staleness added; the reward pool "
+            "already overlaps the workers' sampling); set runtime.overlap=false, or runtime.placement=split to "
+            "overlap separate sampler GPUs"
+        )
+    if rt.learner.sharding == "fsdp":
+        raise ValueError(
+            f"{why} keeps the whole trained weights in every worker (it samples with them), so they cannot be "
+            "sharded; set runtime.learner.sharding=auto (replicated), or runtime.placement=split"
+        )
+    if rt.weight_sync != "auto":
+        raise ValueError(
+            f"{why}: workers sample with their own weights and nothing is sent to them, so runtime.weight_sync = "
+            f"{rt.weight_sync} is not read; drop it (auto), or set runtime.placement=split"
+        )
+    default = type(rt.sampler)()
+    given = [f.name for f in dataclasses.fields(default) if getattr(rt.sampler, f.name) != getattr(default, f.name)]
+    if given:
+        shown = ", ".join(f"runtime.sampler.{k} = {getattr(rt.sampler, k)}" for k in given)
+        raise ValueError(
+            f"{why} runs one worker per learner rank with runtime.learner's resources, so {shown} is not read: size "
+            f"the workers with runtime.learner.count / num_cpus / num_gpus / resources and drop "
+            f"{', '.join('runtime.sampler.' + k for k in given)}, or set runtime.placement=split"
+        )
 
 
 def _check_sharding(cfg: RunConfig) -> None:
@@ -368,6 +401,7 @@ def config_from_dict(data: dict, overrides: list[str] = ()) -> RunConfig:
     cfg = build(RunConfig, data)
     Batching.of(cfg)  # fail on bad arithmetic before any resource is taken
     _check_sharding(cfg)
+    _check_placement(cfg)
     from cluster.guard import gold_key
 
     gold_key(cfg)  # eval.gold_metric names an eval metric of this run

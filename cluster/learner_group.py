@@ -1,5 +1,5 @@
-"""The learner group: ``runtime.learner.count`` Learner ranks as Ray actors, the calls sent to every rank, save and load,
-and a restart from the last checkpoint when a rank dies.
+"""The learner group: ``runtime.learner.count`` Learner ranks as Ray actors, the calls sent to every rank, save and
+load, and a restart from the last checkpoint when a rank dies.
 
 Usage::
 
@@ -106,12 +106,12 @@ class LearnerGroup:
         lead_ref, *self.rank_refs = [r.begin_epoch.remote(*batch_refs) for r in self.ranks]
         return lead_ref
 
-    def update(self, publish: bool) -> tuple[ray.ObjectRef, ray.ObjectRef]:
-        """The epoch's next optimizer step on every rank; rank 0's (metrics ref, weights ref: its ``Weights`` if
-        ``publish``)."""
+    def update(self, publish: bool) -> tuple[ray.ObjectRef, ray.ObjectRef | None]:
+        """The epoch's next optimizer step on every rank; rank 0's (metrics ref, ref of its ``Weights`` if
+        ``publish``, else None)."""
         info, weights = self.lead.update.options(num_returns=2).remote(publish=publish)
         self.rank_refs += [r.update.options(num_returns=2).remote(publish=False)[0] for r in self.ranks[1:]]
-        return info, weights
+        return info, weights if publish else None
 
     def owns(self, ref) -> bool:
         return ref in self.rank_refs

@@ -77,7 +77,8 @@ def role_ask(rt, role: str) -> dict[str, float]:
 
 
 def role_counts(rt) -> dict[str, int]:
-    return {role: role_block(rt, role).count for role in ROLES}
+    """Actors of each role; hybrid workers (``runtime.placement: hybrid``) are the learner ranks: no sampler actors."""
+    return {role: 0 if (role, rt.placement) == ("sampler", "hybrid") else role_block(rt, role).count for role in ROLES}
 
 
 def resource_shortfall(rt, nodes: list[dict]) -> str | None:

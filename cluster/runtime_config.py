@@ -103,6 +103,10 @@ class RuntimeConfig:
     address: str | None = None
     """Ray address; None = RAY_ADDRESS or a running cluster if any, else a new local one; "local" = always a new local
     one"""
+    placement: Literal["split", "hybrid"] = "split"
+    """split = samplers and learner ranks are separate actors (GPUs), the learner publishing weights to the samplers;
+    hybrid = one worker per learner rank that samples and trains with one copy of the weights (cluster/hybrid.py:
+    lock-step, as many workers as runtime.learner.count, each with runtime.learner's resources)"""
     overlap: bool = False
     """false = lock-step, as the reference: sample an epoch with the current weights, then train it
     (bench_time_to_reward: as much gain per pair as the in-process loop); true = keep sampling while the learner

@@ -114,8 +114,8 @@ def with_auto_samplers(cfg: RunConfig, resources: dict, rates: Rates) -> RunConf
 
 class SamplerPool:
     """The sampler actors and their calls in flight. Between ``runtime.sampler.count`` (a lost one is replaced up
-    to it) and ``runtime.sampler.max_count`` (``autoscale`` grows the pool up to it). ``book`` counts the pairs lost with a
-    sampler, ``published`` (``Published``) is what a new sampler must prove it loaded, ``sync`` (``WeightSync``)
+    to it) and ``runtime.sampler.max_count`` (``autoscale`` grows the pool up to it). ``book`` counts the pairs lost
+    with a sampler, ``published`` (``Published``) is what a new sampler must prove it loaded, ``sync`` (``WeightSync``)
     brings samplers to a version and re-forms its group when the members change; ``faults`` gets one record a loss.
     Args: cfg, book, published, sync, faults as above; spawn: ``(cfg, index) -> actor`` (``sampler_actor``)."""
 
@@ -250,6 +250,21 @@ class SamplerPool:
         self.members.actors[index], self.members.busy[index] = actor, 0
         self.sync.members_changed = True
 
+    def adopt(self, actors: dict[int, object]) -> None:
+        """Take ``actors`` (pool index -> actor) as the whole pool, for good: hybrid workers (cluster/hybrid.py), which
+        hold the learner group's weights by construction (nothing to load or prove first). The members they replace (a
+        lost group's workers, all released by its restart) take their calls in flight with them (``actor_lost``). A
+        pool of adopted members never spawns a sampler: it neither replaces a lost one (the learner group's restart
+        brings the next members) nor autoscales."""
+        for ref, job in list(self.jobs.items()):
+            if job.sampler not in actors:
+                self.jobs.pop(ref)
+                self.book.drop("actor_lost", len(job.pair_ids))
+        self.members = Pool(dict(actors), {i: 0 for i in actors}, next_index=max(actors) + 1)
+        self.spawn, self.minimum = None, 0
+        self.maximum = len(actors)
+        self.sync.members_changed = True
+
     def lose(self, index: int) -> None:
         """Sampler ``index`` died: its other requests in flight are lost with it; replace it up to the pool's
         minimum."""
@@ -281,8 +296,10 @@ class SamplerPool:
 
     def autoscale(self, waited_s: float, step_s: float) -> None:
         """Add a sampler when the learner waited for data (``waited_s`` this epoch) longer than it trained; release an
-        idle one when the learner is the bottleneck (it never waited)."""
+        idle one when the learner is the bottleneck (it never waited). Adopted members (``adopt``) stay as they are."""
         members = self.members
+        if self.spawn is None:
+            return
         if waited_s > step_s and members.size() < self.maximum:
             self.add()
             log.info(

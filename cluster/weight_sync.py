@@ -78,14 +78,45 @@ def use_collective(mode: str, nbytes: int) -> bool:
     return mode == "collective" or (mode == "auto" and nbytes >= AUTO_COLLECTIVE_BYTES)
 
 
-def start_publishing(learner, rt) -> tuple[WeightSync, Published, int]:
-    """The weight path for ``learner``'s weights (``runtime.weight_sync``) and the register opened with the version it
-    holds; returns them and the bytes of one version. On the object-store path the weights are put once: every
-    sampler reads that same object (the collective path keeps no copy)."""
+def start_publishing(learner, rt, hybrid: bool = False) -> tuple[WeightSync | InPlace, Published, int]:
+    """The weight path for ``learner``'s weights (``runtime.weight_sync``; ``InPlace`` for ``hybrid`` workers) and the
+    register opened with the version it holds; returns them and the bytes of one version. On the object-store path the
+    weights are put once: every sampler reads that same object (the collective and in-place paths keep no copy)."""
     nbytes = ray.get(learner.trainable_bytes.remote())
-    sync = WeightSync(learner, collective=use_collective(rt.weight_sync, nbytes), timeout_s=rt.weight_sync_timeout_s)
+    if hybrid:
+        sync = InPlace(learner)
+    else:
+        sync = WeightSync(learner, use_collective(rt.weight_sync, nbytes), timeout_s=rt.weight_sync_timeout_s)
     version, checksum = ray.get(learner.weights_info.remote())
-    return sync, Published(version, checksum, None if sync.collective else learner.weights.remote()), nbytes
+    return sync, Published(version, checksum, learner.weights.remote() if sync.ships else None), nbytes
+
+
+class InPlace:
+    """The weight path of hybrid workers (``runtime.placement: hybrid``, cluster/hybrid.py): nothing travels. Each
+    worker samples with the weights its own learner rank stepped, so a step publishes a version and checksum (the
+    register's) but no ``Weights``; ``broadcast`` only collects every worker's proof of the version it holds (after a
+    restart from a checkpoint), checked against what the group computed."""
+
+    collective = False  # no once-an-epoch broadcast either
+    ships = False  # an update snapshots nothing: no copy of the weights leaves a worker
+    path = "nothing (hybrid workers sample with their own weights)"
+
+    def __init__(self, learner):
+        self.learner = learner  # rank 0 (the runtime sets it after a restart, as for WeightSync)
+        self.members_changed = True
+        self.lost: list[int] = []  # workers a broadcast found dead
+
+    def broadcast(self, pool, version: int, checksum: str) -> None:
+        """Every worker of ``pool`` (``pool.actors``) proves it holds ``version``; one found dead is listed in ``lost``."""
+        calls = {i: a.proof.remote() for i, a in pool.actors.items()}
+        for i, call in calls.items():
+            try:
+                check_proof(ray.get(call), version, checksum)
+            except RayActorError:
+                self.lost.append(i)
+
+    def close(self, pool) -> None:
+        """Nothing to close: no group was formed for weights."""
 
 
 class WeightSync:
@@ -102,6 +133,15 @@ class WeightSync:
         self.members: list[int] = []
         self.address: tuple[str, int] | None = None  # (host, port) of the current generation's rendezvous
         self.lost: list[int] = []  # samplers a broadcast found dead, for the pool to replace
+
+    @property
+    def ships(self) -> bool:
+        """Whether every optimizer step's ``Weights`` go into the object store for the samplers to load."""
+        return not self.collective
+
+    @property
+    def path(self) -> str:
+        return "a collective group" if self.collective else "the object store"
 
     def _form(self, pool) -> None:
         """A new generation of the group: the learner and every sampler of ``pool`` (its ``actors``: index -> actor)."""
