@@ -11,10 +11,6 @@ Usage::
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
-
-if TYPE_CHECKING:
-    from cluster.config import RunConfig
 
 
 @dataclass(frozen=True)
@@ -34,7 +30,9 @@ class Batching:
     recorded_steps: int = 0  # N: steps each image records (FDFO: all; Flow-GRPO: its SDE window)
 
     @classmethod
-    def of(cls, cfg: RunConfig) -> "Batching":
+    def of(cls, cfg) -> Batching:
+        """The arithmetic of run config ``cfg`` (a ``RunConfig``: this module imports nothing of the config's, which
+        imports it), checked; raises showing the arithmetic when the numbers do not fit."""
         t, g = cfg.train, cfg.grpo
         if t.pairs_per_epoch < 1 or t.updates_per_epoch < 1 or t.micro_batch_rows < 1:
             raise ValueError("train.pairs_per_epoch, train.updates_per_epoch and train.micro_batch_rows must be >= 1")
@@ -92,7 +90,7 @@ class Batching:
         return torch.split(update_rows, self.micro_batch_rows)
 
 
-def _check_grpo(cfg: RunConfig) -> None:
+def _check_grpo(cfg) -> None:
     """Flow-GRPO's settings, checked with the fix named (train.algorithm flow_grpo)."""
     g, N = cfg.grpo, cfg.sampling.num_steps
     if g.group_size < 2:

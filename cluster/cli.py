@@ -88,7 +88,7 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument(
         "--local",
         action="store_true",
-        help="with --suite: generate in this process, not on runtime.num_samplers sampler actors",
+        help="with --suite: generate in this process, not on runtime.sampler.count sampler actors",
     )
     e.add_argument("--init-from", default=None, help=INIT_HELP + " (with --config)")
     e.add_argument(
@@ -318,7 +318,8 @@ def write_summary(cfg, summary: dict, extra: str | None) -> None:
 def summary_table(cfg, summary: dict) -> str:
     """The end of a run in a few lines: held-out before/after per metric, the ledger, the time and the paths."""
     from cluster.accounting import ledger_line
-    from cluster.pipeline import clock, unit_name
+    from cluster.epoch_stats import clock
+    from cluster.pipeline import unit_name
 
     final, paths, ledger = summary.get("final") or {}, summary.get("paths") or {}, summary["ledger"]
     epochs = int(final.get("epoch", -1)) + 1

@@ -79,7 +79,7 @@ def train(cfg: RunConfig, book: Book, sampler: Sampler, reward, learner: Learner
             kept, stats = book.record_request(req["pair_ids"], out, report)
             if kept:
                 batches.append(batch)
-                book.add_rewards([stats])
+                book.stats.add_rewards([stats])
         with deferred_interrupts():  # a stop lands after the epoch is recorded, not inside it
             m = learner.train_epoch(*batches) if batches else {"stale_pair_ids": [], "trained_pair_ids": []}  # update
             book.record_update(m)

@@ -25,6 +25,10 @@ arrive (images are not kept): on a cluster give the driver the scorers' GPU (``r
 --entrypoint-num-gpus 1``). Every scorer loads by hub id (``SCORER_SPECS``) unless ``eval.suite_scorers`` says
 otherwise, e.g. ``eval.suite_scorers='{vlm: {backend: server, url: "http://127.0.0.1:8000"}}'``.
 
+Its parts: the prompt sets and their cut (cluster/eval_prompts.py), the scorers and the judge's questions
+(cluster/eval_scorers.py), the images, in process or on sampler actors (cluster/eval_images.py); this module runs
+them and writes the report.
+
 Writes into the output folder ``<tag>.json`` (per prompt set the reference's result layout: ``{metric: mean,
 "_config": {...}, "_elapsed_seconds": s}``), ``<tag>.md`` (the table, the paper's numbers beside), ``<tag>_scores.json``
 (every image's scores with its prompt and seed, for paired comparisons) and ``<tag>_<set>_grid.png``.
@@ -32,45 +36,24 @@ Writes into the output folder ``<tag>.json`` (per prompt set the reference's res
 
 from __future__ import annotations
 
-import dataclasses
-import importlib.util
 import json
 import logging
-import os
 import sys
 import time
-from dataclasses import dataclass
-from functools import partial
 from pathlib import Path
 
 import numpy as np
 
-from cluster.build import build_model, reward_specs
+from cluster.build import build_model
 from cluster.config import RunConfig
-from cluster.plan import sampler_room
-from models.euler import generate_images
+from cluster.eval_images import LocalImages, RayImages
+from cluster.eval_prompts import IMAGE_SEED, PROMPT_SEED, Part, plan
+from cluster.eval_scorers import METRIC_SCORER, build_scorer, score_chunk, scorer_specs
 from models.images import save_grid
 from models.lora import make_trainable
 
 log = logging.getLogger("fdfo")
-CHUNK_IMAGES = 16  # images per generation call (whole prompts): fixed, so images do not depend on the pool
-PROMPT_SEED = 0  # np.random.RandomState seed of the prompt shuffle (the reference's prompt_seed)
-IMAGE_SEED = 0  # seed of image r of prompt i: IMAGE_SEED + i * R + r (the reference's image_seed)
 
-
-@dataclass(frozen=True)
-class PromptSet:
-    name: str  # pickscore_train or hpdv2
-    num_prompts: int  # the first prompts of the shuffled list
-    images_per_prompt: int  # R
-    metrics: tuple[str, ...]  # names as in METRIC_SCORER
-
-
-PAPER = (
-    PromptSet("pickscore_train", 4096, 1, ("pickscore", "vlm_alignment")),
-    PromptSet("hpdv2", 3200, 4, ("hpsv2", "clip_h14", "clip_l14", "dreamsim_diversity", "vlm_quality", "vlm_photo")),
-)
-SUITES = {"paper": PAPER, "quick": tuple(dataclasses.replace(p, num_prompts=64) for p in PAPER)}
 
 # The reference's numbers for its released checkpoint "combined, no CFG, epoch 100" (its README), for the table.
 PAPER_RESULTS = {
@@ -82,308 +65,6 @@ PAPER_RESULTS = {
     "dreamsim_diversity": 0.4550,
 }
 PAPER_LABEL = "paper: FDFO combined, no CFG, epoch 100"
-
-VLM_QUESTIONS = {  # the reference's evaluation questions (training asks 'Answer Yes or No.', evaluation 'with')
-    "vlm_alignment": 'Does this image match the caption "{prompt}"? Answer with Yes or No.',
-    "vlm_quality": "Is this image of professional quality? Answer with Yes or No.",
-    "vlm_photo": "Does this image look photorealistic? Answer with Yes or No.",
-}
-METRIC_SCORER = {
-    "pickscore": "pickscore",
-    "hpsv2": "hpsv2",
-    "clip_h14": "clip_h14",
-    "clip_l14": "clip_l14",
-    "dreamsim_diversity": "dreamsim",
-    **{m: "vlm" for m in VLM_QUESTIONS},
-}
-SCORER_SPECS = {  # the reference's models, all in float32; the judge is the run's vlm_judge component if it has one
-    "pickscore": {"name": "pickscore", "dtype": "float32"},
-    "hpsv2": {"name": "hpsv2", "model": "adams-story/HPSv2-hf", "logit_scale": True, "dtype": "float32"},
-    "clip_h14": {"name": "clip_logit", "model": "laion/CLIP-ViT-H-14-laion2B-s32B-b79K", "dtype": "float32"},
-    "clip_l14": {"name": "clip_logit", "model": "openai/clip-vit-large-patch14", "dtype": "float32"},
-    "dreamsim": {},  # rewards.dreamsim.DreamSim settings
-    "vlm": {"name": "vlm_judge"},  # Qwen2.5-VL-7B-Instruct in process (transformers)
-}
-
-PROMPT_SOURCES = {"pickscore_train": "prompts/pickscore_train.txt", "hpdv2": "hub:zhwang/HPDv2"}
-HPDV2_CATEGORIES = ("anime", "concept-art", "paintings", "photo")
-HOW_TO_GET = {
-    "pickscore_train": "mkdir -p prompts && curl -o prompts/pickscore_train.txt "
-    "https://raw.githubusercontent.com/yifan123/flow_grpo/main/dataset/pickscore/train.txt",
-    "hpdv2": "set it to hub:zhwang/HPDv2 (downloads benchmark/<category>.json), or `huggingface-cli download "
-    "zhwang/HPDv2 --repo-type dataset --include 'benchmark/*.json' --local-dir <folder>` and give the folder",
-}
-
-
-# -- prompts ----------------------------------------------------------------------------------------------------------
-def load_prompt_set(name: str, source: str) -> list[str]:
-    """All prompts of set ``name`` from ``source``: ``hub:<dataset>`` (HPDv2's layout), a folder holding HPDv2's
-    ``benchmark/<category>.json``, a JSON file (a list of prompts), a text file (one per line) or ``builtin:...``."""
-    from cluster.prompts import load_prompts
-
-    if source.startswith("hub:"):
-        return _hub_prompts(name, source[len("hub:") :])
-    if source.startswith("builtin:"):
-        return load_prompts(source)
-    path = Path(source).expanduser()
-    if path.is_dir():
-        files = [
-            next((f for f in (path / "benchmark" / f"{c}.json", path / f"{c}.json") if f.is_file()), None)
-            for c in HPDV2_CATEGORIES
-        ]
-        if None in files:
-            raise FileNotFoundError(
-                f"prompt set {name!r}: folder {source!r} lacks benchmark/<category>.json for "
-                f"{[c for c, f in zip(HPDV2_CATEGORIES, files) if f is None]}; {HOW_TO_GET['hpdv2']}"
-            )
-        return [p for f in files for p in _json_prompts(f, name)]
-    if not path.is_file():
-        raise FileNotFoundError(
-            f"prompt set {name!r}: no file at {source!r}. Get it with: {HOW_TO_GET[name]}; or "
-            f"set eval.suite_prompts.{name}=<your file> (one prompt per line, or a JSON list)"
-        )
-    if path.suffix == ".json":
-        return _json_prompts(path, name)
-    return load_prompts(str(path))
-
-
-def _json_prompts(path: Path, name: str) -> list[str]:
-    data = json.loads(Path(path).read_text(encoding="utf-8-sig"))
-    if not isinstance(data, list) or not data or not all(isinstance(p, str) for p in data):
-        raise ValueError(f"prompt set {name!r}: {path} must hold a non-empty JSON list of prompt strings")
-    return [p.strip() for p in data]
-
-
-def _hub_prompts(name: str, repo: str) -> list[str]:
-    """HPDv2's four benchmark categories from a hub dataset (huggingface_hub's cache; HF_HUB_OFFLINE=1 uses it)."""
-    if name != "hpdv2":
-        raise ValueError(f"prompt set {name!r} has no hub source; {HOW_TO_GET[name]}")
-    from huggingface_hub import hf_hub_download
-
-    prompts = []
-    for c in HPDV2_CATEGORIES:
-        try:
-            path = hf_hub_download(repo, filename=f"benchmark/{c}.json", repo_type="dataset")
-        except Exception as e:  # offline, no such repo, no access: say how to get the files another way
-            raise OSError(
-                f"prompt set 'hpdv2': could not download benchmark/{c}.json from hub dataset {repo} "
-                f"({type(e).__name__}: {e}). Offline: {HOW_TO_GET['hpdv2']}"
-            ) from None
-        prompts += _json_prompts(Path(path), name)
-    return prompts
-
-
-@dataclass
-class Part:
-    """One prompt set as evaluated: the chosen prompts (shuffled order) and every image's prompt and seed."""
-
-    spec: PromptSet
-    source: str
-    chosen: list[str]
-    prompts: list[str]  # [P * R], a prompt's images adjacent
-    seeds: list[int]  # [P * R]
-
-
-def plan(cfg: RunConfig, suite: str, num_prompts: int | None = None) -> list[Part]:
-    """The suite's prompt sets, prompts loaded and cut (``num_prompts`` caps every set, e.g. for a smoke run)."""
-    if suite not in SUITES:
-        raise ValueError(f"unknown eval suite {suite!r}; suites: {', '.join(SUITES)}")
-    sources = dict(cfg.eval.suite_prompts or {})
-    unknown = sorted(set(sources) - set(PROMPT_SOURCES))
-    if unknown:
-        raise ValueError(
-            f"eval.suite_prompts: unknown prompt set {unknown[0]!r}; prompt sets: {', '.join(PROMPT_SOURCES)}"
-        )
-    parts = []
-    for ps in SUITES[suite]:
-        source = str(sources.get(ps.name) or PROMPT_SOURCES[ps.name])
-        everything = load_prompt_set(ps.name, source)
-        np.random.RandomState(PROMPT_SEED).shuffle(everything)
-        chosen = everything[: min(ps.num_prompts, num_prompts or ps.num_prompts)]
-        R = ps.images_per_prompt
-        parts.append(
-            Part(
-                ps,
-                source,
-                chosen,
-                [p for p in chosen for _ in range(R)],
-                [IMAGE_SEED + i * R + r for i in range(len(chosen)) for r in range(R)],
-            )
-        )
-    return parts
-
-
-# -- scorers ----------------------------------------------------------------------------------------------------------
-def scorer_specs(cfg: RunConfig, keys) -> dict[str, dict]:
-    """Settings of every scorer in ``keys``: ``SCORER_SPECS`` with ``eval.suite_scorers`` on top, each checked
-    (names, settings, files) without loading anything."""
-    from rewards.base import check_kwargs, check_spec
-    from rewards.dreamsim import INSTALL_HINT, DreamSim
-
-    user = dict(cfg.eval.suite_scorers or {})
-    unknown = sorted(set(user) - set(SCORER_SPECS))
-    if unknown:
-        raise ValueError(f"eval.suite_scorers: unknown scorer {unknown[0]!r}; scorers: {', '.join(SCORER_SPECS)}")
-    specs = {}
-    for key in keys:
-        over = user.get(key) or {}
-        if not isinstance(over, dict):
-            raise ValueError(f"eval.suite_scorers.{key} must be a mapping of settings, e.g. {{dtype: float32}}")
-        spec = judge_spec(cfg, over) if key == "vlm" else {**SCORER_SPECS[key], **over}
-        if key == "dreamsim":
-            check_kwargs(DreamSim, spec, "eval.suite_scorers.dreamsim")
-        else:
-            check_spec(spec, f"eval.suite_scorers.{key}")
-        specs[key] = spec
-    if "model" not in specs.get("dreamsim", {"model": "given"}) and importlib.util.find_spec("dreamsim") is None:
-        raise ImportError(INSTALL_HINT)  # an optional package: say how to install it before anything loads
-    return specs
-
-
-def judge_spec(cfg: RunConfig, over: dict) -> dict:
-    """The VLM judge of the vlm_* metrics: the run's vlm_judge component (its model, backend, url, ...) if it has
-    one, else ``SCORER_SPECS["vlm"]``; ``over`` on top. The judge is asked the metric's question verbatim (its
-    template is "{prompt}" and the suite passes the formatted question), at the image's own size."""
-    if "question" in over:
-        raise ValueError(
-            "eval.suite_scorers.vlm: the questions belong to the metrics (VLM_QUESTIONS in "
-            "cluster/eval_suite.py); drop question"
-        )
-    run_judge = [dict(s) for s in reward_specs(cfg.reward) if s.get("name") == "vlm_judge"]
-    base = run_judge[0] if run_judge else dict(SCORER_SPECS["vlm"])
-    for k in ("weight", "key", "question", "image_size"):
-        base.pop(k, None)
-    return {**base, "image_size": None, **over, "question": "{prompt}"}
-
-
-def build_scorer(key: str, spec: dict):
-    if key == "dreamsim":
-        from rewards.dreamsim import DreamSim
-
-        return DreamSim(**spec)
-    from rewards.base import build_reward
-
-    return build_reward(spec)
-
-
-def score_chunk(metrics, scorers: dict, images: np.ndarray, prompts: list[str], R: int) -> dict[str, np.ndarray]:
-    """Every metric on a chunk of whole prompts: per image [B], except dreamsim_diversity per prompt [B / R]."""
-    out = {}
-    for m in metrics:
-        key = METRIC_SCORER[m]
-        if m == "dreamsim_diversity":
-            out[m] = scorers[key].diversity(images, R)
-        elif key == "vlm":
-            out[m] = scorers[key].score(images, [VLM_QUESTIONS[m].format(prompt=p) for p in prompts]).scores
-        else:
-            out[m] = scorers[key].score(images, prompts).scores
-    return {m: np.asarray(v, dtype=np.float64) for m, v in out.items()}
-
-
-# -- generation ------------------------------------------------------------------------------------------------------
-def spans(num_prompts: int, R: int) -> list[tuple[int, int]]:
-    """Prompt index ranges [a, b) of the generation chunks: CHUNK_IMAGES // R whole prompts each (at least one)."""
-    step = max(1, CHUNK_IMAGES // R)
-    return [(a, min(a + step, num_prompts)) for a in range(0, num_prompts, step)]
-
-
-class LocalImages:
-    """Chunks generated in this process, in order."""
-
-    def __init__(self, model, cfg: RunConfig):
-        self.model, self.guidance = model, cfg.sampling.guidance_scale
-
-    def chunks(self, part: Part, num_steps: int):
-        R = part.spec.images_per_prompt
-        for a, b in spans(len(part.chosen), R):
-            yield (
-                (a, b),
-                generate_images(
-                    self.model, part.prompts[a * R : b * R], part.seeds[a * R : b * R], num_steps, self.guidance
-                ),
-            )
-
-    def close(self) -> None:
-        pass
-
-
-class RayImages:
-    """Chunks generated by ``runtime.sampler.count`` sampler actors (two calls queued each), yielded as they finish;
-    a checkpoint's weights are loaded into every actor first and the proofs checked."""
-
-    def __init__(self, cfg: RunConfig, weights=None):
-        import ray
-
-        from actors.sampler import Sampler
-        from cluster.resources import actor_threads, connect
-
-        rt, pool = cfg.runtime, cfg.runtime.sampler
-        n = pool.count
-        started = connect(rt, (1 if n == "auto" else n) * pool.num_cpus)
-        have = ray.cluster_resources()
-        if n == "auto":  # evaluation only samples: every sampler that fits
-            n, why = sampler_room(rt, have, learners=0, rewards=0)
-            n = max(1, n)
-            log.info("runtime.sampler.count=auto: %d sampler actor(s) (%s)", n, why)
-        if started and (n * pool.num_gpus > have.get("GPU", 0) or n * pool.num_cpus > have.get("CPU", 0)):
-            raise RuntimeError(
-                f"{n} sampler actors x {{CPU: {pool.num_cpus:g}, GPU: {pool.num_gpus:g}}} do "
-                f"not fit this local Ray instance ({{CPU: {have.get('CPU', 0):g}, GPU: "
-                f"{have.get('GPU', 0):g}}}): lower runtime.sampler.count or the per-sampler asks, or --local"
-            )
-        self.ray = ray
-        self.actors = [
-            ray.remote(Sampler)
-            .options(
-                name=f"fdfo/eval-{os.getpid()}/sampler/{i}",
-                num_cpus=pool.num_cpus,
-                num_gpus=pool.num_gpus,
-                resources=dict(pool.resources),
-                max_restarts=0,
-            )
-            .remote(
-                model=partial(build_model, cfg.model),
-                sampling=cfg.sampling,
-                lora=cfg.lora,
-                index=i,
-                precision=cfg.train.precision,
-                threads=actor_threads(rt, pool.num_cpus),
-            )
-            for i in range(n)
-        ]
-        if weights is not None:
-            ref = ray.put(weights)
-            for proof in ray.get([a.set_weights.remote(weights=ref) for a in self.actors]):
-                if proof["checksum"] != weights.checksum:
-                    raise RuntimeError(
-                        f"sampler {proof['sampler']} holds checksum {proof['checksum']}, not the "
-                        f"checkpoint's {weights.checksum}"
-                    )
-
-    def chunks(self, part: Part, num_steps: int):
-        R = part.spec.images_per_prompt
-        todo, running = list(reversed(spans(len(part.chosen), R))), {}
-
-        def submit(i: int) -> None:
-            a, b = todo.pop()
-            ref = self.actors[i].generate.remote(
-                prompts=part.prompts[a * R : b * R], seeds=part.seeds[a * R : b * R], num_steps=num_steps
-            )
-            running[ref] = (i, (a, b))
-
-        for i in [i for _ in range(2) for i in range(len(self.actors))]:
-            if todo:
-                submit(i)
-        while running:
-            [ref], _ = self.ray.wait(list(running), num_returns=1)
-            i, span = running.pop(ref)
-            if todo:
-                submit(i)
-            yield span, self.ray.get(ref)
-
-    def close(self) -> None:
-        for a in self.actors:
-            self.ray.kill(a)
 
 
 # -- the suite --------------------------------------------------------------------------------------------------------

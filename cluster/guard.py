@@ -179,6 +179,17 @@ class HackingGuard:
         )
 
 
+def guard_for(cfg, checkpoints: str, resume: bool) -> HackingGuard | None:
+    """The run's guard (None without ``eval.gold_metric``); a resumed run keeps the best gold value its
+    ``checkpoints`` folder recorded (``best.json``), when it was of the same metric."""
+    key = gold_key(cfg)
+    if key is None:
+        return None
+    prior = read_best(checkpoints) if resume else None
+    best = prior["value"] if prior and prior.get("metric") == key else -math.inf
+    return HackingGuard(key, cfg.eval.hacking_window, cfg.eval.hacking_tolerance, best=best)
+
+
 def read_best(checkpoints: str | Path) -> dict | None:
     """``checkpoints/best/best.json`` as a dict (``checkpoints``: a local folder or a storage URI), or None when no
     best was kept."""

@@ -13,8 +13,9 @@ The stages are plain methods of the role classes, each with a one-line contract:
 
 ``cluster/driver.py::run_local`` calls them one after the other in this process; ``cluster/runtime.py::run_ray``
 schedules the same calls over actor handles and adds only what distribution needs (requests in flight,
-staleness, lost actors). Everything else is ``Book``: the ledger, the stage timers, reward statistics, epoch
-metrics, history and logging, evaluation and checkpoint cadence, resume and the final report, written once.
+staleness, lost actors). Everything else is ``Book``: the ledger, the stage timers, history and logging, evaluation
+and checkpoint cadence, resume and the final report, written once; an epoch's reward statistics, metrics and log
+line are its ``EpochStats`` (cluster/epoch_stats.py).
 """
 
 from __future__ import annotations
@@ -33,7 +34,8 @@ import torch
 
 from cluster.accounting import Ledger, Timers, drop_reasons
 from cluster.config import Batching, RunConfig, redacted
-from cluster.guard import BEST, HackingGuard, gold_key, keep_best, read_best
+from cluster.epoch_stats import EpochStats, heldout_line, reward_stats
+from cluster.guard import BEST, guard_for, keep_best, read_best
 from cluster.prompts import load_prompts
 from cluster.runlog import HISTORY, WANDB_ID, RunLog, run_location  # noqa: F401  (re-exported)
 from cluster.schedule import PairSchedule
@@ -41,7 +43,6 @@ from learner.storage import join
 from rewards.base import RewardOutput
 
 log = logging.getLogger("fdfo")
-STAGES = ("sample", "score", "pack", "update", "publish")  # each timed as perf/<stage>_s, summed over an epoch
 
 
 def setup_process(cfg: RunConfig) -> None:
@@ -137,7 +138,8 @@ def unit_name(cfg: RunConfig) -> str:
 class Book:
     """Per-run bookkeeping both drivers share. ``sink`` (the Ray runtime's metrics exporter, or None) is told of
     drops, trained pairs and each epoch's metrics. ``evaluate(png_path) -> dict`` and ``save(epoch) -> folder``
-    are how this run evaluates its policy and checkpoints its learner."""
+    are how this run evaluates its policy and checkpoints its learner. ``stats`` (``EpochStats``) holds the reward
+    statistics of the epoch being filled (the drivers add each update's: ``stats.add_rewards``)."""
 
     def __init__(self, cfg: RunConfig, evaluate: Callable, save: Callable, resume: bool = False, sink=None):
         self.cfg, self.evaluate, self.save, self.sink = cfg, evaluate, save, sink
@@ -145,26 +147,13 @@ class Book:
         self.runlog, self.ledger, self.timers = RunLog(cfg, resume), Ledger(unit_name(cfg)), Timers()
         self.schedule = PairSchedule(load_prompts(cfg.prompts.source), cfg.seed)
         self.epoch, self.version, self.last_checkpoint, self.checksum = 0, 0, 0, None
-        self.first_epoch = 0  # the epoch this session started at (resumed: later)
+        self.stats = EpochStats(self.batching, self.ledger, cfg.train.epochs)
         self.history: list[dict] = []
-        self.rewards: dict[str, list[float]] = {}  # finite branch rewards of this epoch's pairs, per scorer
-        self.t_start = self.epoch_start = time.perf_counter()
         self.before: dict = {}
         self.progress = None
         self.stop_reason: str | None = None  # set when the run should end early (the hacking guard); drivers check it
         self.saved: tuple[int, str] | None = None  # (version, folder) of the newest checkpoint this run wrote
-        key = gold_key(cfg)
-        prior = read_best(self.runlog.store.uri("checkpoints")) if resume and key else None
-        self.guard = (
-            None
-            if key is None
-            else HackingGuard(
-                key,
-                cfg.eval.hacking_window,
-                cfg.eval.hacking_tolerance,
-                best=prior["value"] if prior and prior.get("metric") == key else -float("inf"),
-            )
-        )
+        self.guard = guard_for(cfg, self.runlog.store.uri("checkpoints"), resume)
 
     # -- stage bookkeeping ------------------------------------------------------------------------------------
     def request(self, n: int) -> dict:
@@ -181,25 +170,18 @@ class Book:
     def record_request(self, pair_ids: list[int], out: RewardOutput, report: dict) -> tuple[int, dict]:
         """A scored and packed request: its dropped pairs counted by reason and the sampler's stage times recorded.
         Returns how many of its pairs are in the batch, and its reward statistics, which count towards the epoch
-        whose update takes the batch (``add_rewards``): a request whose pairs were all dropped counts at once."""
+        whose update takes the batch (``stats.add_rewards``): a request whose pairs were all dropped counts at once."""
         K = self.batching.images_per_unit
         for reason, n in drop_reasons(pair_ids, report["dropped"], out.info.get("reasons"), K).items():
             self.drop(reason, n)
         self.timers.add("sample", report["sample_s"])
         self.timers.add("pack", report["pack_s"])
         self.timers.add("publish", report["load_s"])  # a sampler loading a published version
-        finite = lambda v: [x for x in np.asarray(v, dtype=np.float64).tolist() if np.isfinite(x)]  # noqa: E731
-        stats = {"reward": finite(out.scores), **{k: finite(v) for k, v in (out.info.get("components") or {}).items()}}
+        stats = reward_stats(out)
         kept = len(pair_ids) - len(report["dropped"])
         if not kept:
-            self.add_rewards([stats])
+            self.stats.add_rewards([stats])
         return kept, stats
-
-    def add_rewards(self, stats: list[dict]) -> None:
-        """The reward statistics of the requests whose batches an update takes: this epoch's reward/... means."""
-        for st in stats:
-            for k, v in st.items():
-                self.rewards.setdefault(k, []).extend(v)
 
     def record_update(self, m: dict) -> bool:
         """An update's outcome: trained and stale pairs counted, the new version and checksum noted. Returns
@@ -219,25 +201,7 @@ class Book:
     def end_epoch(self, m: dict) -> dict:
         """Close an epoch whose update is done and published: its metrics, held-out evaluation and checkpoint at
         their cadence, history, TensorBoard, the log line and the progress bar. Returns the metrics."""
-        now = time.perf_counter()
-        wall, self.epoch_start = now - self.epoch_start, now
-        m.update({f"perf/{stage}_s": 0.0 for stage in STAGES} | self.timers.pop())
-        m.update(
-            {
-                "epoch": self.epoch,
-                "reward/mean": float(np.mean(self.rewards["reward"])) if self.rewards.get("reward") else float("nan"),
-                **{f"reward/{k}/mean": float(np.mean(v)) for k, v in self.rewards.items() if v and k != "reward"},
-                "perf/wall_s": now - self.t_start,
-                "perf/pairs_per_s": m.get("pairs_trained", 0) / wall if wall > 0 else float("nan"),
-                "perf/images_sampled": self.ledger.requested * self.batching.images_per_unit,  # so far, this session
-                # the share of this epoch's wall time each role computed (the samplers' summed over the pool)
-                "perf/sampler_busy": (m["perf/sample_s"] + m["perf/pack_s"])
-                / (max(wall, 1e-9) * m.get("runtime/samplers", 1)),
-                "perf/learner_busy": m["perf/update_s"] / max(wall, 1e-9),
-                **{f"drops/{k}": v for k, v in self.ledger.dropped.items()},
-            }
-        )
-        self.rewards = {}
+        now = self.stats.close(m, self.epoch, self.timers.pop())
         if self.guard is not None:
             self.guard.epoch_reward(m["reward/mean"])
         verdict, every = None, self.cfg.eval.every_epochs
@@ -255,18 +219,8 @@ class Book:
         self.runlog.scalars(self.epoch, m)
         self.runlog.sync()
         self.history.append(m)
+        log.info(self.stats.line(m, self.epoch, self.version, now))
         self.epoch += 1
-        log.info(
-            "epoch %d reward %.4g loss %.4g clip %.3f version %d lag %s | %s | %s",
-            self.epoch - 1,
-            m["reward/mean"],
-            m.get("learner/loss", float("nan")),
-            m.get("learner/clip_frac", float("nan")),
-            self.version,
-            m.get("learner/policy_lag_max"),
-            self.ledger.line(),
-            self.eta(now),
-        )
         if self.progress is not None:
             self.progress.update(1)
             self.progress.set_postfix(reward=f"{m['reward/mean']:.4g}", v=self.version)
@@ -331,13 +285,8 @@ class Book:
         self.ledger.trained -= rolled_back
         self.drop("rolled_back", rolled_back)
         self.history = [h for h in self.history if h["epoch"] < state["epoch"]]
-        self.epoch, self.version, self.checksum, self.last_checkpoint, self.rewards = (
-            state["epoch"],
-            version,
-            checksum,
-            version,
-            {},
-        )
+        self.epoch, self.version, self.checksum, self.last_checkpoint = state["epoch"], version, checksum, version
+        self.stats.drop_rewards()
         if self.progress is not None:
             self.progress.n = self.epoch
         return rolled_back
@@ -381,15 +330,7 @@ class Book:
         self.progress = tqdm(
             total=self.cfg.train.epochs, initial=self.epoch, desc="fdfo epochs", disable=not sys.stderr.isatty()
         )
-        self.t_start = self.epoch_start = time.perf_counter()
-        self.first_epoch = self.epoch
-
-    def eta(self, now: float) -> str:
-        """Progress for logs that are not a terminal (``ray job logs``): epochs done, time elapsed since ``start``
-        and the time left at this session's mean pace (its evaluations included)."""
-        done, total, elapsed = self.epoch - self.first_epoch, self.cfg.train.epochs, now - self.t_start
-        left = elapsed / done * (total - self.epoch) if done else float("nan")
-        return f"epoch {self.epoch}/{total}, {clock(elapsed)} elapsed, eta {clock(left)}"
+        self.stats.start(self.epoch)
 
     def finish(self, **extra) -> dict:
         """The final checkpoint, the held-out evaluation after training, grids, learning curve and the summary."""
@@ -433,23 +374,3 @@ class Book:
     def _storage_path(self) -> dict:
         """The run's storage folder, when it is not the local run folder (``runtime.storage_path``)."""
         return {} if self.runlog.mirror.same else {"storage": redacted(self.runlog.location)}
-
-
-def heldout_line(epochs_done: int, epochs: int, metrics: dict, before: dict) -> str:
-    """One held-out evaluation as one log line: every ``eval/.../mean`` metric, its value and its change since the
-    evaluation at the start (``Book.start``): ``held-out after epoch 25/200 (change since the start): reward 0.6880
-    (+0.1670), ...``."""
-    shown = [
-        f"{k[len('eval/') : -len('/mean')]} {v:.4f} ({v - before[k]:+.4f})"
-        for k, v in metrics.items()
-        if k.startswith("eval/") and k.endswith("/mean") and k in before
-    ]
-    return f"held-out after epoch {epochs_done}/{epochs} (change since the start): " + ", ".join(shown)
-
-
-def clock(seconds: float) -> str:
-    """Seconds as a short duration: 42s, 3m05s, 2h07m (``?`` when unknown)."""
-    if not np.isfinite(seconds):
-        return "?"
-    s = round(seconds)
-    return f"{s}s" if s < 60 else f"{s // 60}m{s % 60:02d}s" if s < 3600 else f"{s // 3600}h{s % 3600 // 60:02d}m"

@@ -19,7 +19,7 @@ class ReadyBatch:
 
     batch_ref: object  # ray.ObjectRef of the Arrow batch
     pairs: int  # the pairs kept in it
-    stats: dict  # its reward statistics (``Book.add_rewards`` once its epoch takes it)
+    stats: dict  # its reward statistics (``EpochStats.add_rewards`` once its epoch takes it)
     first_pair_id: int  # an epoch's batches are taken in request order, by this
     sampled_with: tuple[int, str]  # (version, checksum) it was sampled with
 

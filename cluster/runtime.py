@@ -26,8 +26,9 @@ gloo/NCCL group once an epoch instead (every sampler must take part in a transfe
 Ray token authentication is switched on (``RAY_AUTH_MODE=token``) unless the environment says otherwise.
 
 The parts ``RayRun`` schedules, each with one job: ``SamplerPool`` (cluster/sampler_pool.py), ``RewardPool``
-(cluster/reward_pool.py), ``LearnerGroup`` (cluster/learner_group.py), ``Published`` and ``WeightSync``
-(cluster/weight_sync.py), ``ReadyBatches`` (cluster/ready.py); ``connect`` and the resource checks are
+(cluster/reward_pool.py), ``LearnerGroup`` (cluster/learner_group.py), ``LearnerRecovery`` (its checkpoints and
+restart, cluster/recovery.py), ``Published`` and ``WeightSync`` (cluster/weight_sync.py), ``ReadyBatches``
+(cluster/ready.py); ``connect`` and the resource checks are
 cluster/resources.py, metrics cluster/metrics.py. The records it keeps are dataclasses: ``Job`` (a call in flight),
 ``ReadyBatch``, ``EpochUpdate``.
 """
@@ -46,18 +47,18 @@ import ray
 from ray.exceptions import RayActorError, RayError
 
 from cluster.build import check_run
-from cluster.config import Batching, RunConfig, to_dict
+from cluster.config import Batching, RunConfig
 from cluster.evaluate import heldout_reward
 from cluster.learner_group import LearnerGroup
 from cluster.metrics import Metrics
 from cluster.pipeline import Book, deferred_interrupts, setup_process
 from cluster.ready import ReadyBatch, ReadyBatches
+from cluster.recovery import LearnerRecovery
 from cluster.resources import await_resources, connect, resource_shortfall
 from cluster.reward_pool import RewardPool, score_seconds
 from cluster.sampler_pool import Job, SamplerPool, check_sampler_count, with_auto_samplers
 from cluster.serving import check_reward_pool
 from cluster.weight_sync import start_publishing
-from learner.collective import LearnerGroupBroken
 from learner.learner import finite_mean
 
 # resource_shortfall: tests/cluster/test_connect.py reads the resource checks through this module, as before the split
@@ -97,18 +98,18 @@ def run_ray(cfg: RunConfig, resume: bool = False) -> dict:
                         run.on_learner()
                     elif run.learners.owns(ref):
                         if not run.learners.on_rank(ref):
-                            run.lose_learner()
+                            run.recovery.lose_learner()
                     elif run.samplers.is_joining(ref):
                         run.samplers.on_joined(ref)
                     else:
                         run.on_job(ref)
-            if run.book.stop_reason is not None or run.final_checkpoint():
+            if run.book.stop_reason is not None or run.recovery.final_checkpoint():
                 break  # else the learner was lost writing it: train the epochs since
     except KeyboardInterrupt:  # Ctrl-C, or SIGTERM from `ray job stop` (cluster/cli.py)
         run.stop()
         raise
     else:
-        run.finishing = True
+        run.recovery.finishing = True
         summary = run.book.finish()
         summary["samplers"] = run.samplers.close()
         summary["sampled_versions"] = dict(sorted(run.published.sampled.items()))
@@ -155,12 +156,15 @@ class RayRun:
     def __init__(self, cfg: RunConfig, resume: bool):
         self.cfg, self.rt = cfg, cfg.runtime
         self.faults: list[dict] = []  # what was lost and what replaced it (the faults report)
-        self.finishing = False  # the final checkpoint and evaluation are being written
         self.learners = LearnerGroup(cfg)
         self.rewards = self.samplers = None
         try:
             sink = Metrics(cfg.name, Batching.of(cfg).images_per_unit)
-            self.book = Book(cfg, evaluate=self.evaluate, save=self.save, resume=resume, sink=sink)
+
+            def save(epoch: int) -> str:  # Book's hook; the recovery part is built once the parts it acts on are
+                return self.recovery.save(epoch)
+
+            self.book = Book(cfg, evaluate=self.evaluate, save=save, resume=resume, sink=sink)
             self.rewards = RewardPool(cfg, self.book, self.faults)
             if resume:
                 self.book.resume(self.learners.load)
@@ -168,6 +172,17 @@ class RayRun:
             self.book.version = self.book.last_checkpoint = self.published.version
             self.samplers = SamplerPool(cfg, self.book, self.published, self.sync, self.faults)
             self.ready = ReadyBatches()
+            self.recovery = LearnerRecovery(
+                cfg,
+                self.book,
+                self.learners,
+                self.published,
+                self.samplers,
+                self.ready,
+                self.sync,
+                self.faults,
+                drop_update=self.drop_update,
+            )
             self.update: EpochUpdate | None = None
             self.learner_ref: ray.ObjectRef | None = None  # rank 0's call in flight (begin_epoch or update)
             self.waited_for_data = 0.0
@@ -198,7 +213,7 @@ class RayRun:
         have = self.ready.pairs()
         if self.update is None and self.ready and ((have >= per_epoch and not final) or (final and landed)):
             taken = self.ready.take(None if final else per_epoch)  # the final epoch takes every batch
-            book.add_rewards([batch.stats for batch in taken])
+            book.stats.add_rewards([batch.stats for batch in taken])
             for batch in taken:  # staleness of each pair as its epoch's update starts
                 book.sink.lags(book.version - batch.sampled_with[0], batch.pairs)
             self.learner_ref = self.learners.begin_epoch([batch.batch_ref for batch in taken])  # update
@@ -263,7 +278,7 @@ class RayRun:
             out = ray.get(ref)
         except RayError as e:  # an input batch was lost with its node, or the learner died
             if self.learners.died(e):
-                self.lose_learner()
+                self.recovery.lose_learner()
                 return
             if isinstance(e, RayActorError) or update.metrics:
                 raise
@@ -342,81 +357,17 @@ class RayRun:
         elif kept:
             self.ready.add(ReadyBatch(job.batch_ref, kept, stats, job.pair_ids[0], sampled_with))
 
-    # -- a lost learner, checkpoints and the end ---------------------------------------------------------------------
-    def lose_learner(self) -> None:
-        """The learner died: a new group restores the last checkpoint this run wrote or resumed from (the starting
-        weights if none), and the run goes on from there: the epochs since are trained again with new pairs (the
-        pairs they had trained count ``rolled_back``), the epoch being updated is lost with its pairs
-        (``actor_lost``), every sampler loads the restored version, and pairs sampled with a version the lost
-        learner published are dropped as ``stale`` (ready, or when they land)."""
-        t0, lost_epoch, lost_version = time.perf_counter(), self.book.epoch, self.book.version
-        if self.update is not None:
-            self.book.drop("actor_lost", self.update.pairs)
+    # -- a lost learner, checkpoints and the end (cluster/recovery.py) ---------------------------------------------
+    def drop_update(self) -> int | None:
+        """Forget the epoch being updated and the learner call in flight (lost with the learner group): the pairs it
+        held, or None when none was being updated. ``LearnerRecovery`` counts them ``actor_lost``."""
+        pairs = None if self.update is None else self.update.pairs
         self.update = self.learner_ref = None
-        state = self.learners.restart()
-        version, checksum = ray.get(self.learners.lead.weights_info.remote())
-        self.published.restore(version, checksum)
-        rolled_back = self.book.rollback(state, version, checksum)
-        for batch in self.ready.remove_sampled_with(self.published.orphaned):
-            self.book.drop("stale", batch.pairs)
-        self.sync.learner, self.sync.members_changed = self.learners.lead, True
-        self.samplers.broadcast(version, checksum)  # every sampler on the restored version
-        self.samplers.replace_lost()
-        fault = {
-            "role": "learner",
-            "lost": self.learners.index - 1,
-            "replaced_by": self.learners.index,
-            "epoch": lost_epoch,
-            "lost_version": lost_version,
-            "restored_from": self.learners.checkpoint,
-            "restored_version": version,
-            "restored_epoch": self.book.epoch,
-            "rolled_back_pairs": rolled_back,
-            "recover_s": round(time.perf_counter() - t0, 3),
-        }
-        self.faults.append(fault)
-        log.warning(
-            "learner lost at epoch %d (version %d); fdfo/learner/%d restored version %d (epoch %d) from %s in "
-            "%.1f s; %d trained pairs rolled back",
-            lost_epoch,
-            lost_version,
-            self.learners.index,
-            version,
-            self.book.epoch,
-            self.learners.checkpoint or "the starting weights",
-            fault["recover_s"],
-            rolled_back,
-        )
+        return pairs
 
     def evaluate(self, png) -> dict:
         """Held-out evaluation (``Book``'s hook) on a sampler with the newest weights and the first reward actor."""
         return heldout_reward(self.cfg, self.samplers.generate, self.rewards.score_now, png)
-
-    def save(self, epoch: int) -> str:
-        """Checkpoint the learner group (``Book``'s hook); one that dies meanwhile is restored from the previous
-        checkpoint (the epochs since are trained again: ``final_checkpoint`` too), except once the run is finishing
-        (a graceful stop's checkpoint, or an early stop's), which fails the run (``--resume`` continues it)."""
-        state, config = self.book.state(epoch), to_dict(self.cfg)
-        try:
-            return self.learners.save(self.book.runlog.location, state, config)
-        except (RayActorError, LearnerGroupBroken) as e:
-            if self.finishing or not self.learners.died(e):
-                raise
-            self.lose_learner()
-        return self.learners.checkpoint
-
-    def final_checkpoint(self) -> bool:
-        """The last epoch's checkpoint, written before the report (``Book.finish`` then keeps it) unless the epoch's
-        cadence wrote it. A learner lost meanwhile (its node removed as the run ends) is restored from the previous
-        checkpoint as one lost mid-run (``save``): False, and the run trains the epochs since again."""
-        book, group = self.book, self.learners.index
-        if book.saved is not None and book.saved[0] == book.version:
-            return True
-        folder = self.save(book.epoch)
-        if self.learners.index != group:
-            return False
-        book.saved = (book.version, folder)
-        return True
 
     def stop(self) -> None:
         """A graceful stop: the epoch being updated is finished (half an epoch's steps would not resume exactly),
@@ -425,7 +376,7 @@ class RayRun:
         while self.update is not None and self.learner_ref is not None:
             ray.wait([self.learner_ref])
             self.on_learner()
-        folder = self.save(self.book.epoch)
+        folder = self.recovery.save(self.book.epoch)
         log.warning(
             "stopped at epoch %d (version %d): checkpoint %s; %s",
             self.book.epoch,

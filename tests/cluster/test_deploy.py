@@ -168,7 +168,7 @@ def test_rayjob_entrypoint_builds_a_valid_run_with_roles_judge_and_storage(tmp_p
     assert cfg.name == "sd35m-combined"
     groups = {g["groupName"].split("-")[0]: g for g in job["spec"]["rayClusterSpec"]["workerGroupSpecs"]}
     for role in ROLES:  # every role asks for exactly what its group advertises one of
-        assert getattr(cfg.runtime, f"{role}_resources") == {role: 1}
+        assert getattr(cfg.runtime, role).resources == {role: 1}
         assert float(groups[role]["resources"][role]) >= 1
     assert "runtime.storage_path=s3://BUCKET/fdfo-runs" in argv
     pick, judge = cfg.reward.components
@@ -291,7 +291,7 @@ def test_launcher_job_command_builds_a_valid_run(tmp_path):
     res, argv = run_train_job(tmp_path, words[2:], {})
     assert res.returncode == 0, res.stderr
     cfg = config_of(argv)
-    assert {r: getattr(cfg.runtime, f"{r}_resources") for r in ROLES} == {r: {r: 1} for r in ROLES}
+    assert {r: getattr(cfg.runtime, r).resources for r in ROLES} == {r: {r: 1} for r in ROLES}
     judge = cfg.reward.components[1]
     assert (judge["url"], judge["api_key"]) == ("http://192.0.2.7:8000", "file-key")  # found by judge_url.py
 

@@ -14,7 +14,10 @@ import torch
 from cluster.build import build_model
 from cluster.cli import main
 from cluster.config import load_config
-from cluster.eval_suite import VLM_QUESTIONS, LocalImages, RayImages, plan, run_suite
+from cluster.eval_images import LocalImages, RayImages
+from cluster.eval_prompts import plan
+from cluster.eval_scorers import VLM_QUESTIONS
+from cluster.eval_suite import run_suite
 from models.euler import generate_images
 from tests.fixtures.tiny_eval import tiny_suite_scorers
 

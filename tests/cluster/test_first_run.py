@@ -16,7 +16,8 @@ from PIL import Image
 import cluster.cli as cli_module
 from cluster.cli import cli, error_message, summary_table
 from cluster.config import load_config
-from cluster.pipeline import Book, RunLog, clock
+from cluster.epoch_stats import clock
+from cluster.pipeline import Book, RunLog
 from models.images import save_grid
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -162,10 +163,9 @@ def test_clock_and_eta(tmp_path):
     assert [clock(42.4), clock(185), clock(7620), clock(float("nan"))] == ["42s", "3m05s", "2h07m", "?"]
     cfg = load_config("tiny-cpu", [f"output_dir={tmp_path}", "train.epochs=10"])
     book = Book(cfg, evaluate=None, save=None)
-    book.first_epoch, book.epoch, book.t_start = 2, 6, 100.0  # resumed at 2, 4 epochs in 80 s
-    assert book.eta(180.0) == "epoch 6/10, 1m20s elapsed, eta 1m20s"
-    book.epoch = 2
-    assert book.eta(101.0) == "epoch 2/10, 1s elapsed, eta ?"
+    book.stats.first_epoch, book.stats.t_start = 2, 100.0  # resumed at 2, 4 epochs in 80 s
+    assert book.stats.eta(6, 180.0) == "epoch 6/10, 1m20s elapsed, eta 1m20s"
+    assert book.stats.eta(2, 101.0) == "epoch 2/10, 1s elapsed, eta ?"
     book.runlog.close()
 
 

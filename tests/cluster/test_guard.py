@@ -164,7 +164,7 @@ class FakeRun:
 def drive(book, rewards):
     """Close one epoch per training reward, one optimizer step each (version = epochs done)."""
     for r in rewards:
-        book.add_rewards([{"reward": [r, r]}])
+        book.stats.add_rewards([{"reward": [r, r]}])
         book.version += 1
         book.end_epoch({"pairs_trained": 1})
         if not book.running:

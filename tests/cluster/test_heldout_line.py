@@ -7,7 +7,8 @@ import numpy as np
 from PIL import Image
 
 from cluster.config import load_config
-from cluster.pipeline import Book, heldout_line
+from cluster.epoch_stats import heldout_line
+from cluster.pipeline import Book
 
 
 def test_heldout_line_text():

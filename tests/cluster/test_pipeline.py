@@ -204,7 +204,7 @@ def test_book_rollback_returns_to_the_restored_checkpoints_counters(tmp_path):
     book = Book(cfg, evaluate=None, save=None)
     for epoch in range(3):
         book.ledger.request(8)
-        book.add_rewards([{"reward": [0.5] * 16}])
+        book.stats.add_rewards([{"reward": [0.5] * 16}])
         assert book.record_update(
             {
                 "stale_pair_ids": [],
@@ -215,10 +215,10 @@ def test_book_rollback_returns_to_the_restored_checkpoints_counters(tmp_path):
             }
         )
         book.end_epoch({})
-    book.add_rewards([{"reward": [0.9, 0.9]}])  # the lost epoch's statistics so far
+    book.stats.add_rewards([{"reward": [0.9, 0.9]}])  # the lost epoch's statistics so far
     state = {"epoch": 1, "next_pair_id": 8, "ledger": {"pairs_trained": 8}}
     assert book.rollback(state, version=1, checksum="c1") == 16
-    assert (book.epoch, book.version, book.checksum, book.last_checkpoint, book.rewards) == (1, 1, "c1", 1, {})
+    assert (book.epoch, book.version, book.checksum, book.last_checkpoint, book.stats.rewards) == (1, 1, "c1", 1, {})
     assert [h["epoch"] for h in book.history] == [0]
     assert book.ledger.summary() == {
         "pairs_requested": 24,

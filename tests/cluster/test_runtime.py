@@ -205,9 +205,9 @@ def test_a_learner_lost_writing_the_final_checkpoint_is_restored_and_the_last_ep
     # the run ends): restored from version 6, epoch 4 is trained again, and the run finishes instead of failing
     import ray
 
-    from cluster.runtime import RayRun
+    from cluster.recovery import LearnerRecovery
 
-    final_checkpoint, killed = RayRun.final_checkpoint, []
+    final_checkpoint, killed = LearnerRecovery.final_checkpoint, []
 
     def dying(self):
         if not killed:
@@ -215,7 +215,7 @@ def test_a_learner_lost_writing_the_final_checkpoint_is_restored_and_the_last_ep
             ray.kill(self.learners.lead)
         return final_checkpoint(self)
 
-    monkeypatch.setattr(RayRun, "final_checkpoint", dying)
+    monkeypatch.setattr(LearnerRecovery, "final_checkpoint", dying)
     _, out = run(tmp_path, ["runtime.overlap=false", "train.checkpoint_every=5"])
     (fault,) = out["faults"]
     assert killed == [8] and fault["role"] == "learner" and fault["epoch"] == 4 and fault["lost_version"] == 8
