@@ -429,7 +429,7 @@ class LearnerGroupBroken(RuntimeError):
 
 
 class GradientGroup:
-    """The learner ranks' group (``runtime.num_learners``): each rank computes the gradient of its share of an
+    """The learner ranks' group (``runtime.learner.count``): each rank computes the gradient of its share of an
     update's rows, scaled by its share of the update's row count, and ``all_reduce_grads`` sums them, so every rank
     then holds the gradient one learner computes on all the rows and takes the same step (the weights and AdamW
     states stay replicated: any rank's checkpoint resumes any number of ranks). A standalone group like

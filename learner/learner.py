@@ -20,7 +20,7 @@ Algorithms (``train.algorithm``): the loss of a micro-batch is the only part tha
 ``learner.loss.fdfo_loss`` on (branch, step) rows, or Flow-GRPO's ``learner.flow_grpo.grpo_loss`` on (image, SDE
 step) rows; batching, staleness, the learner group, publication and checkpoints are shared.
 
-The learner group (``runtime.num_learners`` ranks, each its own process) either replicates the weights and all-reduces
+The learner group (``runtime.learner.count`` ranks, each its own process) either replicates the weights and all-reduces
 the gradients, or (``sharding="fsdp"``, full fine-tuning) shards the fp32 weights, gradients and AdamW moments with
 FSDP2 (``learner.sharded``): every rank then runs as many micro-batches per update as the busiest (zero-weight padding),
 gathers the full trainable tensors after each step for rank 0 to publish, and takes part in every checkpoint, which
@@ -121,7 +121,7 @@ class Learner:
         device); train: ``TrainConfig`` (optimizer, loss); batching: ``Batching`` (which rows make each update);
         lora: ``LoraSettings`` or None (full fine-tuning); threads: torch intra-op threads of this process (None =
         leave as is; a Ray actor gets ``runtime.torch_threads``); rank / world_size: this learner's place in a
-        learner group (``runtime.num_learners``; ``join_learner_group`` forms it): each rank computes the gradient
+        learner group (``runtime.learner.count``; ``join_learner_group`` forms it): each rank computes the gradient
         of its share of every update's rows and the group sums them, so M ranks take one learner's step; grpo:
         ``GrpoConfig`` when ``train.algorithm`` is flow_grpo (``cluster.config.grpo_of``), else None; sharding: how
         a group of ranks holds the weights (``cluster.config.learner_sharding``): "replicate" (every rank all of them)
@@ -526,7 +526,7 @@ class Learner:
         tensors, digest = self._published()
         return self.version, digest or checksum(tensors)
 
-    # -- the learner group (runtime.num_learners ranks) ---------------------------------------------------------
+    # -- the learner group (runtime.learner.count ranks) ---------------------------------------------------------
     def _reduce_epoch_metrics(self, ep: EpochState) -> None:
         """Every rank's share of the epoch's metrics added up (maxima maxed), so each rank reports the epoch's."""
         if self._grads is None:
