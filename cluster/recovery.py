@@ -21,6 +21,7 @@ import ray
 from ray.exceptions import RayActorError
 
 from cluster.config import RunConfig, to_dict
+from cluster.hybrid import workers_of
 from learner.collective import LearnerGroupBroken
 
 log = logging.getLogger("fdfo")
@@ -75,6 +76,8 @@ class LearnerRecovery:
         for batch in self.ready.remove_sampled_with(self.published.orphaned):
             book.drop("stale", batch.pairs)
         self.sync.learner, self.sync.members_changed = group.lead, True
+        if self.cfg.runtime.placement == "hybrid":  # the new group's workers are the pool (the lost ones' calls go)
+            self.samplers.adopt(workers_of(group))
         self.samplers.broadcast(version, checksum)  # every sampler on the restored version
         self.samplers.replace_lost()
         fault = {

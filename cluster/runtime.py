@@ -22,7 +22,9 @@ bound of the version it is sampled with, so nothing is sampled to be thrown away
 (lock-step) the bound is ``updates_per_epoch - 1``: samplers wait while the learner trains and a run computes
 exactly what ``run_local`` computes. Each job's report carries the version and checksum it sampled with, checked
 against what the learner published. Full weights of 512 MiB or more (``runtime.weight_sync=auto``) go through a
-gloo/NCCL group once an epoch instead (every sampler must take part in a transfer).
+gloo/NCCL group once an epoch instead (every sampler must take part in a transfer). With ``runtime.placement: hybrid``
+the learner ranks are hybrid workers (cluster/hybrid.py) and the sampler pool's members: nothing is published to them
+(``InPlace``), and a lost worker is a lost learner rank (the group restarts; the pool takes its new workers).
 Ray token authentication is switched on (``RAY_AUTH_MODE=token``) unless the environment says otherwise.
 
 The parts ``RayRun`` schedules, each with one job: ``SamplerPool`` (cluster/sampler_pool.py), ``RewardPool``
@@ -49,7 +51,8 @@ from ray.exceptions import RayActorError, RayError
 from cluster.build import check_run
 from cluster.config import Batching, RunConfig
 from cluster.evaluate import heldout_reward
-from cluster.learner_group import LearnerGroup
+from cluster.hybrid import form_workers, workers_of
+from cluster.learner_group import LearnerGroup, form_group
 from cluster.metrics import Metrics
 from cluster.pipeline import Book, deferred_interrupts, setup_process
 from cluster.ready import ReadyBatch, ReadyBatches
@@ -78,6 +81,7 @@ def run_ray(cfg: RunConfig, resume: bool = False) -> dict:
         raise ValueError(f"runtime.learner.count must be >= 1, got {rt.learner.count}")
     max_rewards = rt.reward.max_count or rt.reward.count
     samplers = 1 if rt.sampler.count == "auto" else (rt.sampler.max_count or rt.sampler.count)
+    samplers *= rt.placement == "split"  # hybrid: the learner ranks sample
     started = connect(
         rt, samplers * rt.sampler.num_cpus + max_rewards * rt.reward.num_cpus + rt.learner.count * rt.learner.num_cpus
     )
@@ -156,7 +160,8 @@ class RayRun:
     def __init__(self, cfg: RunConfig, resume: bool):
         self.cfg, self.rt = cfg, cfg.runtime
         self.faults: list[dict] = []  # what was lost and what replaced it (the faults report)
-        self.learners = LearnerGroup(cfg)
+        self.hybrid = self.rt.placement == "hybrid"  # the learner ranks are workers, the sampler pool's members too
+        self.learners = LearnerGroup(cfg, form=form_workers if self.hybrid else form_group)
         self.rewards = self.samplers = None
         try:
             sink = Metrics(cfg.name, Batching.of(cfg).images_per_unit)
@@ -168,7 +173,7 @@ class RayRun:
             self.rewards = RewardPool(cfg, self.book, self.faults)
             if resume:
                 self.book.resume(self.learners.load)
-            self.sync, self.published, nbytes = start_publishing(self.learners.lead, self.rt)
+            self.sync, self.published, nbytes = start_publishing(self.learners.lead, self.rt, self.hybrid)
             self.book.version = self.book.last_checkpoint = self.published.version
             self.samplers = SamplerPool(cfg, self.book, self.published, self.sync, self.faults)
             self.ready = ReadyBatches()
@@ -187,7 +192,9 @@ class RayRun:
             self.learner_ref: ray.ObjectRef | None = None  # rank 0's call in flight (begin_epoch or update)
             self.waited_for_data = 0.0
             self.target = cfg.train.epochs * self.book.batching.pairs_per_epoch
-            for _ in range(self.rt.sampler.count):
+            if self.hybrid:
+                self.samplers.adopt(workers_of(self.learners))
+            for _ in range(0 if self.hybrid else self.rt.sampler.count):
                 self.samplers.add()
             self.threads = {
                 "learner": ray.get(self.learners.lead.torch_threads.remote()),
@@ -196,7 +203,7 @@ class RayRun:
             log.info(
                 "weights: %.1f MiB per version via %s; torch threads: %s",
                 nbytes / 2**20,
-                "a collective group" if self.sync.collective else "the object store",
+                self.sync.path,
                 self.threads,
             )
         except BaseException:
@@ -294,10 +301,10 @@ class RayRun:
         else:
             update.steps_left -= 1
             self.published.record(out["learner/version"], out["checksum"])
-            if not self.sync.collective:  # publish: the samplers' next calls load it
+            if not self.sync.collective:  # publish: the samplers' next calls load it (hybrid workers hold it)
                 self.published.publish(out["learner/version"], update.weights)
         if update.steps_left:
-            self.learner_ref, update.weights = self.learners.update(publish=not self.sync.collective)
+            self.learner_ref, update.weights = self.learners.update(publish=self.sync.ships)
         else:
             with deferred_interrupts():  # the epoch is recorded whole before a stop takes effect
                 self.end_epoch()
@@ -341,7 +348,11 @@ class RayRun:
         try:
             report = ray.get(job.report_ref)
         except RayError as e:  # its sampler or reward actor died, the reward failed, or an input was lost
-            self.samplers.fail(job, e, reward_lost=self.rewards.lose)
+            if self.learners.died(e):  # a hybrid worker: a lost sampler and a lost learner rank at once
+                self.book.drop("actor_lost", len(job.pair_ids))
+                self.recovery.lose_learner()
+            else:
+                self.samplers.fail(job, e, reward_lost=self.rewards.lose)
             return
         sampled_with = (report["version"], report["checksum"])
         orphan = self.published.is_orphaned(*sampled_with)  # sampled with a version a lost learner published

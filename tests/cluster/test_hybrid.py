@@ -4,6 +4,7 @@ in-process loop's separate Sampler and Learner, and the placements that make no 
 from __future__ import annotations
 
 from functools import partial
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -15,6 +16,7 @@ from cluster.driver import publish
 from cluster.hybrid import HybridWorker
 from learner.learner import Learner
 
+ROOT = Path(__file__).resolve().parents[2]
 TINY = ["sampling.num_steps=4", "train.pairs_per_epoch=2", "train.updates_per_epoch=1", "sampling.pairs_per_call=2"]
 
 
@@ -166,3 +168,61 @@ def test_the_pool_adopts_the_groups_workers_and_the_in_place_sync_only_checks_pr
     assert sorted(pool.members.actors) == [2] and pool.size() == 1
     for actor in [*old.values(), *new.values()]:
         ray.kill(actor)
+
+
+# A fresh Ray instance whose node declares two GPUs (this process holds the session's instance, which declares none):
+# two hybrid workers ask one GPU each, form the learner group, and worker 1 is killed once two epochs are logged.
+ON_TWO_GPUS = """
+import json, sys, threading, time
+import ray
+ray.init(address="local", num_cpus=8, num_gpus=2, namespace="fdfo", include_dashboard=False,
+         logging_level="WARNING", log_to_driver=False)
+from cluster.config import load_config
+from cluster.runtime import run_ray
+out, gpus, tmp = {}, {}, sys.argv[1]
+cfg = load_config("tiny-cpu", [
+    "runtime.placement=hybrid", "runtime.overlap=false", "runtime.learner.count=2", "runtime.learner.num_gpus=1",
+    "train.epochs=6", "train.checkpoint_every=4", "train.pairs_per_epoch=8", "train.updates_per_epoch=2",
+    "sampling.pairs_per_call=2", "sampling.num_steps=4", "output_dir=" + tmp])
+run = threading.Thread(target=lambda: out.update(run_ray(cfg)))
+run.start()
+history, deadline = __import__("pathlib").Path(tmp, "tiny-cpu", "history.jsonl"), time.monotonic() + 300
+while time.monotonic() < deadline and not (history.exists() and history.read_text().count("\\n") >= 2):
+    time.sleep(0.1)
+workers = [ray.get_actor(f"fdfo/worker/{i}") for i in (0, 1)]
+gpus = ray.get([w.gpu_ids.remote() for w in workers])
+ray.kill(workers[1])
+run.join(timeout=600)
+print(json.dumps({"gpus": gpus, **{k: out[k] for k in ("ledger", "faults", "learner_ranks", "samplers", "version")},
+                  "epochs": [h["epoch"] for h in out["history"]], "lags": [h["learner/policy_lag_max"] for h in
+                  out["history"]]}))
+"""
+
+
+@pytest.mark.slow
+def test_workers_on_declared_gpus_form_the_group_and_a_lost_worker_is_survived(tmp_path):
+    """A fresh Ray instance (its node declaring two GPUs) in a subprocess, six lock-step epochs of the tiny SD3 on two
+    hybrid workers and a restart of their group from a checkpoint: about a minute on two cores."""
+    import json
+    import subprocess
+    import sys
+
+    done = subprocess.run(
+        [sys.executable, "-c", ON_TWO_GPUS, str(tmp_path)], capture_output=True, text=True, timeout=900, cwd=ROOT
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    out = json.loads(done.stdout.strip().splitlines()[-1])
+    assert sorted(out["gpus"]) == [["0"], ["1"]]  # one declared GPU each
+    assert out["learner_ranks"] == 2
+    (fault,) = out["faults"]  # worker 1 was a sampler and learner rank 1: its group restarted from a checkpoint
+    assert fault["role"] == "learner" and fault["restored_version"] in (0, 4, 8)
+    assert fault["rolled_back_pairs"] == (fault["epoch"] - fault["restored_epoch"]) * 8
+    ledger = out["ledger"]
+    assert ledger["pairs_trained"] == 6 * 8 and ledger["pairs_in_flight"] == 0 and out["version"] == 12
+    assert set(ledger["pairs_dropped"]) <= {"actor_lost", "rolled_back", "stale"}
+    assert ledger["pairs_requested"] == ledger["pairs_trained"] + sum(ledger["pairs_dropped"].values())
+    assert ledger["pairs_dropped"].get("rolled_back", 0) == fault["rolled_back_pairs"]
+    assert out["epochs"] == list(range(6)) and max(out["lags"]) <= 1  # lock-step: 2 updates an epoch, lag <= 1
+    # the pool's members are the new group's workers (indices 2 and 3), on the final version with the same weights
+    assert [s["sampler"] for s in out["samplers"]] == [2, 3]
+    assert {(s["version"], s["checksum"]) for s in out["samplers"]} == {(12, out["samplers"][0]["checksum"])}
