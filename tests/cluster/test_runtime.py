@@ -243,16 +243,25 @@ def test_a_learner_group_trains_and_survives_losing_a_rank(ray_local, tmp_path):
     assert all(s["version"] == 12 for s in out["samplers"])
 
 
+LOCK = ["runtime.overlap=false", "runtime.sampler.count=1", "train.checkpoint_every=4"]
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory, ray_local):
+    """The lock-step run both resume tests compare with, run once: (its folder, its summary)."""
+    folder = tmp_path_factory.mktemp("whole")
+    return folder, run(folder, LOCK)[1]
+
+
 @pytest.mark.parametrize("stop", [RuntimeError, KeyboardInterrupt])
-def test_resume_continues_counters_and_weights(ray_local, tmp_path, monkeypatch, stop):
+def test_resume_continues_counters_and_weights(uninterrupted, tmp_path, monkeypatch, stop):
     # in lock-step a Ray run is deterministic: stopped after its mid-run checkpoint (epoch 2 of 4) and resumed, it
     # ends with the uninterrupted run's weights and AdamW moments, its counters and pair ids continuing
     from safetensors.torch import load_file
 
     from tests.helpers import stop_after_epoch
 
-    lock = ["runtime.overlap=false", "runtime.sampler.count=1", "train.checkpoint_every=4"]
-    _, whole = run(tmp_path / "whole", lock)
+    lock, (whole_dir, whole) = LOCK, uninterrupted
     stop_after_epoch(monkeypatch, 2, stop)  # a crash, or Ctrl-C / `ray job stop` (a checkpoint as it stops)
     with pytest.raises(stop):
         run(tmp_path / "resumed", lock)
@@ -271,7 +280,7 @@ def test_resume_continues_counters_and_weights(ray_local, tmp_path, monkeypatch,
     assert [h["reward/mean"] for h in resumed["history"]] == [h["reward/mean"] for h in whole["history"][first:]]
     final = lambda root: root / "tiny-cpu" / "checkpoints" / "v000008"  # noqa: E731
     a, b = (
-        load_file(str(final(tmp_path / "whole") / "optimizer.safetensors")),
+        load_file(str(final(whole_dir) / "optimizer.safetensors")),
         load_file(str(final(tmp_path / "resumed") / "optimizer.safetensors")),
     )
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
