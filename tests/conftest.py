@@ -3,6 +3,7 @@ only one, so tests take this fixture instead of calling ray.init themselves. Als
 (tests/README.md): a test marked ``slow`` says in its docstring why it needs its time, and a test that ran past
 ``SLOW_S`` seconds without the mark is named at the end of the run."""
 
+import collections
 import os
 import socket
 
@@ -75,6 +76,10 @@ def pytest_collection_modifyitems(config, items):
             and ("slow_because", "fixture") not in item.user_properties
         }
     )
+    # modules with the most slow tests first (the order within a module kept): under ``-n 2 --dist loadscope`` each
+    # module runs whole on one worker, and starting the longest first keeps both workers busy to the end
+    slow = collections.Counter(item.nodeid.split("::")[0] for item in items if item.get_closest_marker("slow"))
+    items.sort(key=lambda item: -slow[item.nodeid.split("::")[0]])
     if unjustified:
         raise pytest.UsageError(
             "tests marked slow without a docstring saying why they need the time (tests/README.md, "
@@ -85,11 +90,10 @@ def pytest_collection_modifyitems(config, items):
 _over_budget: list[tuple[float, str]] = []
 
 
-@pytest.hookimpl(hookwrapper=True)
-def pytest_runtest_makereport(item, call):
-    yield
-    if call.when == "call" and call.duration > SLOW_S and not item.get_closest_marker("slow"):
-        _over_budget.append((call.duration, item.nodeid))
+def pytest_runtest_logreport(report):
+    """Runs where the results are reported (the controller under ``-n``), so the list covers every worker's tests."""
+    if report.when == "call" and report.duration > SLOW_S and "slow" not in report.keywords:
+        _over_budget.append((report.duration, report.nodeid))
 
 
 def pytest_terminal_summary(terminalreporter):
