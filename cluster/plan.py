@@ -392,7 +392,8 @@ def add_plan_arguments(p) -> None:
 
 
 def plan_command(args) -> int:
-    """``fdfo plan``: print the split for each of ``args.gpus`` and each schedule asked."""
+    """``fdfo plan``: print the split for each of ``args.gpus`` and each schedule asked, then every layout
+    (``cluster.layouts``: hybrid and split, lock-step and overlap) and the one that pays least per unit learned."""
     from cluster.config import load_config
 
     cfg = load_config(args.config, args.overrides)
@@ -403,5 +404,13 @@ def plan_command(args) -> int:
         plan(cfg, args.gpus, rates, schedule == "overlap", args.bandwidth_gbps, grad, args.reward_gpus)
         for schedule in schedules
     ]
-    print(json.dumps(plans, indent=2) if args.json else "\n\n".join(format_plan(p) for p in plans))
+    from cluster.layouts import format_layouts, layouts_for  # every layout per GPU count (hybrid and split)
+
+    layouts = layouts_for(cfg, args.gpus, rates, args.bandwidth_gbps, grad, args.reward_gpus)
+    for p in plans:
+        p["layouts"] = layouts
+    text = "\n\n".join(format_plan(p) for p in plans)
+    best = ", ".join(f"{g['gpus']} GPUs: {g['best']}" for g in layouts)
+    text += f"\n\nlayouts ({rates.source}):\n{format_layouts([r for g in layouts for r in g['rows']])}\nbest: {best}"
+    print(json.dumps(plans, indent=2) if args.json else text)
     return 0
