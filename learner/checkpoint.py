@@ -4,6 +4,7 @@ Usage::
 
     path = save_checkpoint(run_dir, learner, state={"ledger": ..., "next_pair_id": ...}, config=cfg_dict)
     state = load_checkpoint(latest_checkpoint(run_dir), learner)      # restores weights + optimizer
+    folder = learner.save(run_dir, state, config)   # the same through the Learner (its part ``Checkpointing``)
 
 A checkpoint folder ``<run_dir>/checkpoints/v<version>/`` holds:
 - ``pytorch_lora_weights.safetensors``: the LoRA in diffusers' format, written by the model's own pipeline class
@@ -34,6 +35,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from learner.collective import LearnerGroupBroken
+from learner.sharded import full_optimizer_state, full_state, peer_lost
 from learner.storage import Storage, is_uri
 
 LATEST = "latest"
@@ -214,3 +217,43 @@ def _load_sharded(folder: Path, learner, tensors: dict[str, torch.Tensor]) -> No
         load_full_state(tr, load_file(str(folder / "masters.safetensors")), strict=False)
     load_full_optimizer_state(learner.opt, _read_optimizer(folder))
     learner.gather_weights()
+
+
+class Checkpointing:
+    """A ``Learner``'s checkpoint I/O (``Learner`` takes it as a base): ``save`` and ``load`` through the functions
+    above, with the learner's own state (skipped steps, the fp16 loss scale, fp32 masters)."""
+
+    def save(self, run_dir: str, state: dict, config: dict) -> str | None:
+        """Checkpoint weights, optimizer and ``state`` under ``run_dir``; returns the folder. Sharded (fsdp), every
+        rank calls it at once (the full weights and AdamW moments are gathered: collectives), rank 0 writes them in
+        one learner's layout and returns the folder, the others None."""
+        ours = {"skipped_steps": self.skipped_steps, "grad_scaler": self.scaler.state_dict()}
+        gathered = None
+        if self.sharding == "fsdp":
+            try:
+                gathered = {
+                    "state": full_state(self.model.transformer, device="cpu"),
+                    "dtype": self._dtype,
+                    "optimizer": full_optimizer_state(self.opt),
+                }
+            except RuntimeError as e:
+                if peer_lost(e):
+                    raise LearnerGroupBroken(f"learner rank {self.rank}: a checkpoint's gather failed ({e})") from e
+                raise
+            if self.rank != 0:
+                return None
+        return str(save_checkpoint(run_dir, self, {**state, "learner": ours}, config, gathered=gathered))
+
+    def load(self, folder: str) -> dict:
+        """Restore from a checkpoint folder (of any number of ranks); returns its saved ``state``. Sharded (fsdp),
+        every rank calls it at once."""
+        state = dict(load_checkpoint(folder, self))
+        if self.masters is not None and not state.pop("_masters_loaded", False):
+            with torch.no_grad():  # a checkpoint without masters: start them from its weights
+                for m, p in zip(self.masters, self.params):
+                    m.copy_(p)
+        ours = state.pop("learner", {})
+        self.skipped_steps = int(ours.get("skipped_steps", 0))
+        if ours.get("grad_scaler") and self.scaler.is_enabled():
+            self.scaler.load_state_dict(ours["grad_scaler"])
+        return state

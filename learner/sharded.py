@@ -60,6 +60,12 @@ from torch.distributed.tensor import DTensor, distribute_tensor
 STORE_PREFIX = "fdfo/sharded/"
 
 
+def peer_lost(e: BaseException) -> bool:
+    """Whether a sharded (default-group) collective failed because a rank died or timed out: torch says so with a
+    ``DistError`` (NCCL, stores), gloo with a plain RuntimeError from its transport."""
+    return isinstance(e, torch.distributed.DistError) or (isinstance(e, RuntimeError) and "gloo/" in str(e))
+
+
 def init_default_group(
     rank: int, world_size: int, store: dist.Store, backend: str = "gloo", timeout_s: float = 120.0
 ) -> dist.ProcessGroup:

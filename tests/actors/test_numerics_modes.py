@@ -55,7 +55,7 @@ def test_log_rho_is_zero_at_lag_zero_in_the_recorded_dtype(weights, record, w, m
     recorded in that dtype, CFG 2.0 (v_neg + w (v_pos - v_neg) combined in the compute dtype, as the reference): the
     learner's v_theta at the recorded inputs is the recorded v, bit for bit, so log rho is exactly 0 at every step --
     seen in the learner's own update (``fdfo_loss``'s inputs inside ``train_epoch``), not a re-built forward."""
-    import learner.learner as learner_module
+    import learner.micro_loss as micro_loss
 
     seen = []  # (v_theta, v, the loss's metrics) of each micro-batch
 
@@ -64,7 +64,7 @@ def test_log_rho_is_zero_at_lag_zero_in_the_recorded_dtype(weights, record, w, m
         seen.append((v_theta.detach(), v.detach(), m))
         return loss, m
 
-    monkeypatch.setattr(learner_module, "fdfo_loss", spy)
+    monkeypatch.setattr(micro_loss, "fdfo_loss", spy)
     cfg = load_config(
         "tiny-cpu",
         [

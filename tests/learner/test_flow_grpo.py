@@ -140,7 +140,7 @@ def grpo_cfg(*extra):
 
 
 def test_ratio_is_one_at_lag_zero_and_the_learner_trains_the_groups(monkeypatch):
-    import learner.learner as learner_module
+    import learner.micro_loss as micro_loss
 
     seen = []  # the learner's own grpo_loss inputs: log p (with its graph), old log p, A
 
@@ -148,7 +148,7 @@ def test_ratio_is_one_at_lag_zero_and_the_learner_trains_the_groups(monkeypatch)
         seen.append((log_prob, old_log_prob, advantage))
         return grpo_loss(log_prob, old_log_prob, advantage, *args)
 
-    monkeypatch.setattr(learner_module, "grpo_loss", spy)
+    monkeypatch.setattr(micro_loss, "grpo_loss", spy)
     cfg = grpo_cfg()
     learner = Learner(build_model(cfg.model), cfg.train, Batching.of(cfg), cfg.lora, seed=0, grpo=grpo_of(cfg))
     sampler = Sampler(build_model(cfg.model), cfg.sampling, cfg.lora, precision=cfg.train.precision, grpo=grpo_of(cfg))

@@ -12,7 +12,7 @@ import pyarrow as pa
 import pytest
 import torch
 
-import learner.learner as learner_mod
+import learner.micro_loss as micro_loss
 from actors.sampler import Sampler
 from cluster.config import Batching, load_config
 from learner.batch import from_arrow, to_arrow
@@ -243,19 +243,19 @@ def test_sd3_nan_in_batch_skips_the_update_and_keeps_the_weights(sd3_batch, colu
 def spy_kl(learner: Learner, monkeypatch) -> list[dict]:
     """Record each micro-batch's inputs (x, sigma, cond) and the v_theta / v_base the loss receives."""
     calls: list[dict] = []
-    real_rows, real_loss = learner._rows, learner_mod.fdfo_loss
+    real_rows, real_loss = learner._rows, micro_loss.fdfo_loss
 
     def rows(*a, **k):
         out = real_rows(*a, **k)
         calls.append({"x": out[0], "sigma": out[2], "cond": out[5]})
         return out
 
-    def loss(v_theta, v, d, dR, epsilon, v_base=None, kl_weight=0.0):
+    def loss(v_theta, v, d, dR, epsilon, v_base=None, kl_weight=0.0, v_prox=None):
         calls[-1].update(v_theta=v_theta.detach().clone(), v_base=v_base, kl_weight=kl_weight)
-        return real_loss(v_theta, v, d, dR, epsilon, v_base, kl_weight)
+        return real_loss(v_theta, v, d, dR, epsilon, v_base, kl_weight, v_prox)
 
     monkeypatch.setattr(learner, "_rows", rows)
-    monkeypatch.setattr(learner_mod, "fdfo_loss", loss)
+    monkeypatch.setattr(micro_loss, "fdfo_loss", loss)
     return calls
 
 
