@@ -12,8 +12,9 @@ import subprocess
 import threading
 
 import pytest
+import yaml
 
-from tests.cluster.test_deploy import DEPLOY, containers, judge_docs, launcher, rayjob, run_train_job
+from tests.cluster.test_deploy import DEPLOY, ROOT, containers, judge_docs, launcher, rayjob, run_train_job
 from tests.cluster.test_images import DOCKERFILES, instructions
 
 # -- KubeRay v1.7.0: ray-operator/controllers/ray/utils/validation.go (ValidateRayJobMetadata, ValidateRayJobSpec,
@@ -344,3 +345,13 @@ def test_the_job_waits_for_the_judge_to_answer(tmp_path):
             _judge_url_module().wait_healthy(url, timeout_s=0.2, poll_s=0.05, log=log.open("w"))
     finally:
         server.shutdown()
+
+
+def test_deploy_docs_name_the_cluster_check():
+    text = (ROOT / "README.md").read_text() + (ROOT / "docs" / "deploy.md").read_text()
+    assert "bash .ci/cluster-check" in text
+    assert (ROOT / ".ci" / "cluster-check").exists()
+    assert "cluster-check" not in (ROOT / ".ci" / "run").read_text()  # not in CI: its time budget
+    assert yaml.safe_load((DEPLOY / "rayjob.yaml").read_text())["spec"]["entrypoint"].startswith(
+        "bash /app/cluster/deploy/"
+    )
