@@ -25,9 +25,10 @@ RAY_ONLY = {
 
 def short_run(tmp_path, mode: str) -> dict:
     # "lockstep" is the preset's Ray runtime (two samplers, then the learner on two threads); "ray" overlaps one
-    # sampler with the learner
+    # sampler with the learner; "hybrid" is one hybrid worker on two threads that samples and trains
     overlap = ["runtime.overlap=true", "runtime.sampler.count=1", "runtime.learner.num_cpus=1"] if mode == "ray" else []
-    cfg = load_config("shapes", SHORT + [f"output_dir={tmp_path}", f"name={mode}"] + overlap)
+    hybrid = ["runtime.placement=hybrid", "runtime.sampler.count=1"] if mode == "hybrid" else []
+    cfg = load_config("shapes", SHORT + [f"output_dir={tmp_path}", f"name={mode}"] + overlap + hybrid)
     if mode == "local":
         from cluster.driver import run_local as run
     else:
@@ -37,7 +38,7 @@ def short_run(tmp_path, mode: str) -> dict:
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory, ray_local):
-    return {mode: short_run(tmp_path_factory.mktemp(mode), mode) for mode in ("local", "ray", "lockstep")}
+    return {mode: short_run(tmp_path_factory.mktemp(mode), mode) for mode in ("local", "ray", "lockstep", "hybrid")}
 
 
 def judge_curve(out: dict) -> list:
@@ -75,6 +76,22 @@ def test_ray_in_lock_step_computes_exactly_what_the_in_process_loop_computes(run
     assert [h["learner/loss"] for h in lock["history"]] == [h["learner/loss"] for h in local["history"]]
     assert [h["reward/mean"] for h in lock["history"]] == [h["reward/mean"] for h in local["history"]]
     assert all(h["learner/policy_lag_max"] == 0 for h in lock["history"])  # one update an epoch: lag 0
+
+
+def test_hybrid_lock_step_computes_exactly_what_the_in_process_loop_computes(runs):
+    # one Ray actor holds the only copy of the transformer: it samples each epoch with the weights its own learner
+    # stepped (nothing published to it), the pairs are scored on the reward actor, and the run trains the same rows
+    # into the same weights as the in-process loop's separate sampler and learner
+    local, hybrid = runs["local"], runs["hybrid"]
+    assert [(s["sampler"], s["version"], s["checksum"]) for s in hybrid["samplers"]] == [
+        (0, 4, local["learner"].weights_info()[1])
+    ]
+    assert hybrid["learner_ranks"] == 1 and hybrid["sampled_versions"] == {0: 2, 1: 2, 2: 2, 3: 2}  # 2 calls an epoch
+    assert [h["learner/loss"] for h in hybrid["history"]] == [h["learner/loss"] for h in local["history"]]
+    assert [h["reward/mean"] for h in hybrid["history"]] == [h["reward/mean"] for h in local["history"]]
+    assert judge_curve(hybrid) == judge_curve(local)
+    assert hybrid["final"]["heldout"] == local["final"]["heldout"]
+    assert hybrid["ledger"] == local["ledger"] and hybrid["faults"] == []
 
 
 def test_both_drivers_keep_the_same_books(runs):
