@@ -133,12 +133,19 @@ def run_ray(cfg: RunConfig, resume: bool = False) -> dict:
         run.kill()  # free the actors now, also when the run failed
 
 
-def worst_lag(version: int, steps_left: int | None, ahead: int, batching: Batching) -> int:
+def worst_lag(
+    version: int, steps_left: int | None, ahead: int, batching: Batching, epochs_to_start: int | None = None
+) -> int:
     """The largest lag a pair requested now reaches when trained: it is sampled with ``version`` (the newest
     published) and lands in the epoch that pair number ``ahead`` (counting the pairs ready or in flight before it)
-    falls into; the next epoch starts once the running epoch's ``steps_left`` updates are done (None: none runs)."""
+    falls into, but never past the last of the ``epochs_to_start`` epochs not yet started (the final epoch takes
+    every pair left: after drops it can hold more than one epoch's worth; None: no end in sight); the next epoch
+    starts once the running epoch's ``steps_left`` updates are done (None: none runs)."""
     start = version + (steps_left or 0)
-    return start + (ahead // batching.pairs_per_epoch + 1) * batching.updates_per_epoch - 1 - version
+    later = ahead // batching.pairs_per_epoch  # epochs after the next one
+    if epochs_to_start is not None:
+        later = min(later, max(epochs_to_start - 1, 0))
+    return start + (later + 1) * batching.updates_per_epoch - 1 - version
 
 
 @dataclass
@@ -245,7 +252,9 @@ class RayRun:
                 batching.pairs_per_epoch - ahead % batching.pairs_per_epoch,
                 self.target - (ledger.requested - sum(ledger.dropped.values())),
             )
-            lag = worst_lag(self.published.version, self.update.steps_left if self.update else None, ahead, batching)
+            steps_left = self.update.steps_left if self.update else None
+            to_start = self.cfg.train.epochs - self.book.epoch - (self.update is not None)
+            lag = worst_lag(self.published.version, steps_left, ahead, batching, to_start)
             if room <= 0 or lag > lag_bound:
                 continue
             req = self.book.request(room)
