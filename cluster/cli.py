@@ -162,7 +162,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def run(args: argparse.Namespace) -> int:
     if args.command == "plan":
-        from cluster.plan import plan_command
+        from cluster.layouts import plan_command
 
         return plan_command(args)
     if args.command == "presets":

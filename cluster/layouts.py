@@ -27,6 +27,7 @@ reference for the same model); ``to_reward_s`` = epoch / learning is the wall ti
 
 from __future__ import annotations
 
+import json
 from dataclasses import asdict, dataclass, replace
 
 from cluster.plan import (
@@ -36,7 +37,10 @@ from cluster.plan import (
     Rates,
     Workload,
     best_split,
+    format_plan,
     gradient_bytes,
+    load_rates,
+    plan,
     reward_gpus,
     workload,
 )
@@ -175,3 +179,26 @@ def format_layouts(rows: list[LayoutRow]) -> str:
         "images per GPU-s x learn over the reference's (> 1: fewer GPU-hours than the reference for the same reward)"
     )
     return "\n".join(lines)
+
+
+def plan_command(args) -> int:
+    """``fdfo plan``: print the split for each of ``args.gpus`` and each schedule asked, then every layout
+    (hybrid and split, lock-step and overlap) and the one that pays least per unit learned."""
+    from cluster.config import load_config
+
+    cfg = load_config(args.config, args.overrides)
+    rates = load_rates(args.throughput, args.sampler_ips, args.learner_ips)
+    schedules = args.schedule or ["overlap" if cfg.runtime.overlap else "lockstep"]
+    grad = None if args.gradient_mb is None else args.gradient_mb * 1e6
+    plans = [
+        plan(cfg, args.gpus, rates, schedule == "overlap", args.bandwidth_gbps, grad, args.reward_gpus)
+        for schedule in schedules
+    ]
+    layouts = layouts_for(cfg, args.gpus, rates, args.bandwidth_gbps, grad, args.reward_gpus)
+    for p in plans:
+        p["layouts"] = layouts
+    text = "\n\n".join(format_plan(p) for p in plans)
+    best = ", ".join(f"{g['gpus']} GPUs: {g['best']}" for g in layouts)
+    text += f"\n\nlayouts ({rates.source}):\n{format_layouts([r for g in layouts for r in g['rows']])}\nbest: {best}"
+    print(json.dumps(plans, indent=2) if args.json else text)
+    return 0

@@ -389,28 +389,3 @@ def add_plan_arguments(p) -> None:
     p.add_argument("--reward-gpus", type=int, default=None, help="GPUs of the reward pool (default: the preset's)")
     p.add_argument("--json", action="store_true", help="print the plan as JSON")
     p.add_argument("overrides", nargs="*", help="config overrides, e.g. train.pairs_per_epoch=416")
-
-
-def plan_command(args) -> int:
-    """``fdfo plan``: print the split for each of ``args.gpus`` and each schedule asked, then every layout
-    (``cluster.layouts``: hybrid and split, lock-step and overlap) and the one that pays least per unit learned."""
-    from cluster.config import load_config
-
-    cfg = load_config(args.config, args.overrides)
-    rates = load_rates(args.throughput, args.sampler_ips, args.learner_ips)
-    schedules = args.schedule or ["overlap" if cfg.runtime.overlap else "lockstep"]
-    grad = None if args.gradient_mb is None else args.gradient_mb * 1e6
-    plans = [
-        plan(cfg, args.gpus, rates, schedule == "overlap", args.bandwidth_gbps, grad, args.reward_gpus)
-        for schedule in schedules
-    ]
-    from cluster.layouts import format_layouts, layouts_for  # every layout per GPU count (hybrid and split)
-
-    layouts = layouts_for(cfg, args.gpus, rates, args.bandwidth_gbps, grad, args.reward_gpus)
-    for p in plans:
-        p["layouts"] = layouts
-    text = "\n\n".join(format_plan(p) for p in plans)
-    best = ", ".join(f"{g['gpus']} GPUs: {g['best']}" for g in layouts)
-    text += f"\n\nlayouts ({rates.source}):\n{format_layouts([r for g in layouts for r in g['rows']])}\nbest: {best}"
-    print(json.dumps(plans, indent=2) if args.json else text)
-    return 0
