@@ -3,7 +3,6 @@ field, each leaves the numbers as they were (compile and the SDPA backends to fl
 bit for bit on a CPU), and the learner's metrics read once per update are the values read per micro-batch."""
 
 import dataclasses
-import types
 
 import pytest
 import torch
@@ -239,10 +238,8 @@ def test_host_copies_on_cpu_stack_the_tensors_given():
 
 
 def test_learner_metrics_read_once_per_update_equal_reading_each_micro_batch():
-    from learner.learner import Learner
+    from learner.epoch import EpochState
 
-    learner = Learner.__new__(Learner)
-    learner.batching = dataclasses.make_dataclass("B", ["updates_per_epoch"])(3)
     g = torch.Generator().manual_seed(0)
     metrics = [
         (
@@ -255,8 +252,9 @@ def test_learner_metrics_read_once_per_update_equal_reading_each_micro_batch():
         )
         for share in (0.3, 0.45, 0.25)
     ]
-    ep = types.SimpleNamespace(sums={})  # the slice of the learner's EpochState that metrics go to
-    learner._add_metrics(ep, metrics)
+    ep = EpochState.__new__(EpochState)  # only the running sums that metrics go to
+    ep.sums = {}
+    ep.add_metrics(metrics, updates_per_epoch=3)
     expected: dict = {}
     for share, m in metrics:  # the per-micro-batch reading it replaced
         for k, val in m.items():
