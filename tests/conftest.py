@@ -3,7 +3,6 @@ only one, so tests take this fixture instead of calling ray.init themselves. Als
 (tests/README.md): a test marked ``slow`` says in its docstring why it needs its time, and a test that ran past
 ``SLOW_S`` seconds without the mark is named at the end of the run."""
 
-import collections
 import os
 import socket
 
@@ -76,10 +75,6 @@ def pytest_collection_modifyitems(config, items):
             and ("slow_because", "fixture") not in item.user_properties
         }
     )
-    # modules with the most slow tests first (the order within a module kept): under ``-n 2 --dist loadscope`` each
-    # module runs whole on one worker, and starting the longest first keeps both workers busy to the end
-    slow = collections.Counter(item.nodeid.split("::")[0] for item in items if item.get_closest_marker("slow"))
-    items.sort(key=lambda item: -slow[item.nodeid.split("::")[0]])
     if unjustified:
         raise pytest.UsageError(
             "tests marked slow without a docstring saying why they need the time (tests/README.md, "
@@ -91,7 +86,8 @@ _over_budget: list[tuple[float, str]] = []
 
 
 def pytest_runtest_logreport(report):
-    """Runs where the results are reported (the controller under ``-n``), so the list covers every worker's tests."""
+    """Runs where the results are reported (also the controller of a pytest-xdist run), so the list covers every
+    test however the run is split."""
     if report.when == "call" and report.duration > SLOW_S and "slow" not in report.keywords:
         _over_budget.append((report.duration, report.nodeid))
 
