@@ -111,18 +111,22 @@ def test_end_to_end_versions_accounting_metrics_checkpoint(ray_local, tmp_path):
     assert not torch.allclose(v_trained, v_base, atol=1e-5)  # the LoRA did change the model
 
 
+# tiny-cpu's overlapped shape: 8 pairs an epoch in 2 updates, pairs at most 3 versions old when trained
+LAG_BATCHING = dict(
+    pairs_per_epoch=8,
+    rows_per_epoch=64,
+    updates_per_epoch=2,
+    timestep_fraction=1.0,
+    micro_batch_rows=64,
+    max_policy_lag=3,
+)
+
+
 def test_worst_lag_of_a_request_by_hand():
     from cluster.config import Batching
     from cluster.runtime import worst_lag
 
-    b = Batching(
-        pairs_per_epoch=8,
-        rows_per_epoch=64,
-        updates_per_epoch=2,
-        timestep_fraction=1.0,
-        micro_batch_rows=64,
-        max_policy_lag=3,
-    )
+    b = Batching(**LAG_BATCHING)
     # no update running at version 6: pairs 0-7 train in the next epoch (versions 6 -> 8, worst lag 1), 8-15 in the
     # one after (lag 3: sampled at 6, trained up to the step that makes version 9)
     assert [worst_lag(6, None, ahead, b) for ahead in (0, 7, 8, 15, 16)] == [1, 1, 3, 3, 5]
@@ -130,6 +134,36 @@ def test_worst_lag_of_a_request_by_hand():
     assert [worst_lag(6, 2, ahead, b) for ahead in (0, 8)] == [3, 5]
     # its first step published (version 7, one step left): sampling now costs one version less
     assert [worst_lag(7, 1, ahead, b) for ahead in (0, 8)] == [2, 4]
+
+
+def test_a_request_past_the_final_epoch_lands_in_it():
+    # the run's last epoch takes every pair left, so a request that lands in it is judged by its lag there: a run
+    # whose drops left more than one epoch's worth ready at its final epoch still requests the pairs it lacks (it
+    # stalled before: .ci/cluster-check's worker-container kill)
+    from cluster.config import Batching
+    from cluster.runtime import worst_lag
+
+    B = Batching(**LAG_BATCHING)
+    # version 298, no update running, 16 pairs ready (two epochs' worth after drops) and only the final epoch left:
+    # the pair joins the final epoch (versions 298 -> 300, worst lag 1), not a third epoch that will never run
+    assert worst_lag(298, None, 16, B, epochs_to_start=1) == 1
+    # with no end in sight the same queue position is two epochs further on: sampled at 298, trained up to 303
+    assert worst_lag(298, None, 16, B) == 5
+    # two epochs left: the queue's second epoch is the last, so ahead 16 and ahead 24 both land there (lag 3)
+    assert [worst_lag(298, None, ahead, B, epochs_to_start=2) for ahead in (0, 8, 16, 24)] == [1, 3, 3, 3]
+    # an update running with one step left (version 299): the next epoch starts at 300; its last update is 301
+    assert worst_lag(299, 1, 40, B, epochs_to_start=1) == 2
+
+
+def test_the_final_epoch_is_never_out_of_reach_of_the_lag_bound():
+    from cluster.config import Batching
+    from cluster.runtime import worst_lag
+
+    B = Batching(**LAG_BATCHING)
+    # whatever is ready, a request while the final epoch waits is within the bound of every lag setting the
+    # schedule allows (max_policy_lag >= updates_per_epoch - 1), so the run can always complete its pairs
+    for ahead in range(0, 200, 8):
+        assert worst_lag(10, None, ahead, B, epochs_to_start=1) == B.updates_per_epoch - 1 <= B.max_policy_lag
 
 
 def test_slow_learner_never_trains_beyond_max_policy_lag(ray_local, tmp_path):
