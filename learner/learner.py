@@ -69,6 +69,19 @@ def scheduled_lr(train, version: int) -> float:
     return train.lr_final + (train.lr - train.lr_final) * shape
 
 
+def check_learner_settings(train, grpo, sharding: str) -> None:
+    """The learner's arguments that contradict each other, refused before a model is built."""
+    if sharding not in ("replicate", "fsdp"):
+        raise ValueError(f"sharding must be 'replicate' or 'fsdp', got {sharding!r}")
+    if train.staleness_correction and train.algorithm != "fdfo":
+        raise ValueError(STALENESS_FDFO_ONLY.format(algorithm=train.algorithm))
+    if (grpo is not None) != (train.algorithm == "flow_grpo"):
+        raise ValueError(
+            f"train.algorithm = {train.algorithm!r} but grpo settings were {'' if grpo else 'not '}given: "
+            "build the learner with grpo=cluster.config.grpo_of(cfg)"
+        )
+
+
 class Learner(MicroLoss, Publisher, GroupMember, Checkpointing):
     """Takes epochs of rows and steps the weights (``begin_epoch``, ``update``: this class); its parts, each a module
     of its own: the micro-batch loss (``MicroLoss``), publishing (``Publisher``), the learner and weight groups
@@ -100,15 +113,7 @@ class Learner(MicroLoss, Publisher, GroupMember, Checkpointing):
         reuse_snapshots: pack each published snapshot into the previous one's buffer once that ``Weights`` is gone
         (no allocation: its first touch costs more than the copy) — for a Ray actor, whose results Ray stores as the
         call returns; a caller that keeps snapshots' tensors leaves it off."""
-        if sharding not in ("replicate", "fsdp"):
-            raise ValueError(f"sharding must be 'replicate' or 'fsdp', got {sharding!r}")
-        if train.staleness_correction and train.algorithm != "fdfo":
-            raise ValueError(STALENESS_FDFO_ONLY.format(algorithm=train.algorithm))
-        if (grpo is not None) != (train.algorithm == "flow_grpo"):
-            raise ValueError(
-                f"train.algorithm = {train.algorithm!r} but grpo settings were {'' if grpo else 'not '}given: "
-                "build the learner with grpo=cluster.config.grpo_of(cfg)"
-            )
+        check_learner_settings(train, grpo, sharding)
         if threads:
             torch.set_num_threads(threads)
         if not hasattr(model, "velocity"):
