@@ -18,6 +18,7 @@ from cluster.build import build_model
 from cluster.config import RunConfig
 from cluster.eval_prompts import Part
 from cluster.plan import sampler_room
+from cluster.runtime_config import actor_options
 from models.euler import generate_images
 
 log = logging.getLogger("fdfo")
@@ -79,10 +80,7 @@ class RayImages:
             ray.remote(Sampler)
             .options(
                 name=f"fdfo/eval-{os.getpid()}/sampler/{i}",
-                num_cpus=pool.num_cpus,
-                num_gpus=pool.num_gpus,
-                resources=dict(pool.resources),
-                max_restarts=0,
+                **actor_options(pool),
             )
             .remote(
                 model=partial(build_model, cfg.model),

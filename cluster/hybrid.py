@@ -31,6 +31,7 @@ from cluster.build import build_model
 from cluster.config import Batching, RunConfig, grpo_of
 from cluster.learner_group import form_group
 from cluster.resources import actor_threads
+from cluster.runtime_config import actor_options
 from learner.learner import Learner
 
 
@@ -167,11 +168,8 @@ def worker_actor(cfg: RunConfig, index: int = 0, rank: int = 0):
         ray.remote(concurrency_groups={"pack": 1})(HybridWorker)
         .options(
             name=f"fdfo/worker/{pool_index}",
-            num_cpus=role.num_cpus,
-            num_gpus=role.num_gpus,
-            resources=dict(role.resources),
             scheduling_strategy="SPREAD",
-            max_restarts=0,
+            **actor_options(role),
         )
         .remote(
             model=partial(build_model, cfg.model),

@@ -21,6 +21,7 @@ from ray.exceptions import RayActorError, RayError
 from cluster.build import build_model
 from cluster.config import Batching, RunConfig, grpo_of, learner_sharding
 from cluster.resources import actor_threads
+from cluster.runtime_config import actor_options
 from learner.collective import LearnerGroupBroken
 from learner.learner import Learner
 
@@ -36,11 +37,8 @@ def learner_actor(cfg: RunConfig, index: int = 0, rank: int = 0):
         ray.remote(Learner)
         .options(
             name=name,
-            num_cpus=rt.learner.num_cpus,
-            num_gpus=rt.learner.num_gpus,
-            resources=dict(rt.learner.resources),
             scheduling_strategy="SPREAD",
-            max_restarts=0,
+            **actor_options(rt.learner),
         )
         .remote(
             model=partial(build_model, cfg.model, role="learner"),

@@ -19,6 +19,7 @@ from ray.exceptions import RayActorError, RayError
 from cluster.build import reward_specs
 from cluster.config import RunConfig
 from cluster.resources import actor_threads
+from cluster.runtime_config import actor_options
 from cluster.serving import RewardService, uses_serve
 from rewards.batcher import RewardBatcher
 
@@ -32,10 +33,7 @@ def reward_actor(cfg: RunConfig, index: int):
         ray.remote(RewardBatcher)
         .options(
             name=f"fdfo/reward/{index}",
-            num_cpus=rt.reward.num_cpus,
-            num_gpus=rt.reward.num_gpus,
-            resources=dict(rt.reward.resources),
-            max_restarts=0,
+            **actor_options(rt.reward),
         )
         .remote(
             reward_spec={"name": "weighted_sum", "specs": reward_specs(cfg.reward)},

@@ -21,6 +21,17 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 
+def actor_options(role) -> dict:
+    """The Ray actor options a role's block asks for (``runtime.sampler``, ``.reward`` or ``.learner``): its CPUs, GPUs
+    and custom resources, and no restarts (the pools replace a lost actor themselves, with its books)."""
+    return {
+        "num_cpus": role.num_cpus,
+        "num_gpus": role.num_gpus,
+        "resources": dict(role.resources),
+        "max_restarts": 0,
+    }
+
+
 @dataclass(frozen=True)
 class SamplerPoolConfig:
     """The sampler pool (``cluster/sampler_pool.py``): how many sampler actors, and what each asks of Ray."""

@@ -28,6 +28,7 @@ from cluster.config import RunConfig, grpo_of
 from cluster.pipeline import check_proof
 from cluster.plan import Rates, auto_samplers, load_rates
 from cluster.resources import actor_threads
+from cluster.runtime_config import actor_options
 
 log = logging.getLogger("fdfo")
 
@@ -67,11 +68,8 @@ def sampler_actor(cfg: RunConfig, index: int):
         ray.remote(concurrency_groups={"pack": 1})(Sampler)
         .options(
             name=f"fdfo/sampler/{index}",
-            num_cpus=rt.sampler.num_cpus,
-            num_gpus=rt.sampler.num_gpus,
-            resources=dict(rt.sampler.resources),
             scheduling_strategy="SPREAD",
-            max_restarts=0,
+            **actor_options(rt.sampler),
         )
         .remote(
             model=partial(build_model, cfg.model),
